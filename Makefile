@@ -1,0 +1,81 @@
+# The two commands a new user needs:  `make run` (the operator on the local simulated
+# cluster) and `make test` (everything CI runs). Both install what they need.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+UV      := $(VENV)/bin/uv
+# torch/ray/deepspeed are only needed by the worker; `make EXTRAS=dev venv` skips them.
+EXTRAS  ?= worker,dev
+PYTEST_ARGS ?=
+export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
+
+.PHONY: help venv binaries lint unit test test-unit test-worker test-integration run \
+        operator cluster-up cluster-down cluster-status serve-local crds bench
+
+help:
+	@echo "make run            local simulated GPU cluster + CRDs + operator + sample resource"
+	@echo "make test           install everything, lint, and run every test (what CI runs)"
+	@echo "make cluster-up     start the local control plane (kubeconfig: .cluster/kubeconfig)"
+	@echo "make cluster-down   stop it and remove its state"
+	@echo "make operator       run the operator in the foreground against \$$KUBECONFIG"
+	@echo "make serve-local    run the worker's Ray Serve app on this machine (tiny model)"
+	@echo "make crds           regenerate crds/ and the chart's CRD copy from the spec model"
+	@echo "make bench          run the benchmarks in bench/"
+
+# uv installs from its cache in seconds once torch's multi-GB wheels were fetched once;
+# the cache lives outside the repo (~/.cache/uv), so fresh clones reuse it.
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check 'uv==0.13.9'
+	$(UV) pip install --python $(PY) -e '.[$(EXTRAS)]'
+	@touch $@
+
+venv: $(VENV)/.installed-$(EXTRAS)
+
+binaries: venv
+	$(PY) -m dsi_localcluster build
+
+cluster-up: venv
+	$(PY) -m dsi_localcluster up
+
+cluster-down:
+	@if [ -x $(PY) ]; then $(PY) -m dsi_localcluster down; else echo "no venv: nothing was started"; fi
+
+cluster-status: venv
+	$(PY) -m dsi_localcluster status
+
+crds: venv
+	$(PY) -m dsi_operator.crd --write
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy operator/dsi_operator
+
+test-unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-worker: venv
+	$(PY) -m pytest tests/worker $(PYTEST_ARGS)
+
+test-integration: binaries
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+test: venv binaries lint
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+operator: venv
+	$(PY) -m dsi_operator
+
+serve-local: venv
+	$(PY) -m dsi_worker.local
+
+run: cluster-up
+	$(PY) -m dsi_operator.crd --apply
+	$(PY) -m dsi_operator.run_local
+
+bench: binaries
+	$(PY) bench/bench_operator.py
+	$(PY) bench/bench_worker.py

@@ -1,0 +1,1 @@
+"""DeepSpeedInference Kubernetes operator (kopf controller)."""

@@ -1,0 +1,1 @@
+"""Ray Serve application serving DeepSpeed tensor-parallel groups."""
