@@ -1,0 +1,325 @@
+"""Operator benchmark on the local control plane; prints a table of medians and p99.
+
+    .venv/bin/python bench/bench_operator.py [--sizes 1,100] [--rss-sizes 100,500]
+        [--failures 10] [--idle-seconds 60]
+
+Needs a running local cluster (`python -m dsi_localcluster up`). Creates its own namespace
+(deleted at the end), installs the DSI CRD, and runs the operator (`python -m dsi_operator`)
+as a subprocess restricted to that namespace.
+
+Measured:
+* apply -> RayService exists: create a DSI, time until the RayService appears (watch);
+* pod failure -> group replaced: mark one worker pod Failed (as a kubelet would), time until
+  every pod of that group has a new UID and is Running;
+  both with 1 and with 100 resources present;
+* operator peak RSS (VmHWM) with 100 and 500 resources, after they settled;
+* API requests per minute while nothing changes, from the operator's own request counter
+  (dsi_operator_api_requests_total; kopf's long-lived watch streams are not requests per
+  event), split into reads and writes.
+
+Resources use tp=1/replicas=1 CPU-only workers (resources.gpus=0) so that 100 of them fit on
+the simulated nodes; the failure samples use tp=2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+from dsi_localcluster import cluster as lc  # noqa: E402
+from dsi_localcluster import config as lcconfig  # noqa: E402
+from dsi_localcluster import faults  # noqa: E402
+from kubernetes import client, config, watch  # noqa: E402
+from kubernetes.client.rest import ApiException  # noqa: E402
+from operator_harness import (  # noqa: E402
+    GROUP,
+    PLURAL,
+    VERSION,
+    OperatorProcess,
+    dsi_manifest,
+    worker_pods,
+)
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def small_dsi(name: str, tp: int = 1) -> dict[str, Any]:
+    return dsi_manifest(
+        name,
+        tp=tp,
+        replicas=1,
+        resources={"gpus": 0, "cpu": "10m", "memory": "16Mi"},
+        gpu={"nodeSelector": {}, "tolerations": []},
+        head={"resources": {"cpu": "10m", "memory": "16Mi"}},
+    )
+
+
+class RayServiceWatcher:
+    """Records when each RayService in the namespace first appears."""
+
+    def __init__(self, custom: Any, namespace: str) -> None:
+        self.seen: dict[str, float] = {}
+        self._custom = custom
+        self._ns = namespace
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            w = watch.Watch()
+            try:
+                for ev in w.stream(
+                    self._custom.list_namespaced_custom_object,
+                    "ray.io",
+                    "v1",
+                    self._ns,
+                    "rayservices",
+                    timeout_seconds=30,
+                ):
+                    name = ev["object"]["metadata"]["name"]
+                    self.seen.setdefault(name, time.monotonic())
+                    if self._stop:
+                        break
+            except Exception:  # noqa: BLE001 - reconnect
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self._stop = True
+
+
+def wait(pred: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise TimeoutError(what)
+
+
+def create_many(custom: Any, ns: str, names: list[str], tp: int = 1) -> dict[str, float]:
+    starts: dict[str, float] = {}
+    for n in names:
+        starts[n] = time.monotonic()
+        custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, small_dsi(n, tp))
+    return starts
+
+
+def apply_latency(
+    custom: Any, ns: str, watcher: RayServiceWatcher, names: list[str], timeout: float
+) -> list[float]:
+    starts = create_many(custom, ns, names)
+    wait(lambda: all(n in watcher.seen for n in names), timeout, "RayServices")
+    return [watcher.seen[n] - starts[n] for n in names]
+
+
+def failure_latency(core: Any, api: Any, ns: str, name: str, timeout: float) -> float:
+    tp = 2
+    pods = wait(
+        lambda: (
+            lambda p: (
+                p if len(p) == tp and all(x.status.phase == "Running" for x in p.values()) else None
+            )
+        )(worker_pods(core, ns, name)),
+        timeout,
+        f"{name} running",
+    )
+    # wait for the group's membership so the failure is a failure of a formed group
+    before = {k: p.metadata.uid for k, p in pods.items()}
+    victim = pods[(0, tp - 1)].metadata.name
+    t0 = time.monotonic()
+    faults.fail_pod(api, ns, victim)
+
+    def replaced() -> bool:
+        now = worker_pods(core, ns, name)
+        return len(now) == tp and all(
+            p.metadata.uid != before[k] and p.status.phase == "Running" for k, p in now.items()
+        )
+
+    wait(replaced, timeout, f"{name} replaced")
+    return time.monotonic() - t0
+
+
+def wait_formed(custom: Any, ns: str, names: list[str], timeout: float) -> None:
+    def ok() -> bool:
+        items = custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"]
+        st = {i["metadata"]["name"]: i.get("status") or {} for i in items}
+        return all((st.get(n, {}).get("groups") or [{}])[0].get("members") for n in names)
+
+    wait(ok, timeout, "groups formed", interval=1)
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process in KiB."""
+    vals = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS", "VmHWM")):
+            k, v = line.split(":", 1)
+            vals[k] = int(v.split()[0])
+    return vals.get("VmRSS", 0), vals.get("VmHWM", 0)
+
+
+def api_counts(op: OperatorProcess) -> tuple[float, float]:
+    m = op.metrics()
+    reads = writes = 0.0
+    for k, v in m.items():
+        if not k.startswith("dsi_operator_api_requests_total{"):
+            continue
+        if any(f'verb="{w}"' in k for w in ("get", "list")):
+            reads += v
+        else:
+            writes += v
+    return reads, writes
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="1,100")
+    ap.add_argument("--rss-sizes", default="100,500")
+    ap.add_argument("--failures", type=int, default=10)
+    ap.add_argument("--idle-seconds", type=float, default=60)
+    ap.add_argument("--timeout", type=float, default=600)
+    args = ap.parse_args()
+
+    cfg = lcconfig.ClusterConfig.from_env()
+    if not lc.is_up(cfg):
+        print("local cluster is not running: python -m dsi_localcluster up", file=sys.stderr)
+        return 2
+    api = config.new_client_from_config(str(cfg.kubeconfig))
+    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+    kubectl = lc.binaries(cfg.cache_dir)["kubectl"]
+    import subprocess
+
+    subprocess.run(
+        [
+            str(kubectl),
+            f"--kubeconfig={cfg.kubeconfig}",
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-f",
+            str(ROOT / "crds" / "deepspeedinferences.deepspeed.ai.yaml"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+    rows: list[tuple[str, str, int, float, float]] = []
+    ns = f"bench-op-{uuid.uuid4().hex[:6]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    log = Path(f"/tmp/{ns}-operator.log")
+    op = OperatorProcess(cfg.kubeconfig, [ns], log, tick_seconds=5)
+    op.start()
+    op.wait_metrics()
+    watcher = RayServiceWatcher(custom, ns)
+    created: list[str] = []
+    try:
+        for size in [int(x) for x in args.sizes.split(",") if x]:
+            # background resources so that `size` exist in total while measuring
+            extra = [f"bg-{i}" for i in range(len(created), size - 1)]
+            if extra:
+                create_many(custom, ns, extra)
+                created += extra
+            samples = max(3, min(args.failures, 20))
+            lat: list[float] = []
+            for i in range(samples):
+                n = f"apply-{size}-{i}"
+                lat += apply_latency(custom, ns, watcher, [n], args.timeout)
+                custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, n)
+            rows.append(
+                ("apply -> RayService exists", "s", size, statistics.median(lat), pct(lat, 99))
+            )
+
+            fl: list[float] = []
+            names = [f"fail-{size}-{i}" for i in range(args.failures)]
+            create_many(custom, ns, names, tp=2)
+            wait_formed(custom, ns, names, args.timeout)
+            for n in names:
+                fl.append(failure_latency(core, api, ns, n, args.timeout))
+            for n in names:
+                custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, n)
+            rows.append(
+                ("pod failure -> group replaced", "s", size, statistics.median(fl), pct(fl, 99))
+            )
+            print(f"# size {size}: done", file=sys.stderr, flush=True)
+
+        for size in [int(x) for x in args.rss_sizes.split(",") if x]:
+            extra = [f"bg-{i}" for i in range(len(created), size)]
+            if extra:
+                create_many(custom, ns, extra)
+                created += extra
+            names_now = list(created)
+
+            def all_seen(names: list[str] = names_now) -> bool:
+                return all(n in watcher.seen for n in names)
+
+            wait(all_seen, args.timeout, "RayServices")
+            time.sleep(20)  # let the status writes settle
+            rss, hwm = rss_kib(op.pid)
+            rows.append(
+                (
+                    f"operator peak RSS (VmHWM), {size} resources",
+                    "MiB",
+                    size,
+                    hwm / 1024,
+                    hwm / 1024,
+                )
+            )
+            r0, w0 = api_counts(op)
+            time.sleep(args.idle_seconds)
+            r1, w1 = api_counts(op)
+            per_min = 60 / args.idle_seconds
+            rows.append(
+                (
+                    f"idle API reads/min, {size} resources",
+                    "req/min",
+                    size,
+                    (r1 - r0) * per_min,
+                    (r1 - r0) * per_min,
+                )
+            )
+            rows.append(
+                (
+                    f"idle API writes/min, {size} resources",
+                    "req/min",
+                    size,
+                    (w1 - w0) * per_min,
+                    (w1 - w0) * per_min,
+                )
+            )
+            print(f"# rss {size}: done", file=sys.stderr, flush=True)
+    finally:
+        watcher.stop()
+        op.stop()
+        try:
+            core.delete_namespace(ns)
+        except ApiException:
+            pass
+
+    print(f"\n{'metric':<48} {'unit':>8} {'N':>5} {'median':>10} {'p99':>10}")
+    print("-" * 85)
+    for metric, unit, n, med, p99 in rows:
+        print(f"{metric:<48} {unit:>8} {n:>5} {med:>10.3f} {p99:>10.3f}")
+    print(f"\noperator log: {log}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Failure injection: change pods and nodes the way a kubelet (or a dying node) would.
+
+Pod faults write the pod's status through the status subresource, exactly as a kubelet
+reports a container exit. kwok's default pod stages only act on Pending pods and on pods
+being deleted, so a Running pod whose status we rewrite stays as written.
+
+Node faults: set_node_not_ready marks the node with manifests.NODE_FAULT_ANNOTATION, which
+the cluster's kwok node stages exclude, and then reports Ready=False (a kubelet that is alive
+but unhealthy; kwok keeps renewing the Lease). lose_node removes kwok's management
+annotation instead, so nothing heartbeats the node any more and kube-controller-manager's
+node lifecycle controller marks it Unknown after its grace period (a node that vanished).
+
+Every function takes a kubernetes ApiClient, a CoreV1Api, or a kubeconfig path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import config, manifests
+
+STUCK_FINALIZER = "localcluster.deepspeed.ai/stuck-terminating"
+
+
+def core_api(target: Any) -> Any:
+    """CoreV1Api from an ApiClient, a CoreV1Api, a kubeconfig path, or None (.cluster)."""
+    from kubernetes import client
+    from kubernetes import config as kconfig
+
+    if isinstance(target, client.CoreV1Api):
+        return target
+    if isinstance(target, client.ApiClient):
+        return client.CoreV1Api(target)
+    path = Path(target) if target is not None else config.ClusterConfig.from_env().kubeconfig
+    return client.CoreV1Api(kconfig.new_client_from_config(str(path)))
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _read_raw(call: Callable[..., Any], *args: str) -> dict[str, Any]:
+    # Raw JSON keeps every field (the typed models drop unknown ones on round trips).
+    resp = call(*args, _preload_content=False)
+    data: dict[str, Any] = json.loads(resp.data)
+    return data
+
+
+def _update_status(read: Callable[..., Any], replace: Callable[..., Any], args: tuple[str, ...],
+                   mutate: Callable[[dict[str, Any]], None], retries: int = 10) -> dict[str, Any]:
+    """Read, mutate, replace the status subresource; retry on write conflicts."""
+    from kubernetes.client.rest import ApiException
+
+    for attempt in range(retries):
+        obj = _read_raw(read, *args)
+        mutate(obj)
+        try:
+            replace(*args, obj, _preload_content=False)
+            return obj
+        except ApiException as exc:
+            if exc.status != 409 or attempt == retries - 1:
+                raise
+            time.sleep(0.05)
+    raise AssertionError("unreachable")
+
+
+def _pod_status_call(core: Any, namespace: str, name: str,
+                     mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    return _update_status(core.read_namespaced_pod_status, core.replace_namespaced_pod_status,
+                          (name, namespace), mutate)
+
+
+def _set_condition(conditions: list[dict[str, Any]], ctype: str, status: str,
+                   reason: str | None = None, message: str | None = None) -> None:
+    now = _now()
+    for cond in conditions:
+        if cond.get("type") == ctype:
+            if cond.get("status") != status:
+                cond["lastTransitionTime"] = now
+            cond["status"] = status
+            break
+    else:
+        cond = {"type": ctype, "status": status, "lastTransitionTime": now}
+        conditions.append(cond)
+    for key, value in (("reason", reason), ("message", message)):
+        if value is None:
+            cond.pop(key, None)
+        else:
+            cond[key] = value
+
+
+def _container_statuses(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    """Existing container statuses, with an entry for every spec container."""
+    status = pod.setdefault("status", {})
+    by_name = {c["name"]: c for c in status.get("containerStatuses") or []}
+    out = []
+    for spec in pod["spec"]["containers"]:
+        out.append(by_name.get(spec["name"]) or {
+            "name": spec["name"], "image": spec["image"], "imageID": "", "ready": False,
+            "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}},
+        })
+    status["containerStatuses"] = out
+    return out
+
+
+def _check_container(pod: dict[str, Any], container: str | None) -> None:
+    names = [c["name"] for c in pod["spec"]["containers"]]
+    if container is not None and container not in names:
+        raise ValueError(f"pod {pod['metadata']['name']} has no container {container!r} "
+                         f"(has {', '.join(names)})")
+
+
+def fail_pod(api: Any, namespace: str, name: str, exit_code: int = 1,
+             reason: str = "Error", message: str = "injected failure",
+             container: str | None = None) -> dict[str, Any]:
+    """Report the pod as a kubelet does when its container exited and will not restart:
+    phase Failed, the container (default: all) terminated with exit_code, Ready=False."""
+    core = core_api(api)
+
+    def mutate(pod: dict[str, Any]) -> None:
+        _check_container(pod, container)
+        now = _now()
+        for cs in _container_statuses(pod):
+            running = (cs.get("state") or {}).get("running") or {}
+            if container is None or cs["name"] == container:
+                cs["state"] = {"terminated": {
+                    "exitCode": exit_code, "reason": reason, "message": message,
+                    "startedAt": running.get("startedAt", now), "finishedAt": now,
+                    **({"containerID": cs["containerID"]} if cs.get("containerID") else {}),
+                }}
+                cs["ready"] = False
+                cs["started"] = False
+        status = pod["status"]
+        status["phase"] = "Failed"
+        conditions = status.setdefault("conditions", [])
+        _set_condition(conditions, "Ready", "False", "PodFailed")
+        _set_condition(conditions, "ContainersReady", "False", "PodFailed")
+
+    return _pod_status_call(core, namespace, name, mutate)
+
+
+def restart_container(api: Any, namespace: str, name: str, container: str | None = None,
+                      exit_code: int = 1, reason: str = "Error") -> dict[str, Any]:
+    """Report that a container exited and the kubelet restarted it: restartCount + 1,
+    lastState terminated with exit_code, state running again. Default: the first container."""
+    core = core_api(api)
+
+    def mutate(pod: dict[str, Any]) -> None:
+        _check_container(pod, container)
+        target = container or pod["spec"]["containers"][0]["name"]
+        now = _now()
+        for cs in _container_statuses(pod):
+            if cs["name"] != target:
+                continue
+            running = (cs.get("state") or {}).get("running") or {}
+            cs["lastState"] = {"terminated": {
+                "exitCode": exit_code, "reason": reason,
+                "startedAt": running.get("startedAt", now), "finishedAt": now,
+                **({"containerID": cs["containerID"]} if cs.get("containerID") else {}),
+            }}
+            cs["state"] = {"running": {"startedAt": now}}
+            cs["restartCount"] = int(cs.get("restartCount") or 0) + 1
+            cs["ready"] = True
+            cs["started"] = True
+
+    return _pod_status_call(core, namespace, name, mutate)
+
+
+def evict_pod(api: Any, namespace: str, name: str) -> None:
+    """Evict through the Eviction API (what `kubectl drain` and node-pressure eviction use);
+    honours PodDisruptionBudgets."""
+    from kubernetes import client
+
+    core = core_api(api)
+    body = client.V1Eviction(metadata=client.V1ObjectMeta(name=name, namespace=namespace))
+    core.create_namespaced_pod_eviction(name, namespace, body)
+
+
+def delete_pod(api: Any, namespace: str, name: str, grace_seconds: int | None = None) -> None:
+    """Delete a pod (kwok finishes the deletion as a kubelet would)."""
+    core_api(api).delete_namespaced_pod(name, namespace, grace_period_seconds=grace_seconds)
+
+
+def stuck_terminating(api: Any, namespace: str, name: str) -> None:
+    """Delete the pod but keep it in Terminating (deletionTimestamp set, object present),
+    as when the kubelet of a partitioned node never confirms. Undo with release_pod."""
+    core = core_api(api)
+    core.patch_namespaced_pod(name, namespace,
+                              [{"op": "add", "path": "/metadata/finalizers/-",
+                                "value": STUCK_FINALIZER}]
+                              if _read_raw(core.read_namespaced_pod, name, namespace)
+                              ["metadata"].get("finalizers")
+                              else [{"op": "add", "path": "/metadata/finalizers",
+                                     "value": [STUCK_FINALIZER]}])
+    core.delete_namespaced_pod(name, namespace)
+
+
+def release_pod(api: Any, namespace: str, name: str) -> None:
+    """Remove the finalizer stuck_terminating added, letting the deletion finish."""
+    from kubernetes.client.rest import ApiException
+
+    core = core_api(api)
+    try:
+        pod = _read_raw(core.read_namespaced_pod, name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            return
+        raise
+    finalizers = pod["metadata"].get("finalizers") or []
+    if STUCK_FINALIZER in finalizers:
+        idx = finalizers.index(STUCK_FINALIZER)
+        core.patch_namespaced_pod(name, namespace, [
+            {"op": "test", "path": f"/metadata/finalizers/{idx}", "value": STUCK_FINALIZER},
+            {"op": "remove", "path": f"/metadata/finalizers/{idx}"},
+        ])
+
+
+def _node_status(core: Any, node: str, mutate: Callable[[dict[str, Any]], None]) -> None:
+    _update_status(core.read_node_status, core.replace_node_status, (node,), mutate)
+
+
+def _annotate_node(core: Any, node: str, key: str, value: str | None) -> None:
+    core.patch_node(node, {"metadata": {"annotations": {key: value}}})
+
+
+def set_node_not_ready(api: Any, node: str, reason: str = "KubeletNotReady",
+                       message: str = "injected: container runtime is down") -> None:
+    """Report Ready=False for node as its kubelet would, and keep it so (kwok's node stages
+    skip nodes with the fault annotation). kube-controller-manager then taints the node
+    node.kubernetes.io/not-ready and marks its pods NotReady. Undo with set_node_ready."""
+    core = core_api(api)
+    _annotate_node(core, node, manifests.NODE_FAULT_ANNOTATION, "true")
+
+    def mutate(obj: dict[str, Any]) -> None:
+        conditions = obj.setdefault("status", {}).setdefault("conditions", [])
+        _set_condition(conditions, "Ready", "False", reason, message)
+        for cond in conditions:
+            if cond.get("type") == "Ready":
+                cond["lastHeartbeatTime"] = _now()
+
+    _node_status(core, node, mutate)
+
+
+def set_node_ready(api: Any, node: str) -> None:
+    """Undo set_node_not_ready / lose_node: kwok manages and heartbeats the node again and
+    it reports Ready=True."""
+    core = core_api(api)
+    core.patch_node(node, {"metadata": {"annotations": {
+        manifests.NODE_FAULT_ANNOTATION: None,
+        config.KWOK_NODE_ANNOTATION: config.KWOK_NODE_ANNOTATION_VALUE,
+    }}})
+
+    def mutate(obj: dict[str, Any]) -> None:
+        conditions = obj.setdefault("status", {}).setdefault("conditions", [])
+        _set_condition(conditions, "Ready", "True", "KubeletReady", "kubelet is posting ready "
+                       "status")
+        for cond in conditions:
+            if cond.get("type") == "Ready":
+                cond["lastHeartbeatTime"] = _now()
+
+    _node_status(core, node, mutate)
+
+
+def lose_node(api: Any, node: str) -> None:
+    """Stop all kubelet activity for node (kwok stops managing it: no heartbeats, no Lease
+    renewals, its pods frozen). The node lifecycle controller marks it Ready=Unknown after
+    --node-monitor-grace-period (40 s here) and taints it unreachable. Undo with
+    set_node_ready."""
+    core = core_api(api)
+    _annotate_node(core, node, config.KWOK_NODE_ANNOTATION, None)

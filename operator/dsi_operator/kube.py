@@ -1,0 +1,256 @@
+"""Thin I/O helpers over the official kubernetes client (sync, run in worker threads).
+
+Every call is counted in :mod:`metrics` by verb and resource, so an idle operator can be shown
+to make no writes. Children are written with server-side apply (field manager
+``dsi-operator``, force) so create and update are the same idempotent call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from . import labels as L
+from . import metrics
+from ._version import __version__
+
+FIELD_MANAGER = "dsi-operator"
+APPLY = "application/apply-patch+yaml"
+MERGE = "application/merge-patch+json"
+T = TypeVar("T")
+
+
+def default_kubeconfig() -> str | None:
+    """$KUBECONFIG, else .cluster/kubeconfig if present, else None (in-cluster config)."""
+    env = os.environ.get("KUBECONFIG")
+    if env:
+        return env
+    local = Path(".cluster/kubeconfig")
+    if local.exists():
+        return str(local.resolve())
+    return None
+
+
+class Kube:
+    """The operator's API client. Construct once; methods are coroutines."""
+
+    def __init__(self, kubeconfig: str | None = None) -> None:
+        cfg = client.Configuration()
+        if kubeconfig:
+            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)  # type: ignore[no-untyped-call]
+        else:
+            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+        # Threads share one pool; enough connections for concurrent passes.
+        cfg.connection_pool_maxsize = 16
+        self.api = client.ApiClient(cfg)
+        self.api.user_agent = f"dsi-operator/{__version__}"
+        self.core = client.CoreV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+        self.ext = client.ApiextensionsV1Api(self.api)
+
+    async def _call(self, verb: str, resource: str, fn: Callable[..., T], *a: Any, **kw: Any) -> T:
+        metrics.API_REQUESTS.labels(verb=verb, resource=resource).inc()
+        return await asyncio.to_thread(fn, *a, **kw)
+
+    # --- the DSI ---------------------------------------------------------------------------
+
+    async def get_dsi(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The DSI as a dict, or None when it is gone."""
+        try:
+            obj = await self._call(
+                "get",
+                L.PLURAL,
+                self.custom.get_namespaced_custom_object,
+                L.GROUP,
+                L.VERSION,
+                namespace,
+                L.PLURAL,
+                name,
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return _d(obj)
+
+    async def patch_dsi_status(
+        self,
+        namespace: str,
+        name: str,
+        status_patch: Mapping[str, Any],
+        resource_version: str | None = None,
+    ) -> dict[str, Any]:
+        """Merge-patch the status subresource; with ``resource_version`` it is conditional
+        (409 Conflict when someone else wrote in between)."""
+        body: dict[str, Any] = {"status": dict(status_patch)}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        obj = await self._call(
+            "patch",
+            f"{L.PLURAL}/status",
+            self.custom.patch_namespaced_custom_object_status,
+            L.GROUP,
+            L.VERSION,
+            namespace,
+            L.PLURAL,
+            name,
+            body,
+            _content_type=MERGE,
+        )
+        return _d(obj)
+
+    # --- children --------------------------------------------------------------------------
+
+    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply one child (RayService or Service)."""
+        api_version = obj["apiVersion"]
+        kind = obj["kind"]
+        meta = obj["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        if api_version == "v1" and kind == "Service":
+            res = await self._call(
+                "apply",
+                "services",
+                self.core.patch_namespaced_service,
+                name,
+                ns,
+                dict(obj),
+                field_manager=FIELD_MANAGER,
+                force=True,
+                _content_type=APPLY,
+            )
+            return _d(self.api.sanitize_for_serialization(res))  # type: ignore[no-untyped-call]
+        group, version = api_version.split("/", 1)
+        plural = {"RayService": L.RAYSERVICE_PLURAL}.get(kind, kind.lower() + "s")
+        out = await self._call(
+            "apply",
+            plural,
+            self.custom.patch_namespaced_custom_object,
+            group,
+            version,
+            ns,
+            plural,
+            name,
+            dict(obj),
+            field_manager=FIELD_MANAGER,
+            force=True,
+            _content_type=APPLY,
+        )
+        return _d(out) if isinstance(out, dict) else {}
+
+    async def list_master_services(self, namespace: str, name: str) -> list[str]:
+        """Names of the per-group master Services of DSI ``name``."""
+        res = await self._call(
+            "list",
+            "services",
+            self.core.list_namespaced_service,
+            namespace,
+            label_selector=f"{L.LABEL_INFERENCE}={name},{L.LABEL_ROLE}={L.ROLE_MASTER_SERVICE}",
+        )
+        return [s.metadata.name for s in res.items if s.metadata and s.metadata.name]
+
+    async def delete_service(self, namespace: str, name: str) -> None:
+        """Delete a Service; already gone is fine."""
+        try:
+            await self._call(
+                "delete", "services", self.core.delete_namespaced_service, name, namespace
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    async def delete_pod(self, namespace: str, name: str, uid: str, *, force: bool = False) -> bool:
+        """Delete exactly the pod with this UID (a precondition guards against deleting its
+        replacement). ``force`` uses grace period 0 (pod stuck Terminating). Returns False when
+        the pod was already gone or replaced."""
+        opts = client.V1DeleteOptions(
+            preconditions=client.V1Preconditions(uid=uid),
+            grace_period_seconds=0 if force else None,
+        )
+        try:
+            await self._call(
+                "delete", "pods", self.core.delete_namespaced_pod, name, namespace, body=opts
+            )
+        except ApiException as e:
+            if e.status in (404, 409):
+                return False
+            raise
+        return True
+
+    # --- Events ----------------------------------------------------------------------------
+
+    async def post_event(
+        self, involved: Mapping[str, Any], etype: str, reason: str, message: str
+    ) -> None:
+        """Post a core/v1 Event about ``involved`` (a DSI body)."""
+        meta = involved.get("metadata", {})
+        ns = meta.get("namespace") or "default"
+        now = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta.get('name', 'dsi')}."),
+            involved_object=client.V1ObjectReference(
+                api_version=L.API_VERSION,
+                kind=L.KIND,
+                name=meta.get("name"),
+                namespace=ns,
+                uid=meta.get("uid"),
+                resource_version=meta.get("resourceVersion"),
+            ),
+            type=etype,
+            reason=reason,
+            message=message[:1024],
+            source=client.V1EventSource(component=FIELD_MANAGER),
+            reporting_component=FIELD_MANAGER,
+            reporting_instance=os.environ.get("HOSTNAME", FIELD_MANAGER),
+            first_timestamp=_now(),
+            last_timestamp=_now(),
+            count=1,
+        )
+        await self._call("create", "events", self.core.create_namespaced_event, ns, now)
+
+    # --- cluster-wide facts for preflight -------------------------------------------------
+
+    async def cluster_facts(self) -> tuple[bool, list[dict[str, Any]] | None]:
+        """(rayservices.ray.io CRD present, ClusterPolicy objects or None when no CRD)."""
+        kuberay = True
+        try:
+            await self._call(
+                "get",
+                "customresourcedefinitions",
+                self.ext.read_custom_resource_definition,
+                f"{L.RAYSERVICE_PLURAL}.{L.RAY_GROUP}",
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            kuberay = False
+        try:
+            res = await self._call(
+                "list",
+                "clusterpolicies",
+                self.custom.list_cluster_custom_object,
+                "nvidia.com",
+                "v1",
+                "clusterpolicies",
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return kuberay, None
+            raise
+        return kuberay, [_d(x) for x in _d(res).get("items", [])]
+
+
+def _d(obj: object) -> dict[str, Any]:
+    """The client returns custom objects as plain dicts typed ``object``."""
+    return cast(dict[str, Any], obj)
+
+
+def _now() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC)

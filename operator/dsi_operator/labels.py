@@ -1,0 +1,149 @@
+"""Names shared by every part of the project: API group, label keys, child object names.
+
+These are the team contracts from the brief; everything that names a child object or reads a
+label goes through this module so that a rename happens in one place.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+# --- The custom resource -------------------------------------------------------------------
+GROUP = "deepspeed.ai"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "DeepSpeedInference"
+PLURAL = "deepspeedinferences"
+SINGULAR = "deepspeedinference"
+SHORT_NAMES = ["dsi"]
+CATEGORIES = ["deepspeed", "inference"]
+CRD_NAME = f"{PLURAL}.{GROUP}"
+
+# --- KubeRay ---------------------------------------------------------------------------------
+RAY_GROUP = "ray.io"
+RAY_VERSION_API = "v1"
+RAY_API_VERSION = f"{RAY_GROUP}/{RAY_VERSION_API}"
+RAYSERVICE_KIND = "RayService"
+RAYSERVICE_PLURAL = "rayservices"
+#: Ray version of the worker image; KubeRay uses it to pick ray start flags.
+RAY_VERSION = "2.60.0"
+#: Label KubeRay puts on every pod with the worker group's name.
+RAY_GROUP_LABEL = "ray.io/group"
+#: Label KubeRay puts on every pod with the node type (head / worker).
+RAY_NODE_TYPE_LABEL = "ray.io/node-type"
+
+# --- Labels on every child -------------------------------------------------------------------
+LABEL_PREFIX = "deepspeed.ai/"
+LABEL_INFERENCE = "deepspeed.ai/inference"
+LABEL_GROUP = "deepspeed.ai/group"
+LABEL_RANK = "deepspeed.ai/rank"
+LABEL_ROLE = "deepspeed.ai/role"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "dsi-operator"
+ROLE_HEAD = "head"
+ROLE_WORKER = "worker"
+ROLE_MASTER_SERVICE = "master"
+
+#: Annotation on each worker pod template: hash of everything group g's pods are rendered from,
+#: so the controller can tell stale pods after a spec change.
+ANNOTATION_GROUP_HASH = "deepspeed.ai/group-hash"
+#: Annotation on the RayService: hash of the whole rendered spec.
+ANNOTATION_SPEC_HASH = "deepspeed.ai/spec-hash"
+
+# --- Worker pod contents ---------------------------------------------------------------------
+WORKER_CONTAINER = "ray-worker"
+HEAD_CONTAINER = "ray-head"
+MASTER_PORT_NAME = "dist"
+SHM_VOLUME = "dshm"
+MODEL_VOLUME = "model"
+#: Where a model PVC is mounted in the head and worker pods (read only).
+MODEL_MOUNT_PATH = "/mnt/model"
+#: Ray Serve's HTTP port; KubeRay's serve Service targets it.
+DEFAULT_SERVE_PORT = 8000
+DEFAULT_MASTER_PORT = 29500
+#: The Serve application every RayService runs.
+SERVE_APP_NAME = "dsi"
+SERVE_IMPORT_PATH = "dsi_worker.app:build_app"
+
+
+def rayservice_name(name: str) -> str:
+    """Name of the RayService rendered for DSI ``name`` (the same name)."""
+    return name
+
+
+def master_service_name(name: str, group: int) -> str:
+    """Name of group ``group``'s headless master Service."""
+    return f"{name}-g{group}-master"
+
+
+def master_addr(name: str, namespace: str, group: int) -> str:
+    """MASTER_ADDR of group ``group``: DNS of its headless Service, stable across restarts."""
+    return f"{master_service_name(name, group)}.{namespace}.svc.cluster.local"
+
+
+def serve_service_name(name: str) -> str:
+    """KubeRay's serve Service for RayService ``name``."""
+    return f"{name}-serve-svc"
+
+
+def endpoint_url(name: str, namespace: str, port: int = DEFAULT_SERVE_PORT) -> str:
+    """In-cluster URL of the model endpoint (KubeRay's serve Service)."""
+    return f"http://{serve_service_name(name)}.{namespace}.svc.cluster.local:{port}"
+
+
+def worker_group_name(group: int, rank: int) -> str:
+    """KubeRay worker group name of rank ``rank`` of TP group ``group``."""
+    return f"g{group}-r{rank}"
+
+
+_WORKER_GROUP_RE = re.compile(r"^g(\d+)-r(\d+)$")
+
+
+def parse_worker_group_name(group_name: str) -> tuple[int, int] | None:
+    """Inverse of :func:`worker_group_name`; ``None`` for any other name (e.g. the head)."""
+    m = _WORKER_GROUP_RE.match(group_name)
+    if m is None:
+        return None
+    return int(m.group(1)), int(m.group(2))
+
+
+def ray_resource_name(group: int, rank: int) -> str:
+    """Ray custom resource that pins rank ``rank`` of group ``group`` to its pod."""
+    return f"dsi_g{group}_r{rank}"
+
+
+def child_labels(
+    name: str, *, role: str | None = None, group: int | None = None, rank: int | None = None
+) -> dict[str, str]:
+    """The labels every child of DSI ``name`` carries (plus group/rank/role when given)."""
+    labels = {LABEL_INFERENCE: name, LABEL_MANAGED_BY: MANAGED_BY}
+    if role is not None:
+        labels[LABEL_ROLE] = role
+    if group is not None:
+        labels[LABEL_GROUP] = str(group)
+    if rank is not None:
+        labels[LABEL_RANK] = str(rank)
+    return labels
+
+
+def selector_for(name: str, *, group: int | None = None, rank: int | None = None) -> str:
+    """A label selector string for the worker pods of DSI ``name`` (optionally one group/rank)."""
+    parts = [f"{LABEL_INFERENCE}={name}", f"{LABEL_ROLE}={ROLE_WORKER}"]
+    if group is not None:
+        parts.append(f"{LABEL_GROUP}={group}")
+    if rank is not None:
+        parts.append(f"{LABEL_RANK}={rank}")
+    return ",".join(parts)
+
+
+def group_of_pod(labels: Mapping[str, str] | None) -> tuple[int, int] | None:
+    """(group, rank) of a worker pod from its labels; ``None`` for the head or foreign pods."""
+    if not labels:
+        return None
+    if labels.get(LABEL_ROLE, ROLE_WORKER) != ROLE_WORKER:
+        return None
+    g, r = labels.get(LABEL_GROUP), labels.get(LABEL_RANK)
+    if g is None or r is None or not g.isdigit() or not r.isdigit():
+        return None
+    return int(g), int(r)

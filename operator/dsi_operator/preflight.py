@@ -1,0 +1,216 @@
+"""Preflight checks, reported as status conditions and Events, never as a crash.
+
+:func:`evaluate` is pure: it takes what the controller listed (is KubeRay's RayService CRD
+installed, the GPU Operator's ClusterPolicy objects, the nodes) and the relevant spec fields,
+and returns conditions plus an optional *blocking* message. Blocking means the operator must not
+create children: KubeRay missing (nothing could act on a RayService), or the GPU Operator missing
+or not ready while ``spec.gpu.requireGPUOperator`` is true. Too few GPUs is reported but does
+not block: a cluster autoscaler may add nodes once pods are pending.
+
+:class:`ClusterFacts` caches the two cluster-wide reads (CRD, ClusterPolicy) for a few seconds
+so that many resources share them and an idle operator issues few requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .status import COND_GPU_CAPACITY, COND_GPU_OPERATOR, COND_KUBERAY, Condition
+
+
+@dataclass(frozen=True)
+class GPUNeeds:
+    """The spec fields the GPU capacity check needs."""
+
+    tp: int
+    gpus_per_rank: int = 1
+    resource_name: str = "nvidia.com/gpu"
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: Sequence[Mapping[str, Any]] = ()
+    require_gpu_operator: bool = False
+
+
+@dataclass(frozen=True)
+class PreflightResult:
+    """Conditions for status, and a message when creation must wait."""
+
+    conditions: tuple[Condition, ...]
+    blocking: str | None = None
+    warnings: tuple[str, ...] = ()
+
+
+def toleration_matches(tol: Mapping[str, Any], taint: Mapping[str, Any]) -> bool:
+    """Kubernetes' toleration/taint matching rule."""
+    effect = tol.get("effect") or ""
+    if effect and effect != taint.get("effect"):
+        return False
+    op = tol.get("operator") or "Equal"
+    key = tol.get("key") or ""
+    if op == "Exists":
+        return key == "" or key == taint.get("key")
+    return bool(key == taint.get("key") and (tol.get("value") or "") == (taint.get("value") or ""))
+
+
+def node_ready(node: Mapping[str, Any]) -> bool:
+    """True when the node's Ready condition is True."""
+    for c in (node.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            return bool(c.get("status") == "True")
+    return False
+
+
+def node_fits(node: Mapping[str, Any], needs: GPUNeeds) -> bool:
+    """Could a worker pod be scheduled on this node (labels, taints, cordon, readiness)?"""
+    meta = node.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    if any(labels.get(k) != v for k, v in needs.node_selector.items()):
+        return False
+    spec = node.get("spec") or {}
+    if spec.get("unschedulable"):
+        return False
+    for taint in spec.get("taints") or []:
+        if taint.get("effect") not in ("NoSchedule", "NoExecute"):
+            continue
+        if not any(toleration_matches(t, taint) for t in needs.tolerations):
+            return False
+    return node_ready(node)
+
+
+def _quantity_int(value: Any) -> int:
+    # Extended resources such as GPUs are whole numbers; anything else counts as zero.
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        return 0
+
+
+def gpu_capacity(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> tuple[int, int, int]:
+    """(rank pods that fit, matching nodes, allocatable GPUs on them).
+
+    Counted per node: a node with 3 GPUs holds one 2-GPU rank, not 1.5.
+    """
+    per = max(needs.gpus_per_rank, 1)
+    slots = matching = gpus = 0
+    for node in nodes:
+        if not node_fits(node, needs):
+            continue
+        alloc = _quantity_int(
+            ((node.get("status") or {}).get("allocatable") or {}).get(needs.resource_name, 0)
+        )
+        if alloc <= 0:
+            continue
+        matching += 1
+        gpus += alloc
+        slots += alloc // per
+    return slots, matching, gpus
+
+
+def evaluate(
+    kuberay_present: bool,
+    cluster_policies: Sequence[Mapping[str, Any]] | None,
+    nodes: Sequence[Mapping[str, Any]],
+    needs: GPUNeeds,
+) -> PreflightResult:
+    """Conditions GPUOperatorReady, GPUCapacity and KubeRayAvailable, and what blocks.
+
+    ``cluster_policies`` is ``None`` when the ClusterPolicy CRD itself is absent.
+    """
+    conds: list[Condition] = []
+    blocking: list[str] = []
+    warnings: list[str] = []
+
+    if kuberay_present:
+        conds.append(Condition(COND_KUBERAY, "True", "CRDPresent", "rayservices.ray.io installed"))
+    else:
+        msg = "KubeRay is not installed (CRD rayservices.ray.io not found)"
+        conds.append(Condition(COND_KUBERAY, "False", "CRDNotFound", msg))
+        blocking.append(msg)
+
+    if cluster_policies is None:
+        gpu_op = Condition(
+            COND_GPU_OPERATOR,
+            "False",
+            "NotInstalled",
+            "GPU Operator not installed (CRD clusterpolicies.nvidia.com not found)",
+        )
+    elif not cluster_policies:
+        gpu_op = Condition(COND_GPU_OPERATOR, "False", "NoClusterPolicy", "no ClusterPolicy found")
+    else:
+        states = {
+            (p.get("metadata") or {}).get("name", "?"): (p.get("status") or {}).get("state")
+            for p in cluster_policies
+        }
+        ready = [n for n, s in states.items() if s == "ready"]
+        if ready:
+            gpu_op = Condition(
+                COND_GPU_OPERATOR, "True", "ClusterPolicyReady", f"ClusterPolicy {ready[0]} ready"
+            )
+        else:
+            desc = ", ".join(f"{n}: {s or 'no state'}" for n, s in sorted(states.items()))
+            gpu_op = Condition(
+                COND_GPU_OPERATOR, "False", "ClusterPolicyNotReady", f"ClusterPolicy {desc}"
+            )
+    conds.append(gpu_op)
+    if gpu_op.status != "True":
+        if needs.require_gpu_operator:
+            blocking.append(
+                f"GPU Operator required (spec.gpu.requireGPUOperator): {gpu_op.message}"
+            )
+
+    slots, matching, gpus = gpu_capacity(nodes, needs)
+    need_desc = (
+        f"one group needs {needs.tp} rank pod(s) x {needs.gpus_per_rank} {needs.resource_name}"
+    )
+    if slots >= needs.tp:
+        conds.append(
+            Condition(
+                COND_GPU_CAPACITY,
+                "True",
+                "Sufficient",
+                f"{gpus} allocatable {needs.resource_name} on {matching} matching node(s) fit "
+                f"{slots // max(needs.tp, 1)} group(s); {need_desc}",
+            )
+        )
+    else:
+        msg = (
+            f"{gpus} allocatable {needs.resource_name} on {matching} matching node(s) fit "
+            f"{slots} rank pod(s); {need_desc}"
+        )
+        conds.append(Condition(COND_GPU_CAPACITY, "False", "Insufficient", msg))
+        warnings.append(f"insufficient GPUs: {msg}")
+
+    return PreflightResult(
+        conditions=tuple(conds),
+        blocking="; ".join(blocking) if blocking else None,
+        warnings=tuple(warnings),
+    )
+
+
+# --- thin I/O: cluster-wide facts, cached ------------------------------------------------------
+
+
+@dataclass
+class ClusterFacts:
+    """Cached answers to "is KubeRay installed?" and "what ClusterPolicies exist?".
+
+    ``fetch`` is an async callable returning ``(kuberay_present, cluster_policies_or_None)``;
+    it is called at most once per ``ttl`` seconds however many resources ask.
+    """
+
+    fetch: Callable[[], Awaitable[tuple[bool, list[dict[str, Any]] | None]]]
+    ttl: float = 15.0
+    _value: tuple[bool, list[dict[str, Any]] | None] | None = None
+    _at: float = 0.0
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def get(self) -> tuple[bool, list[dict[str, Any]] | None]:
+        """The cached facts, refreshed when older than ``ttl``."""
+        async with self._lock:
+            if self._value is None or time.monotonic() - self._at > self.ttl:
+                self._value = await self.fetch()
+                self._at = time.monotonic()
+            return self._value

@@ -1,0 +1,516 @@
+"""Pure rendering: a DeepSpeedInference spec -> the manifests of its children.
+
+Nothing here talks to the API server. Inputs are plain data (a spec dict as kopf hands it
+over, or a parsed :class:`~dsi_operator.spec.DeepSpeedInferenceSpec`); outputs are plain dicts
+ready to create/patch. Children of DSI ``<name>``:
+
+- RayService ``<name>`` (ray.io/v1): head group without GPUs, and one worker group
+  ``g<g>-r<r>`` (replicas 1) per rank r of each TP group g, whose pod carries the rank's
+  torch.distributed env and the Ray custom resource ``dsi_g<g>_r<r>`` that pins the rank actor.
+- Service ``<name>-g<g>-master`` per group: headless, selects the group's rank-0 pod, so
+  MASTER_ADDR survives restarts of that pod.
+
+Every child has an ownerReference to the DSI (controller, blockOwnerDeletion) and the
+``deepspeed.ai/*`` labels; no kopf annotation is ever copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from dsi_operator import labels as L
+from dsi_operator.spec import DeepSpeedInferenceSpec, parse_spec
+
+Manifest = dict[str, Any]
+SpecLike = Mapping[str, Any] | DeepSpeedInferenceSpec
+
+#: Environment variables the operator owns on worker pods; user env cannot override them.
+RANK_ENV_NAMES = frozenset(
+    {
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "DSI_GROUP",
+        "DSI_NUM_GROUPS",
+        "DSI_INFERENCE",
+    }
+)
+#: Whether worker pods get DSI_NUM_GROUPS (team contract). Note the cost: it puts spec.replicas
+#: into every group's pod template, so scaling changes the existing worker groups too, and
+#: KubeRay then rolls out a whole new RayCluster instead of appending the new groups in place.
+#: The worker does not read it (it gets num_groups from the serve args).
+POD_ENV_NUM_GROUPS = True
+
+#: NCCL/torch defaults for worker pods; spec.env may override any of them.
+NCCL_DEFAULTS: dict[str, str] = {
+    "NCCL_DEBUG": "WARN",
+    # A rank that dies must make its peers' collectives fail instead of hanging forever, so
+    # the group's pods exit/turn unready and the operator restarts the whole group.
+    # (The old NCCL_ASYNC_ERROR_HANDLING name is deprecated in torch and only warns.)
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+}
+
+# Ray head ports (KubeRay's defaults, named as KubeRay expects).
+_HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001))
+
+
+# --- Small pure helpers (also used by the controller) ----------------------------------------
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    """ownerReference making the DSI ``name``/``uid`` the controlling owner of a child."""
+    return {
+        "apiVersion": L.API_VERSION,
+        "kind": L.KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def expected_ranks(spec: SpecLike) -> list[tuple[int, int]]:
+    """Every (group, rank) the spec asks for, in order."""
+    s = parse_spec(spec)
+    return [(g, r) for g in range(s.replicas) for r in range(s.tensor_parallel_size)]
+
+
+def group_of_pod(labels: Mapping[str, str] | None) -> tuple[int, int] | None:
+    """(group, rank) of a worker pod from its labels; ``None`` for the head or other pods."""
+    return L.group_of_pod(labels)
+
+
+def endpoint(name: str, namespace: str, spec: SpecLike | None = None) -> str:
+    """In-cluster URL of the model endpoint (KubeRay's serve Service, plus route prefix)."""
+    if spec is None:
+        return L.endpoint_url(name, namespace)
+    s = parse_spec(spec)
+    url = L.endpoint_url(name, namespace, s.serve.port)
+    prefix = s.serve.route_prefix.rstrip("/")
+    return url + prefix
+
+
+def model_location(spec: SpecLike) -> str:
+    """What the worker loads: the hub id, or the model directory inside the mounted PVC."""
+    s = parse_spec(spec)
+    if s.model.pvc is not None:
+        path = s.model.pvc.path.strip("/")
+        return f"{L.MODEL_MOUNT_PATH}/{path}" if path else L.MODEL_MOUNT_PATH
+    assert s.model.name is not None  # ModelSpec guarantees exactly one source
+    return s.model.name
+
+
+def serve_app_args(spec: SpecLike) -> dict[str, Any]:
+    """``args`` of the Serve application (snake_case, as ``dsi_worker.config.AppArgs``)."""
+    s = parse_spec(spec)
+    args: dict[str, Any] = {
+        "model": model_location(s),
+        "dtype": s.model.dtype.value,
+        "tensor_parallel_size": s.tensor_parallel_size,
+        "num_groups": max(s.replicas, 1),
+        "max_batch_size": s.serve.max_batch_size,
+        "batch_wait_timeout_s": s.serve.batch_wait_timeout_ms / 1000.0,
+        "max_new_tokens": s.serve.max_new_tokens,
+        "kernel_inject": s.serve.kernel_inject,
+        "served_model_name": s.served_model_name,
+        "request_timeout_s": float(s.serve.request_timeout_seconds),
+        "form_timeout_s": float(s.restart_policy.formation_timeout_seconds),
+        "device": "auto" if s.resources.gpus > 0 else "cpu",
+    }
+    if s.model.revision is not None and s.model.pvc is None:
+        args["revision"] = s.model.revision
+    if s.serve.max_model_len is not None:
+        args["max_model_len"] = s.serve.max_model_len
+    return args
+
+
+def serve_config(spec: SpecLike) -> dict[str, Any]:
+    """The RayService's serveConfigV2, as a dict (rendered as YAML text into the RayService)."""
+    s = parse_spec(spec)
+    config: dict[str, Any] = {
+        "applications": [
+            {
+                "name": L.SERVE_APP_NAME,
+                "import_path": L.SERVE_IMPORT_PATH,
+                "route_prefix": s.serve.route_prefix,
+                "args": serve_app_args(s),
+            }
+        ]
+    }
+    if s.serve.port != L.DEFAULT_SERVE_PORT:
+        config["http_options"] = {"host": "0.0.0.0", "port": s.serve.port}
+    return config
+
+
+def ray_resources_param(group: int, rank: int) -> str:
+    """rayStartParams ``resources`` value pinning rank ``rank`` of group ``group``.
+
+    KubeRay pastes the value verbatim into the ``ray start`` shell command, and (1.6+) also
+    parses it as JSON after trimming surrounding quotes. A single-quoted JSON object,
+    ``'{"dsi_g0_r1": 1}'``, satisfies both (KubeRay writes this form itself); the older
+    ``"{\\"...\\"}"`` form works in the shell but fails KubeRay's JSON parse.
+    """
+    return "'" + json.dumps({L.ray_resource_name(group, rank): 1}) + "'"
+
+
+def _hash(obj: Any) -> str:
+    data = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+# Placeholders for hashing: the name and namespace of one object never change, so rendering
+# with fixed stand-ins gives the same change detection without needing them as arguments.
+_HASH_NAME, _HASH_NAMESPACE = "dsi", "ns"
+
+
+def _prefix_hashes(head: dict[str, Any], workers: list[dict[str, Any]]) -> dict[int, str]:
+    """Group g -> hash of the head group plus the worker groups of groups 0..g.
+
+    This mirrors when KubeRay replaces pods: a RayService whose cluster spec changed only by
+    worker groups appended at the end is updated in place (existing pods stay); any other
+    change (head, or any existing group's template) makes KubeRay roll out a new RayCluster,
+    replacing every pod. So group g's pods are replaced exactly when this prefix hash changes.
+    ``workers`` must not carry the hash annotation yet.
+    """
+    out: dict[int, str] = {}
+    prefix: list[dict[str, Any]] = []
+    by_group: dict[int, list[dict[str, Any]]] = {}
+    for w in workers:
+        parsed = L.parse_worker_group_name(w["groupName"])
+        assert parsed is not None
+        by_group.setdefault(parsed[0], []).append(w)
+    for g in sorted(by_group):
+        prefix.extend(by_group[g])
+        out[g] = _hash({"rayVersion": L.RAY_VERSION, "head": head, "workers": prefix})
+    return out
+
+
+def spec_hash_by_group(spec: SpecLike) -> dict[int, str]:
+    """Per group g: a hash of the worker pod templates g's pods are created from.
+
+    Equal hashes before and after a spec change mean KubeRay leaves g's pods alone; a
+    different hash means KubeRay replaces them (new RayCluster). The value is also on each
+    worker pod template as annotation ``deepspeed.ai/group-hash``. Changes that stay out of
+    the pod templates (serve settings, model name, restartPolicy) keep every hash; adding
+    groups keeps the existing groups' hashes unless ``POD_ENV_NUM_GROUPS`` puts the group
+    count into every pod.
+    """
+    s = parse_spec(spec)
+    head = head_group_spec(s, _HASH_NAME)
+    workers = [
+        _worker_group_spec(s, _HASH_NAME, _HASH_NAMESPACE, g, r)
+        for g in range(s.replicas)
+        for r in range(s.tensor_parallel_size)
+    ]
+    return _prefix_hashes(head, workers)
+
+
+#: Alias of :func:`spec_hash_by_group` (the name the controller asked for).
+group_hashes = spec_hash_by_group
+
+
+def spec_hash(spec: SpecLike) -> str:
+    """Hash of the whole spec (annotation on the RayService)."""
+    return _hash(parse_spec(spec).model_dump(mode="json", by_alias=True))
+
+
+# --- Pod templates ---------------------------------------------------------------------------
+
+
+def _quantity_resources(
+    cpu: str | None, memory: str | None, extra: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    amounts: dict[str, Any] = {}
+    if cpu is not None:
+        amounts["cpu"] = cpu
+    if memory is not None:
+        amounts["memory"] = memory
+    for key, value in (extra or {}).items():
+        amounts[key] = value
+    if not amounts:
+        return {}
+    # requests == limits: Guaranteed QoS for the ranks, and extended resources need both.
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _user_env(s: DeepSpeedInferenceSpec, *, reserved: frozenset[str]) -> list[dict[str, Any]]:
+    out = []
+    for var in s.env:
+        if var.name in reserved:
+            continue
+        out.append(var.model_dump(mode="json", by_alias=True, exclude_none=True))
+    return out
+
+
+def _pod_metadata(
+    s: DeepSpeedInferenceSpec, name: str, own: dict[str, str], annotations: Mapping[str, str]
+) -> dict[str, Any]:
+    # User labels first so the operator's own labels win on conflict.
+    labels = {**s.pod_template.labels, **own}
+    meta: dict[str, Any] = {"labels": labels}
+    merged_annotations = {**s.pod_template.annotations, **annotations}
+    if merged_annotations:
+        meta["annotations"] = merged_annotations
+    return meta
+
+
+def _pod_spec_common(s: DeepSpeedInferenceSpec) -> dict[str, Any]:
+    pod: dict[str, Any] = {}
+    pt = s.pod_template
+    if pt.service_account_name:
+        pod["serviceAccountName"] = pt.service_account_name
+    if pt.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": ref.name} for ref in pt.image_pull_secrets]
+    if pt.priority_class_name:
+        pod["priorityClassName"] = pt.priority_class_name
+    return pod
+
+
+def _model_volume(s: DeepSpeedInferenceSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    if s.model.pvc is None:
+        return [], []
+    volume = {
+        "name": L.MODEL_VOLUME,
+        "persistentVolumeClaim": {"claimName": s.model.pvc.claim_name, "readOnly": True},
+    }
+    mount = {"name": L.MODEL_VOLUME, "mountPath": L.MODEL_MOUNT_PATH, "readOnly": True}
+    return [volume], [mount]
+
+
+def head_group_spec(spec: SpecLike, name: str) -> dict[str, Any]:
+    """KubeRay headGroupSpec: Ray GCS, Serve controller and proxy; no GPUs, no rank actors."""
+    s = parse_spec(spec)
+    volumes, mounts = _model_volume(s)
+    container: dict[str, Any] = {
+        "name": L.HEAD_CONTAINER,
+        "image": s.image,
+        "ports": [{"name": n, "containerPort": p} for n, p in _HEAD_PORTS]
+        + [{"name": "serve", "containerPort": s.serve.port}],
+        "resources": _quantity_resources(s.head.resources.cpu, s.head.resources.memory),
+    }
+    if s.image_pull_policy:
+        container["imagePullPolicy"] = s.image_pull_policy
+    env = _user_env(s, reserved=RANK_ENV_NAMES)
+    if env:
+        container["env"] = env
+    if mounts:
+        container["volumeMounts"] = mounts
+    pod_spec: dict[str, Any] = {"containers": [container], **_pod_spec_common(s)}
+    if volumes:
+        pod_spec["volumes"] = volumes
+    if s.head.node_selector:
+        pod_spec["nodeSelector"] = dict(s.head.node_selector)
+    group: dict[str, Any] = {
+        "rayStartParams": {
+            "dashboard-host": "0.0.0.0",
+            # Nothing schedulable lands on the head: rank actors are pinned by custom
+            # resources anyway, and with 0 CPUs the Serve ingress replicas go to the workers
+            # too, keeping the head (often a small CPU node) free for GCS and the proxy.
+            "num-cpus": "0",
+            "num-gpus": "0",
+        },
+        "template": {
+            "metadata": _pod_metadata(s, name, L.child_labels(name, role=L.ROLE_HEAD), {}),
+            "spec": pod_spec,
+        },
+    }
+    if s.head.service_type:
+        group["serviceType"] = s.head.service_type
+    return group
+
+
+def worker_env(
+    spec: SpecLike, name: str, namespace: str, group: int, rank: int
+) -> list[dict[str, Any]]:
+    """Env of rank ``rank`` of group ``group``: torch.distributed vars, NCCL defaults, user env."""
+    s = parse_spec(spec)
+    env: list[dict[str, Any]] = [
+        {"name": "RANK", "value": str(rank)},
+        {"name": "WORLD_SIZE", "value": str(s.tensor_parallel_size)},
+        # One rank per pod: every rank is local rank 0 of its own pod (and sees its GPUs
+        # as cuda:0..). LOCAL_SIZE is deliberately not set (see DESIGN: CPU shm all-reduce).
+        {"name": "LOCAL_RANK", "value": "0"},
+        {"name": "MASTER_ADDR", "value": L.master_addr(name, namespace, group)},
+        {"name": "MASTER_PORT", "value": str(s.master_port)},
+        {"name": "DSI_GROUP", "value": str(group)},
+    ]
+    if POD_ENV_NUM_GROUPS:
+        env.append({"name": "DSI_NUM_GROUPS", "value": str(s.replicas)})
+    env.append({"name": "DSI_INFERENCE", "value": name})
+    user = _user_env(s, reserved=RANK_ENV_NAMES)
+    user_names = {v["name"] for v in user}
+    env += [{"name": k, "value": v} for k, v in NCCL_DEFAULTS.items() if k not in user_names]
+    return env + user
+
+
+def _worker_group_spec(
+    spec: SpecLike, name: str, namespace: str, group: int, rank: int
+) -> dict[str, Any]:
+    """workerGroupSpec ``g<g>-r<r>`` without the group-hash annotation."""
+    s = parse_spec(spec)
+    gpus = s.resources.gpus
+    extra = {s.gpu.resource_name: str(gpus)} if gpus > 0 else {}
+    volumes, mounts = _model_volume(s)
+    container: dict[str, Any] = {
+        "name": L.WORKER_CONTAINER,
+        "image": s.image,
+        "env": worker_env(s, name, namespace, group, rank),
+        "resources": _quantity_resources(s.resources.cpu, s.resources.memory, extra),
+        "volumeMounts": [{"name": L.SHM_VOLUME, "mountPath": "/dev/shm"}, *mounts],
+    }
+    if s.image_pull_policy:
+        container["imagePullPolicy"] = s.image_pull_policy
+    if rank == 0:
+        # The master Service targets this named port on the group's rank 0.
+        container["ports"] = [{"name": L.MASTER_PORT_NAME, "containerPort": s.master_port}]
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [
+            {
+                "name": L.SHM_VOLUME,
+                "emptyDir": {"medium": "Memory", "sizeLimit": s.gpu.shared_memory_size},
+            },
+            *volumes,
+        ],
+        **_pod_spec_common(s),
+    }
+    if s.gpu.node_selector:
+        pod_spec["nodeSelector"] = dict(s.gpu.node_selector)
+    if s.gpu.tolerations:
+        pod_spec["tolerations"] = [
+            t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in s.gpu.tolerations
+        ]
+    if s.gpu.runtime_class_name:
+        pod_spec["runtimeClassName"] = s.gpu.runtime_class_name
+    own_labels = L.child_labels(name, role=L.ROLE_WORKER, group=group, rank=rank)
+    return {
+        "groupName": L.worker_group_name(group, rank),
+        "replicas": 1,
+        "minReplicas": 1,
+        "maxReplicas": 1,
+        "rayStartParams": {
+            "num-gpus": str(gpus),
+            "resources": ray_resources_param(group, rank),
+        },
+        "template": {
+            "metadata": _pod_metadata(s, name, own_labels, {}),
+            "spec": pod_spec,
+        },
+    }
+
+
+def worker_group_specs(spec: SpecLike, name: str, namespace: str) -> list[dict[str, Any]]:
+    """Every workerGroupSpec (``g<g>-r<r>``, one pod each), in (group, rank) order, each pod
+    template annotated with its group's ``deepspeed.ai/group-hash``."""
+    s = parse_spec(spec)
+    hashes = spec_hash_by_group(s)
+    out = []
+    for g in range(s.replicas):
+        for r in range(s.tensor_parallel_size):
+            w = _worker_group_spec(s, name, namespace, g, r)
+            meta = w["template"]["metadata"]
+            meta["annotations"] = {
+                **meta.get("annotations", {}),
+                L.ANNOTATION_GROUP_HASH: hashes[g],
+            }
+            out.append(w)
+    return out
+
+
+# --- Children --------------------------------------------------------------------------------
+
+
+def render_rayservice(name: str, namespace: str, uid: str, spec: SpecLike) -> Manifest:
+    """The RayService ``<name>``."""
+    s = parse_spec(spec)
+    workers = worker_group_specs(s, name, namespace)
+    ray_cluster: dict[str, Any] = {
+        "rayVersion": L.RAY_VERSION,
+        "headGroupSpec": head_group_spec(s, name),
+    }
+    if workers:
+        ray_cluster["workerGroupSpecs"] = workers
+    return {
+        "apiVersion": L.RAY_API_VERSION,
+        "kind": L.RAYSERVICE_KIND,
+        "metadata": {
+            "name": L.rayservice_name(name),
+            "namespace": namespace,
+            "labels": L.child_labels(name),
+            "annotations": {L.ANNOTATION_SPEC_HASH: spec_hash(s)},
+            "ownerReferences": [owner_reference(name, uid)],
+        },
+        "spec": {
+            # Explicit, so a KubeRay started with ENABLE_ZERO_DOWNTIME=false still replaces the
+            # pods when the worker template changes (the controller relies on that to roll
+            # groups after a spec change).
+            "upgradeStrategy": {"type": "NewCluster"},
+            "serveConfigV2": yaml.safe_dump(serve_config(s), sort_keys=False),
+            "rayClusterConfig": ray_cluster,
+        },
+    }
+
+
+def render_master_service(
+    name: str, namespace: str, uid: str, spec: SpecLike, group: int
+) -> Manifest:
+    """Headless Service ``<name>-g<g>-master`` selecting group g's rank-0 pod."""
+    s = parse_spec(spec)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": L.master_service_name(name, group),
+            "namespace": namespace,
+            "labels": L.child_labels(name, role=L.ROLE_MASTER_SERVICE, group=group),
+            "ownerReferences": [owner_reference(name, uid)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            # Rank 0 listens before it is Ready (the group forms before readiness), so its
+            # address must resolve while the pod is not ready yet.
+            "publishNotReadyAddresses": True,
+            "selector": {
+                L.LABEL_INFERENCE: name,
+                L.LABEL_GROUP: str(group),
+                L.LABEL_RANK: "0",
+                L.LABEL_ROLE: L.ROLE_WORKER,
+            },
+            "ports": [
+                {
+                    "name": L.MASTER_PORT_NAME,
+                    "port": s.master_port,
+                    "targetPort": s.master_port,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def render_master_services(name: str, namespace: str, uid: str, spec: SpecLike) -> list[Manifest]:
+    """One headless master Service per group."""
+    s = parse_spec(spec)
+    return [render_master_service(name, namespace, uid, s, g) for g in range(s.replicas)]
+
+
+def render_children(name: str, namespace: str, uid: str, spec: SpecLike) -> list[Manifest]:
+    """Every child of the DSI: the RayService, then the master Services in group order."""
+    s = parse_spec(spec)
+    return [
+        render_rayservice(name, namespace, uid, s),
+        *render_master_services(name, namespace, uid, s),
+    ]
+
+
+def render_body(body: Mapping[str, Any]) -> list[Manifest]:
+    """:func:`render_children` from a whole DSI object (``metadata`` + ``spec``)."""
+    meta = body["metadata"]
+    return render_children(meta["name"], meta["namespace"], meta["uid"], body["spec"])

@@ -1,0 +1,442 @@
+"""Pure whole-group restart decisions.
+
+Nothing here talks to Kubernetes. The controller gathers plain data (the pods of a group, the
+nodes they run on, the group's bookkeeping from ``status.groups[g]``, the restart policy and the
+current time) and asks :func:`decide` what to do with that group. The answer is one of:
+
+* :class:`NoAction` -- the group is healthy, or forming within its deadline;
+* :class:`Restart` -- start a whole-group restart now (one per incident, whatever the number
+  of failed pods): record it in status first, then delete every pod listed in ``pods``;
+* :class:`ContinueRestart` -- a restart recorded in status is still in progress: delete the old
+  pods that remain (this is how a killed-and-restarted operator resumes), or wait for them;
+* :class:`RestartDone` -- every old pod is gone and the group has a full new set of pods;
+* :class:`Wait` -- a trigger fired but the group is in backoff until ``until``;
+* :class:`Fail` -- a trigger fired and the restart budget is exhausted.
+
+Why UIDs rather than creation times: ``creationTimestamp`` has one-second resolution, and on a
+fast cluster a replacement pod can be created in the same second as the decision, so "older
+than the restart" would delete the new pods too. The restart records the UIDs it replaces and
+the group records the UIDs of its members when it forms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+# Trigger names, used in Events, status.groups[].lastRestartReason and metrics labels.
+TRIGGER_CONTAINER_RESTART = "ContainerRestarted"
+TRIGGER_POD_FAILED = "PodFailed"
+TRIGGER_POD_EVICTED = "PodEvicted"
+TRIGGER_POD_DELETED = "PodDeleted"
+TRIGGER_POD_STUCK_TERMINATING = "PodStuckTerminating"
+TRIGGER_NODE_NOT_READY = "NodeNotReady"
+TRIGGER_NODE_LOST = "NodeLost"
+TRIGGER_FORMATION_TIMEOUT = "FormationTimeout"
+TRIGGER_SPEC_CHANGED = "SpecChanged"
+
+#: Priority order: the first trigger found names the incident.
+ALL_TRIGGERS = (
+    TRIGGER_CONTAINER_RESTART,
+    TRIGGER_POD_EVICTED,
+    TRIGGER_POD_FAILED,
+    TRIGGER_POD_STUCK_TERMINATING,
+    TRIGGER_NODE_NOT_READY,
+    TRIGGER_NODE_LOST,
+    TRIGGER_POD_DELETED,
+    TRIGGER_FORMATION_TIMEOUT,
+    TRIGGER_SPEC_CHANGED,
+)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How eagerly and how often a group may be restarted.
+
+    The budget is per group: more than ``max_restarts`` restarts of one group within
+    ``window_seconds`` fails the resource. Backoff: the first restart of a quiet group is
+    immediate; each consecutive one waits ``backoff_seconds * multiplier**(n-1)`` after the
+    previous one (n = consecutive restarts so far), capped at ``max_backoff_seconds``. A group
+    that stays formed for ``quiet_period_seconds`` starts from zero again.
+    """
+
+    max_restarts: int = 5
+    window_seconds: float = 600.0
+    backoff_seconds: float = 10.0
+    max_backoff_seconds: float = 300.0
+    multiplier: float = 2.0
+    quiet_period_seconds: float = 600.0
+    terminating_grace_seconds: float = 60.0
+    node_grace_seconds: float = 60.0
+    formation_timeout_seconds: float = 900.0
+
+    def backoff_for(self, consecutive: int) -> float:
+        """Delay after the previous restart given ``consecutive`` restarts so far."""
+        if consecutive <= 0:
+            return 0.0
+        delay = self.backoff_seconds * (self.multiplier ** (consecutive - 1))
+        return float(min(delay, self.max_backoff_seconds))
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    """What the restart logic needs to know about one worker pod of a group."""
+
+    name: str
+    uid: str
+    rank: int
+    phase: str = "Pending"  # Pending | Running | Succeeded | Failed | Unknown
+    ready: bool = False
+    restart_count: int = 0  # sum over the regular containers (init containers excluded)
+    reason: str | None = None  # status.reason, e.g. "Evicted"
+    node_name: str | None = None
+    deletion_timestamp: datetime | None = None
+    creation_timestamp: datetime | None = None
+    group_hash: str | None = None  # deepspeed.ai/group-hash annotation/label of the pod
+    cluster: str | None = None  # ray.io/cluster label: the RayCluster the pod belongs to
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Readiness of one node: ``ready`` is the Ready condition, ``since`` its last transition."""
+
+    name: str
+    ready: bool = True
+    since: datetime | None = None
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """Bookkeeping for one group as stored in ``status.groups[g]`` (see :mod:`status`)."""
+
+    index: int
+    restarts: int = 0
+    restart_times: tuple[datetime, ...] = ()
+    last_restart_time: datetime | None = None
+    last_restart_reason: str | None = None
+    restarting_since: datetime | None = None
+    restart_trigger: str | None = None
+    restart_pods: tuple[str, ...] = ()  # UIDs being replaced by the restart in progress
+    members: tuple[str, ...] = ()  # UIDs of the rank pods when the group last formed
+    formed_at: datetime | None = None
+    forming_since: datetime | None = None
+    # Old pods a finished restart left stuck Terminating (force-deleted, held by a finalizer
+    # or a dead kubelet): ignored by the triggers so they cannot cause another restart.
+    abandoned: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class NoAction:
+    """Nothing to do for this group."""
+
+    kind: str = "none"
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Start a whole-group restart: record it, post an Event, then delete ``pods`` (UIDs)."""
+
+    group: int
+    trigger: str
+    pod: str  # the pod that triggered it ("" when the group as a whole did, e.g. a deadline)
+    reason: str  # human-readable message for the Event and status
+    pods: tuple[str, ...]  # UIDs of every current pod of the group: all are replaced
+    kind: str = "restart"
+
+
+@dataclass(frozen=True)
+class ContinueRestart:
+    """A restart is in progress: delete ``delete`` (UIDs); ``force`` are stuck, delete now."""
+
+    group: int
+    delete: tuple[str, ...]
+    force: tuple[str, ...] = ()
+    kind: str = "continue"
+
+
+@dataclass(frozen=True)
+class RestartDone:
+    """The restart in progress has replaced every old pod; clear the in-progress marker."""
+
+    group: int
+    kind: str = "done"
+
+
+@dataclass(frozen=True)
+class Wait:
+    """A trigger fired but the group is backing off until ``until``."""
+
+    group: int
+    trigger: str
+    pod: str
+    reason: str
+    until: datetime
+    kind: str = "wait"
+
+
+@dataclass(frozen=True)
+class Fail:
+    """A trigger fired and the restart budget is exhausted: the resource goes to Failed."""
+
+    group: int
+    trigger: str
+    pod: str
+    reason: str
+    kind: str = "fail"
+
+
+Decision = NoAction | Restart | ContinueRestart | RestartDone | Wait | Fail
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """One detected failure of a group."""
+
+    trigger: str
+    pod: str
+    reason: str
+
+
+def recent_restarts(state: GroupState, policy: RestartPolicy, now: datetime) -> list[datetime]:
+    """Restart times of the group that are still inside the budget window."""
+    window = timedelta(seconds=policy.window_seconds)
+    return sorted(t for t in state.restart_times if now - t < window)
+
+
+def consecutive_restarts(state: GroupState, policy: RestartPolicy, now: datetime) -> int:
+    """Restarts since the group was last quiet (formed for ``quiet_period_seconds``).
+
+    Walks back from the latest restart while the gap to the next one is shorter than the
+    quiet period; only restarts inside the budget window are known.
+    """
+    quiet = timedelta(seconds=policy.quiet_period_seconds)
+    if state.formed_at is not None and now - state.formed_at >= quiet:
+        return 0
+    times = recent_restarts(state, policy, now)
+    if not times:
+        return 0
+    count = 1
+    for earlier, later in zip(reversed(times[:-1]), reversed(times[1:]), strict=True):
+        if later - earlier >= quiet:
+            break
+        count += 1
+    return count
+
+
+def live_pods(pods: Sequence[PodInfo]) -> list[PodInfo]:
+    """Pods that are not being deleted."""
+    return [p for p in pods if p.deletion_timestamp is None]
+
+
+def group_pods_ready(pods: Sequence[PodInfo], tp: int) -> bool:
+    """True when every rank 0..tp-1 has exactly one live pod, Running and Ready."""
+    live = live_pods(pods)
+    ranks = {p.rank for p in live if p.phase == "Running" and p.ready}
+    return ranks == set(range(tp)) and len(live) == tp
+
+
+def find_triggers(
+    pods: Sequence[PodInfo],
+    nodes: Mapping[str, NodeInfo],
+    state: GroupState,
+    policy: RestartPolicy,
+    tp: int,
+    now: datetime,
+    desired_hash: str | None = None,
+) -> list[Trigger]:
+    """Every failure currently visible in a group, most specific first.
+
+    The order matters only for which trigger names the incident; all of them lead to one
+    restart of the same group.
+    """
+    found: list[Trigger] = []
+    by_rank: dict[int, list[PodInfo]] = {}
+    for p in sorted(pods, key=lambda p: (p.rank, p.name)):
+        by_rank.setdefault(p.rank, []).append(p)
+
+    for p in sorted(pods, key=lambda p: (p.rank, p.name)):
+        if p.uid in state.abandoned:
+            continue
+        if p.deletion_timestamp is not None:
+            # deletionTimestamp is already "request time + grace period": past it plus our
+            # grace, the kubelet (or the node) is not finishing the job.
+            if now - p.deletion_timestamp > timedelta(seconds=policy.terminating_grace_seconds):
+                found.append(
+                    Trigger(
+                        TRIGGER_POD_STUCK_TERMINATING,
+                        p.name,
+                        f"pod {p.name} (rank {p.rank}) stuck Terminating since "
+                        f"{_iso(p.deletion_timestamp)}",
+                    )
+                )
+            # A pod being deleted may still show why it failed (KubeRay deletes Failed
+            # worker pods at once): keep checking so the incident gets its real name.
+        if p.reason == "Evicted":
+            found.append(
+                Trigger(TRIGGER_POD_EVICTED, p.name, f"pod {p.name} (rank {p.rank}) was evicted")
+            )
+        elif p.phase == "Failed":
+            found.append(
+                Trigger(
+                    TRIGGER_POD_FAILED,
+                    p.name,
+                    f"pod {p.name} (rank {p.rank}) phase Failed"
+                    + (f" ({p.reason})" if p.reason else ""),
+                )
+            )
+        if p.restart_count > 0:
+            found.append(
+                Trigger(
+                    TRIGGER_CONTAINER_RESTART,
+                    p.name,
+                    f"pod {p.name} (rank {p.rank}) container restarted "
+                    f"(restartCount {p.restart_count})",
+                )
+            )
+        if p.node_name:
+            node = nodes.get(p.node_name)
+            if node is None:
+                found.append(
+                    Trigger(
+                        TRIGGER_NODE_LOST,
+                        p.name,
+                        f"node {p.node_name} of pod {p.name} (rank {p.rank}) is gone",
+                    )
+                )
+            elif not node.ready:
+                since = node.since or now
+                if now - since > timedelta(seconds=policy.node_grace_seconds):
+                    found.append(
+                        Trigger(
+                            TRIGGER_NODE_NOT_READY,
+                            p.name,
+                            f"node {p.node_name} of pod {p.name} (rank {p.rank}) NotReady "
+                            f"since {_iso(since)}",
+                        )
+                    )
+
+    if state.members:
+        # The group had formed: every member must still be there. A member that is gone (or
+        # was replaced by KubeRay under a new UID) means the process group is broken.
+        live_uids = {p.uid for p in live_pods(pods)}
+        for rank, uid in enumerate(state.members):
+            if uid not in live_uids:
+                current = [p for p in by_rank.get(rank, []) if p.deletion_timestamp is None]
+                what = f"replaced by {current[0].name}" if current else "missing"
+                found.append(
+                    Trigger(
+                        TRIGGER_POD_DELETED,
+                        current[0].name if current else "",
+                        f"rank {rank} pod of the formed group was deleted ({what})",
+                    )
+                )
+    elif state.forming_since is not None and not group_pods_ready(pods, tp):
+        if now - state.forming_since > timedelta(seconds=policy.formation_timeout_seconds):
+            found.append(
+                Trigger(
+                    TRIGGER_FORMATION_TIMEOUT,
+                    "",
+                    f"group not formed within {policy.formation_timeout_seconds:g}s "
+                    f"(forming since {_iso(state.forming_since)})",
+                )
+            )
+
+    if desired_hash is not None and not found:
+        stale = [p for p in live_pods(pods) if p.group_hash and p.group_hash != desired_hash]
+        if stale:
+            found.append(
+                Trigger(
+                    TRIGGER_SPEC_CHANGED,
+                    stale[0].name,
+                    f"group spec changed ({len(stale)} pod(s) run an older spec)",
+                )
+            )
+    return _dedupe(found)
+
+
+def decide(
+    pods: Sequence[PodInfo],
+    nodes: Mapping[str, NodeInfo],
+    state: GroupState,
+    policy: RestartPolicy,
+    tp: int,
+    now: datetime,
+    desired_hash: str | None = None,
+) -> Decision:
+    """Decide what to do with one group (see the module docstring)."""
+    if state.restarting_since is not None:
+        return _continue(pods, state, policy, tp, now)
+
+    triggers = find_triggers(pods, nodes, state, policy, tp, now, desired_hash)
+    if not triggers:
+        return NoAction()
+    first = triggers[0]
+    reason = first.reason
+    if len(triggers) > 1:
+        reason += f" (+{len(triggers) - 1} more)"
+
+    # A spec change is not a failure: it neither consumes the budget nor waits for backoff.
+    if first.trigger == TRIGGER_SPEC_CHANGED:
+        return Restart(state.index, first.trigger, first.pod, reason, _uids(pods))
+
+    recent = recent_restarts(state, policy, now)
+    if len(recent) >= policy.max_restarts:
+        return Fail(
+            state.index,
+            first.trigger,
+            first.pod,
+            f"group {state.index} needs a restart ({reason}) but already restarted "
+            f"{len(recent)} time(s) within {policy.window_seconds:g}s "
+            f"(maxRestarts {policy.max_restarts})",
+        )
+    consecutive = consecutive_restarts(state, policy, now)
+    if recent and consecutive:
+        until = recent[-1] + timedelta(seconds=policy.backoff_for(consecutive))
+        if now < until:
+            return Wait(state.index, first.trigger, first.pod, reason, until)
+    return Restart(state.index, first.trigger, first.pod, reason, _uids(pods))
+
+
+def _continue(
+    pods: Sequence[PodInfo], state: GroupState, policy: RestartPolicy, tp: int, now: datetime
+) -> Decision:
+    old = set(state.restart_pods)
+    remaining = [p for p in pods if p.uid in old]
+    grace = timedelta(seconds=policy.terminating_grace_seconds)
+
+    def forced(p: PodInfo) -> bool:
+        return p.deletion_timestamp is not None and now - p.deletion_timestamp > grace
+
+    # Old pods still Terminating past the grace period have been force-deleted; if they
+    # linger (finalizer, dead kubelet) they must not hold the group back forever.
+    blocking = [p for p in remaining if not forced(p)]
+    if not blocking:
+        new = [p for p in live_pods(pods) if p.uid not in old]
+        if {p.rank for p in new} >= set(range(tp)):
+            return RestartDone(state.index)
+    to_delete = tuple(p.uid for p in remaining if p.deletion_timestamp is None)
+    force = tuple(p.uid for p in remaining if forced(p))
+    return ContinueRestart(state.index, to_delete, force)
+
+
+def _uids(pods: Sequence[PodInfo]) -> tuple[str, ...]:
+    return tuple(sorted(p.uid for p in pods))
+
+
+def _dedupe(triggers: list[Trigger]) -> list[Trigger]:
+    seen: set[tuple[str, str]] = set()
+    out: list[Trigger] = []
+    for t in triggers:
+        key = (t.trigger, t.pod)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    # Most specific first: a failed/evicted/restarted pod names the incident better than the
+    # membership check that the same incident also trips.
+    order = {name: i for i, name in enumerate(ALL_TRIGGERS)}
+    return sorted(out, key=lambda t: order.get(t.trigger, len(order)))
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")

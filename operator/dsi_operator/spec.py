@@ -1,0 +1,772 @@
+"""The DeepSpeedInference custom resource: pydantic v2 models of its spec and status.
+
+This module is the single source of the CRD: :mod:`dsi_operator.crd` turns these models into
+the OpenAPI v3 schema that the API server validates and defaults with. Every field therefore
+carries a description (``kubectl explain dsi.spec.<field>`` prints it), and every default and
+bound here is also enforced server-side.
+
+Python attribute names are snake_case; the YAML/JSON names are camelCase aliases. Parse a
+resource's spec with :func:`parse_spec` (accepts the dict kopf hands over) and dump with
+``model_dump(by_alias=True, exclude_none=True)``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from dsi_operator._version import __version__
+from dsi_operator.labels import DEFAULT_MASTER_PORT, DEFAULT_SERVE_PORT, LABEL_PREFIX
+
+#: The worker image the operator renders unless spec.image says otherwise; pinned to the
+#: operator's own version so operator and worker are released together.
+DEFAULT_WORKER_IMAGE = f"ghcr.io/deepspeed-inference-operator/worker:{__version__}"
+
+# Kubernetes resource.Quantity, as in the core API's own schema.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+# A label/annotation key or extended-resource name: optional DNS prefix, then a name.
+QUALIFIED_NAME_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"  # noqa: E501
+# DNS-1123 subdomain (object names: service accounts, secrets, PVCs, runtime classes).
+DNS1123_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# C identifier-ish env var names (Kubernetes accepts more, but these are the portable ones).
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+# A Hugging Face hub id: "org/name" or "name".
+HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$"
+
+
+def _coerce_quantity(value: Any) -> Any:
+    """Accept YAML ints/floats for quantities (``cpu: 4``) and validate the string form."""
+    if isinstance(value, bool):
+        raise ValueError("a quantity must be a number or a string like '500m' or '16Gi'")
+    if isinstance(value, int | float):
+        value = str(value)
+    if isinstance(value, str) and not _QUANTITY_RE.match(value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. '4', '500m', '16Gi')")
+    return value
+
+
+#: A Kubernetes resource quantity; int-or-string in the CRD, a string in Python.
+Quantity = Annotated[
+    str,
+    BeforeValidator(_coerce_quantity),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+
+
+class _Model(BaseModel):
+    """Base of every spec model: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+        use_enum_values=False,
+        serialize_by_alias=True,
+    )
+
+
+# --- Spec ------------------------------------------------------------------------------------
+
+
+class DType(StrEnum):
+    """Weight and activation dtype."""
+
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class ModelPVC(_Model):
+    """Model weights already present in a PersistentVolumeClaim."""
+
+    claim_name: str = Field(
+        description="Name of the PersistentVolumeClaim (same namespace) holding the weights. "
+        "It is mounted read-only in the head and every worker pod, so with ranks on several "
+        "nodes it must be ReadOnlyMany or ReadWriteMany.",
+        min_length=1,
+        max_length=253,
+        pattern=DNS1123_SUBDOMAIN_PATTERN,
+    )
+    path: str = Field(
+        default="",
+        description="Directory inside the volume that holds the Hugging Face-format model "
+        "(config.json, tokenizer and weights); empty means the volume root.",
+        max_length=1024,
+        pattern=r"^[^/].*$|^$",
+    )
+
+
+class ModelSpec(_Model):
+    """Which model to serve: a hub id (name) or a directory in a PVC (pvc), not both."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.name) != has(self.pvc)",
+                    "message": "model needs exactly one of model.name (a hub id) or model.pvc",
+                }
+            ]
+        }
+    )
+
+    name: str | None = Field(
+        default=None,
+        description="Hugging Face hub id of the model, e.g. facebook/opt-66b. The rank "
+        "processes download it (HF_TOKEN may come from spec.env). Mutually exclusive with pvc.",
+        min_length=1,
+        max_length=256,
+        pattern=HUB_ID_PATTERN,
+    )
+    pvc: ModelPVC | None = Field(
+        default=None,
+        description="Load the model from a directory inside a PersistentVolumeClaim instead of "
+        "the hub. Mutually exclusive with name.",
+    )
+    revision: str | None = Field(
+        default=None,
+        description="Hub revision (branch, tag or commit) to load; the hub default when unset. "
+        "Ignored for pvc models.",
+        min_length=1,
+        max_length=256,
+    )
+    dtype: DType = Field(
+        default=DType.float16,
+        description="dtype DeepSpeed loads and runs the model in. On CPU-only workers use "
+        "float32 or bfloat16 (float16 is not supported there).",
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Allow the model repository's own Python code to run (transformers "
+        "trust_remote_code). Only enable for repositories you trust.",
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        description="Model name the OpenAI-style API reports and accepts in requests; "
+        "defaults to model.name, or the last element of the pvc path.",
+        min_length=1,
+        max_length=256,
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> ModelSpec:
+        if (self.name is None) == (self.pvc is None):
+            raise ValueError("model needs exactly one of model.name (a hub id) or model.pvc")
+        return self
+
+
+class RankResources(_Model):
+    """Kubernetes resources of each rank's (worker) pod."""
+
+    gpus: int = Field(
+        default=1,
+        ge=0,
+        le=16,
+        description="GPUs per rank, requested as gpu.resourceName (requests = limits) and given "
+        "to Ray as num-gpus. 0 renders CPU-only workers (testing).",
+    )
+    cpu: Quantity | None = Field(
+        default=None,
+        description="CPU request and limit of each worker pod, e.g. '8' or '7500m'. Unset: "
+        "no CPU request or limit (Ray then counts the node's CPUs).",
+    )
+    memory: Quantity | None = Field(
+        default=None,
+        description="Memory request and limit of each worker pod, e.g. '64Gi'. Must hold the "
+        "rank's shard while loading. Unset: no memory request or limit.",
+    )
+
+
+class Toleration(_Model):
+    """A pod toleration (subset of core/v1 Toleration)."""
+
+    key: str | None = Field(
+        default=None,
+        description="Taint key the toleration applies to; empty with operator Exists "
+        "tolerates every taint.",
+        max_length=316,
+    )
+    operator: Literal["Exists", "Equal"] = Field(
+        default="Equal",
+        description="Exists (any value) or Equal (value must match).",
+    )
+    value: str | None = Field(
+        default=None, description="Taint value to match when operator is Equal.", max_length=63
+    )
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None,
+        description="Taint effect to tolerate: NoSchedule, PreferNoSchedule or NoExecute; "
+        "unset tolerates all effects.",
+    )
+    toleration_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        description="For NoExecute: how long the pod stays bound after the taint appears.",
+    )
+
+
+DEFAULT_GPU_NODE_SELECTOR: dict[str, str] = {"nvidia.com/gpu.present": "true"}
+DEFAULT_GPU_TOLERATIONS: list[dict[str, str]] = [
+    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+]
+
+
+class GPUSpec(_Model):
+    """How worker pods get their GPUs (GPU Operator conventions by default)."""
+
+    resource_name: str = Field(
+        default="nvidia.com/gpu",
+        description="Extended resource the device plugin advertises GPUs as, e.g. "
+        "nvidia.com/gpu, or a MIG/time-sliced name such as nvidia.com/mig-3g.40gb.",
+        max_length=253,
+        pattern=QUALIFIED_NAME_PATTERN,
+    )
+    node_selector: dict[str, str] = Field(
+        default=DEFAULT_GPU_NODE_SELECTOR,
+        description="Node selector of the worker pods. The default selects nodes the GPU "
+        "Operator labelled nvidia.com/gpu.present=true; set {} to select any node.",
+    )
+    tolerations: list[Toleration] = Field(
+        default=DEFAULT_GPU_TOLERATIONS,  # type: ignore[arg-type]  # validated (validate_default)
+        description="Tolerations of the worker pods. The default tolerates the usual "
+        "nvidia.com/gpu:NoSchedule taint of GPU nodes.",
+        max_length=64,
+    )
+    runtime_class_name: str | None = Field(
+        default=None,
+        description="RuntimeClass of the worker pods, e.g. nvidia when the GPU Operator's "
+        "container toolkit is not the node's default runtime. Unset: not rendered.",
+        max_length=253,
+        pattern=DNS1123_SUBDOMAIN_PATTERN,
+    )
+    shared_memory_size: Quantity = Field(
+        default="16Gi",
+        description="Size limit of the memory-backed /dev/shm mounted in each worker pod "
+        "(NCCL and PyTorch need far more than the container default of 64Mi). It counts "
+        "against the pod's memory.",
+    )
+    require_gpu_operator: bool = Field(
+        default=False,
+        alias="requireGPUOperator",
+        description="When true, a missing or not-ready GPU Operator ClusterPolicy "
+        "(nvidia.com/v1) blocks provisioning (phase stays Pending); when false it is only "
+        "reported in the GPUOperatorReady condition.",
+    )
+
+
+class ServeSpec(_Model):
+    """Ray Serve application settings (the OpenAI-style HTTP endpoint)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.maxModelLen) || self.maxModelLen > self.maxNewTokens",
+                    "message": "serve.maxModelLen must be larger than serve.maxNewTokens",
+                }
+            ]
+        }
+    )
+
+    port: int = Field(
+        default=DEFAULT_SERVE_PORT,
+        ge=1024,
+        le=65535,
+        description="HTTP port of Ray Serve on the head pod and of the serve Service.",
+    )
+    route_prefix: str = Field(
+        default="/",
+        description="Route prefix of the application; requests go to "
+        "<endpoint><routePrefix>v1/completions.",
+        max_length=256,
+        pattern=r"^/[-A-Za-z0-9_./]*$",
+    )
+    max_batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="Largest number of requests one group generates for together.",
+    )
+    batch_wait_timeout_ms: int = Field(
+        default=10,
+        ge=0,
+        le=10000,
+        description="How long the ingress waits to fill a batch before generating.",
+    )
+    max_new_tokens: int = Field(
+        default=512,
+        ge=1,
+        le=131072,
+        description="Cap on max_tokens of a request; larger requests are clamped to it.",
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=1,
+        le=1048576,
+        description="Cap on prompt plus generated tokens; the model's own limit when unset.",
+    )
+    request_timeout_seconds: int = Field(
+        default=300,
+        ge=1,
+        le=86400,
+        description="A request still running after this many seconds fails with 504.",
+    )
+    kernel_inject: bool = Field(
+        default=False,
+        description="Use DeepSpeed's fused inference kernels (replace_with_kernel_inject) "
+        "instead of AutoTP. GPU only, and only for architectures DeepSpeed has kernels for.",
+    )
+
+
+class BackoffSpec(_Model):
+    """Exponential backoff between restarts of the same group."""
+
+    initial_seconds: int = Field(
+        default=10,
+        ge=0,
+        le=3600,
+        description="The first restart of a quiet group is immediate; the n-th consecutive "
+        "restart waits initialSeconds * multiplier^(n-2) after the previous one (so the "
+        "second waits initialSeconds), capped at maxSeconds.",
+    )
+    max_seconds: int = Field(
+        default=300, ge=0, le=86400, description="Upper bound of the delay between restarts."
+    )
+    multiplier: float = Field(
+        default=2.0,
+        ge=1.0,
+        le=10.0,
+        description="Factor applied to the delay after each consecutive restart.",
+    )
+
+
+class RestartPolicySpec(_Model):
+    """When and how a whole TP group is restarted after a failure of any of its ranks."""
+
+    max_restarts: int = Field(
+        default=5,
+        ge=0,
+        le=10000,
+        description="Restart budget per group: more than this many restarts of one group "
+        "within windowSeconds sends the resource to phase Failed.",
+    )
+    window_seconds: int = Field(
+        default=600,
+        ge=1,
+        le=604800,
+        description="Sliding window, in seconds, in which restarts count against maxRestarts.",
+    )
+    backoff: BackoffSpec = Field(
+        default_factory=BackoffSpec,
+        description="Exponential backoff between consecutive restarts of a group.",
+        json_schema_extra={"default": {}},
+    )
+    quiet_period_seconds: int = Field(
+        default=600,
+        ge=0,
+        le=604800,
+        description="A group that has stayed formed this long resets its backoff chain: its "
+        "next restart is immediate again.",
+    )
+    formation_timeout_seconds: int = Field(
+        default=900,
+        ge=10,
+        le=86400,
+        description="A group whose ranks have not all become ready this many seconds after "
+        "its pods were created is restarted (covers image pulls and model loading).",
+    )
+    terminating_grace_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=86400,
+        description="A group pod stuck Terminating longer than this (past its own grace "
+        "period) triggers a group restart.",
+    )
+    node_not_ready_grace_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=86400,
+        description="A group pod whose node has been NotReady or gone this long triggers a "
+        "group restart.",
+    )
+
+
+class HeadResources(_Model):
+    """Resources of the Ray head pod (no GPUs)."""
+
+    cpu: Quantity = Field(default="2", description="CPU request and limit of the head pod.")
+    memory: Quantity = Field(default="8Gi", description="Memory request and limit of the head pod.")
+
+
+class HeadSpec(_Model):
+    """The Ray head pod: GCS, Serve controller and HTTP proxy; it never holds a rank."""
+
+    resources: HeadResources = Field(
+        default_factory=HeadResources,
+        description="CPU and memory of the head pod.",
+        json_schema_extra={"default": {}},
+    )
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] | None = Field(
+        default=None,
+        description="Type of KubeRay's head Service: ClusterIP (default), NodePort or "
+        "LoadBalancer.",
+    )
+    node_selector: dict[str, str] | None = Field(
+        default=None, description="Node selector of the head pod (any node when unset)."
+    )
+
+
+class EnvVar(_Model):
+    """An environment variable for every worker and head container."""
+
+    name: str = Field(
+        description="Variable name.", min_length=1, max_length=256, pattern=ENV_NAME_PATTERN
+    )
+    value: str | None = Field(default=None, description="Literal value.")
+    value_from: dict[str, Any] | None = Field(
+        default=None,
+        description="Source of the value, as core/v1 EnvVarSource (secretKeyRef, "
+        "configMapKeyRef, fieldRef, resourceFieldRef); passed through unchanged.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+
+class LocalObjectReference(_Model):
+    """Reference to an object in the same namespace."""
+
+    name: str = Field(
+        description="Name of the object.",
+        min_length=1,
+        max_length=253,
+        pattern=DNS1123_SUBDOMAIN_PATTERN,
+    )
+
+
+class PodTemplateOverrides(_Model):
+    """Extra metadata and settings merged into every pod (head and workers)."""
+
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra pod labels. Keys under deepspeed.ai/ are reserved for the operator.",
+        max_length=64,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.all(k, !k.startsWith('deepspeed.ai/'))",
+                    "message": "podTemplate.labels must not use the reserved deepspeed.ai/ prefix",
+                }
+            ]
+        },
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Extra pod annotations.", max_length=64
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _no_reserved_labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        reserved = sorted(k for k in labels if k.startswith(LABEL_PREFIX))
+        if reserved:
+            raise ValueError(
+                f"podTemplate.labels must not use the reserved {LABEL_PREFIX} prefix: {reserved}"
+            )
+        return labels
+
+    service_account_name: str | None = Field(
+        default=None,
+        description="ServiceAccount the pods run as (namespace default when unset).",
+        max_length=253,
+        pattern=DNS1123_SUBDOMAIN_PATTERN,
+    )
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list,
+        description="Secrets used to pull the image.",
+        max_length=32,
+    )
+    priority_class_name: str | None = Field(
+        default=None,
+        description="PriorityClass of the pods (none when unset).",
+        max_length=253,
+        pattern=DNS1123_SUBDOMAIN_PATTERN,
+    )
+
+
+class DeepSpeedInferenceSpec(_Model):
+    """Desired state: a model served by replicas groups of tensorParallelSize ranks each."""
+
+    model: ModelSpec = Field(description="The model to serve.")
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Ranks (pods, each with resources.gpus GPUs) per group; DeepSpeed shards "
+        "the model over them with tensor parallelism.",
+    )
+    replicas: int = Field(
+        default=1,
+        ge=0,
+        le=256,
+        description="Number of independent TP groups (data-parallel copies). A failure "
+        "restarts only the group it hit. 0 keeps the head and the endpoint without workers.",
+    )
+    image: str = Field(
+        default=DEFAULT_WORKER_IMAGE,
+        description="Worker image (Ray, DeepSpeed and the dsi_worker app) for head and workers.",
+        min_length=1,
+        max_length=512,
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        default=None,
+        description="Always, IfNotPresent or Never; Kubernetes' default when unset.",
+    )
+    resources: RankResources = Field(
+        default_factory=RankResources,
+        description="Resources of each rank's pod.",
+        json_schema_extra={"default": {}},
+    )
+    gpu: GPUSpec = Field(
+        default_factory=GPUSpec,
+        description="GPU resource name, placement and GPU Operator requirements.",
+        json_schema_extra={"default": {}},
+    )
+    serve: ServeSpec = Field(
+        default_factory=ServeSpec,
+        description="Ray Serve application settings.",
+        json_schema_extra={"default": {}},
+    )
+    restart_policy: RestartPolicySpec = Field(
+        default_factory=RestartPolicySpec,
+        description="Whole-group restart triggers, budget and backoff.",
+        json_schema_extra={"default": {}},
+    )
+    head: HeadSpec = Field(
+        default_factory=HeadSpec,
+        description="The Ray head pod.",
+        json_schema_extra={"default": {}},
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        description="Extra environment variables for every container (e.g. HF_TOKEN from a "
+        "Secret). They cannot override the rank variables the operator sets.",
+        max_length=128,
+    )
+    pod_template: PodTemplateOverrides = Field(
+        default_factory=PodTemplateOverrides,
+        description="Labels, annotations, service account and pull secrets for every pod.",
+        json_schema_extra={"default": {}},
+    )
+    master_port: int = Field(
+        default=DEFAULT_MASTER_PORT,
+        ge=1024,
+        le=65535,
+        description="TCP port of torch.distributed's rendezvous on each group's rank 0 "
+        "(MASTER_PORT).",
+    )
+
+    @property
+    def served_model_name(self) -> str:
+        """The model name the API serves: explicit, else hub id, else the pvc path's tail."""
+        if self.model.served_model_name:
+            return self.model.served_model_name
+        if self.model.name:
+            return self.model.name
+        assert self.model.pvc is not None  # guaranteed by ModelSpec's validator
+        tail = self.model.pvc.path.rstrip("/").rsplit("/", 1)[-1]
+        return tail or self.model.pvc.claim_name
+
+
+# --- Status ----------------------------------------------------------------------------------
+
+
+class Phase(StrEnum):
+    """Lifecycle phase of a DeepSpeedInference."""
+
+    Pending = "Pending"
+    Provisioning = "Provisioning"
+    Forming = "Forming"
+    Ready = "Ready"
+    Degraded = "Degraded"
+    Restarting = "Restarting"
+    Failed = "Failed"
+
+
+class ConditionType(StrEnum):
+    """The condition types the operator reports."""
+
+    GPUOperatorReady = "GPUOperatorReady"
+    GPUCapacity = "GPUCapacity"
+    KubeRayAvailable = "KubeRayAvailable"
+    RayServiceReady = "RayServiceReady"
+    GroupsFormed = "GroupsFormed"
+
+
+class Condition(BaseModel):
+    """A metav1.Condition."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+    type: str = Field(
+        description="Condition type: GPUOperatorReady, GPUCapacity, KubeRayAvailable, "
+        "RayServiceReady or GroupsFormed.",
+        max_length=316,
+    )
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        default="",
+        description="CamelCase machine-readable reason for the last transition.",
+        max_length=1024,
+    )
+    message: str = Field(default="", description="Human-readable details.", max_length=32768)
+    last_transition_time: str | None = Field(
+        default=None,
+        description="When the status last changed (RFC 3339).",
+    )
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation the condition was computed for."
+    )
+
+
+class GroupStatus(BaseModel):
+    """Observed state of one TP group. Unknown fields are kept (controller bookkeeping)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    index: int = Field(ge=0, description="Group index g (pods labelled deepspeed.ai/group=g).")
+    phase: str | None = Field(
+        default=None, description="Group state: Pending, Forming, Ready, Restarting or Failed."
+    )
+    ranks: int | None = Field(default=None, ge=0, description="Ranks the group should have.")
+    ready_ranks: int = Field(default=0, ge=0, description="Ranks whose pods are ready.")
+    ready: bool | None = Field(default=None, description="Whether every rank is ready.")
+    restarts: int = Field(default=0, ge=0, description="Restarts of this group so far.")
+    last_restart_reason: str | None = Field(
+        default=None, description="Trigger and pod of the last restart."
+    )
+    last_restart_time: str | None = Field(
+        default=None,
+        description="When the last restart began (RFC 3339).",
+    )
+    restart_trigger: str | None = Field(
+        default=None, description="Trigger of the restart in progress, if any."
+    )
+    restarting_since: str | None = Field(
+        default=None,
+        description="When the restart in progress began (RFC 3339); unset when none.",
+    )
+    restart_pods: list[str] | None = Field(
+        default=None, description="UIDs of the pods being replaced by the restart in progress."
+    )
+    backoff_until: str | None = Field(
+        default=None,
+        description="The next restart of this group waits until this time (RFC 3339).",
+    )
+    restart_times: list[str] | None = Field(
+        default=None, description="Start times of the restarts inside the budget window."
+    )
+    members: list[str] | None = Field(
+        default=None, description="Pod UIDs by rank when the group last formed."
+    )
+    forming_since: str | None = Field(
+        default=None,
+        description="When the group's current pods started forming (RFC 3339).",
+    )
+    formed_at: str | None = Field(
+        default=None,
+        description="When all ranks last became ready (RFC 3339).",
+    )
+    hash: str | None = Field(
+        default=None, description="deepspeed.ai/group-hash the group's pods were rendered with."
+    )
+
+
+class DeepSpeedInferenceStatus(BaseModel):
+    """Observed state, written by the operator. Unknown fields are kept."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+
+    phase: Phase | None = Field(
+        default=None,
+        description="Pending, Provisioning, Forming, Ready, Degraded, Restarting or Failed.",
+    )
+    message: str | None = Field(default=None, description="Human-readable summary of the phase.")
+    failed_reason: str | None = Field(
+        default=None, description="Why the resource is Failed (e.g. restart budget exhausted)."
+    )
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="metadata.generation the status was computed for."
+    )
+    replicas: int | None = Field(default=None, ge=0, description="Groups desired (spec.replicas).")
+    ready_replicas: int = Field(default=0, ge=0, description="Groups with every rank ready.")
+    ready: str | None = Field(
+        default=None, description="Ready groups over desired groups, e.g. '1/2' (printer column)."
+    )
+    restarts: int = Field(default=0, ge=0, description="Group restarts so far, all groups.")
+    endpoint: str | None = Field(
+        default=None, description="In-cluster URL of the model's HTTP endpoint."
+    )
+    selector: str | None = Field(
+        default=None, description="Label selector of the worker pods (for the scale subresource)."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="GPUOperatorReady, GPUCapacity, KubeRayAvailable, RayServiceReady, "
+        "GroupsFormed.",
+    )
+    groups: list[GroupStatus] = Field(default_factory=list, description="Per-group state.")
+
+
+class DeepSpeedInference(BaseModel):
+    """A whole DeepSpeedInference object (used for examples and tests)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+    api_version: str = Field(default="deepspeed.ai/v1alpha1", description="API version.")
+    kind: str = Field(default="DeepSpeedInference", description="Kind.")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Object metadata.")
+    spec: DeepSpeedInferenceSpec = Field(description="Desired state.")
+    status: DeepSpeedInferenceStatus | None = Field(default=None, description="Observed state.")
+
+
+def parse_spec(spec: Mapping[str, Any] | DeepSpeedInferenceSpec) -> DeepSpeedInferenceSpec:
+    """Validate a spec (the dict kopf hands over, or an already parsed model)."""
+    if isinstance(spec, DeepSpeedInferenceSpec):
+        return spec
+    return DeepSpeedInferenceSpec.model_validate(_plain(spec))
+
+
+def parse_status(status: Mapping[str, Any] | None) -> DeepSpeedInferenceStatus:
+    """Validate a status dict (empty status when ``None``)."""
+    return DeepSpeedInferenceStatus.model_validate(_plain(status or {}))
+
+
+def _plain(obj: Any) -> Any:
+    # kopf hands over read-only mapping views; pydantic wants plain dicts and lists.
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,493 @@
+"""Pure status computation: phase, conditions, per-group bookkeeping, and the "changed?" diff.
+
+How readiness is judged (documented for users in the README):
+
+* a group's **pods are ready** when every rank 0..tp-1 has one live pod that is Running and
+  Ready (``status.groups[g].readyRanks == ranks``);
+* a group is **ready** (counted in ``status.readyReplicas`` and the READY column) when its pods
+  are ready *and* KubeRay reports the RayService ready, i.e. Ray Serve runs the application that
+  drives the group. The operator cannot see inside Ray per group, so Serve health is the signal
+  that the rank processes formed their torch.distributed group.
+
+Phases, in order of precedence: Failed (invalid spec or restart budget exhausted), Pending
+(a blocking preflight failed, or nothing created yet), Restarting (a group restart is in
+progress or backing off), Ready (all groups ready), Degraded (some but not all groups ready),
+Forming (all pods running, Ray Serve not ready yet), Provisioning (pods missing, unscheduled
+or starting).
+
+The controller never writes status when :func:`status_patch` returns ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from .restart import (
+    Decision,
+    Fail,
+    GroupState,
+    NoAction,
+    PodInfo,
+    Restart,
+    RestartDone,
+    RestartPolicy,
+    Wait,
+    group_pods_ready,
+    live_pods,
+    recent_restarts,
+)
+
+PHASE_PENDING = "Pending"
+PHASE_PROVISIONING = "Provisioning"
+PHASE_FORMING = "Forming"
+PHASE_READY = "Ready"
+PHASE_DEGRADED = "Degraded"
+PHASE_RESTARTING = "Restarting"
+PHASE_FAILED = "Failed"
+
+COND_GPU_OPERATOR = "GPUOperatorReady"
+COND_GPU_CAPACITY = "GPUCapacity"
+COND_KUBERAY = "KubeRayAvailable"
+COND_RAYSERVICE = "RayServiceReady"
+COND_GROUPS_FORMED = "GroupsFormed"
+CONDITION_ORDER = (
+    COND_KUBERAY,
+    COND_GPU_OPERATOR,
+    COND_GPU_CAPACITY,
+    COND_RAYSERVICE,
+    COND_GROUPS_FORMED,
+)
+
+
+# --- time helpers ------------------------------------------------------------------------------
+
+
+def iso(t: datetime | None) -> str | None:
+    """RFC 3339 with second precision and a Z, as Kubernetes writes times."""
+    if t is None:
+        return None
+    return t.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def iso_precise(t: datetime | None) -> str | None:
+    """RFC 3339 with microseconds: bookkeeping times where a second matters (backoff)."""
+    if t is None:
+        return None
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(value: Any) -> datetime | None:
+    """Parse an RFC 3339 string (or pass a datetime through); ``None`` on anything else."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    try:
+        t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+# --- group bookkeeping <-> status dicts --------------------------------------------------------
+
+
+def group_state_from_status(index: int, raw: Mapping[str, Any] | None) -> GroupState:
+    """Read one ``status.groups[]`` entry (tolerating missing or malformed fields)."""
+    raw = raw or {}
+
+    def _times(v: Any) -> tuple[datetime, ...]:
+        out = [parse_time(x) for x in (v or [])] if isinstance(v, list) else []
+        return tuple(t for t in out if t is not None)
+
+    def _strs(v: Any) -> tuple[str, ...]:
+        return tuple(str(x) for x in v) if isinstance(v, list) else ()
+
+    restarts = raw.get("restarts", 0)
+    return GroupState(
+        index=index,
+        restarts=restarts if isinstance(restarts, int) else 0,
+        restart_times=_times(raw.get("restartTimes")),
+        last_restart_time=parse_time(raw.get("lastRestartTime")),
+        last_restart_reason=raw.get("lastRestartReason"),
+        restarting_since=parse_time(raw.get("restartingSince")),
+        restart_trigger=raw.get("restartTrigger"),
+        restart_pods=_strs(raw.get("restartPods")),
+        members=_strs(raw.get("members")),
+        formed_at=parse_time(raw.get("formedAt")),
+        forming_since=parse_time(raw.get("formingSince")),
+        abandoned=_strs(raw.get("abandonedPods")),
+    )
+
+
+def group_states_from_status(status: Mapping[str, Any] | None) -> dict[int, GroupState]:
+    """All groups recorded in a DSI status, by index."""
+    out: dict[int, GroupState] = {}
+    for raw in (status or {}).get("groups") or []:
+        if isinstance(raw, Mapping) and isinstance(raw.get("index"), int):
+            out[raw["index"]] = group_state_from_status(raw["index"], raw)
+    return out
+
+
+# --- applying decisions to bookkeeping ---------------------------------------------------------
+
+
+def advance_group(
+    state: GroupState,
+    decision: Decision,
+    pods: Sequence[PodInfo],
+    tp: int,
+    policy: RestartPolicy,
+    now: datetime,
+    desired_hash: str | None = None,
+) -> GroupState:
+    """The group's bookkeeping after ``decision`` (and after observing ``pods``).
+
+    * Restart: counted, marked in progress with the UIDs to replace, membership cleared.
+    * RestartDone: in-progress marker cleared; the formation clock starts.
+    * otherwise: record membership when the group's pods become ready; start the formation
+      clock for a group seen for the first time. Pods of an older template (``group_hash`` not
+      ``desired_hash``) never make a membership: KubeRay is about to replace them.
+    """
+    if isinstance(decision, Restart):
+        kept = tuple(recent_restarts(state, policy, now)) + (now,)
+        return replace(
+            state,
+            restarts=state.restarts + 1,
+            restart_times=kept,
+            last_restart_time=now,
+            last_restart_reason=f"{decision.trigger}: {decision.reason}",
+            restarting_since=now,
+            restart_trigger=decision.trigger,
+            restart_pods=decision.pods,
+            members=(),
+            formed_at=None,
+            forming_since=None,
+        )
+    if isinstance(decision, RestartDone):
+        present = {p.uid for p in pods}
+        state = replace(
+            state,
+            abandoned=tuple(u for u in state.restart_pods if u in present),
+            restarting_since=None,
+            restart_trigger=None,
+            restart_pods=(),
+            members=(),
+            formed_at=None,
+            forming_since=now,
+        )
+    if state.restarting_since is not None:
+        return state
+    if state.abandoned:
+        present = {p.uid for p in pods}
+        state = replace(state, abandoned=tuple(u for u in state.abandoned if u in present))
+    # Trim restart times that left the window so the status does not grow without bound; a
+    # write happens only if something else changed too (see compute_status / status_patch).
+    current_template = desired_hash is None or all(
+        p.group_hash in (None, desired_hash) for p in live_pods(pods)
+    )
+    if (
+        not state.members
+        and group_pods_ready(pods, tp)
+        and current_template
+        and not isinstance(decision, Fail)
+    ):
+        by_rank = {p.rank: p.uid for p in live_pods(pods)}
+        return replace(
+            state,
+            members=tuple(by_rank[r] for r in range(tp)),
+            formed_at=now,
+            forming_since=None,
+        )
+    if not state.members and state.forming_since is None:
+        return replace(state, forming_since=now)
+    return state
+
+
+def group_status_dict(
+    state: GroupState, pods: Sequence[PodInfo], tp: int, ready: bool, phase: str
+) -> dict[str, Any]:
+    """One ``status.groups[]`` entry; optional fields are left out when empty."""
+    ready_ranks = len(
+        {p.rank for p in live_pods(pods) if p.phase == "Running" and p.ready and p.rank < tp}
+    )
+    d: dict[str, Any] = {
+        "index": state.index,
+        "phase": phase,
+        "ranks": tp,
+        "readyRanks": ready_ranks,
+        "ready": ready,
+        "restarts": state.restarts,
+    }
+    optional: dict[str, Any] = {
+        "lastRestartReason": state.last_restart_reason,
+        "lastRestartTime": iso(state.last_restart_time),
+        "restartTimes": [iso_precise(t) for t in state.restart_times] or None,
+        "restartingSince": iso_precise(state.restarting_since),
+        "restartTrigger": state.restart_trigger,
+        "restartPods": list(state.restart_pods) or None,
+        "members": list(state.members) or None,
+        "formedAt": iso(state.formed_at),
+        "formingSince": iso_precise(state.forming_since),
+        "abandonedPods": list(state.abandoned) or None,
+    }
+    d.update({k: v for k, v in optional.items() if v is not None})
+    return d
+
+
+# --- conditions --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A status condition without its transition time (added by :func:`merge_conditions`)."""
+
+    type: str
+    status: str  # "True" | "False" | "Unknown"
+    reason: str
+    message: str = ""
+
+
+def merge_conditions(
+    previous: Sequence[Mapping[str, Any]] | None,
+    conditions: Sequence[Condition],
+    generation: int | None,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """Conditions as status dicts, keeping ``lastTransitionTime`` unless ``status`` flipped."""
+    prev = {c.get("type"): c for c in previous or [] if isinstance(c, Mapping)}
+    order = {t: i for i, t in enumerate(CONDITION_ORDER)}
+    out: list[dict[str, Any]] = []
+    for c in sorted(conditions, key=lambda c: order.get(c.type, len(order))):
+        old = prev.get(c.type)
+        ltt = old.get("lastTransitionTime") if old and old.get("status") == c.status else None
+        d: dict[str, Any] = {
+            "type": c.type,
+            "status": c.status,
+            "reason": c.reason,
+            "message": c.message,
+            "lastTransitionTime": ltt or iso(now),
+        }
+        if generation is not None:
+            d["observedGeneration"] = generation
+        out.append(d)
+    return out
+
+
+# --- the whole status --------------------------------------------------------------------------
+
+
+@dataclass
+class RayServiceView:
+    """What the controller saw of the RayService child."""
+
+    exists: bool = False
+    ready: bool = False
+    message: str = ""
+    active_cluster: str | None = None  # status.activeServiceStatus.rayClusterName
+    pending_cluster: str | None = None  # status.pendingServiceStatus.rayClusterName
+
+
+@dataclass
+class StatusInputs:
+    """Everything :func:`compute_status` needs; gathered by the controller."""
+
+    name: str
+    namespace: str
+    generation: int | None
+    replicas: int
+    tp: int
+    current: Mapping[str, Any]
+    now: datetime
+    endpoint: str | None = None
+    groups: Mapping[int, GroupState] = field(default_factory=dict)
+    pods: Mapping[int, Sequence[PodInfo]] = field(default_factory=dict)
+    decisions: Mapping[int, Decision] = field(default_factory=dict)
+    preflight: Sequence[Condition] = ()
+    blocking: str | None = None  # message when a preflight blocks creation
+    children_created: bool = False
+    rayservice: RayServiceView = field(default_factory=RayServiceView)
+    failed_reason: str | None = None  # restart budget exhausted (sticky until a spec change)
+    invalid_spec: str | None = None  # validation error message naming the field
+    warnings: Sequence[str] = ()
+    selector: str | None = None  # label selector of the worker pods (scale subresource)
+    new_restarts: int = 0  # restarts started by this evaluation
+
+
+def compute_status(inp: StatusInputs) -> dict[str, Any]:
+    """The desired ``status`` of a DSI (a plain dict; compare with :func:`status_patch`)."""
+    prev_conditions = inp.current.get("conditions") if inp.current else None
+    # The total only grows: it survives groups being scaled away and is never recomputed from
+    # the per-group counters alone.
+    prior_total = inp.current.get("restarts", 0) if inp.current else 0
+    if not isinstance(prior_total, int):
+        prior_total = 0
+    restarts_total = max(
+        prior_total + inp.new_restarts, sum(g.restarts for g in inp.groups.values())
+    )
+
+    base: dict[str, Any] = {
+        "observedGeneration": inp.generation,
+        "replicas": inp.replicas,
+        "restarts": restarts_total,
+    }
+    if inp.invalid_spec is not None:
+        base.update(
+            phase=PHASE_FAILED,
+            message=f"invalid spec: {inp.invalid_spec}",
+            readyReplicas=0,
+            ready=f"0/{inp.replicas}",
+        )
+        base["conditions"] = merge_conditions(
+            prev_conditions, inp.preflight, inp.generation, inp.now
+        )
+        return _clean(base)
+
+    group_dicts: list[dict[str, Any]] = []
+    pods_ready_groups: list[int] = []
+    ready_groups: list[int] = []
+    restarting: list[str] = []
+    all_running = True
+    for g in range(inp.replicas):
+        state = inp.groups.get(g, GroupState(index=g))
+        pods = inp.pods.get(g, ())
+        dec = inp.decisions.get(g, NoAction())
+        pready = group_pods_ready(pods, inp.tp)
+        live = live_pods(pods)
+        running = {p.rank for p in live if p.phase == "Running"} >= set(range(inp.tp))
+        all_running = all_running and running
+        gready = pready and inp.rayservice.ready and state.restarting_since is None
+        if pready:
+            pods_ready_groups.append(g)
+        if gready:
+            ready_groups.append(g)
+        if state.restarting_since is not None:
+            gphase = PHASE_RESTARTING
+            restarting.append(f"group {g} restarting ({state.restart_trigger})")
+        elif isinstance(dec, Wait):
+            gphase = PHASE_RESTARTING
+            restarting.append(
+                f"group {g} waiting for restart backoff until {iso(dec.until)} ({dec.trigger})"
+            )
+        elif gready:
+            gphase = PHASE_READY
+        elif pready or running:
+            gphase = PHASE_FORMING
+        else:
+            gphase = PHASE_PROVISIONING
+        gd = group_status_dict(state, pods, inp.tp, gready, gphase)
+        if isinstance(dec, Wait):
+            gd["backoffUntil"] = iso(dec.until)
+        group_dicts.append(gd)
+
+    n_ready = len(ready_groups)
+    base["groups"] = group_dicts
+    base["readyReplicas"] = n_ready
+    base["ready"] = f"{n_ready}/{inp.replicas}"
+    if inp.selector:
+        base["selector"] = inp.selector
+    if inp.endpoint and inp.children_created:
+        base["endpoint"] = inp.endpoint
+
+    conditions = list(inp.preflight)
+    rs = inp.rayservice
+    if inp.children_created:
+        conditions.append(
+            Condition(COND_RAYSERVICE, "True", "RayServiceReady", rs.message or "Ray Serve ready")
+            if rs.ready
+            else Condition(
+                COND_RAYSERVICE,
+                "False",
+                "RayServiceNotReady" if rs.exists else "RayServiceMissing",
+                rs.message or ("RayService not ready" if rs.exists else "RayService not created"),
+            )
+        )
+        conditions.append(
+            Condition(
+                COND_GROUPS_FORMED,
+                "True" if n_ready == inp.replicas else "False",
+                "AllGroupsFormed" if n_ready == inp.replicas else "GroupsNotFormed",
+                f"{n_ready}/{inp.replicas} groups formed; pods ready in "
+                f"{len(pods_ready_groups)}/{inp.replicas} groups",
+            )
+        )
+    base["conditions"] = merge_conditions(prev_conditions, conditions, inp.generation, inp.now)
+
+    if inp.failed_reason is not None:
+        base["failedReason"] = inp.failed_reason
+        phase, reason, message = PHASE_FAILED, "RestartBudgetExhausted", inp.failed_reason
+    elif inp.blocking is not None:
+        phase, reason, message = PHASE_PENDING, "PreflightFailed", inp.blocking
+    elif not inp.children_created:
+        phase, reason, message = PHASE_PENDING, "Creating", "children not created yet"
+    elif restarting:
+        phase, reason, message = PHASE_RESTARTING, "GroupRestart", "; ".join(restarting)
+    elif n_ready == inp.replicas:
+        phase, reason, message = PHASE_READY, "Ready", f"all {inp.replicas} group(s) ready"
+    elif n_ready > 0:
+        not_ready = [str(g) for g in range(inp.replicas) if g not in ready_groups]
+        phase, reason, message = (
+            PHASE_DEGRADED,
+            "GroupsNotReady",
+            f"{n_ready}/{inp.replicas} groups ready; not ready: group(s) {', '.join(not_ready)}",
+        )
+    elif len(pods_ready_groups) == inp.replicas and inp.replicas > 0:
+        phase, reason, message = (
+            PHASE_FORMING,
+            "WaitingForRayServe",
+            "all pods running; waiting for Ray Serve (RayService not ready"
+            + (f": {rs.message}" if rs.message else "")
+            + ")",
+        )
+    elif all_running and inp.replicas > 0:
+        phase, reason, message = (
+            PHASE_FORMING,
+            "PodsNotReady",
+            "all pods running; waiting for pods to become Ready",
+        )
+    else:
+        want = inp.replicas * inp.tp
+        have = sum(
+            1
+            for g in range(inp.replicas)
+            for p in live_pods(inp.pods.get(g, ()))
+            if p.phase == "Running"
+        )
+        phase, reason, message = (
+            PHASE_PROVISIONING,
+            "PodsStarting",
+            f"{have}/{want} worker pods running",
+        )
+    if inp.warnings and phase not in (PHASE_FAILED,):
+        message = message + "; " + "; ".join(inp.warnings)
+    del reason  # kept in the table above for readability; conditions carry machine reasons
+    base.update(phase=phase, message=message)
+    return _clean(base)
+
+
+def _clean(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+#: Status keys owned by other writers (kopf's own progress storage) that the diff ignores.
+IGNORED_KEYS = frozenset({"kopf"})
+
+
+def status_patch(
+    current: Mapping[str, Any] | None, desired: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """A JSON merge patch for ``status`` turning ``current`` into ``desired``; None if equal.
+
+    Lists are replaced whole (merge-patch semantics); keys that disappear are set to null.
+    """
+    current = {k: v for k, v in (current or {}).items() if k not in IGNORED_KEYS}
+    if dict(current) == dict(desired):
+        return None
+    patch: dict[str, Any] = {k: v for k, v in desired.items() if current.get(k) != v}
+    for k in current:
+        if k not in desired:
+            patch[k] = None
+    return patch or None

@@ -1,0 +1,239 @@
+"""Running the operator as a subprocess against the local cluster, and DSI helpers.
+
+Used by tests/integration/test_operator*.py and bench/bench_operator.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / "deepspeedinferences.deepspeed.ai.yaml"
+GROUP, VERSION, PLURAL = "deepspeed.ai", "v1alpha1", "deepspeedinferences"
+
+#: Fast restart settings so tests do not wait on production grace periods.
+FAST_RESTART_POLICY: dict[str, Any] = {
+    "maxRestarts": 5,
+    "windowSeconds": 600,
+    "backoff": {"initialSeconds": 1, "maxSeconds": 2},
+    "quietPeriodSeconds": 600,
+    "terminatingGraceSeconds": 3,
+    "nodeNotReadyGraceSeconds": 3,
+    "formationTimeoutSeconds": 600,
+}
+
+
+def free_port() -> int:
+    """An unused TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OperatorProcess:
+    """``python -m dsi_operator`` restricted to some namespaces; can be killed and restarted."""
+
+    def __init__(
+        self,
+        kubeconfig: Path,
+        namespaces: list[str] | None,
+        log_path: Path,
+        tick_seconds: float = 1.0,
+        metrics_port: int | None = None,
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespaces = namespaces
+        self.log_path = log_path
+        self.tick_seconds = tick_seconds
+        self.metrics_port = metrics_port if metrics_port is not None else free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the operator (appending to the same log)."""
+        args = [sys.executable, "-m", "dsi_operator", "--kubeconfig", str(self.kubeconfig)]
+        if self.namespaces:
+            for ns in self.namespaces:
+                args += ["--namespace", ns]
+        else:
+            args += ["--all-namespaces"]
+        args += ["--metrics-port", str(self.metrics_port), "--log-level", "info"]
+        env = dict(os.environ)
+        env["DSI_OPERATOR_TICK_SECONDS"] = str(self.tick_seconds)
+        env["DSI_OPERATOR_FACTS_TTL"] = "1"
+        env["PYTHONUNBUFFERED"] = "1"
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        self.proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT)
+        )
+        log.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as when a node dies under the operator."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """Graceful stop (SIGTERM, then SIGKILL)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    @property
+    def pid(self) -> int:
+        """Process id of the running operator."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 60) -> str:
+        """The last n lines of the operator's output."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def metrics(self) -> dict[str, float]:
+        """The operator's Prometheus samples as {'name{labels}': value}."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            key, _, value = line.rpartition(" ")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                continue
+        return out
+
+    def wait_metrics(self, timeout: float = 30) -> None:
+        """Wait until the metrics endpoint answers (the process is up)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.metrics()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"operator metrics not up:\n{self.log_tail()}")
+
+
+def dsi_manifest(name: str, tp: int = 2, replicas: int = 2, **spec: Any) -> dict[str, Any]:
+    """A DSI for the simulated GPU cluster, with fast restart settings."""
+    body: dict[str, Any] = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "DeepSpeedInference",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {
+                "name": "hf-internal-testing/tiny-random-LlamaForCausalLM",
+                "dtype": "bfloat16",
+            },
+            "tensorParallelSize": tp,
+            "replicas": replicas,
+            "image": "registry.invalid/dsi-worker:test",
+            "resources": {"gpus": 1, "cpu": "100m", "memory": "128Mi"},
+            "gpu": {"sharedMemorySize": "64Mi"},
+            "head": {"resources": {"cpu": "100m", "memory": "128Mi"}},
+            "restartPolicy": copy.deepcopy(FAST_RESTART_POLICY),
+        },
+    }
+    for k, v in spec.items():
+        if isinstance(v, dict) and isinstance(body["spec"].get(k), dict):
+            body["spec"][k].update(v)
+        else:
+            body["spec"][k] = v
+    return body
+
+
+def get_dsi(custom: Any, namespace: str, name: str) -> dict[str, Any]:
+    """The DSI object as a dict."""
+    return dict(custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
+
+
+def worker_pods(
+    core: Any, namespace: str, name: str, live_only: bool = True
+) -> dict[tuple[int, int], Any]:
+    """{(group, rank): V1Pod} of the DSI's worker pods (not being deleted by default)."""
+    pods = core.list_namespaced_pod(
+        namespace, label_selector=f"deepspeed.ai/inference={name},deepspeed.ai/role=worker"
+    ).items
+    out: dict[tuple[int, int], Any] = {}
+    for p in pods:
+        if live_only and p.metadata.deletion_timestamp is not None:
+            continue
+        labels = p.metadata.labels or {}
+        out[(int(labels["deepspeed.ai/group"]), int(labels["deepspeed.ai/rank"]))] = p
+    return out
+
+
+def all_running(pods: dict[tuple[int, int], Any], tp: int, replicas: int) -> bool:
+    """Every rank of every group has a Running pod."""
+    want = {(g, r) for g in range(replicas) for r in range(tp)}
+    return set(pods) == want and all(p.status.phase == "Running" for p in pods.values())
+
+
+def poll(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    dump: Callable[[], str] | None = None,
+    interval: float = 0.5,
+) -> Any:
+    """Poll until predicate() is truthy; AssertionError naming ``what`` (and a dump) if not."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what} (last: {last!r})\n"
+        + (dump() if dump else "")
+    )
+
+
+# --- fixture bodies (each test module wraps them in its own fixtures) --------------------------
+
+
+def install_crd(kubectl: Any) -> None:
+    """Install the DeepSpeedInference CRD from crds/ (idempotent, server-side apply)."""
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    kubectl("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}", "--timeout=60s")
+
+
+@contextlib.contextmanager
+def running_operator(kubeconfig: Path, namespace: str, log_path: Path) -> Iterator[OperatorProcess]:
+    """The operator watching only ``namespace``; its log tail is printed if the test fails."""
+    op = OperatorProcess(kubeconfig, [namespace], log_path)
+    op.start()
+    try:
+        op.wait_metrics()
+        yield op
+    except BaseException:
+        print(f"--- operator log ({op.log_path}) ---\n{op.log_tail(200)}")
+        raise
+    finally:
+        op.stop()

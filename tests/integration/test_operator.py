@@ -1,0 +1,299 @@
+"""The operator against the real local control plane: apply, columns, preflight, updates,
+deletion, validation, and the no-write idle loop. Restart triggers: test_operator_restarts.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes.client.rest import ApiException
+from operator_harness import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    all_running,
+    dsi_manifest,
+    get_dsi,
+    install_crd,
+    poll,
+    running_operator,
+    worker_pods,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def dsi_crd(kubectl: Any) -> None:
+    """The DeepSpeedInference CRD, installed from crds/."""
+    install_crd(kubectl)
+
+
+@pytest.fixture
+def operator(cluster: Any, namespace: str, dsi_crd: None, tmp_path: Path) -> Iterator[Any]:
+    """The operator watching only the test namespace (kill()/start() to restart it)."""
+    with running_operator(cluster.kubeconfig, namespace, tmp_path / "operator.log") as op:
+        yield op
+
+
+def create(kube: Any, namespace: str, body: dict[str, Any]) -> None:
+    kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+
+def status(kube: Any, namespace: str, name: str) -> dict[str, Any]:
+    return dict(get_dsi(kube.custom, namespace, name).get("status") or {})
+
+
+def conditions(st: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in st.get("conditions") or []}
+
+
+def dump(kube: Any, namespace: str, name: str, op: Any) -> Any:
+    def f() -> str:
+        try:
+            st = json.dumps(status(kube, namespace, name), indent=1)[:4000]
+        except ApiException as e:
+            st = f"DSI unreadable: {e.status}"
+        pods = {
+            k: (p.metadata.name, p.status.phase, p.spec.node_name)
+            for k, p in worker_pods(kube.core, namespace, name, live_only=False).items()
+        }
+        return f"status: {st}\npods: {pods}\noperator log:\n{op.log_tail(40)}"
+
+    return f
+
+
+def has_kopf_keys(meta: Any) -> list[str]:
+    keys = list((meta.annotations or {}).keys()) + list((meta.labels or {}).keys())
+    keys += list(meta.finalizers or [])
+    return [k for k in keys if "kopf" in k]
+
+
+def test_apply_creates_rayservice_services_and_gpu_pods(
+    kube: Any, kubectl: Any, namespace: str, operator: Any, cluster: Any
+) -> None:
+    name = "demo"
+    create(kube, namespace, dsi_manifest(name, tp=2, replicas=2))
+    d = dump(kube, namespace, name, operator)
+
+    rs = poll(lambda: _get_rs(kube, namespace, name), 60, "RayService created", d)
+    owner = rs["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "DeepSpeedInference" and owner["name"] == name
+    assert not [k for k in rs["metadata"].get("annotations", {}) if "kopf" in k]
+    for g in (0, 1):
+        svc = kube.core.read_namespaced_service(f"{name}-g{g}-master", namespace)
+        assert svc.spec.selector["deepspeed.ai/group"] == str(g)
+        assert svc.spec.selector["deepspeed.ai/rank"] == "0"
+        assert svc.spec.publish_not_ready_addresses is True
+        assert svc.metadata.owner_references[0].name == name
+        assert not has_kopf_keys(svc.metadata)
+
+    pods = poll(
+        lambda: (lambda p: p if all_running(p, 2, 2) else None)(
+            worker_pods(kube.core, namespace, name)
+        ),
+        120,
+        "4 worker pods Running",
+        d,
+    )
+    for (g, r), pod in pods.items():
+        assert pod.spec.node_name in cluster.gpu_nodes, pod.spec.node_name
+        env = {e.name: e.value for e in pod.spec.containers[0].env if e.value is not None}
+        assert env["RANK"] == str(r)
+        assert env["WORLD_SIZE"] == "2"
+        assert env["LOCAL_RANK"] == "0"
+        assert env["MASTER_ADDR"] == f"{name}-g{g}-master.{namespace}.svc.cluster.local"
+        assert env["MASTER_PORT"] == "29500"
+        assert env["DSI_GROUP"] == str(g)
+        limits = pod.spec.containers[0].resources.limits
+        assert limits["nvidia.com/gpu"] == "1"
+        assert not has_kopf_keys(pod.metadata)
+
+    st = poll(
+        lambda: (lambda s: s if s.get("phase") == "Forming" else None)(
+            status(kube, namespace, name)
+        ),
+        60,
+        "phase Forming",
+        d,
+    )
+    assert "waiting for Ray Serve" in st["message"]
+    assert st["ready"] == "0/2" and st["readyReplicas"] == 0
+    assert st["endpoint"] == f"http://{name}-serve-svc.{namespace}.svc.cluster.local:8000"
+    c = conditions(st)
+    assert c["KubeRayAvailable"]["status"] == "True"
+    assert c["GPUCapacity"]["status"] == "True"
+    assert c["RayServiceReady"]["status"] == "False"
+    assert c["GroupsFormed"]["status"] == "False"
+    assert [g["readyRanks"] for g in st["groups"]] == [2, 2]
+    dsi = get_dsi(kube.custom, namespace, name)
+    assert not [k for k in dsi["metadata"].get("annotations", {}) if "kopf" in k]
+    assert not dsi["metadata"].get("finalizers")
+
+    out = kubectl("get", "dsi", "-n", namespace).stdout
+    header = out.splitlines()[0].split()
+    for col in ("NAME", "PHASE", "READY", "TP", "RESTARTS", "ENDPOINT", "AGE"):
+        assert col in header, out
+    row = out.splitlines()[1]
+    assert "Forming" in row and "0/2" in row and f"{name}-serve-svc" in row, out
+
+
+def _get_rs(kube: Any, namespace: str, name: str) -> dict[str, Any] | None:
+    try:
+        return dict(
+            kube.custom.get_namespaced_custom_object("ray.io", "v1", namespace, "rayservices", name)
+        )
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def test_idle_operator_writes_nothing(kube: Any, namespace: str, operator: Any) -> None:
+    name = "idle"
+    create(kube, namespace, dsi_manifest(name, tp=1, replicas=1))
+    d = dump(kube, namespace, name, operator)
+    poll(lambda: status(kube, namespace, name).get("phase") == "Forming", 120, "Forming", d)
+    time.sleep(3)  # let the last watch events settle
+
+    def writes() -> float:
+        m = operator.metrics()
+        return sum(
+            v
+            for k, v in m.items()
+            if k.startswith("dsi_operator_api_requests_total")
+            and any(f'verb="{w}"' in k for w in ("patch", "apply", "create", "delete"))
+        )
+
+    before = writes()
+    rv = get_dsi(kube.custom, namespace, name)["metadata"]["resourceVersion"]
+    time.sleep(10)  # ten ticker passes at 1 s
+    assert writes() == before, operator.log_tail()
+    assert get_dsi(kube.custom, namespace, name)["metadata"]["resourceVersion"] == rv
+
+
+def test_spec_update_rolls_groups_and_scale_down_cleans(
+    kube: Any, namespace: str, operator: Any
+) -> None:
+    name = "roll"
+    create(kube, namespace, dsi_manifest(name, tp=2, replicas=2))
+    d = dump(kube, namespace, name, operator)
+    poll(lambda: status(kube, namespace, name).get("phase") == "Forming", 120, "Forming", d)
+    before = {k: p.metadata.uid for k, p in worker_pods(kube.core, namespace, name).items()}
+
+    kube.custom.patch_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        name,
+        {"spec": {"env": [{"name": "EXTRA", "value": "1"}]}},
+    )
+
+    def rolled() -> bool:
+        pods = worker_pods(kube.core, namespace, name)
+        if not all_running(pods, 2, 2):
+            return False
+        for k, p in pods.items():
+            env = {e.name: e.value for e in p.spec.containers[0].env}
+            if p.metadata.uid == before[k] or env.get("EXTRA") != "1":
+                return False
+        return True
+
+    poll(rolled, 180, "every group rolled to the new spec", d)
+    st = poll(
+        lambda: (lambda s: s if s.get("phase") == "Forming" else None)(
+            status(kube, namespace, name)
+        ),
+        60,
+        "Forming after the roll",
+        d,
+    )
+    assert st["restarts"] == 0, "a spec roll is not a failure restart"
+    assert (
+        st["observedGeneration"] == get_dsi(kube.custom, namespace, name)["metadata"]["generation"]
+    )
+
+    # scale down: group 1's master Service and pods go away
+    kube.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name, {"spec": {"replicas": 1}}
+    )
+
+    def scaled() -> bool:
+        svcs = {s.metadata.name for s in kube.core.list_namespaced_service(namespace).items}
+        pods = worker_pods(kube.core, namespace, name)
+        return (
+            f"{name}-g1-master" not in svcs
+            and f"{name}-g0-master" in svcs
+            and all(g == 0 for g, _ in pods)
+        )
+
+    poll(scaled, 180, "group 1 removed", d)
+    st = status(kube, namespace, name)
+    assert st["replicas"] == 1 and len(st["groups"]) == 1
+
+
+def test_deletion_leaves_nothing_behind(kube: Any, namespace: str, operator: Any) -> None:
+    name = "gone"
+    create(kube, namespace, dsi_manifest(name, tp=2, replicas=1))
+    d = dump(kube, namespace, name, operator)
+    poll(lambda: all_running(worker_pods(kube.core, namespace, name), 2, 1), 120, "pods", d)
+    kube.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+    def empty() -> bool:
+        sel = f"deepspeed.ai/inference={name}"
+        pods = kube.core.list_namespaced_pod(namespace, label_selector=sel).items
+        svcs = kube.core.list_namespaced_service(namespace, label_selector=sel).items
+        rs = kube.custom.list_namespaced_custom_object("ray.io", "v1", namespace, "rayservices")[
+            "items"
+        ]
+        rc = kube.custom.list_namespaced_custom_object("ray.io", "v1", namespace, "rayclusters")[
+            "items"
+        ]
+        return not pods and not svcs and not rs and not rc
+
+    poll(empty, 120, "every child garbage-collected", d)
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"tensorParallelSize": 0}, "spec.tensorParallelSize"),
+        ({"replicas": -1}, "spec.replicas"),
+        ({"model": {"dtype": "float8"}}, "spec.model.dtype"),
+        ({"restartPolicy": {"maxRestarts": -2}}, "spec.restartPolicy.maxRestarts"),
+    ],
+)
+def test_invalid_specs_are_rejected_naming_the_field(
+    kubectl: Any, namespace: str, dsi_crd: None, patch: dict[str, Any], field: str
+) -> None:
+    body = dsi_manifest("bad", **patch)
+    proc = kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body), check=False)
+    assert proc.returncode != 0
+    assert field in proc.stderr, proc.stderr
+
+
+def test_too_few_gpus_is_reported(kube: Any, namespace: str, operator: Any) -> None:
+    name = "huge"
+    # 16 GPUs per rank: no simulated node has that many, so not even one rank fits.
+    create(kube, namespace, dsi_manifest(name, tp=2, replicas=1, resources={"gpus": 16}))
+    d = dump(kube, namespace, name, operator)
+
+    def insufficient() -> dict[str, Any] | None:
+        st = status(kube, namespace, name)
+        c = conditions(st).get("GPUCapacity")
+        return st if c and c["status"] == "False" else None
+
+    st = poll(insufficient, 60, "GPUCapacity False", d)
+    c = conditions(st)["GPUCapacity"]
+    assert c["reason"] == "Insufficient"
+    assert "needs 2 rank pod(s) x 16 nvidia.com/gpu" in c["message"]
+    assert st["phase"] in ("Provisioning", "Pending")
+    assert "insufficient GPUs" in st["message"]
+    events = kube.core.list_namespaced_event(namespace).items
+    assert any(e.reason == "Preflight" and "GPUCapacity=False" in e.message for e in events)

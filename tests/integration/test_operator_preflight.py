@@ -1,0 +1,187 @@
+"""GPU Operator preflight with and without a ClusterPolicy (nvidia.com/v1), and
+spec.gpu.requireGPUOperator blocking creation until the policy is ready.
+
+The ClusterPolicy CRD here is a minimal stand-in for the GPU Operator's (same group, version,
+kind and status subresource); it is cluster-scoped, so the test removes it afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes.client.rest import ApiException
+from operator_harness import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    dsi_manifest,
+    get_dsi,
+    install_crd,
+    poll,
+    running_operator,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def dsi_crd(kubectl: Any) -> None:
+    """The DeepSpeedInference CRD, installed from crds/."""
+    install_crd(kubectl)
+
+
+@pytest.fixture
+def operator(cluster: Any, namespace: str, dsi_crd: None, tmp_path: Path) -> Iterator[Any]:
+    """The operator watching only the test namespace (kill()/start() to restart it)."""
+    with running_operator(cluster.kubeconfig, namespace, tmp_path / "operator.log") as op:
+        yield op
+
+
+CP_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "clusterpolicies.nvidia.com"},
+    "spec": {
+        "group": "nvidia.com",
+        "names": {
+            "kind": "ClusterPolicy",
+            "listKind": "ClusterPolicyList",
+            "plural": "clusterpolicies",
+            "singular": "clusterpolicy",
+        },
+        "scope": "Cluster",
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "x-kubernetes-preserve-unknown-fields": True,
+                    }
+                },
+            }
+        ],
+    },
+}
+
+
+def _delete_cp_crd(kube: Any, kubectl: Any) -> None:
+    try:
+        kube.apiext.delete_custom_resource_definition("clusterpolicies.nvidia.com")
+    except ApiException as e:
+        if e.status != 404:
+            raise
+    kubectl("wait", "--for=delete", "crd/clusterpolicies.nvidia.com", "--timeout=60s", check=False)
+
+
+@pytest.fixture
+def no_gpu_operator(kube: Any, kubectl: Any) -> Iterator[None]:
+    """No ClusterPolicy CRD during the test (restored to absent afterwards)."""
+    _delete_cp_crd(kube, kubectl)
+    yield
+    _delete_cp_crd(kube, kubectl)
+
+
+def cond(kube: Any, namespace: str, name: str, ctype: str) -> dict[str, Any] | None:
+    st = get_dsi(kube.custom, namespace, name).get("status") or {}
+    for c in st.get("conditions") or []:
+        if c["type"] == ctype:
+            return dict(c)
+    return None
+
+
+def phase(kube: Any, namespace: str, name: str) -> tuple[str | None, str]:
+    st = get_dsi(kube.custom, namespace, name).get("status") or {}
+    return st.get("phase"), st.get("message", "")
+
+
+def test_gpu_operator_conditions_and_requirement(
+    kube: Any, kubectl: Any, namespace: str, no_gpu_operator: None, operator: Any
+) -> None:
+    def d() -> str:
+        st = get_dsi(kube.custom, namespace, "req").get("status")
+        return f"{json.dumps(st, indent=1)[:3000]}\n{operator.log_tail(40)}"
+
+    # 1. No GPU Operator, not required: reported, not blocking.
+    kube.custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, dsi_manifest("opt", tp=1, replicas=1)
+    )
+    c = poll(lambda: cond(kube, namespace, "opt", "GPUOperatorReady"), 60, "condition")
+    assert c["status"] == "False" and c["reason"] == "NotInstalled"
+    poll(lambda: phase(kube, namespace, "opt")[0] in ("Provisioning", "Forming"), 60, "not blocked")
+
+    # 2. Required and absent: Pending with a message, nothing created.
+    kube.custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        dsi_manifest("req", tp=1, replicas=1, gpu={"requireGPUOperator": True}),
+    )
+    ph, msg = poll(
+        lambda: (lambda p: p if p[0] == "Pending" else None)(phase(kube, namespace, "req")),
+        60,
+        "Pending",
+        d,
+    )
+    assert "requireGPUOperator" in msg and "not installed" in msg
+    with pytest.raises(ApiException) as err:
+        kube.custom.get_namespaced_custom_object("ray.io", "v1", namespace, "rayservices", "req")
+    assert err.value.status == 404
+    evs = kube.core.list_namespaced_event(namespace).items
+    assert any(e.reason == "Preflight" and "GPUOperatorReady=False" in e.message for e in evs)
+
+    # 3. ClusterPolicy present but not ready: still blocked, reason says so.
+    kube.apiext.create_custom_resource_definition(CP_CRD)
+    kubectl(
+        "wait", "--for=condition=Established", "crd/clusterpolicies.nvidia.com", "--timeout=60s"
+    )
+    kube.custom.create_cluster_custom_object(
+        "nvidia.com",
+        "v1",
+        "clusterpolicies",
+        {
+            "apiVersion": "nvidia.com/v1",
+            "kind": "ClusterPolicy",
+            "metadata": {"name": "cluster-policy"},
+            "spec": {},
+        },
+    )
+    kube.custom.patch_cluster_custom_object_status(
+        "nvidia.com", "v1", "clusterpolicies", "cluster-policy", {"status": {"state": "notReady"}}
+    )
+    c = poll(
+        lambda: (lambda c: c if c and c["reason"] == "ClusterPolicyNotReady" else None)(
+            cond(kube, namespace, "req", "GPUOperatorReady")
+        ),
+        60,
+        "ClusterPolicyNotReady",
+        d,
+    )
+    assert "notReady" in c["message"]
+    assert phase(kube, namespace, "req")[0] == "Pending"
+
+    # 4. Ready: the condition turns True and the resource provisions.
+    kube.custom.patch_cluster_custom_object_status(
+        "nvidia.com", "v1", "clusterpolicies", "cluster-policy", {"status": {"state": "ready"}}
+    )
+    poll(
+        lambda: (cond(kube, namespace, "req", "GPUOperatorReady") or {}).get("status") == "True",
+        60,
+        "GPUOperatorReady True",
+        d,
+    )
+    poll(
+        lambda: phase(kube, namespace, "req")[0] in ("Provisioning", "Forming"),
+        90,
+        "provisioning once the GPU Operator is ready",
+        d,
+    )
+    kube.custom.get_namespaced_custom_object("ray.io", "v1", namespace, "rayservices", "req")

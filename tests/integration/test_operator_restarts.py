@@ -1,0 +1,296 @@
+"""Whole-group restarts on the real control plane: every trigger replaces exactly the hit
+group's pods (new UIDs), leaves the other group alone (same UIDs), counts and posts an Event;
+the budget; and an operator killed in the middle of a restart."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dsi_localcluster import faults
+from operator_harness import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    all_running,
+    dsi_manifest,
+    get_dsi,
+    install_crd,
+    poll,
+    running_operator,
+    worker_pods,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def dsi_crd(kubectl: Any) -> None:
+    """The DeepSpeedInference CRD, installed from crds/."""
+    install_crd(kubectl)
+
+
+@pytest.fixture
+def operator(cluster: Any, namespace: str, dsi_crd: None, tmp_path: Path) -> Iterator[Any]:
+    """The operator watching only the test namespace (kill()/start() to restart it)."""
+    with running_operator(cluster.kubeconfig, namespace, tmp_path / "operator.log") as op:
+        yield op
+
+
+TP, REPLICAS = 2, 2
+
+
+def status(kube: Any, namespace: str, name: str) -> dict[str, Any]:
+    return dict(get_dsi(kube.custom, namespace, name).get("status") or {})
+
+
+def dump(kube: Any, namespace: str, name: str, op: Any) -> Callable[[], str]:
+    def f() -> str:
+        st = json.dumps(status(kube, namespace, name), indent=1)[:5000]
+        pods = {
+            k: (
+                p.metadata.name,
+                p.metadata.uid[:8],
+                p.status.phase,
+                p.spec.node_name,
+                bool(p.metadata.deletion_timestamp),
+            )
+            for k, p in worker_pods(kube.core, namespace, name, live_only=False).items()
+        }
+        return f"status: {st}\npods: {pods}\noperator log:\n{op.log_tail(60)}"
+
+    return f
+
+
+def formed(
+    kube: Any, namespace: str, name: str, op: Any, tp: int = TP, replicas: int = REPLICAS
+) -> dict[tuple[int, int], Any]:
+    """Wait until every group's membership is recorded; return the pods."""
+
+    def ok() -> dict[tuple[int, int], Any] | None:
+        st = status(kube, namespace, name)
+        groups = st.get("groups") or []
+        if len(groups) != replicas or not all(g.get("members") for g in groups):
+            return None
+        pods = worker_pods(kube.core, namespace, name)
+        return pods if all_running(pods, tp, replicas) else None
+
+    return poll(ok, 180, "all groups formed (members recorded)", dump(kube, namespace, name, op))
+
+
+def uids(pods: dict[tuple[int, int], Any]) -> dict[tuple[int, int], str]:
+    return {k: p.metadata.uid for k, p in pods.items()}
+
+
+def wait_group_replaced(
+    kube: Any,
+    namespace: str,
+    name: str,
+    op: Any,
+    before: dict[tuple[int, int], str],
+    group: int,
+    timeout: float = 120,
+) -> dict[tuple[int, int], Any]:
+    """Wait until every pod of ``group`` has a new UID and Running, and the restart is done."""
+
+    def done() -> dict[tuple[int, int], Any] | None:
+        pods = worker_pods(kube.core, namespace, name)
+        if not all_running(pods, TP, REPLICAS):
+            return None
+        if any(pods[(group, r)].metadata.uid == before[(group, r)] for r in range(TP)):
+            return None
+        st = status(kube, namespace, name)
+        g = next(x for x in st.get("groups", []) if x["index"] == group)
+        if g.get("restartingSince"):
+            return None
+        return pods
+
+    return poll(done, timeout, f"group {group} replaced", dump(kube, namespace, name, op))
+
+
+def restart_events(kube: Any, namespace: str, name: str) -> list[str]:
+    evs = kube.core.list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}"
+    ).items
+    return [e.message for e in evs if e.reason == "GroupRestart"]
+
+
+def inject(kind: str, kube: Any, namespace: str, pod: Any) -> None:
+    name = pod.metadata.name
+    if kind == "container_restart":
+        faults.restart_container(kube.api, namespace, name)
+    elif kind == "pod_failed":
+        faults.fail_pod(kube.api, namespace, name, exit_code=137, reason="OOMKilled")
+    elif kind == "pod_deleted":
+        faults.delete_pod(kube.api, namespace, name)
+    elif kind == "evicted":
+        faults.evict_pod(kube.api, namespace, name)
+    elif kind == "stuck_terminating":
+        faults.stuck_terminating(kube.api, namespace, name)
+    else:
+        raise ValueError(kind)
+
+
+# Trigger names the restart may carry. KubeRay deletes a Failed worker pod within
+# milliseconds, so the operator may see the failure as the pod's deletion; an eviction is a
+# deletion through the Eviction API; a member pod entering Terminating breaks the group at
+# once (the stuck pod is force-deleted later).
+TRIGGERS: dict[str, tuple[str, ...]] = {
+    "container_restart": ("ContainerRestarted",),
+    "pod_failed": ("PodFailed", "PodDeleted"),
+    "pod_deleted": ("PodDeleted",),
+    "evicted": ("PodEvicted", "PodDeleted"),
+    "stuck_terminating": ("PodDeleted", "PodStuckTerminating"),
+}
+
+
+@pytest.mark.parametrize("kind", list(TRIGGERS))
+def test_trigger_restarts_only_the_hit_group(
+    kind: str, kube: Any, namespace: str, operator: Any
+) -> None:
+    name = "grp"
+    kube.custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, dsi_manifest(name, tp=TP, replicas=REPLICAS)
+    )
+    pods = formed(kube, namespace, name, operator)
+    before = uids(pods)
+    inject(kind, kube, namespace, pods[(1, 1)])
+    try:
+        after = wait_group_replaced(kube, namespace, name, operator, before, group=1)
+    finally:
+        if kind == "stuck_terminating":
+            faults.release_pod(kube.api, namespace, pods[(1, 1)].metadata.name)
+    # group 0 untouched
+    assert {k: v for k, v in uids(after).items() if k[0] == 0} == {
+        k: v for k, v in before.items() if k[0] == 0
+    }
+    st = status(kube, namespace, name)
+    assert st["restarts"] == 1, dump(kube, namespace, name, operator)()
+    g1 = next(g for g in st["groups"] if g["index"] == 1)
+    g0 = next(g for g in st["groups"] if g["index"] == 0)
+    assert g1["restarts"] == 1 and g0["restarts"] == 0
+    assert g1["lastRestartReason"].startswith(TRIGGERS[kind]), g1
+    assert g1["lastRestartTime"]
+    msgs = poll(lambda: restart_events(kube, namespace, name), 10, "GroupRestart Event")
+    assert len(msgs) == 1, msgs
+    assert "group 1" in msgs[0] and any(t in msgs[0] for t in TRIGGERS[kind])
+    # the group forms again
+    formed(kube, namespace, name, operator)
+
+
+def test_node_not_ready_restarts_the_groups_on_it(kube: Any, namespace: str, operator: Any) -> None:
+    name = "node"
+    kube.custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, dsi_manifest(name, tp=TP, replicas=REPLICAS)
+    )
+    pods = formed(kube, namespace, name, operator)
+    before = uids(pods)
+    node = pods[(1, 1)].spec.node_name
+    hit = {g for (g, _), p in pods.items() if p.spec.node_name == node}
+    faults.set_node_not_ready(kube.api, node)
+    try:
+        for g in hit:
+            after = wait_group_replaced(
+                kube, namespace, name, operator, before, group=g, timeout=180
+            )
+        for k, v in uids(after).items():
+            if k[0] not in hit:
+                assert v == before[k], "a group without pods on the node was restarted"
+        st = status(kube, namespace, name)
+        for g in st["groups"]:
+            if g["index"] in hit:
+                assert g["lastRestartReason"].startswith("NodeNotReady"), g
+                assert g["restarts"] == 1
+        for (g, _), p in after.items():
+            if g in hit:
+                assert p.spec.node_name != node
+    finally:
+        faults.set_node_ready(kube.api, node)
+
+
+def test_exhausted_budget_goes_failed(kube: Any, namespace: str, operator: Any) -> None:
+    name = "budget"
+    body = dsi_manifest(
+        name,
+        tp=TP,
+        replicas=REPLICAS,
+        restartPolicy={"maxRestarts": 1, "backoff": {"initialSeconds": 0}},
+    )
+    kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    pods = formed(kube, namespace, name, operator)
+    faults.fail_pod(kube.api, namespace, pods[(0, 0)].metadata.name)
+    pods = wait_group_replaced(kube, namespace, name, operator, uids(pods), group=0)
+    pods = formed(kube, namespace, name, operator)
+    faults.fail_pod(kube.api, namespace, pods[(0, 1)].metadata.name)
+
+    def failed() -> dict[str, Any] | None:
+        st = status(kube, namespace, name)
+        return st if st.get("phase") == "Failed" else None
+
+    st = poll(failed, 60, "phase Failed", dump(kube, namespace, name, operator))
+    assert "maxRestarts 1" in st["message"] and "group 0" in st["message"]
+    assert st["failedReason"] == st["message"]
+    assert st["restarts"] == 1
+    evs = kube.core.list_namespaced_event(namespace).items
+    assert any(e.reason == "RestartBudgetExhausted" for e in evs)
+    # Failed is final for this generation: no further restarts happen
+    time.sleep(3)
+    assert status(kube, namespace, name)["restarts"] == 1
+
+
+def test_operator_killed_mid_restart_resumes_without_double_restart(
+    kube: Any, namespace: str, operator: Any
+) -> None:
+    name = "resume"
+    kube.custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, dsi_manifest(name, tp=TP, replicas=REPLICAS)
+    )
+    pods = formed(kube, namespace, name, operator)
+    before = uids(pods)
+
+    # 1. The operator dies right after recording a restart and before deleting any pod:
+    #    reproduce exactly that state with the operator stopped.
+    operator.kill()
+    st = status(kube, namespace, name)
+    groups = st["groups"]
+    for g in groups:
+        if g["index"] == 1:
+            g.update(
+                restarts=1,
+                restartingSince=datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                restartTrigger="PodFailed",
+                restartPods=[before[(1, r)] for r in range(TP)],
+                restartTimes=[datetime.now(UTC).isoformat().replace("+00:00", "Z")],
+                lastRestartReason="PodFailed: injected by the test",
+                members=None,
+            )
+    kube.custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, name, {"status": {"groups": groups, "restarts": 1}}
+    )
+    operator.start()
+    after = wait_group_replaced(kube, namespace, name, operator, before, group=1)
+    assert {k: v for k, v in uids(after).items() if k[0] == 0} == {
+        k: v for k, v in before.items() if k[0] == 0
+    }
+    st = status(kube, namespace, name)
+    assert st["restarts"] == 1, "the resumed restart must not be counted again"
+    assert next(g for g in st["groups"] if g["index"] == 1)["restarts"] == 1
+
+    # 2. A real failure, and the operator is SIGKILLed while it handles it.
+    pods = formed(kube, namespace, name, operator)
+    before = uids(pods)
+    faults.fail_pod(kube.api, namespace, pods[(0, 1)].metadata.name)
+    time.sleep(0.3)
+    operator.kill()
+    time.sleep(1)
+    operator.start()
+    wait_group_replaced(kube, namespace, name, operator, before, group=0)
+    st = status(kube, namespace, name)
+    assert st["restarts"] == 2, dump(kube, namespace, name, operator)()
+    assert next(g for g in st["groups"] if g["index"] == 0)["restarts"] == 1
+    assert len(restart_events(kube, namespace, name)) == 1  # case 1 was staged by the test

@@ -1,0 +1,145 @@
+"""Preflight evaluation from listed objects: KubeRay CRD, GPU Operator, GPU capacity."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from dsi_operator.preflight import (
+    ClusterFacts,
+    GPUNeeds,
+    evaluate,
+    gpu_capacity,
+    node_fits,
+    toleration_matches,
+)
+
+TOL = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+SEL = {"nvidia.com/gpu.present": "true"}
+
+
+def node(
+    name: str,
+    gpus: int | str = 8,
+    *,
+    labels: dict[str, str] | None = None,
+    taints: list[dict[str, str]] | None = None,
+    ready: bool = True,
+    unschedulable: bool = False,
+    resource: str = "nvidia.com/gpu",
+) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "labels": SEL if labels is None else labels},
+        "spec": {
+            "taints": [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]
+            if taints is None
+            else taints,
+            "unschedulable": unschedulable,
+        },
+        "status": {
+            "allocatable": {resource: str(gpus), "cpu": "32"},
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+def needs(tp: int, per: int = 1, **kw: Any) -> GPUNeeds:
+    return GPUNeeds(tp=tp, gpus_per_rank=per, node_selector=SEL, tolerations=TOL, **kw)
+
+
+def conds(result: Any) -> dict[str, Any]:
+    return {c.type: c for c in result.conditions}
+
+
+def test_all_good() -> None:
+    r = evaluate(
+        True, [{"metadata": {"name": "cp"}, "status": {"state": "ready"}}], [node("a")], needs(4)
+    )
+    c = conds(r)
+    assert {k: v.status for k, v in c.items()} == {
+        "KubeRayAvailable": "True",
+        "GPUOperatorReady": "True",
+        "GPUCapacity": "True",
+    }
+    assert r.blocking is None and r.warnings == ()
+    assert "fit 2 group(s)" in c["GPUCapacity"].message
+
+
+def test_kuberay_missing_blocks() -> None:
+    r = evaluate(False, [], [node("a")], needs(1))
+    assert conds(r)["KubeRayAvailable"].status == "False"
+    assert r.blocking is not None and "rayservices.ray.io" in r.blocking
+
+
+def test_gpu_operator_absent_is_reported_not_blocking_unless_required() -> None:
+    r = evaluate(True, None, [node("a")], needs(1))
+    c = conds(r)["GPUOperatorReady"]
+    assert c.status == "False" and c.reason == "NotInstalled"
+    assert r.blocking is None
+    r = evaluate(True, None, [node("a")], needs(1, require_gpu_operator=True))
+    assert r.blocking is not None and "requireGPUOperator" in r.blocking
+
+
+def test_cluster_policy_not_ready() -> None:
+    r = evaluate(
+        True, [{"metadata": {"name": "cp"}, "status": {"state": "notReady"}}], [node("a")], needs(1)
+    )
+    c = conds(r)["GPUOperatorReady"]
+    assert c.status == "False" and c.reason == "ClusterPolicyNotReady"
+    assert "notReady" in c.message
+    r = evaluate(True, [], [node("a")], needs(1))
+    assert conds(r)["GPUOperatorReady"].reason == "NoClusterPolicy"
+
+
+def test_capacity_counts_per_node() -> None:
+    # two nodes with 3 GPUs each hold two 2-GPU ranks in total, not three
+    nodes = [node("a", 3), node("b", 3)]
+    assert gpu_capacity(nodes, needs(3, per=2)) == (2, 2, 6)
+    r = evaluate(True, None, nodes, needs(3, per=2))
+    c = conds(r)["GPUCapacity"]
+    assert c.status == "False" and c.reason == "Insufficient"
+    assert r.blocking is None and r.warnings
+    assert evaluate(True, None, nodes, needs(2, per=2)).conditions[2].status == "True"
+
+
+def test_node_filters() -> None:
+    n = needs(1)
+    assert node_fits(node("a"), n)
+    assert not node_fits(node("a", labels={}), n)
+    assert not node_fits(node("a", ready=False), n)
+    assert not node_fits(node("a", unschedulable=True), n)
+    assert not node_fits(node("a", taints=[{"key": "other", "effect": "NoSchedule"}]), n)
+    # PreferNoSchedule taints do not keep pods away
+    assert node_fits(node("a", taints=[{"key": "other", "effect": "PreferNoSchedule"}]), n)
+    # custom resource name
+    custom = GPUNeeds(
+        tp=1, resource_name="nvidia.com/mig-1g.10gb", node_selector={}, tolerations=TOL
+    )
+    assert gpu_capacity([node("m", 7, resource="nvidia.com/mig-1g.10gb")], custom)[0] == 7
+    assert gpu_capacity([node("m", 7)], custom)[0] == 0
+
+
+def test_toleration_rules() -> None:
+    taint = {"key": "k", "value": "v", "effect": "NoSchedule"}
+    assert toleration_matches({"operator": "Exists"}, taint)
+    assert toleration_matches({"key": "k", "operator": "Exists"}, taint)
+    assert toleration_matches({"key": "k", "value": "v"}, taint)
+    assert not toleration_matches({"key": "k", "value": "w"}, taint)
+    assert not toleration_matches({"key": "k", "operator": "Exists", "effect": "NoExecute"}, taint)
+
+
+def test_cluster_facts_cache() -> None:
+    calls = 0
+
+    async def fetch() -> tuple[bool, list[dict[str, Any]] | None]:
+        nonlocal calls
+        calls += 1
+        return True, None
+
+    async def go() -> None:
+        facts = ClusterFacts(fetch, ttl=60)
+        for _ in range(5):
+            assert await facts.get() == (True, None)
+
+    asyncio.run(go())
+    assert calls == 1

@@ -1,0 +1,490 @@
+"""Pure rendering of a DeepSpeedInference into its children (golden files + properties).
+
+Regenerate the golden files after an intended rendering change with::
+
+    UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/unit/test_render.py
+
+and review the diff.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from dsi_operator import labels as L
+from dsi_operator.crd import dump_yaml
+from dsi_operator.render import (
+    NCCL_DEFAULTS,
+    POD_ENV_NUM_GROUPS,
+    endpoint,
+    expected_ranks,
+    group_hashes,
+    group_of_pod,
+    render_body,
+    render_children,
+    serve_config,
+    spec_hash_by_group,
+)
+from dsi_operator.spec import DEFAULT_WORKER_IMAGE, parse_spec
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
+NAME, NS, UID = "llm", "serving", "0b5c3b8e-6a43-4f0e-9d7c-2f1f3c2a9e01"
+IMAGE = "registry.example.com/dsi/worker:test"
+
+
+def _spec(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "model": {"name": "facebook/opt-66b", "dtype": "float16"},
+        "image": IMAGE,
+    }
+    base.update(overrides)
+    return base
+
+
+CASES: dict[str, dict[str, Any]] = {
+    # The minimal resource: defaults everywhere, GPU Operator conventions, no runtime class.
+    "tp1-replicas1": _spec(tensorParallelSize=1, replicas=1),
+    "tp2-replicas1": _spec(tensorParallelSize=2, replicas=1),
+    "tp8-replicas1": _spec(
+        tensorParallelSize=8,
+        replicas=1,
+        resources={"gpus": 1, "cpu": "12", "memory": "160Gi"},
+    ),
+    "tp2-replicas3": _spec(tensorParallelSize=2, replicas=3),
+    # A MIG slice as the GPU resource, 2 per rank, custom placement; still no runtime class.
+    "custom-gpu-resource": _spec(
+        tensorParallelSize=2,
+        replicas=1,
+        resources={"gpus": 2, "cpu": "8", "memory": "64Gi"},
+        gpu={
+            "resourceName": "nvidia.com/mig-3g.40gb",
+            "nodeSelector": {"nvidia.com/mig.strategy": "mixed"},
+            "tolerations": [
+                {"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}
+            ],
+            "sharedMemorySize": "8Gi",
+        },
+    ),
+    # Everything optional switched on: runtime class, PVC model, env, pod overrides, head.
+    "runtime-class-pvc-overrides": _spec(
+        model={
+            "pvc": {"claimName": "weights", "path": "llama-70b"},
+            "dtype": "bfloat16",
+            "servedModelName": "llama-70b",
+        },
+        tensorParallelSize=4,
+        replicas=2,
+        imagePullPolicy="IfNotPresent",
+        gpu={"runtimeClassName": "nvidia", "requireGPUOperator": True},
+        serve={
+            "port": 8080,
+            "routePrefix": "/llm",
+            "maxModelLen": 4096,
+            "maxNewTokens": 1024,
+            "kernelInject": True,
+        },
+        head={
+            "resources": {"cpu": "4", "memory": "16Gi"},
+            "serviceType": "LoadBalancer",
+            "nodeSelector": {"pool": "cpu"},
+        },
+        env=[
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+            {"name": "NCCL_DEBUG", "value": "INFO"},
+            {"name": "RANK", "value": "99"},
+        ],
+        podTemplate={
+            "labels": {"team": "ml", "app.kubernetes.io/managed-by": "someone-else"},
+            "annotations": {"prometheus.io/scrape": "true"},
+            "serviceAccountName": "llm-runner",
+            "imagePullSecrets": [{"name": "regcred"}],
+            "priorityClassName": "inference",
+        },
+        masterPort=29600,
+    ),
+    # CPU-only ranks (gpus 0) on any node.
+    "cpu-only": _spec(
+        model={"name": "hf-internal-testing/tiny-random-LlamaForCausalLM", "dtype": "float32"},
+        tensorParallelSize=2,
+        replicas=1,
+        resources={"gpus": 0, "cpu": "1", "memory": "2Gi"},
+        gpu={"nodeSelector": {}, "tolerations": []},
+    ),
+}
+
+
+def _render(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return render_children(NAME, NS, UID, spec)
+
+
+# --- Golden files ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden(case: str) -> None:
+    text = (
+        f"# Golden output of render_children({NAME!r}, {NS!r}, <uid>, spec) for case {case!r}\n"
+        "# in tests/unit/test_render.py. Regenerate: UPDATE_GOLDEN=1 pytest "
+        "tests/unit/test_render.py\n"
+        + dump_yaml({"spec": CASES[case], "children": _render(CASES[case])})
+    )
+    path = GOLDEN / f"{case}.yaml"
+    if UPDATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1"
+    assert path.read_text() == text, f"{path.name} differs: review, then UPDATE_GOLDEN=1"
+
+
+def test_no_stale_golden_files() -> None:
+    on_disk = {p.stem for p in GOLDEN.glob("*.yaml")}
+    assert on_disk == set(CASES)
+
+
+# --- Properties over every case ------------------------------------------------------------------
+
+
+def _workers(children: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rs = children[0]
+    return list(rs["spec"]["rayClusterConfig"].get("workerGroupSpecs", []))
+
+
+def _env(group: dict[str, Any]) -> dict[str, Any]:
+    container = group["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_children_shape_owners_and_labels(case: str) -> None:
+    spec = parse_spec(CASES[case])
+    children = _render(CASES[case])
+    assert [c["kind"] for c in children] == ["RayService"] + ["Service"] * spec.replicas
+    assert children[0]["apiVersion"] == "ray.io/v1"
+    assert children[0]["metadata"]["name"] == NAME
+    assert [c["metadata"]["name"] for c in children[1:]] == [
+        f"{NAME}-g{g}-master" for g in range(spec.replicas)
+    ]
+    for child in children:
+        meta = child["metadata"]
+        assert meta["namespace"] == NS
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "deepspeed.ai/v1alpha1",
+                "kind": "DeepSpeedInference",
+                "name": NAME,
+                "uid": UID,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert meta["labels"][L.LABEL_INFERENCE] == NAME
+        assert meta["labels"][L.LABEL_MANAGED_BY] == "dsi-operator"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_one_worker_group_per_rank_with_its_env_and_pin(case: str) -> None:
+    spec = parse_spec(CASES[case])
+    workers = _workers(_render(CASES[case]))
+    assert [(w["groupName"]) for w in workers] == [f"g{g}-r{r}" for g, r in expected_ranks(spec)]
+    for w, (g, r) in zip(workers, expected_ranks(spec), strict=True):
+        assert (w["replicas"], w["minReplicas"], w["maxReplicas"]) == (1, 1, 1)
+        env = _env(w)
+        assert env["RANK"] == str(r)
+        assert env["WORLD_SIZE"] == str(spec.tensor_parallel_size)
+        assert env["LOCAL_RANK"] == "0"
+        assert env["MASTER_ADDR"] == f"{NAME}-g{g}-master.{NS}.svc.cluster.local"
+        assert env["MASTER_PORT"] == str(spec.master_port)
+        assert env["DSI_GROUP"] == str(g)
+        if POD_ENV_NUM_GROUPS:
+            assert env["DSI_NUM_GROUPS"] == str(spec.replicas)
+        assert "LOCAL_SIZE" not in env  # see DESIGN: CPU shm all-reduce across pods
+        for key in NCCL_DEFAULTS:
+            assert key in env
+        params = w["rayStartParams"]
+        pinned = json.loads(params["resources"].strip("'"))
+        assert pinned == {f"dsi_g{g}_r{r}": 1}
+        assert params["num-gpus"] == str(spec.resources.gpus)
+        pod = w["template"]
+        assert pod["metadata"]["labels"][L.LABEL_GROUP] == str(g)
+        assert pod["metadata"]["labels"][L.LABEL_RANK] == str(r)
+        assert pod["metadata"]["labels"][L.LABEL_ROLE] == "worker"
+        assert group_of_pod(pod["metadata"]["labels"]) == (g, r)
+        container = pod["spec"]["containers"][0]
+        assert container["name"] == "ray-worker"
+        assert container["image"] == spec.image
+        ports = container.get("ports", [])
+        if r == 0:
+            assert ports == [{"name": "dist", "containerPort": spec.master_port}]
+        else:
+            assert ports == []
+        shm = [v for v in pod["spec"]["volumes"] if v["name"] == "dshm"]
+        assert shm == [
+            {
+                "name": "dshm",
+                "emptyDir": {"medium": "Memory", "sizeLimit": spec.gpu.shared_memory_size},
+            }
+        ]
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gpu_operator_prerequisites(case: str) -> None:
+    spec = parse_spec(CASES[case])
+    for w in _workers(_render(CASES[case])):
+        pod = w["template"]["spec"]
+        res = pod["containers"][0]["resources"]
+        if spec.resources.gpus:
+            for kind in ("requests", "limits"):
+                assert res[kind][spec.gpu.resource_name] == str(spec.resources.gpus)
+        else:
+            assert spec.gpu.resource_name not in res.get("limits", {})
+        if spec.gpu.runtime_class_name:
+            assert pod["runtimeClassName"] == spec.gpu.runtime_class_name
+        else:
+            assert "runtimeClassName" not in pod
+        assert pod.get("nodeSelector", {}) == spec.gpu.node_selector
+        assert pod.get("tolerations", []) == [
+            t.model_dump(mode="json", by_alias=True, exclude_none=True)
+            for t in spec.gpu.tolerations
+        ]
+
+
+def test_default_gpu_settings_follow_the_gpu_operator() -> None:
+    (w,) = _workers(_render(CASES["tp1-replicas1"]))
+    pod = w["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert "runtimeClassName" not in pod
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_head_has_no_gpus_and_takes_no_work(case: str) -> None:
+    spec = parse_spec(CASES[case])
+    head = _render(CASES[case])[0]["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    container = head["template"]["spec"]["containers"][0]
+    limits = container["resources"]["limits"]
+    assert set(limits) == {"cpu", "memory"}
+    assert {"name": "serve", "containerPort": spec.serve.port} in container["ports"]
+    assert head["template"]["metadata"]["labels"][L.LABEL_ROLE] == "head"
+    assert "tolerations" not in head["template"]["spec"]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_master_service_selects_exactly_its_groups_rank0(case: str) -> None:
+    spec = parse_spec(CASES[case])
+    children = _render(CASES[case])
+    pods = {
+        (g, r): w["template"]["metadata"]["labels"]
+        for w, (g, r) in zip(_workers(children), expected_ranks(spec), strict=True)
+    }
+    for svc in children[1:]:
+        s = svc["spec"]
+        assert s["clusterIP"] == "None" and s["publishNotReadyAddresses"] is True
+        assert s["ports"][0]["port"] == spec.master_port
+        selected = [
+            k
+            for k, labels in pods.items()
+            if all(labels.get(key) == value for key, value in s["selector"].items())
+        ]
+        g = int(svc["metadata"]["labels"][L.LABEL_GROUP])
+        assert selected == [(g, 0)]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_serve_config_is_accepted_by_the_worker_app(case: str) -> None:
+    from dsi_worker.config import parse_args
+
+    spec = parse_spec(CASES[case])
+    rs = _render(CASES[case])[0]
+    config = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    assert config == serve_config(spec)
+    (app,) = config["applications"]
+    assert app["import_path"] == "dsi_worker.app:build_app"
+    assert app["route_prefix"] == spec.serve.route_prefix
+    args = parse_args(app["args"])  # raises if a key or value is not what the worker takes
+    assert args.tensor_parallel_size == spec.tensor_parallel_size
+    assert args.num_groups == spec.replicas
+    assert args.max_new_tokens == spec.serve.max_new_tokens
+    assert args.model_name() == spec.served_model_name
+    if spec.model.pvc is not None:
+        assert args.model == f"/mnt/model/{spec.model.pvc.path}"
+
+
+def test_custom_serve_port_sets_http_options() -> None:
+    config = serve_config(CASES["runtime-class-pvc-overrides"])
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8080}
+    assert "http_options" not in serve_config(CASES["tp1-replicas1"])
+
+
+# --- Specific behaviours ---------------------------------------------------------------------
+
+
+def test_no_kopf_annotations_or_labels_leak() -> None:
+    body = {
+        "apiVersion": "deepspeed.ai/v1alpha1",
+        "kind": "DeepSpeedInference",
+        "metadata": {
+            "name": NAME,
+            "namespace": NS,
+            "uid": UID,
+            "generation": 3,
+            "annotations": {
+                "kopf.zalando.org/last-handled-configuration": '{"spec": {}}',
+                "kopf.zalando.org/touch-dummy": "x",
+                "kubectl.kubernetes.io/last-applied-configuration": "{}",
+            },
+            "labels": {"owner-label": "x"},
+            "finalizers": ["kopf.zalando.org/KopfFinalizerMarker"],
+        },
+        "spec": CASES["tp2-replicas3"],
+    }
+    children = render_body(body)
+    text = json.dumps(children)
+    assert "kopf" not in text and "last-applied" not in text and "owner-label" not in text
+    assert children == _render(CASES["tp2-replicas3"])
+
+
+def test_user_env_cannot_override_rank_vars_but_can_override_nccl() -> None:
+    w = _workers(_render(CASES["runtime-class-pvc-overrides"]))[5]  # group 1, rank 1
+    env = _env(w)
+    assert env["RANK"] == "1"
+    assert env["NCCL_DEBUG"] == "INFO"
+    assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    names = [e["name"] for e in w["template"]["spec"]["containers"][0]["env"]]
+    assert len(names) == len(set(names))
+
+
+def test_operator_labels_win_over_user_labels() -> None:
+    w = _workers(_render(CASES["runtime-class-pvc-overrides"]))[1]
+    labels = w["template"]["metadata"]["labels"]
+    assert labels[L.LABEL_RANK] == "1" and labels["team"] == "ml"
+    assert labels[L.LABEL_MANAGED_BY] == "dsi-operator"
+
+
+def test_rendering_is_deterministic_and_does_not_mutate_input() -> None:
+    spec = copy.deepcopy(CASES["runtime-class-pvc-overrides"])
+    first = _render(spec)
+    assert spec == CASES["runtime-class-pvc-overrides"]
+    assert _render(spec) == first
+    assert render_children(NAME, NS, UID, parse_spec(spec)) == first
+
+
+def test_default_image_is_the_pinned_worker_image() -> None:
+    spec = {"model": {"name": "facebook/opt-66b"}}
+    rs = _render(spec)[0]
+    (w,) = _workers([rs])
+    assert w["template"]["spec"]["containers"][0]["image"] == DEFAULT_WORKER_IMAGE
+    assert ":" in DEFAULT_WORKER_IMAGE and not DEFAULT_WORKER_IMAGE.endswith(":latest")
+
+
+def test_zero_replicas_renders_head_only() -> None:
+    children = _render(_spec(replicas=0, tensorParallelSize=4))
+    assert len(children) == 1
+    assert "workerGroupSpecs" not in children[0]["spec"]["rayClusterConfig"]
+
+
+# --- Group hashes ------------------------------------------------------------------------------
+
+
+def test_group_hash_is_on_every_worker_pod_template() -> None:
+    spec = CASES["tp2-replicas3"]
+    hashes = spec_hash_by_group(spec)
+    assert group_hashes is spec_hash_by_group
+    assert sorted(hashes) == [0, 1, 2]
+    for w in _workers(_render(spec)):
+        g, _ = L.parse_worker_group_name(w["groupName"]) or (-1, -1)
+        assert w["template"]["metadata"]["annotations"][L.ANNOTATION_GROUP_HASH] == hashes[g]
+
+
+def test_changes_outside_the_pod_templates_keep_every_group_hash() -> None:
+    base = spec_hash_by_group(CASES["tp2-replicas3"])
+    for change in (
+        {"restartPolicy": {"maxRestarts": 1, "formationTimeoutSeconds": 60}},
+        {"serve": {"maxBatchSize": 32, "maxNewTokens": 64}},
+        {"model": {"name": "facebook/opt-30b", "dtype": "float16"}},
+    ):
+        assert spec_hash_by_group({**CASES["tp2-replicas3"], **change}) == base, change
+
+
+def test_scaling_up_keeps_existing_groups_only_without_num_groups_env(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dsi_operator import render
+
+    spec = CASES["tp2-replicas3"]
+    for in_env in (True, False):
+        monkeypatch.setattr(render, "POD_ENV_NUM_GROUPS", in_env)
+        base = spec_hash_by_group(spec)
+        scaled = spec_hash_by_group({**spec, "replicas": 5})
+        kept = {g: scaled[g] for g in base} == base
+        # KubeRay appends new worker groups in place only when existing ones are unchanged;
+        # DSI_NUM_GROUPS in every pod changes them all, so then every group rolls.
+        assert kept is (not in_env)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"image": "other:1"},
+        {"tensorParallelSize": 4},
+        {"resources": {"gpus": 2}},
+        {"gpu": {"runtimeClassName": "nvidia"}},
+        {"env": [{"name": "X", "value": "1"}]},
+        {"masterPort": 29501},
+        {"model": {"pvc": {"claimName": "weights"}}},
+        {"head": {"resources": {"cpu": "3"}}},
+        {"serve": {"port": 9000}},
+        {"podTemplate": {"annotations": {"a": "b"}}},
+    ],
+)
+def test_pod_template_changes_roll_every_group(change: dict[str, Any]) -> None:
+    base = spec_hash_by_group(CASES["tp2-replicas3"])
+    changed = spec_hash_by_group({**CASES["tp2-replicas3"], **change})
+    assert all(changed[g] != base[g] for g in base)
+    assert len(set(base.values())) == len(base)  # groups differ from each other
+
+
+def test_hash_does_not_depend_on_name_or_namespace() -> None:
+    spec = CASES["tp2-replicas1"]
+    a = render_children("a", "ns1", UID, spec)
+    b = render_children("bb", "ns2", UID, spec)
+    annotations_a = [w["template"]["metadata"]["annotations"] for w in _workers(a)]
+    annotations_b = [w["template"]["metadata"]["annotations"] for w in _workers(b)]
+    assert annotations_a == annotations_b
+
+
+# --- Helpers -------------------------------------------------------------------------------------
+
+
+def test_helpers() -> None:
+    assert expected_ranks(_spec(tensorParallelSize=2, replicas=2)) == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+    ]
+    assert group_of_pod({L.LABEL_GROUP: "3", L.LABEL_RANK: "1", L.LABEL_ROLE: "worker"}) == (3, 1)
+    assert group_of_pod({L.LABEL_ROLE: "head", L.LABEL_INFERENCE: "x"}) is None
+    assert group_of_pod({L.LABEL_GROUP: "x", L.LABEL_RANK: "1"}) is None
+    assert group_of_pod(None) is None
+    assert endpoint("llm", "ns") == "http://llm-serve-svc.ns.svc.cluster.local:8000"
+    assert (
+        endpoint("llm", "ns", CASES["runtime-class-pvc-overrides"])
+        == "http://llm-serve-svc.ns.svc.cluster.local:8080/llm"
+    )
+    assert L.parse_worker_group_name(L.worker_group_name(12, 7)) == (12, 7)
+    assert L.parse_worker_group_name("headgroup") is None
+    assert L.selector_for("llm") == "deepspeed.ai/inference=llm,deepspeed.ai/role=worker"

@@ -1,0 +1,250 @@
+"""Every whole-group restart decision, as plain functions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from dsi_operator.restart import (
+    TRIGGER_CONTAINER_RESTART,
+    TRIGGER_FORMATION_TIMEOUT,
+    TRIGGER_NODE_LOST,
+    TRIGGER_NODE_NOT_READY,
+    TRIGGER_POD_DELETED,
+    TRIGGER_POD_EVICTED,
+    TRIGGER_POD_FAILED,
+    TRIGGER_POD_STUCK_TERMINATING,
+    TRIGGER_SPEC_CHANGED,
+    ContinueRestart,
+    Fail,
+    GroupState,
+    NoAction,
+    NodeInfo,
+    PodInfo,
+    Restart,
+    RestartDone,
+    RestartPolicy,
+    Wait,
+    consecutive_restarts,
+    decide,
+    find_triggers,
+    group_pods_ready,
+)
+
+NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+POLICY = RestartPolicy(
+    max_restarts=3,
+    window_seconds=600,
+    backoff_seconds=10,
+    max_backoff_seconds=60,
+    multiplier=2,
+    quiet_period_seconds=300,
+    terminating_grace_seconds=30,
+    node_grace_seconds=40,
+    formation_timeout_seconds=120,
+)
+NODES = {"n0": NodeInfo("n0"), "n1": NodeInfo("n1")}
+
+
+def pod(rank: int, uid: str | None = None, **kw: object) -> PodInfo:
+    base: dict[str, object] = dict(
+        name=f"p{rank}",
+        uid=uid or f"u{rank}",
+        rank=rank,
+        phase="Running",
+        ready=True,
+        node_name=f"n{rank % 2}",
+    )
+    base.update(kw)
+    return PodInfo(**base)  # type: ignore[arg-type]
+
+
+def formed(tp: int = 2, **kw: object) -> GroupState:
+    base: dict[str, object] = dict(
+        index=0, members=tuple(f"u{r}" for r in range(tp)), formed_at=NOW - timedelta(hours=1)
+    )
+    base.update(kw)
+    return GroupState(**base)  # type: ignore[arg-type]
+
+
+def healthy(tp: int = 2) -> list[PodInfo]:
+    return [pod(r) for r in range(tp)]
+
+
+def test_healthy_formed_group_needs_nothing() -> None:
+    assert decide(healthy(), NODES, formed(), POLICY, 2, NOW) == NoAction()
+
+
+def test_group_ready_requires_every_rank_once() -> None:
+    assert group_pods_ready(healthy(3), 3)
+    assert not group_pods_ready(healthy(2), 3)
+    assert not group_pods_ready([pod(0), pod(1, ready=False)], 2)
+    assert not group_pods_ready([pod(0), pod(1), pod(1, uid="x")], 2)
+
+
+@pytest.mark.parametrize(
+    ("pods", "trigger"),
+    [
+        ([pod(0), pod(1, restart_count=1)], TRIGGER_CONTAINER_RESTART),
+        ([pod(0), pod(1, phase="Failed")], TRIGGER_POD_FAILED),
+        ([pod(0), pod(1, phase="Failed", reason="Evicted")], TRIGGER_POD_EVICTED),
+        ([pod(0)], TRIGGER_POD_DELETED),
+        ([pod(0), pod(1, uid="new")], TRIGGER_POD_DELETED),
+        (
+            [pod(0), pod(1, deletion_timestamp=NOW - timedelta(seconds=31))],
+            TRIGGER_POD_STUCK_TERMINATING,
+        ),
+        ([pod(0), pod(1, node_name="gone")], TRIGGER_NODE_LOST),
+    ],
+)
+def test_each_trigger_restarts_the_whole_group(pods: list[PodInfo], trigger: str) -> None:
+    d = decide(pods, NODES, formed(), POLICY, 2, NOW)
+    assert isinstance(d, Restart)
+    assert d.trigger == trigger
+    assert d.group == 0
+    # every current pod of the group is replaced, not only the failed one
+    assert set(d.pods) == {p.uid for p in pods}
+
+
+def test_terminating_within_grace_is_not_stuck() -> None:
+    pods = [pod(0), pod(1, deletion_timestamp=NOW - timedelta(seconds=5))]
+    triggers = find_triggers(pods, NODES, GroupState(index=0), POLICY, 2, NOW)
+    assert triggers == []
+
+
+def test_node_not_ready_waits_for_grace() -> None:
+    since = NOW - timedelta(seconds=10)
+    nodes = {"n0": NodeInfo("n0"), "n1": NodeInfo("n1", ready=False, since=since)}
+    assert decide(healthy(), nodes, formed(), POLICY, 2, NOW) == NoAction()
+    later = NOW + timedelta(seconds=31)
+    d = decide(healthy(), nodes, formed(), POLICY, 2, later)
+    assert isinstance(d, Restart) and d.trigger == TRIGGER_NODE_NOT_READY
+    assert d.pod == "p1"
+
+
+def test_formation_deadline() -> None:
+    pods = [pod(0), pod(1, ready=False, phase="Pending")]
+    state = GroupState(index=0, forming_since=NOW - timedelta(seconds=100))
+    assert decide(pods, NODES, state, POLICY, 2, NOW) == NoAction()
+    d = decide(pods, NODES, state, POLICY, 2, NOW + timedelta(seconds=21))
+    assert isinstance(d, Restart) and d.trigger == TRIGGER_FORMATION_TIMEOUT
+
+
+def test_unformed_group_without_clock_waits() -> None:
+    # A group seen for the first time has no formation clock yet: nothing fires.
+    assert decide([pod(0, ready=False)], NODES, GroupState(index=0), POLICY, 2, NOW) == NoAction()
+
+
+def test_one_incident_one_restart_even_with_several_failed_pods() -> None:
+    pods = [pod(0, phase="Failed"), pod(1, restart_count=3), pod(2, phase="Failed")]
+    d = decide(pods, NODES, formed(tp=3), POLICY, 3, NOW)
+    assert isinstance(d, Restart)
+    assert "more" in d.reason
+    # once recorded, the next pass continues that restart instead of starting another
+    state = GroupState(
+        index=0, restarting_since=NOW, restart_pods=d.pods, restart_times=(NOW,), restarts=1
+    )
+    d2 = decide(pods, NODES, state, POLICY, 3, NOW + timedelta(seconds=1))
+    assert isinstance(d2, ContinueRestart)
+    assert set(d2.delete) == {"u0", "u1", "u2"}
+
+
+def test_continue_restart_resumes_and_finishes() -> None:
+    state = GroupState(
+        index=0, restarting_since=NOW, restart_pods=("u0", "u1"), restart_times=(NOW,)
+    )
+    # operator died after deleting u0: only u1 remains to delete
+    pods = [pod(0, uid="n0", ready=False, phase="Pending"), pod(1)]
+    d = decide(pods, NODES, state, POLICY, 2, NOW + timedelta(seconds=2))
+    assert d == ContinueRestart(0, ("u1",), ())
+    # u1 terminating past grace: force it
+    pods = [pod(0, uid="n0"), pod(1, deletion_timestamp=NOW - timedelta(seconds=60))]
+    d = decide(pods, NODES, state, POLICY, 2, NOW)
+    assert isinstance(d, ContinueRestart) and d.force == ("u1",) and d.delete == ()
+    # old pods gone but KubeRay not done yet
+    d = decide([pod(0, uid="n0")], NODES, state, POLICY, 2, NOW)
+    assert d == ContinueRestart(0, ())
+    # every rank has a new pod
+    d = decide([pod(0, uid="n0"), pod(1, uid="n1")], NODES, state, POLICY, 2, NOW)
+    assert d == RestartDone(0)
+
+
+def test_backoff_is_exponential_and_capped() -> None:
+    assert POLICY.backoff_for(0) == 0
+    assert POLICY.backoff_for(1) == 10
+    assert POLICY.backoff_for(2) == 20
+    assert POLICY.backoff_for(3) == 40
+    assert POLICY.backoff_for(10) == 60
+
+
+def test_second_restart_waits_for_backoff() -> None:
+    last = NOW - timedelta(seconds=5)
+    state = formed(restart_times=(last,), formed_at=NOW - timedelta(seconds=2), restarts=1)
+    pods = [pod(0), pod(1, phase="Failed")]
+    d = decide(pods, NODES, state, POLICY, 2, NOW)
+    assert isinstance(d, Wait)
+    assert d.until == last + timedelta(seconds=10)
+    d = decide(pods, NODES, state, POLICY, 2, NOW + timedelta(seconds=6))
+    assert isinstance(d, Restart)
+
+
+def test_budget_exhausted_fails() -> None:
+    times = tuple(NOW - timedelta(seconds=s) for s in (300, 200, 100))
+    state = formed(restart_times=times, formed_at=NOW - timedelta(seconds=50), restarts=3)
+    d = decide([pod(0), pod(1, phase="Failed")], NODES, state, POLICY, 2, NOW)
+    assert isinstance(d, Fail)
+    assert "maxRestarts 3" in d.reason
+    assert d.trigger == TRIGGER_POD_FAILED
+
+
+def test_budget_window_forgets_old_restarts() -> None:
+    times = tuple(NOW - timedelta(seconds=s) for s in (900, 800, 700))
+    state = formed(restart_times=times, restarts=3)
+    d = decide([pod(0), pod(1, phase="Failed")], NODES, state, POLICY, 2, NOW)
+    assert isinstance(d, Restart)
+
+
+def test_quiet_period_resets_backoff() -> None:
+    last = NOW - timedelta(seconds=400)
+    # formed for longer than the quiet period: immediate restart
+    state = formed(restart_times=(last,), formed_at=NOW - timedelta(seconds=301))
+    assert consecutive_restarts(state, POLICY, NOW) == 0
+    # chain of restarts closer than the quiet period
+    times = (NOW - timedelta(seconds=100), NOW - timedelta(seconds=50))
+    state = formed(restart_times=times, formed_at=NOW - timedelta(seconds=10))
+    assert consecutive_restarts(state, POLICY, NOW) == 2
+
+
+def test_max_restarts_zero_fails_on_first_trigger() -> None:
+    policy = RestartPolicy(max_restarts=0)
+    d = decide([pod(0), pod(1, phase="Failed")], NODES, formed(), policy, 2, NOW)
+    assert isinstance(d, Fail)
+
+
+def test_spec_change_rolls_without_budget_or_backoff() -> None:
+    times = tuple(NOW - timedelta(seconds=s) for s in (30, 20, 10))
+    state = formed(restart_times=times)
+    pods = [pod(0, group_hash="old"), pod(1, group_hash="old")]
+    d = decide(pods, NODES, state, POLICY, 2, NOW, desired_hash="new")
+    assert isinstance(d, Restart) and d.trigger == TRIGGER_SPEC_CHANGED
+    pods = [pod(0, group_hash="new"), pod(1, group_hash="new")]
+    assert decide(pods, NODES, state, POLICY, 2, NOW, desired_hash="new") == NoAction()
+
+
+def test_other_groups_are_independent() -> None:
+    # the decision for a healthy group ignores another group's failures entirely
+    g1 = formed(index=1, members=("v0", "v1"))
+    pods_g1 = [pod(0, uid="v0"), pod(1, uid="v1")]
+    assert decide(pods_g1, NODES, g1, POLICY, 2, NOW) == NoAction()
+
+
+def test_stuck_old_pod_does_not_block_or_retrigger() -> None:
+    state = GroupState(
+        index=0, restarting_since=NOW, restart_pods=("u0", "u1"), restart_times=(NOW,)
+    )
+    stuck = pod(1, deletion_timestamp=NOW - timedelta(seconds=31))
+    new = [pod(0, uid="n0"), pod(1, uid="n1")]
+    assert decide([stuck, *new], NODES, state, POLICY, 2, NOW) == RestartDone(0)
+    # once done, the abandoned stuck pod is ignored by the triggers
+    after = GroupState(index=0, forming_since=NOW, abandoned=("u1",))
+    assert decide([stuck, *new], NODES, after, POLICY, 2, NOW) == NoAction()

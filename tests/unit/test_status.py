@@ -1,0 +1,243 @@
+"""Status, phase and conditions computation, the no-change diff, and whole passes of the
+pure planner (reconcile.plan) over plain data."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from dsi_operator.preflight import GPUNeeds, evaluate
+from dsi_operator.reconcile import Observed, plan
+from dsi_operator.restart import GroupState, NodeInfo, PodInfo, Restart, RestartPolicy
+from dsi_operator.status import (
+    Condition,
+    RayServiceView,
+    StatusInputs,
+    advance_group,
+    compute_status,
+    group_states_from_status,
+    iso,
+    merge_conditions,
+    status_patch,
+)
+
+NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+SPEC: dict[str, Any] = {
+    "model": {"name": "tiny/llama"},
+    "tensorParallelSize": 2,
+    "replicas": 2,
+    "restartPolicy": {
+        "maxRestarts": 2,
+        "windowSeconds": 600,
+        "backoff": {"initialSeconds": 5, "maxSeconds": 20},
+        "terminatingGraceSeconds": 5,
+        "nodeNotReadyGraceSeconds": 5,
+        "formationTimeoutSeconds": 60,
+    },
+}
+GPU_NODE = {
+    "metadata": {"name": "n0", "labels": {"nvidia.com/gpu.present": "true"}},
+    "spec": {"taints": [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]},
+    "status": {
+        "allocatable": {"nvidia.com/gpu": "8"},
+        "conditions": [{"type": "Ready", "status": "True"}],
+    },
+}
+GPU_TOL = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+READY_POLICY = [{"metadata": {"name": "cluster-policy"}, "status": {"state": "ready"}}]
+
+
+def pods_for(g: int, tp: int = 2, **kw: Any) -> list[PodInfo]:
+    return [
+        PodInfo(
+            name=f"w-g{g}-r{r}",
+            uid=f"g{g}u{r}",
+            rank=r,
+            phase=kw.get("phase", "Running"),
+            ready=kw.get("ready", True),
+            node_name="n0",
+        )
+        for r in range(tp)
+    ]
+
+
+def observed(status: dict[str, Any] | None = None, **kw: Any) -> Observed:
+    base: dict[str, Any] = dict(
+        name="demo",
+        namespace="ns",
+        generation=1,
+        spec=SPEC,
+        status=status or {},
+        now=NOW,
+        pods={0: pods_for(0), 1: pods_for(1)},
+        nodes={"n0": NodeInfo("n0")},
+        preflight=evaluate(True, READY_POLICY, [GPU_NODE], GPUNeeds(tp=2, tolerations=GPU_TOL)),
+        children_created=True,
+        rayservice=RayServiceView(exists=True, ready=False, message="waiting for serve"),
+    )
+    base.update(kw)
+    return Observed(**base)
+
+
+def settle(obs: Observed, passes: int = 3) -> dict[str, Any]:
+    """Run passes until status stops changing (the handlers do the same over time)."""
+    status = dict(obs.status)
+    for _ in range(passes):
+        obs.status = status
+        p = plan(obs)
+        if p.patch is None:
+            return status
+        status = p.status
+    return status
+
+
+def test_sim_cluster_is_forming_with_honest_message() -> None:
+    st = settle(observed())
+    assert st["phase"] == "Forming"
+    assert "waiting for Ray Serve" in st["message"]
+    assert st["readyReplicas"] == 0 and st["ready"] == "0/2"
+    assert [g["readyRanks"] for g in st["groups"]] == [2, 2]
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert conds["RayServiceReady"]["status"] == "False"
+    assert conds["GroupsFormed"]["status"] == "False"
+    assert conds["KubeRayAvailable"]["status"] == "True"
+    assert conds["GPUOperatorReady"]["status"] == "True"
+    assert conds["GPUCapacity"]["status"] == "True"
+    assert st["endpoint"] == "http://demo-serve-svc.ns.svc.cluster.local:8000"
+    # membership is recorded once the pods are ready
+    assert st["groups"][0]["members"] == ["g0u0", "g0u1"]
+
+
+def test_no_write_when_nothing_changed() -> None:
+    st = settle(observed())
+    p = plan(observed(status=st, now=NOW + timedelta(seconds=30)))
+    assert p.patch is None
+    assert p.events == []
+    assert not p.acts
+
+
+def test_ready_and_degraded() -> None:
+    rs = RayServiceView(exists=True, ready=True)
+    st = settle(observed(rayservice=rs))
+    assert st["phase"] == "Ready" and st["readyReplicas"] == 2 and st["ready"] == "2/2"
+    obs = observed(status=st, rayservice=rs, pods={0: pods_for(0), 1: pods_for(1, ready=False)})
+    obs.status = {k: v for k, v in st.items() if k != "groups"}  # group 1 not formed yet
+    st2 = plan(obs).status
+    assert st2["phase"] == "Degraded" and st2["readyReplicas"] == 1
+
+
+def test_provisioning_and_pending() -> None:
+    st = settle(observed(pods={0: pods_for(0, phase="Pending", ready=False)}))
+    assert st["phase"] == "Provisioning"
+    assert "0/4 worker pods running" in st["message"]
+    st = settle(observed(children_created=False, pods={}))
+    assert st["phase"] == "Pending"
+
+
+def test_pod_failure_restarts_exactly_that_group_then_completes() -> None:
+    st = settle(observed())
+    bad = pods_for(1)
+    bad[1] = PodInfo(name="w-g1-r1", uid="g1u1", rank=1, phase="Failed", node_name="n0")
+    p = plan(observed(status=st, pods={0: pods_for(0), 1: bad}))
+    assert [r.group for r in p.restarts] == [1]
+    assert p.restarts[0].trigger == "PodFailed"
+    assert p.status["phase"] == "Restarting"
+    assert p.status["restarts"] == 1
+    g1 = p.status["groups"][1]
+    assert g1["restarts"] == 1 and g1["restartingSince"] and g1["restartPods"] == ["g1u0", "g1u1"]
+    assert g1["lastRestartReason"].startswith("PodFailed")
+    assert p.status["groups"][0].get("restarts") == 0
+    assert any(e.reason == "GroupRestart" and "group 1" in e.message for e in p.events)
+    # the operator "crashes" here and comes back: same status, same pods -> continue, no recount
+    p2 = plan(observed(status=p.status, pods={0: pods_for(0), 1: bad}))
+    assert not p2.restarts and p2.continues and p2.status["restarts"] == 1
+    # new pods for group 1: the restart completes and the group forms again
+    new = [
+        PodInfo(name=f"n{r}", uid=f"new{r}", rank=r, phase="Running", ready=True) for r in (0, 1)
+    ]
+    st3 = settle(observed(status=p2.status, pods={0: pods_for(0), 1: new}))
+    assert st3["phase"] == "Forming"
+    assert "restartingSince" not in st3["groups"][1]
+    assert st3["groups"][1]["members"] == ["new0", "new1"]
+    assert st3["restarts"] == 1
+
+
+def test_budget_exhausted_goes_failed_and_stays_until_spec_change() -> None:
+    st = settle(observed())
+    times = [iso(NOW - timedelta(seconds=s)) for s in (100, 50)]
+    for g in st["groups"]:
+        if g["index"] == 0:
+            g["restartTimes"] = times
+            g["restarts"] = 2
+    bad = [PodInfo(name="x", uid="g0u0", rank=0, phase="Failed"), pods_for(0)[1]]
+    p = plan(observed(status=st, pods={0: bad, 1: pods_for(1)}))
+    assert p.status["phase"] == "Failed"
+    assert "maxRestarts 2" in p.status["message"]
+    assert not p.restarts
+    assert any(e.reason == "RestartBudgetExhausted" for e in p.events)
+    # sticky
+    p2 = plan(observed(status=p.status, pods={0: bad, 1: pods_for(1)}))
+    assert p2.status["phase"] == "Failed" and not p2.restarts
+    # a spec change (new generation) clears it and the restart can happen
+    p3 = plan(observed(status=p.status, generation=2, pods={0: bad, 1: pods_for(1)}))
+    assert p3.status["phase"] == "Restarting" and p3.restarts
+
+
+def test_invalid_spec_names_the_field_and_never_raises() -> None:
+    bad = dict(SPEC, tensorParallelSize="four")
+    p = plan(observed(spec=bad))
+    assert p.status["phase"] == "Failed"
+    assert "spec.tensorParallelSize" in p.status["message"]
+    assert p.blocked
+    assert p.events and p.events[0].reason == "InvalidSpec"
+    p2 = plan(observed(spec=bad, status=p.status))
+    assert p2.patch is None and not p2.events
+
+
+def test_blocking_preflight_keeps_pending() -> None:
+    spec = dict(SPEC, gpu={"requireGPUOperator": True})
+    pre = evaluate(True, None, [GPU_NODE], GPUNeeds(tp=2, require_gpu_operator=True))
+    p = plan(observed(spec=spec, preflight=pre, children_created=False, pods={}))
+    assert p.blocked and p.status["phase"] == "Pending"
+    assert "requireGPUOperator" in p.status["message"]
+    assert any(e.reason == "Preflight" for e in p.events)
+
+
+def test_condition_transition_time_kept_while_status_same() -> None:
+    c = [Condition("KubeRayAvailable", "True", "CRDPresent", "ok")]
+    first = merge_conditions(None, c, 1, NOW)
+    later = merge_conditions(first, c, 1, NOW + timedelta(hours=1))
+    assert later[0]["lastTransitionTime"] == first[0]["lastTransitionTime"]
+    flipped = merge_conditions(
+        first, [Condition("KubeRayAvailable", "False", "x", "y")], 1, NOW + timedelta(hours=1)
+    )
+    assert flipped[0]["lastTransitionTime"] == iso(NOW + timedelta(hours=1))
+
+
+def test_status_patch_diff() -> None:
+    assert status_patch({"a": 1, "kopf": {"x": 1}}, {"a": 1}) is None
+    assert status_patch({"a": 1, "b": 2}, {"a": 1}) == {"b": None}
+    assert status_patch({"a": 1}, {"a": 2}) == {"a": 2}
+
+
+def test_bookkeeping_roundtrip() -> None:
+    policy = RestartPolicy()
+    st = GroupState(index=0)
+    r = Restart(0, "PodFailed", "p", "why", ("a", "b"))
+    after = advance_group(st, r, [], 2, policy, NOW)
+    inp = StatusInputs(
+        name="d",
+        namespace="n",
+        generation=1,
+        replicas=1,
+        tp=2,
+        current={},
+        now=NOW,
+        groups={0: after},
+        children_created=True,
+    )
+    status = compute_status(inp)
+    back = group_states_from_status(status)[0]
+    assert back.restart_pods == ("a", "b")
+    assert back.restarting_since == NOW
+    assert back.restarts == 1

@@ -1,0 +1,110 @@
+"""Pure request/response logic of the worker (no Ray, no torch)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsi_worker import protocol as P
+from dsi_worker.config import parse_args
+
+pytestmark = pytest.mark.worker
+
+LIMITS = P.Limits(served_model_name="m", max_new_tokens=32, max_model_len=100)
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "param"),
+    [
+        (P.CompletionRequest, {"prompt": ""}, "prompt"),
+        (P.CompletionRequest, {"prompt": ["a", "b"]}, "prompt"),
+        (P.CompletionRequest, {"prompt": "x", "temperature": 2.5}, "temperature"),
+        (P.CompletionRequest, {"prompt": "x", "temperature": -0.1}, "temperature"),
+        (P.CompletionRequest, {"prompt": "x", "top_p": 0}, "top_p"),
+        (P.CompletionRequest, {"prompt": "x", "top_p": 1.5}, "top_p"),
+        (P.CompletionRequest, {"prompt": "x", "top_k": -2}, "top_k"),
+        (P.CompletionRequest, {"prompt": "x", "n": 2}, "n"),
+        (P.CompletionRequest, {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        (P.CompletionRequest, {}, "prompt"),
+        (P.ChatRequest, {"messages": []}, "messages"),
+        (P.ChatRequest, {"messages": [{"role": "user", "content": ""}]}, "messages"),
+        (P.ChatRequest, {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        (P.GenerateRequest, {"prompt": ""}, "prompt"),
+    ],
+)
+def test_validation_names_the_field(model: type, body: dict, param: str) -> None:
+    with pytest.raises(P.ApiError) as ei:
+        P.parse_request(model, body)
+    assert ei.value.status == 400
+    assert ei.value.param == param
+    assert param in ei.value.message
+
+
+def test_non_object_body() -> None:
+    with pytest.raises(P.ApiError):
+        P.parse_request(P.CompletionRequest, ["x"])
+
+
+def test_lengths() -> None:
+    assert P.check_lengths(10, 5, LIMITS) == 5
+    assert P.check_lengths(90, None, LIMITS) == 10  # what fits
+    assert P.check_lengths(10, None, LIMITS) == 32  # the cap
+    with pytest.raises(P.ApiError) as ei:
+        P.check_lengths(10, 33, LIMITS)
+    assert ei.value.param == "max_tokens" and "cap" in ei.value.message
+    with pytest.raises(P.ApiError) as ei:
+        P.check_lengths(80, 30, LIMITS)
+    assert ei.value.code == "context_length_exceeded" and ei.value.param == "max_tokens"
+    with pytest.raises(P.ApiError) as ei:
+        P.check_lengths(100, 1, LIMITS)
+    assert ei.value.param == "prompt"
+
+
+def test_model_name() -> None:
+    P.check_model(None, LIMITS)
+    P.check_model("m", LIMITS)
+    with pytest.raises(P.ApiError) as ei:
+        P.check_model("gpt-4", LIMITS)
+    assert ei.value.status == 404 and ei.value.param == "model"
+
+
+def test_stop_and_increments() -> None:
+    assert P.apply_stop("hello world", ["o w", "ld"]) == ("hell", True)
+    assert P.apply_stop("hello", ["x"]) == ("hello", False)
+    table = {1: b"h", 2: b"\xc3", 3: b"\xa9", 4: b"!"}
+
+    def decode(ids: list[int]) -> str:
+        return b"".join(table[i] for i in ids).decode("utf-8", errors="replace")
+
+    # The half character (0xc3) is held back until it completes.
+    assert P.incremental_texts(decode, [1, 2, 3, 4]) == ["h", "é", "!"]
+
+
+def test_shapes_and_sse() -> None:
+    r = P.completion_response("id", "m", "t", "length", 3, 2)
+    assert r["choices"][0]["text"] == "t" and r["usage"]["total_tokens"] == 5
+    c = P.chat_response("id", "m", "t", "stop", 3, 2)
+    assert c["choices"][0]["message"] == {"role": "assistant", "content": "t"}
+    frame = P.sse(P.chat_chunk("id", "m", {"content": "x"}, None))
+    assert frame.startswith("data: ") and frame.endswith("\n\n")
+    assert json.loads(frame[6:])["object"] == "chat.completion.chunk"
+    assert P.SSE_DONE == "data: [DONE]\n\n"
+
+
+def test_choose_group_balances() -> None:
+    assert P.choose_group([], {}, 0) is None
+    assert P.choose_group([0, 1], {0: 3, 1: 1}, 0) == 1
+    picks = {P.choose_group([0, 1, 2], {}, i) for i in range(3)}
+    assert picks == {0, 1, 2}
+
+
+def test_app_args_errors_name_fields() -> None:
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        parse_args({"tensor_parallel_size": 0})
+    with pytest.raises(ValueError, match="dtype"):
+        parse_args({"dtype": "int8"})
+    with pytest.raises(ValueError, match="bogus"):
+        parse_args({"bogus": 1})
+    a = parse_args({"model": "facebook/opt-1.3b", "num_groups": 2})
+    assert a.model_name() == "facebook/opt-1.3b" and a.num_groups == 2

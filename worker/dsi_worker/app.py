@@ -1,0 +1,431 @@
+"""The Serve application: OpenAI-style HTTP ingress in front of ``num_groups`` TP groups.
+
+``build_app`` is the import path the operator's RayService points at
+(``dsi_worker.app:build_app``) with the app args as a dict.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI must see the real ``Request``
+# annotation on the routes of the pickled ingress class.
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from dsi_worker import protocol as P
+from dsi_worker.config import AppArgs, parse_args
+from dsi_worker.engine import GenRequest, SamplingParams, load_tokenizer, resolve_model_path
+from dsi_worker.group import Group
+
+log = logging.getLogger("ray.serve")
+
+RETRY_AFTER_S = 5
+STATUS_TIMEOUT_S = 3.0
+STATUS_PERIOD_S = 1.0
+
+api = FastAPI(title="dsi-worker", description="DeepSpeed tensor-parallel inference")
+
+
+class _Metrics:
+    """Prometheus metrics of this ingress replica (own registry: no clashes on re-init)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("dsi_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("dsi_prompt_tokens", "Prompt tokens", registry=r)
+        self.generated_tokens = Counter(
+            "dsi_generated_tokens", "Generated (completion) tokens", registry=r
+        )
+        self.latency = Histogram(
+            "dsi_request_latency_seconds",
+            "End-to-end latency of generation requests",
+            ["endpoint"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "dsi_batch_size",
+            "Size of the batch each request ran in",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.group_restarts = Counter(
+            "dsi_group_restarts", "Times a group re-formed (new epoch seen)", ["group"], registry=r
+        )
+        self.groups_ready = Gauge("dsi_groups_ready", "Groups currently ready", registry=r)
+        self.groups_total = Gauge("dsi_groups", "Groups configured", registry=r)
+
+
+def _error(e: P.ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _unavailable(why: str) -> P.ApiError:
+    return P.ApiError(
+        503,
+        f"no tensor-parallel group is ready ({why}); retry later",
+        type_="service_unavailable",
+        code="group_not_ready",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+# Helpers the ingress uses are defined above it: @serve.ingress pickles the FastAPI app
+# (and the methods' globals) when the class is decorated.
+async def _await(resp: Any) -> Any:
+    return await resp
+
+
+def _context_len(model_path: str, args: AppArgs) -> int:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(
+        model_path, revision=args.revision, local_files_only=_is_dir(model_path)
+    )
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return 2048
+
+
+def _is_dir(path: str) -> bool:
+    from pathlib import Path
+
+    return Path(path).expanduser().is_dir()
+
+
+@serve.deployment(
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=1024,
+)
+@serve.ingress(api)
+class Ingress:
+    """HTTP front: validates, tokenises, balances across groups, shapes OpenAI answers."""
+
+    def __init__(self, args: dict[str, Any], model_path: str, *groups: DeploymentHandle) -> None:
+        self.args: AppArgs = parse_args(args)
+        self.groups = list(groups)
+        self.tokenizer = load_tokenizer(model_path, revision=self.args.revision)
+        self.limits = P.Limits(
+            served_model_name=self.args.model_name(),
+            max_new_tokens=self.args.max_new_tokens,
+            max_model_len=self.args.max_model_len or _context_len(model_path, self.args),
+        )
+        self.created = int(time.time())
+        self.metrics = _Metrics()
+        self.metrics.groups_total.set(len(self.groups))
+        self.states: dict[int, dict[str, Any]] = {}
+        self.epochs: dict[int, str] = {}
+        self.inflight: dict[int, int] = {g: 0 for g in range(len(self.groups))}
+        self.counter = 0
+        self._poller: asyncio.Task[None] | None = None
+        self._status_lock = asyncio.Lock()
+
+    # -- group state ---------------------------------------------------------------------
+
+    async def _status_of(self, g: int) -> dict[str, Any]:
+        try:
+            st: dict[str, Any] = await asyncio.wait_for(
+                _await(self.groups[g].status.remote()), STATUS_TIMEOUT_S
+            )
+        except Exception as e:  # replica restarting, timed out, or dead: not ready
+            st = {"group": g, "state": "unreachable", "error": type(e).__name__}
+        epoch = st.get("epoch")
+        if epoch:
+            old = self.epochs.get(g)
+            if old is not None and old != epoch:
+                self.metrics.group_restarts.labels(group=str(g)).inc()
+            self.epochs[g] = epoch
+        return st
+
+    async def _refresh(self) -> None:
+        async with self._status_lock:
+            sts = await asyncio.gather(*[self._status_of(g) for g in range(len(self.groups))])
+            self.states = {g: st for g, st in enumerate(sts)}
+            self.metrics.groups_ready.set(sum(1 for st in sts if st.get("state") == "ready"))
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                await self._refresh()
+            except Exception:  # keep polling whatever happens
+                log.exception("group status poll failed")
+            await asyncio.sleep(STATUS_PERIOD_S)
+
+    async def _ensure_polling(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+        if not self.states:
+            await self._refresh()
+
+    def _ready_groups(self) -> list[int]:
+        return [g for g, st in sorted(self.states.items()) if st.get("state") == "ready"]
+
+    # -- generation ----------------------------------------------------------------------
+
+    async def _generate(self, prompt_ids: list[int], params: SamplingParams) -> dict[str, Any]:
+        """Run on a ready group; 503 when none is, 504 past the request timeout."""
+        await self._ensure_polling()
+        deadline = time.monotonic() + self.args.request_timeout_s
+        tried: set[int] = set()
+        req = GenRequest(tuple(prompt_ids), params)
+        while True:
+            ready = [g for g in self._ready_groups() if g not in tried]
+            g = P.choose_group(ready, self.inflight, self.counter)
+            self.counter += 1
+            if g is None:
+                states = ", ".join(
+                    f"group-{k}: {st.get('state')}" for k, st in sorted(self.states.items())
+                )
+                raise _unavailable(states or "no status yet")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.inflight[g] += 1
+            resp = self.groups[g].generate.remote(req)
+            try:
+                out: dict[str, Any] = await asyncio.wait_for(_await(resp), left)
+            except TimeoutError:
+                resp.cancel()
+                break
+            except Exception as e:  # the group's replica died under us: try another
+                out = {"error": "unavailable", "state": "unreachable", "detail": str(e)[:200]}
+            finally:
+                self.inflight[g] -= 1
+            if out.get("error") == "unavailable":
+                self.states[g] = {**self.states.get(g, {}), "state": out.get("state")}
+                tried.add(g)
+                continue
+            self.metrics.batch_size.observe(out["batch_size"])
+            return out
+        raise P.ApiError(
+            504,
+            f"request timed out after {self.args.request_timeout_s:g}s",
+            type_="timeout",
+            code="request_timeout",
+        )
+
+    def _params(self, body: P._Sampling, max_new: int) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=max_new,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=max(body.top_k, 0),
+            seed=body.seed,
+        )
+
+    def _decode(self, ids: list[int]) -> str:
+        text: str = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return text
+
+    async def _complete(
+        self, prompt_ids: list[int], body: P._Sampling, max_new: int
+    ) -> tuple[str, str, list[int]]:
+        out = await self._generate(prompt_ids, self._params(body, max_new))
+        tokens: list[int] = out["token_ids"]
+        text, stopped = P.apply_stop(self._decode(tokens), body.stops())
+        finish = "stop" if stopped else out["finish_reason"]
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        self.metrics.generated_tokens.inc(len(tokens))
+        return text, finish, tokens
+
+    def _stream_deltas(self, tokens: list[int], text: str) -> list[str]:
+        """Text deltas of ``tokens``, cut where ``text`` (after stop sequences) ends."""
+        deltas, sent = [], 0
+        for d in P.incremental_texts(self._decode, tokens):
+            d = d[: max(len(text) - sent, 0)]
+            if d:
+                deltas.append(d)
+                sent += len(d)
+        if sent < len(text):
+            deltas.append(text[sent:])
+        return deltas
+
+    async def _handle(self, endpoint: str, request: Request, fn: Any) -> Response:
+        t0 = time.monotonic()
+        status = 500
+        try:
+            try:
+                body = await request.json()
+            except Exception:
+                raise P.ApiError(400, "request body is not valid JSON") from None
+            resp: Response = await fn(body)
+            status = resp.status_code
+            return resp
+        except P.ApiError as e:
+            status = e.status
+            return _error(e)
+        finally:
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            if status < 400:
+                self.metrics.latency.labels(endpoint=endpoint).observe(time.monotonic() - t0)
+
+    def _encode(self, text: str, *, special: bool = True) -> list[int]:
+        ids: list[int] = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        return ids
+
+    # -- routes --------------------------------------------------------------------------
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        """OpenAI completions (single prompt; ``stream`` supported)."""
+
+        async def run(raw: Any) -> Response:
+            body: P.CompletionRequest = P.parse_request(P.CompletionRequest, raw)
+            P.check_model(body.model, self.limits)
+            prompt_ids = self._encode(body.text())
+            max_new = P.check_lengths(len(prompt_ids), body.max_tokens, self.limits)
+            rid = P.new_id("cmpl")
+            text, finish, tokens = await self._complete(prompt_ids, body, max_new)
+            name = self.limits.served_model_name
+            if not body.stream:
+                return JSONResponse(
+                    P.completion_response(rid, name, text, finish, len(prompt_ids), len(tokens))
+                )
+            deltas = self._stream_deltas(tokens, text)
+
+            async def events() -> AsyncIterator[str]:
+                for d in deltas:
+                    yield P.sse(P.completion_chunk(rid, name, d, None))
+                yield P.sse(P.completion_chunk(rid, name, "", finish))
+                yield P.SSE_DONE
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        return await self._handle("completions", request, run)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        """OpenAI chat completions (``stream`` supported)."""
+
+        async def run(raw: Any) -> Response:
+            body: P.ChatRequest = P.parse_request(P.ChatRequest, raw)
+            P.check_model(body.model, self.limits)
+            msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+            if getattr(self.tokenizer, "chat_template", None):
+                prompt = self.tokenizer.apply_chat_template(
+                    msgs, tokenize=False, add_generation_prompt=True
+                )
+                prompt_ids = self._encode(prompt, special=False)
+            else:
+                prompt = P.simple_chat_prompt([(m["role"], m["content"]) for m in msgs])
+                prompt_ids = self._encode(prompt)
+            param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+            max_new = P.check_lengths(len(prompt_ids), body.max_new(), self.limits, param=param)
+            rid = P.new_id("chatcmpl")
+            text, finish, tokens = await self._complete(prompt_ids, body, max_new)
+            name = self.limits.served_model_name
+            if not body.stream:
+                return JSONResponse(
+                    P.chat_response(rid, name, text, finish, len(prompt_ids), len(tokens))
+                )
+            deltas = self._stream_deltas(tokens, text)
+
+            async def events() -> AsyncIterator[str]:
+                yield P.sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None))
+                for d in deltas:
+                    yield P.sse(P.chat_chunk(rid, name, {"content": d}, None))
+                yield P.sse(P.chat_chunk(rid, name, {}, finish))
+                yield P.SSE_DONE
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        return await self._handle("chat", request, run)
+
+    @api.post("/generate")
+    async def generate(self, request: Request) -> Response:
+        """Simple form: ``{"prompt", "max_tokens"}`` -> ``{"text", ...}`` (greedy default)."""
+
+        async def run(raw: Any) -> Response:
+            body: P.GenerateRequest = P.parse_request(P.GenerateRequest, raw)
+            P.check_model(body.model, self.limits)
+            prompt_ids = self._encode(body.prompt)
+            max_new = P.check_lengths(len(prompt_ids), body.max_tokens, self.limits)
+            t0 = time.monotonic()
+            out = await self._generate(prompt_ids, self._params(body, max_new))
+            tokens = out["token_ids"]
+            text, stopped = P.apply_stop(self._decode(tokens), body.stops())
+            self.metrics.prompt_tokens.inc(len(prompt_ids))
+            self.metrics.generated_tokens.inc(len(tokens))
+            return JSONResponse(
+                {
+                    "text": text,
+                    "token_ids": tokens,
+                    "finish_reason": "stop" if stopped else out["finish_reason"],
+                    "prompt_tokens": len(prompt_ids),
+                    "completion_tokens": len(tokens),
+                    "group": out["group"],
+                    "batch_size": out["batch_size"],
+                    "engine_s": out["engine_s"],
+                    "latency_s": time.monotonic() - t0,
+                }
+            )
+
+        return await self._handle("generate", request, run)
+
+    @api.get("/v1/models")
+    async def models(self) -> Response:
+        """The one served model."""
+        return JSONResponse(P.models_response(self.limits.served_model_name, self.created))
+
+    @api.get("/healthz")
+    async def healthz(self) -> Response:
+        """200 only when every group has formed; else 503 with Retry-After."""
+        await self._ensure_polling()
+        await self._refresh()
+        groups = [
+            {k: st.get(k) for k in ("group", "epoch", "state", "error", "ranks", "batches")}
+            for _, st in sorted(self.states.items())
+        ]
+        ok = bool(groups) and all(st["state"] == "ready" for st in groups)
+        body = {"status": "ok" if ok else "unavailable", "groups": groups}
+        if ok:
+            return JSONResponse(body)
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @api.get("/metrics")
+    async def prometheus(self) -> Response:
+        """Prometheus text format."""
+        return PlainTextResponse(
+            generate_latest(self.metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST
+        )
+
+
+def free_port() -> int:
+    """A TCP port that is free right now on this host."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve app builder: ``import_path: dsi_worker.app:build_app`` with ``args``.
+
+    Creates one ``group-<g>`` deployment per TP group and the ``ingress`` deployment.
+    """
+    a = parse_args(args)
+    model_path = resolve_model_path(a.model)
+    if a.local_mode and a.local_master_ports is None:
+        a = a.model_copy(update={"local_master_ports": [free_port() for _ in range(a.num_groups)]})
+    d = a.model_dump()
+    groups = [Group.options(name=f"group-{g}").bind(d, g, model_path) for g in range(a.num_groups)]
+    return Ingress.options(name="ingress").bind(d, model_path, *groups)

@@ -1,0 +1,69 @@
+"""Validated arguments of the Serve application (what the operator's serve config passes)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+class AppArgs(BaseModel):
+    """Arguments of ``dsi_worker.app:build_app``; keys are snake_case, as in the RayService.
+
+    ``model`` is a hub id or a local directory; ``None`` means the tiny test model, built on
+    first use (local mode and tests only).
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(None, description="hub id or local path; None = tiny test model")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    dtype: Dtype = "auto"
+    tensor_parallel_size: int = Field(1, ge=1, le=256)
+    num_groups: int = Field(1, ge=1, le=1024)
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=10.0)
+    max_new_tokens: int = Field(256, ge=1, description="cap on max_tokens per request")
+    max_model_len: int | None = Field(None, ge=1, description="context length; default: model's")
+    kernel_inject: bool = False
+    served_model_name: str | None = None
+    request_timeout_s: float = Field(120.0, gt=0)
+    # How long a group may take to form (process group + model load) before its health
+    # check fails and Serve re-creates it.
+    form_timeout_s: float = Field(900.0, gt=0)
+    # Device for rank actors: "auto" = cuda when the rank sees a GPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Local mode (no Kubernetes): give each rank actor the env the operator would give its pod.
+    local_mode: bool = False
+    local_master_ports: list[int] | None = None
+    # Threads per rank (CPU); None leaves torch's default.
+    torch_threads: int | None = Field(None, ge=1)
+
+    @field_validator("local_master_ports")
+    @classmethod
+    def _ports_in_range(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(not 0 < p < 65536 for p in v):
+            raise ValueError("ports must be in 1..65535")
+        return v
+
+    def model_name(self) -> str:
+        """Name clients must send as ``model``."""
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model or "dsi-tiny-llama"
+
+
+def parse_args(args: dict[str, Any] | AppArgs | None) -> AppArgs:
+    """Validate app args, raising ``ValueError`` whose message names each bad field."""
+    if isinstance(args, AppArgs):
+        return args
+    try:
+        return AppArgs.model_validate(args or {})
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<args>'}: {err['msg']}"
+            for err in e.errors()
+        )
+        raise ValueError(f"invalid dsi_worker app args: {problems}") from None

@@ -1,0 +1,347 @@
+"""The rank engine: one tensor-parallel rank (process group + DeepSpeed model + generate).
+
+Plain Python, no Ray: a Ray rank actor wraps it, and tests run it in processes spawned with
+``torch.multiprocessing`` to compare a TP group with the unsharded model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Generation arguments; every rank of a group must get identical ones (seed included)."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # None: the group picks one seed for the whole batch
+
+    def batch_key(self) -> tuple[float, float, int, int]:
+        """Requests with equal keys can share one ``generate`` call."""
+        if self.temperature == 0.0:
+            return (0.0, 1.0, 0, 0)  # greedy ignores the rest
+        return (self.temperature, self.top_p, self.top_k, self.seed or 0)
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One tokenised prompt and how to continue it."""
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class GenResult:
+    """Generated token ids (prompt excluded) and why generation stopped."""
+
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """The torch.distributed coordinates the operator puts in each rank's environment."""
+
+    rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> DistEnv:
+        """Read RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK (defaults: 1 rank)."""
+        e = os.environ if env is None else env
+        try:
+            d = cls(
+                rank=int(e.get("RANK", "0")),
+                world_size=int(e.get("WORLD_SIZE", "1")),
+                master_addr=e.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=int(e.get("MASTER_PORT", "29500")),
+                local_rank=int(e.get("LOCAL_RANK", "0")),
+            )
+        except ValueError as exc:
+            raise ValueError(f"bad rank environment: {exc}") from None
+        if not 0 <= d.rank < d.world_size:
+            raise ValueError(f"RANK={d.rank} not in [0, WORLD_SIZE={d.world_size})")
+        return d
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda requested but no CUDA device is visible")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """Map a dtype name to torch; refuse fp16 on CPU (DeepSpeed's CPU path raises on it)."""
+    import torch
+
+    if dtype == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
+    if device == "cpu" and dtype == "float16":
+        raise ValueError("dtype float16 is not supported on CPU; use float32 or bfloat16")
+    return table[dtype]
+
+
+def _disable_cpu_shm_allreduce() -> None:
+    """Make DeepSpeed all-reduce through the process group instead of its CPU shm op.
+
+    The shm op assumes every rank shares one host's /dev/shm; with ranks in different pods
+    it segfaults in generate().  Only when LOCAL_SIZE says all ranks share a host is it safe.
+    """
+    import importlib
+
+    # importlib, not ``import deepspeed.comm.torch as m``: deepspeed.comm has an attribute
+    # ``torch`` (the torch package) that the ``as`` form would bind instead of the module.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_torch.build_shm_op = lambda: None
+
+
+class RankEngine:
+    """One rank of a tensor-parallel group.
+
+    ``start()`` joins the process group (with a timeout), loads the model in ``dtype``
+    (offline when the files are present) and wraps it with ``deepspeed.init_inference``.
+    ``generate()`` must be called with the same batch on every rank.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        revision: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        kernel_inject: bool = False,
+        dist_env: DistEnv | None = None,
+        form_timeout_s: float = 900.0,
+        torch_threads: int | None = None,
+        use_deepspeed: bool = True,
+    ) -> None:
+        self.model_id = model
+        self.revision = revision
+        self.dtype_name = dtype
+        self.device_pref = device
+        self.kernel_inject = kernel_inject
+        self.dist = dist_env or DistEnv.from_env()
+        self.form_timeout_s = form_timeout_s
+        self.torch_threads = torch_threads
+        self.use_deepspeed = use_deepspeed
+        self.model: Any = None
+        self.device = "cpu"
+        self.backend = "gloo"
+        self.timings: dict[str, float] = {}
+
+    # -- setup -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Form the group and load the sharded model; raises on timeout or bad config."""
+        import torch
+        import torch.distributed as tdist
+
+        if self.torch_threads:
+            torch.set_num_threads(self.torch_threads)
+        self.device = resolve_device(self.device_pref)
+        dtype = resolve_dtype(self.dtype_name, self.device)
+        if self.kernel_inject and self.device != "cuda":
+            raise ValueError("kernel_inject needs a GPU (DeepSpeed's fused kernels are CUDA-only)")
+        self.backend = "nccl" if self.device == "cuda" else "gloo"
+        if self.device == "cuda":
+            torch.cuda.set_device(self.dist.local_rank)
+
+        t0 = time.monotonic()
+        if self.dist.world_size > 1 and not tdist.is_initialized():
+            if self.device == "cpu" and os.environ.get("LOCAL_SIZE") != str(self.dist.world_size):
+                _disable_cpu_shm_allreduce()
+            tdist.init_process_group(
+                backend=self.backend,
+                init_method=f"tcp://{self.dist.master_addr}:{self.dist.master_port}",
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                timeout=timedelta(seconds=self.form_timeout_s),
+            )
+        self.timings["init_process_group_s"] = time.monotonic() - t0
+
+        t0 = time.monotonic()
+        model = load_model(self.model_id, revision=self.revision, dtype=dtype)
+        self.timings["load_s"] = time.monotonic() - t0
+
+        t0 = time.monotonic()
+        if self.use_deepspeed and (self.dist.world_size > 1 or self.device == "cuda"):
+            import deepspeed
+
+            if self.dist.world_size > 1:
+                # Reuses the process group formed above (same backend, same timeout).
+                deepspeed.init_distributed(
+                    dist_backend=self.backend, timeout=timedelta(seconds=self.form_timeout_s)
+                )
+            engine = deepspeed.init_inference(
+                model,
+                tensor_parallel={"tp_size": self.dist.world_size},
+                dtype=dtype,
+                replace_with_kernel_inject=self.kernel_inject,
+            )
+            self.model = engine.module
+        else:
+            self.model = model.to(self.device)
+        self.model.eval()
+        self.timings["init_inference_s"] = time.monotonic() - t0
+
+    def shard_report(self) -> dict[str, list[int]]:
+        """Parameter name -> shape on this rank (shows which weights are sharded)."""
+        return {n: list(p.shape) for n, p in self.model.named_parameters()}
+
+    def info(self) -> dict[str, Any]:
+        """Where this rank runs and how long forming took."""
+        return {
+            "rank": self.dist.rank,
+            "world_size": self.dist.world_size,
+            "master": f"{self.dist.master_addr}:{self.dist.master_port}",
+            "device": self.device,
+            "backend": self.backend,
+            "pid": os.getpid(),
+            "timings": dict(self.timings),
+        }
+
+    def close(self) -> None:
+        """Leave the process group."""
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+    # -- generate ------------------------------------------------------------------------
+
+    def generate(self, batch: list[GenRequest]) -> list[GenResult]:
+        """Generate for every request; same call (same batch, same seeds) on every rank."""
+        results: list[GenResult | None] = [None] * len(batch)
+        # Requests with the same sampling settings share a generate() call.
+        groups: dict[tuple[float, float, int, int], list[int]] = {}
+        for i, req in enumerate(batch):
+            groups.setdefault(req.params.batch_key(), []).append(i)
+        for key in sorted(groups):
+            idx = groups[key]
+            outs = self._generate_same_params([batch[i] for i in idx])
+            for i, out in zip(idx, outs, strict=True):
+                results[i] = out
+        return [r for r in results if r is not None]
+
+    def _generate_same_params(self, reqs: list[GenRequest]) -> list[GenResult]:
+        import torch
+
+        p0 = reqs[0].params
+        gen_cfg = self.model.generation_config
+        pad_id = gen_cfg.pad_token_id
+        eos = gen_cfg.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if pad_id is None:
+            pad_id = next(iter(eos_ids), 0)
+        width = max(len(r.prompt_ids) for r in reqs)
+        # Left padding: decoder-only models continue from the last column.
+        ids = torch.full((len(reqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(reqs), width), dtype=torch.long)
+        for row, r in enumerate(reqs):
+            n = len(r.prompt_ids)
+            ids[row, width - n :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[row, width - n :] = 1
+        max_new = max(r.params.max_new_tokens for r in reqs)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "pad_token_id": pad_id,
+            "eos_token_id": sorted(eos_ids) if eos_ids else None,
+        }
+        if p0.temperature > 0:
+            kwargs.update(
+                do_sample=True,
+                temperature=p0.temperature,
+                top_p=p0.top_p,
+                top_k=p0.top_k if p0.top_k > 0 else None,
+            )
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        # Same seed on every rank: after the all-reduce every rank has the same logits, so
+        # they draw the same tokens and stay in lock step.
+        torch.manual_seed(p0.seed or 0)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs
+            )
+        new = out[:, width:].tolist()
+        results = []
+        for r, toks in zip(reqs, new, strict=True):
+            toks = toks[: r.params.max_new_tokens]
+            finish: FinishReason = "length"
+            for j, t in enumerate(toks):
+                if t in eos_ids:
+                    toks, finish = toks[:j], "stop"
+                    break
+            results.append(GenResult(tuple(toks), finish))
+        return results
+
+
+def resolve_model_path(model: str | None) -> str:
+    """``None`` -> the tiny test model (built on first use); anything else unchanged."""
+    if model is None or model in ("tiny", "dsi-tiny-llama"):
+        from dsi_worker import tiny_model
+
+        return str(tiny_model.build())
+    return model
+
+
+def load_model(model: str, *, revision: str | None, dtype: Any) -> Any:
+    """Load a causal LM with transformers; offline when the files are already present."""
+    from transformers import AutoModelForCausalLM
+
+    if Path(model).expanduser().is_dir():
+        return AutoModelForCausalLM.from_pretrained(
+            str(Path(model).expanduser()), dtype=dtype, local_files_only=True
+        )
+    try:
+        # A hub id whose files are cached: no network needed.
+        return AutoModelForCausalLM.from_pretrained(
+            model, revision=revision, dtype=dtype, local_files_only=True
+        )
+    except OSError:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise
+        log.info("model %s not cached; downloading", model)
+        return AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=dtype)
+
+
+def load_tokenizer(model: str, *, revision: str | None = None) -> Any:
+    """Load the tokenizer the same way as the model (offline first)."""
+    from transformers import AutoTokenizer
+
+    if Path(model).expanduser().is_dir():
+        return AutoTokenizer.from_pretrained(str(Path(model).expanduser()), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(model, revision=revision, local_files_only=True)
+    except OSError:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise
+        return AutoTokenizer.from_pretrained(model, revision=revision)

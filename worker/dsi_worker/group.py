@@ -1,0 +1,211 @@
+"""Serve deployment ``group-<g>``: owns one TP group's rank actors and batches requests.
+
+The rank actors are owned by this replica, so when Serve replaces the replica (its health
+check failed because a rank died, or the group never formed) the surviving ranks die with
+it and the new replica forms the whole group again; other groups keep serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import ray
+from ray import serve
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from dsi_worker.config import AppArgs, parse_args
+from dsi_worker.engine import GenRequest, GenResult
+from dsi_worker.rank_actor import RankActor, rank_resource
+
+log = logging.getLogger("ray.serve")
+
+PING_TIMEOUT_S = 10.0
+
+
+def rank_env(args: AppArgs, group: int, rank: int) -> dict[str, str]:
+    """The env the operator gives rank ``rank``'s pod; used verbatim in local mode."""
+    ports = args.local_master_ports or []
+    port = ports[group] if group < len(ports) else 29500 + group
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(args.tensor_parallel_size),
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "DSI_GROUP": str(group),
+        "DSI_NUM_GROUPS": str(args.num_groups),
+    }
+
+
+def engine_kwargs(args: AppArgs, model_path: str) -> dict[str, Any]:
+    """RankEngine keyword arguments from the app args."""
+    return {
+        "model": model_path,
+        "revision": args.revision,
+        "dtype": args.dtype,
+        "device": args.device,
+        "kernel_inject": args.kernel_inject,
+        "form_timeout_s": args.form_timeout_s,
+        "torch_threads": args.torch_threads,
+    }
+
+
+@serve.deployment(
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0},
+    health_check_period_s=2,
+    health_check_timeout_s=30,
+    max_ongoing_requests=256,
+    graceful_shutdown_timeout_s=5,
+)
+class Group:
+    """One tensor-parallel group: ``tensor_parallel_size`` rank actors run every batch."""
+
+    def __init__(self, args: dict[str, Any], group: int, model_path: str) -> None:
+        self.args = parse_args(args)
+        self.group = group
+        self.epoch = uuid.uuid4().hex[:8]
+        self.created = time.time()
+        self.state = "forming"
+        self.error: str | None = None
+        self.batches = 0
+        self.last_batch_size = 0
+        self.max_batch_seen = 0
+        tp = self.args.tensor_parallel_size
+        use_gpu = self.args.device == "cuda" or (
+            self.args.device == "auto" and not _cpu_only_cluster()
+        )
+        self.names = [f"dsi-g{group}-r{r}-{self.epoch}" for r in range(tp)]
+        self.actors = []
+        for r in range(tp):
+            opts: dict[str, Any] = {
+                "name": self.names[r],
+                "resources": {rank_resource(group, r): 1},
+                "num_cpus": 0,
+                "num_gpus": 1 if use_gpu else 0,
+            }
+            if self.args.local_mode:
+                # Exactly what the operator puts into the pod's env.
+                opts["runtime_env"] = {"env_vars": rank_env(self.args, group, r)}
+            self.actors.append(
+                RankActor.options(**opts).remote(engine_kwargs(self.args, model_path))
+            )
+        # Forming runs in the rank actors; this replica answers status() meanwhile.
+        self._start_refs = [a.start.remote() for a in self.actors]
+        self.rank_info: list[dict[str, Any]] = []
+        self._generate_batch.set_max_batch_size(self.args.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+
+    # -- state ---------------------------------------------------------------------------
+
+    def _poll_forming(self) -> None:
+        if self.state != "forming":
+            return
+        done, _ = ray.wait(self._start_refs, num_returns=len(self._start_refs), timeout=0)
+        if len(done) == len(self._start_refs):
+            try:
+                self.rank_info = ray.get(self._start_refs)
+                self.state = "ready"
+                log.info("group %d formed (epoch %s)", self.group, self.epoch)
+            except (RayActorError, RayTaskError) as e:
+                self._fail(f"forming failed: {_short(e)}")
+        elif time.time() - self.created > self.args.form_timeout_s:
+            self._fail(f"group did not form within {self.args.form_timeout_s:.0f}s")
+        else:
+            # A rank that died while forming fails the group at once.
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except (RayActorError, RayTaskError) as e:
+                    self._fail(f"forming failed: {_short(e)}")
+                    return
+
+    def _fail(self, why: str) -> None:
+        if self.state != "failed":
+            log.error("group %d (epoch %s) failed: %s", self.group, self.epoch, why)
+        self.state, self.error = "failed", why
+
+    async def check_health(self) -> None:
+        """Serve health check: fails when the group failed or any rank actor is gone."""
+        self._poll_forming()
+        if self.state == "ready":
+            try:
+                await asyncio.wait_for(
+                    asyncio.gather(*[a.ping.remote() for a in self.actors]), PING_TIMEOUT_S
+                )
+            except (TimeoutError, RayActorError, GetTimeoutError) as e:
+                self._fail(f"rank actor lost: {_short(e)}")
+        if self.state == "failed":
+            raise RuntimeError(f"group {self.group} failed: {self.error}")
+
+    async def status(self) -> dict[str, Any]:
+        """Group state for the ingress (ready/forming/failed) and batching counters."""
+        self._poll_forming()
+        return {
+            "group": self.group,
+            "epoch": self.epoch,
+            "state": self.state,
+            "error": self.error,
+            "ranks": self.names,
+            "rank_info": self.rank_info,
+            "batches": self.batches,
+            "max_batch_seen": self.max_batch_seen,
+            "age_s": time.time() - self.created,
+        }
+
+    # -- generate ------------------------------------------------------------------------
+
+    async def generate(self, req: GenRequest) -> dict[str, Any]:
+        """Generate for one request (batched with concurrent ones)."""
+        self._poll_forming()
+        if self.state != "ready":
+            return {"error": "unavailable", "state": self.state, "detail": self.error}
+        try:
+            result: dict[str, Any] = await self._generate_batch(req)
+        except (RayActorError, RayTaskError) as e:
+            self._fail(f"rank failed during generate: {_short(e)}")
+            return {"error": "unavailable", "state": self.state, "detail": self.error}
+        return result
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _generate_batch(self, reqs: list[GenRequest]) -> list[dict[str, Any]]:
+        # One seed per batch for requests that gave none; all ranks get this same list.
+        seed = random.randrange(2**31)
+        batch = [
+            r if r.params.seed is not None else replace(r, params=replace(r.params, seed=seed))
+            for r in reqs
+        ]
+        self.batches += 1
+        self.last_batch_size = len(batch)
+        self.max_batch_seen = max(self.max_batch_seen, len(batch))
+        t0 = time.monotonic()
+        outs: list[list[GenResult]] = await asyncio.gather(
+            *[a.generate.remote(batch) for a in self.actors]
+        )
+        elapsed = time.monotonic() - t0
+        return [
+            {
+                "token_ids": list(res.token_ids),
+                "finish_reason": res.finish_reason,
+                "batch_size": len(batch),
+                "group": self.group,
+                "epoch": self.epoch,
+                "engine_s": elapsed,
+            }
+            for res in outs[0]
+        ]
+
+
+def _cpu_only_cluster() -> bool:
+    return not ray.cluster_resources().get("GPU", 0)
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return (s[-1] if s else type(e).__name__)[:300]

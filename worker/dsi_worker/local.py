@@ -1,0 +1,116 @@
+"""Local mode: run the app on this machine without Kubernetes.
+
+``python -m dsi_worker.local [--model PATH_OR_HUB_ID] [--tp 2] [--groups 1] [--port 8000]``
+
+Starts a local Ray head that carries every ``dsi_g<g>_r<r>`` custom resource (on
+Kubernetes each rank's pod carries its own), gives each rank actor the env the operator
+would give its pod (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, a free MASTER_PORT per
+group, ...), serves on ``http://127.0.0.1:<port>`` and blocks until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from dsi_worker.rank_actor import rank_resource
+
+
+def local_resources(num_groups: int, tp: int) -> dict[str, float]:
+    """All rank-pinning resources of the app, as the operator spreads them over pods."""
+    return {rank_resource(g, r): 1.0 for g in range(num_groups) for r in range(tp)}
+
+
+def start_ray(num_groups: int, tp: int, *, num_cpus: int | None = None) -> None:
+    """A small local Ray head: no dashboard, small object store, rank resources."""
+    import ray
+
+    ray.init(
+        num_cpus=num_cpus if num_cpus is not None else max(4, (os.cpu_count() or 2)),
+        resources=local_resources(num_groups, tp),
+        object_store_memory=200 * 1024 * 1024,
+        include_dashboard=False,
+        logging_level="WARNING",
+        configure_logging=True,
+        log_to_driver=False,
+    )
+
+
+def start_serve(app_args: dict[str, Any], *, port: int = 8000, host: str = "127.0.0.1") -> str:
+    """Deploy the app on the running Ray and return its base URL (blocks until RUNNING)."""
+    from ray import serve
+
+    from dsi_worker.app import build_app
+
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app({**app_args, "local_mode": True}), name="dsi", route_prefix="/")
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry of ``make serve-local``."""
+    p = argparse.ArgumentParser(prog="python -m dsi_worker.local", description=__doc__)
+    p.add_argument("--model", default=None, help="hub id or local dir (default: tiny model)")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--tp", type=int, default=2, help="tensor_parallel_size (ranks per group)")
+    p.add_argument("--groups", type=int, default=1, help="num_groups (independent TP groups)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--kernel-inject", action="store_true", help="GPU only")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    ns = p.parse_args(argv)
+
+    start_ray(ns.groups, ns.tp)
+    args = {
+        "model": ns.model,
+        "revision": ns.revision,
+        "dtype": ns.dtype,
+        "tensor_parallel_size": ns.tp,
+        "num_groups": ns.groups,
+        "max_batch_size": ns.max_batch_size,
+        "max_new_tokens": ns.max_new_tokens,
+        "served_model_name": ns.served_model_name,
+        "kernel_inject": ns.kernel_inject,
+        "torch_threads": 1 if ns.model is None else None,
+    }
+    url = start_serve(args, port=ns.port, host=ns.host)
+    model = ns.served_model_name or ns.model or "dsi-tiny-llama"
+    print(f"\nDSI worker serving {model!r} (tp={ns.tp}, groups={ns.groups})", flush=True)
+    print(f"  endpoint: {url}", flush=True)
+    print(f"  health:   curl {url}/healthz", flush=True)
+    print(
+        f"  try:      curl {url}/v1/completions -H 'Content-Type: application/json' "
+        f'-d \'{{"model": "{model}", "prompt": "Hello", "max_tokens": 16}}\'',
+        flush=True,
+    )
+    print("  Ctrl-C to stop", flush=True)
+
+    stop = False
+
+    def _stop(*_: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
