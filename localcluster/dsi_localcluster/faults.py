@@ -7,8 +7,9 @@ being deleted, so a Running pod whose status we rewrite stays as written.
 Node faults: set_node_not_ready marks the node with manifests.NODE_FAULT_ANNOTATION, which
 the cluster's kwok node stages exclude, and then reports Ready=False (a kubelet that is alive
 but unhealthy; kwok keeps renewing the Lease). lose_node removes kwok's management
-annotation instead, so nothing heartbeats the node any more and kube-controller-manager's
-node lifecycle controller marks it Unknown after its grace period (a node that vanished).
+annotation too and takes the node's Lease away from kwok, so nothing heartbeats the node
+any more and kube-controller-manager's node lifecycle controller marks it Unknown after its
+grace period (a node that vanished).
 
 Every function takes a kubernetes ApiClient, a CoreV1Api, or a kubeconfig path.
 """
@@ -254,6 +255,7 @@ def set_node_ready(api: Any, node: str) -> None:
         manifests.NODE_FAULT_ANNOTATION: None,
         config.KWOK_NODE_ANNOTATION: config.KWOK_NODE_ANNOTATION_VALUE,
     }}})
+    _set_lease_holder(core, node, None)
 
     def mutate(obj: dict[str, Any]) -> None:
         conditions = obj.setdefault("status", {}).setdefault("conditions", [])
@@ -266,10 +268,45 @@ def set_node_ready(api: Any, node: str) -> None:
     _node_status(core, node, mutate)
 
 
+LOST_NODE_HOLDER = "localcluster.deepspeed.ai/lost-node"
+
+
+def _set_lease_holder(api: Any, node: str, holder: str | None) -> None:
+    """Set the node Lease's holder. kwok renews a Lease only while it holds it (or nobody
+    does), so a foreign holder with a long duration stops its renewals; None hands it back."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    coord = client.CoordinationV1Api(api.api_client)
+    for attempt in range(10):
+        lease = coord.read_namespaced_lease(node, "kube-node-lease")
+        current = lease.spec.holder_identity
+        if holder is None and current != LOST_NODE_HOLDER:
+            return  # not ours to hand back
+        lease.spec.holder_identity = holder
+        if holder is not None:
+            lease.spec.lease_duration_seconds = 86400
+        else:
+            lease.spec.lease_duration_seconds = 40
+        try:
+            coord.replace_namespaced_lease(node, "kube-node-lease", lease)
+            return
+        except ApiException as exc:
+            if exc.status != 409 or attempt == 9:
+                raise
+            time.sleep(0.05)
+
+
 def lose_node(api: Any, node: str) -> None:
-    """Stop all kubelet activity for node (kwok stops managing it: no heartbeats, no Lease
-    renewals, its pods frozen). The node lifecycle controller marks it Ready=Unknown after
-    --node-monitor-grace-period (40 s here) and taints it unreachable. Undo with
-    set_node_ready."""
+    """Make node vanish as far as the control plane can tell: no more status heartbeats
+    (kwok's node stages skip it) and no more Lease renewals (the Lease is taken from kwok).
+    The node lifecycle controller then marks it Ready=Unknown after
+    --node-monitor-grace-period (40 s here), taints it node.kubernetes.io/unreachable and
+    marks its pods NotReady. Undo with set_node_ready.
+
+    Unlike a real dead kubelet, kwok still finishes deletions of pods bound to the node; use
+    stuck_terminating for pods that must hang in Terminating.
+    """
     core = core_api(api)
-    _annotate_node(core, node, config.KWOK_NODE_ANNOTATION, None)
+    _annotate_node(core, node, manifests.NODE_FAULT_ANNOTATION, "lost")
+    _set_lease_holder(core, node, LOST_NODE_HOLDER)

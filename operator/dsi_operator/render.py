@@ -38,16 +38,9 @@ RANK_ENV_NAMES = frozenset(
         "MASTER_ADDR",
         "MASTER_PORT",
         "DSI_GROUP",
-        "DSI_NUM_GROUPS",
         "DSI_INFERENCE",
     }
 )
-#: Whether worker pods get DSI_NUM_GROUPS (team contract). Note the cost: it puts spec.replicas
-#: into every group's pod template, so scaling changes the existing worker groups too, and
-#: KubeRay then rolls out a whole new RayCluster instead of appending the new groups in place.
-#: The worker does not read it (it gets num_groups from the serve args).
-POD_ENV_NUM_GROUPS = True
-
 #: NCCL/torch defaults for worker pods; spec.env may override any of them.
 NCCL_DEFAULTS: dict[str, str] = {
     "NCCL_DEBUG": "WARN",
@@ -199,8 +192,7 @@ def spec_hash_by_group(spec: SpecLike) -> dict[int, str]:
     different hash means KubeRay replaces them (new RayCluster). The value is also on each
     worker pod template as annotation ``deepspeed.ai/group-hash``. Changes that stay out of
     the pod templates (serve settings, model name, restartPolicy) keep every hash; adding
-    groups keeps the existing groups' hashes unless ``POD_ENV_NUM_GROUPS`` puts the group
-    count into every pod.
+    groups keeps the existing groups' hashes.
     """
     s = parse_spec(spec)
     head = head_group_spec(s, _HASH_NAME)
@@ -250,7 +242,7 @@ def _user_env(s: DeepSpeedInferenceSpec, *, reserved: frozenset[str]) -> list[di
 
 
 def _pod_metadata(
-    s: DeepSpeedInferenceSpec, name: str, own: dict[str, str], annotations: Mapping[str, str]
+    s: DeepSpeedInferenceSpec, own: dict[str, str], annotations: Mapping[str, str]
 ) -> dict[str, Any]:
     # User labels first so the operator's own labels win on conflict.
     labels = {**s.pod_template.labels, **own}
@@ -310,14 +302,15 @@ def head_group_spec(spec: SpecLike, name: str) -> dict[str, Any]:
     group: dict[str, Any] = {
         "rayStartParams": {
             "dashboard-host": "0.0.0.0",
-            # Nothing schedulable lands on the head: rank actors are pinned by custom
-            # resources anyway, and with 0 CPUs the Serve ingress replicas go to the workers
-            # too, keeping the head (often a small CPU node) free for GCS and the proxy.
+            # No CPU-requesting task or actor lands on the head, which keeps it (often a small
+            # CPU node) free for the GCS, Serve controller and proxy. Rank actors are pinned to
+            # worker pods by their custom resources; the app's ingress and group deployments
+            # request 0 CPUs and may run here (the model PVC is mounted here for the tokenizer).
             "num-cpus": "0",
             "num-gpus": "0",
         },
         "template": {
-            "metadata": _pod_metadata(s, name, L.child_labels(name, role=L.ROLE_HEAD), {}),
+            "metadata": _pod_metadata(s, L.child_labels(name, role=L.ROLE_HEAD), {}),
             "spec": pod_spec,
         },
     }
@@ -341,8 +334,9 @@ def worker_env(
         {"name": "MASTER_PORT", "value": str(s.master_port)},
         {"name": "DSI_GROUP", "value": str(group)},
     ]
-    if POD_ENV_NUM_GROUPS:
-        env.append({"name": "DSI_NUM_GROUPS", "value": str(s.replicas)})
+    # No DSI_NUM_GROUPS here on purpose: the group count in every pod template would make a
+    # scale-up change every existing group, and KubeRay would then replace the whole RayCluster
+    # instead of appending groups. The worker gets num_groups from the serve args.
     env.append({"name": "DSI_INFERENCE", "value": name})
     user = _user_env(s, reserved=RANK_ENV_NAMES)
     user_names = {v["name"] for v in user}
@@ -400,7 +394,7 @@ def _worker_group_spec(
             "resources": ray_resources_param(group, rank),
         },
         "template": {
-            "metadata": _pod_metadata(s, name, own_labels, {}),
+            "metadata": _pod_metadata(s, own_labels, {}),
             "spec": pod_spec,
         },
     }

@@ -515,8 +515,25 @@ class PodTemplateOverrides(_Model):
     )
 
 
+#: Most ranks (pods) one resource may have: each rank is a KubeRay worker group in one
+#: RayService object (~1.5 KiB each), and objects must stay well under etcd's 1.5 MiB limit.
+MAX_TOTAL_RANKS = 512
+
+
 class DeepSpeedInferenceSpec(_Model):
     """Desired state: a model served by replicas groups of tensorParallelSize ranks each."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"self.replicas * self.tensorParallelSize <= {MAX_TOTAL_RANKS}",
+                    "message": f"replicas * tensorParallelSize must be at most {MAX_TOTAL_RANKS} "
+                    "(each rank is a KubeRay worker group inside one RayService object)",
+                }
+            ]
+        }
+    )
 
     model: ModelSpec = Field(description="The model to serve.")
     tensor_parallel_size: int = Field(
@@ -586,6 +603,15 @@ class DeepSpeedInferenceSpec(_Model):
         description="TCP port of torch.distributed's rendezvous on each group's rank 0 "
         "(MASTER_PORT).",
     )
+
+    @model_validator(mode="after")
+    def _bounded_size(self) -> DeepSpeedInferenceSpec:
+        if self.replicas * self.tensor_parallel_size > MAX_TOTAL_RANKS:
+            raise ValueError(
+                f"replicas * tensorParallelSize must be at most {MAX_TOTAL_RANKS} "
+                "(each rank is a KubeRay worker group inside one RayService object)"
+            )
+        return self
 
     @property
     def served_model_name(self) -> str:

@@ -110,12 +110,6 @@ def test_set_node_not_ready_sticks_and_taints(kube: Any, namespace: str, running
              "node lifecycle controller to taint the node not-ready",
              dump=lambda: node_state(kube.core, node))
 
-    def pod_not_ready() -> bool:
-        pod = kube.core.read_namespaced_pod("on-node", namespace)
-        return _ready(pod.status.conditions) == "False"
-
-    wait_for(pod_not_ready, 30, "pods on the NotReady node marked NotReady",
-             dump=lambda: pod_state(kube.core, namespace, "on-node"))
     time.sleep(SETTLE_S)
     assert _ready(kube.core.read_node(node).status.conditions) == "False"
 
@@ -125,11 +119,30 @@ def test_set_node_not_ready_sticks_and_taints(kube: Any, namespace: str, running
     assert _ready(kube.core.read_node(node).status.conditions) == "True"
 
 
-def test_lose_node_goes_unknown(kube: Any, sacrificial_node: str) -> None:
+def test_lose_node_goes_unknown(kube: Any, namespace: str, running_pod: Any,
+                                sacrificial_node: str) -> None:
     node = sacrificial_node
+    running_pod("on-lost-node", node=node)
     faults.lose_node(kube.api, node)
     # --node-monitor-grace-period is 40 s; the controller checks every 5 s.
     wait_for(lambda: _ready(kube.core.read_node(node).status.conditions) == "Unknown", 90,
              "node lifecycle controller to mark the lost node Unknown",
              dump=lambda: node_state(kube.core, node))
-    assert "node.kubernetes.io/unreachable" in _taints(kube, node)
+    wait_for(lambda: "node.kubernetes.io/unreachable" in _taints(kube, node), 30,
+             "the unreachable taint", dump=lambda: node_state(kube.core, node))
+
+    def pod_not_ready() -> bool:
+        pod = kube.core.read_namespaced_pod("on-lost-node", namespace)
+        return _ready(pod.status.conditions) == "False"
+
+    wait_for(pod_not_ready, 30, "pods on the lost node marked NotReady",
+             dump=lambda: pod_state(kube.core, namespace, "on-lost-node"))
+
+    faults.set_node_ready(kube.api, node)
+    wait_for(lambda: _ready(kube.core.read_node(node).status.conditions) == "True", 30,
+             "the node Ready again", dump=lambda: node_state(kube.core, node))
+    wait_for(lambda: "node.kubernetes.io/unreachable" not in _taints(kube, node), 30,
+             "the unreachable taint removed", dump=lambda: node_state(kube.core, node))
+    # kwok renews the Lease again, so the node stays Ready past the grace period's check.
+    time.sleep(SETTLE_S)
+    assert _ready(kube.core.read_node(node).status.conditions) == "True"

@@ -122,6 +122,7 @@ class RecordingProxy:
         self.calls: list[Call] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
+        self._runner: Any = None
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> RecordingProxy:
@@ -130,8 +131,18 @@ class RecordingProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+    async def _shutdown(self) -> None:
+        # Watches still waiting on the API server would otherwise linger until its timeout.
+        me = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not me]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._runner.cleanup()
 
     def _run(self) -> None:
         from aiohttp import web
@@ -139,7 +150,7 @@ class RecordingProxy:
         asyncio.set_event_loop(self._loop)
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None)
+        runner = self._runner = web.AppRunner(app, access_log=None)
         self._loop.run_until_complete(runner.setup())
         self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
         self._ready.set()
@@ -151,6 +162,8 @@ class RecordingProxy:
 
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        # Uncompressed both ways, so the recorded stream is passed through byte for byte.
+        headers["Accept-Encoding"] = "identity"
         url = self.upstream + request.rel_url.raw_path_qs
         timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
         async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:

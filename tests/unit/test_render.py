@@ -21,7 +21,6 @@ from dsi_operator import labels as L
 from dsi_operator.crd import dump_yaml
 from dsi_operator.render import (
     NCCL_DEFAULTS,
-    POD_ENV_NUM_GROUPS,
     endpoint,
     expected_ranks,
     group_hashes,
@@ -202,8 +201,7 @@ def test_one_worker_group_per_rank_with_its_env_and_pin(case: str) -> None:
         assert env["MASTER_ADDR"] == f"{NAME}-g{g}-master.{NS}.svc.cluster.local"
         assert env["MASTER_PORT"] == str(spec.master_port)
         assert env["DSI_GROUP"] == str(g)
-        if POD_ENV_NUM_GROUPS:
-            assert env["DSI_NUM_GROUPS"] == str(spec.replicas)
+        assert "DSI_NUM_GROUPS" not in env  # would roll every group on scale-up
         assert "LOCAL_SIZE" not in env  # see DESIGN: CPU shm all-reduce across pods
         for key in NCCL_DEFAULTS:
             assert key in env
@@ -419,20 +417,13 @@ def test_changes_outside_the_pod_templates_keep_every_group_hash() -> None:
         assert spec_hash_by_group({**CASES["tp2-replicas3"], **change}) == base, change
 
 
-def test_scaling_up_keeps_existing_groups_only_without_num_groups_env(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from dsi_operator import render
-
+def test_scaling_up_keeps_existing_groups() -> None:
     spec = CASES["tp2-replicas3"]
-    for in_env in (True, False):
-        monkeypatch.setattr(render, "POD_ENV_NUM_GROUPS", in_env)
-        base = spec_hash_by_group(spec)
-        scaled = spec_hash_by_group({**spec, "replicas": 5})
-        kept = {g: scaled[g] for g in base} == base
-        # KubeRay appends new worker groups in place only when existing ones are unchanged;
-        # DSI_NUM_GROUPS in every pod changes them all, so then every group rolls.
-        assert kept is (not in_env)
+    base = spec_hash_by_group(spec)
+    scaled = spec_hash_by_group({**spec, "replicas": 5})
+    # KubeRay appends new worker groups in place only when the existing ones are unchanged.
+    assert {g: scaled[g] for g in base} == base
+    assert set(scaled) == {0, 1, 2, 3, 4}
 
 
 @pytest.mark.parametrize(

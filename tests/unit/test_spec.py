@@ -106,6 +106,7 @@ def test_parse_spec_accepts_a_parsed_model_and_read_only_mappings() -> None:
         ({"restartPolicy": {"backoff": {"multiplier": 0.5}}}, "multiplier"),
         ({"masterPort": 80}, "masterPort"),
         ({"unknownField": 1}, "unknownField"),
+        ({"tensorParallelSize": 64, "replicas": 9}, "replicas * tensorParallelSize"),
         ({"podTemplate": {"labels": {"deepspeed.ai/rank": "0"}}}, "deepspeed.ai/"),
     ],
 )

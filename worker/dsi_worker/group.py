@@ -26,6 +26,9 @@ from dsi_worker.rank_actor import RankActor, rank_resource
 log = logging.getLogger("ray.serve")
 
 PING_TIMEOUT_S = 10.0
+# Rank actors are named ``dsi-g<g>-r<r>-<epoch>`` in this Ray namespace (for debugging and
+# for tests that kill one).
+RANK_NAMESPACE = "dsi"
 
 
 def rank_env(args: AppArgs, group: int, rank: int) -> dict[str, str]:
@@ -86,6 +89,7 @@ class Group:
         for r in range(tp):
             opts: dict[str, Any] = {
                 "name": self.names[r],
+                "namespace": RANK_NAMESPACE,
                 "resources": {rank_resource(group, r): 1},
                 "num_cpus": 0,
                 "num_gpus": 1 if use_gpu else 0,
