@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
 
 .PHONY: help venv binaries lint unit test test-unit test-worker test-integration run \
-        operator cluster-up cluster-down cluster-status serve-local crds bench
+        operator cluster-up cluster-down cluster-status serve-local generate bench
 
 help:
 	@echo "make run            local simulated GPU cluster + CRDs + operator + sample resource"
@@ -21,7 +21,7 @@ help:
 	@echo "make cluster-down   stop it and remove its state"
 	@echo "make operator       run the operator in the foreground against \$$KUBECONFIG"
 	@echo "make serve-local    run the worker's Ray Serve app on this machine (tiny model)"
-	@echo "make crds           regenerate crds/ and the chart's CRD copy from the spec model"
+	@echo "make generate       regenerate crds/, the chart's CRD copy and docs/reference.md"
 	@echo "make bench          run the benchmarks in bench/"
 
 # uv installs from its cache in seconds once torch's multi-GB wheels were fetched once;
@@ -46,8 +46,11 @@ cluster-down:
 cluster-status: venv
 	$(PY) -m dsi_localcluster status
 
-crds: venv
+# The pydantic spec model is the single source: it generates crds/, the chart's CRD copy
+# and docs/reference.md. Unit tests fail when any of them drifts.
+generate: venv
 	$(PY) -m dsi_operator.crd --write
+	$(PY) docs/gen_reference.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -20,7 +20,11 @@
 #   TP=2                       ranks per group (the model's KV heads must divide by it)
 #   DTYPE=bfloat16             CPU workers support float32 and bfloat16, not float16
 #   KUBERAY_VERSION=1.6.2      kuberay-operator chart version
+#   RANK_CPU=1 RANK_MEMORY=4Gi per rank pod (TP of them), plus a 1 CPU / 2Gi head pod
 #   TIMEOUT=45m                how long to wait for phase Ready (model download + load)
+#
+# The worker image is large (CUDA + torch): building it and `kind load`-ing it takes a while
+# and several GB of disk. Give Docker at least 4 CPUs and 12 GB of memory.
 set -euo pipefail
 
 CLUSTER="${CLUSTER:-dsi-e2e}"
@@ -31,6 +35,8 @@ TP="${TP:-2}"
 DTYPE="${DTYPE:-bfloat16}"
 KUBERAY_VERSION="${KUBERAY_VERSION:-1.6.2}"
 TIMEOUT="${TIMEOUT:-45m}"
+RANK_CPU="${RANK_CPU:-1}"
+RANK_MEMORY="${RANK_MEMORY:-4Gi}"
 NAME=tiny
 NS=dsi-e2e
 OPERATOR_NS=dsi-system
@@ -111,15 +117,15 @@ spec:
   # kind nodes have no GPUs: CPU-only ranks, no GPU node selector.
   resources:
     gpus: 0
-    cpu: "2"
-    memory: 6Gi
+    cpu: "${RANK_CPU}"
+    memory: ${RANK_MEMORY}
   gpu:
     nodeSelector: {}
     sharedMemorySize: 1Gi
   head:
     resources:
       cpu: "1"
-      memory: 4Gi
+      memory: 2Gi
   serve:
     maxNewTokens: 32
   restartPolicy:

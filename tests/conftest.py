@@ -118,13 +118,21 @@ class Kubectl:
         self.cfg = cfg
         self.exe = str(lc.binaries(cfg.cache_dir)["kubectl"])
 
-    def __call__(self, *args: str, input: str | None = None, check: bool = True,
-                 timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run([self.exe, f"--kubeconfig={self.cfg.kubeconfig}", *args],
-                              input=input, capture_output=True, text=True, timeout=timeout)
+    def __call__(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [self.exe, f"--kubeconfig={self.cfg.kubeconfig}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and proc.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n"
-                                 f"{proc.stdout}\n{proc.stderr}")
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({proc.returncode}):\n"
+                f"{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     def apply(self, manifest: str, namespace: str | None = None) -> str:
@@ -147,8 +155,13 @@ def namespace(request: pytest.FixtureRequest, kube: Kube) -> Iterator[str]:
 
     base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
     name = f"t-{base}-{uuid.uuid4().hex[:6]}"
-    kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
-        name=name, labels={"localcluster.deepspeed.ai/test": "true"})))
+    kube.core.create_namespace(
+        client.V1Namespace(
+            metadata=client.V1ObjectMeta(
+                name=name, labels={"localcluster.deepspeed.ai/test": "true"}
+            )
+        )
+    )
     try:
         yield name
     finally:

@@ -16,22 +16,33 @@ def parser() -> argparse.ArgumentParser:
         prog="dsi-localcluster",
         description="A real local Kubernetes control plane (etcd, kube-apiserver, "
         "kube-controller-manager, kube-scheduler, kwok, KubeRay) with simulated GPU nodes, "
-        "listening on 127.0.0.1 only.")
+        "listening on 127.0.0.1 only.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", help="build the Go components into the cache (skips cached)")
-    b.add_argument("components", nargs="*", metavar="COMPONENT",
-                   help=f"any of {', '.join(build.COMPONENTS)} (default: all)")
+    b.add_argument(
+        "components",
+        nargs="*",
+        metavar="COMPONENT",
+        help=f"any of {', '.join(build.COMPONENTS)} (default: all)",
+    )
     b.add_argument("--force", action="store_true", help="rebuild even when cached")
 
     u = sub.add_parser("up", help="start the cluster (no-op when it already runs)")
     u.add_argument("--gpu-nodes", type=int, help="GPU nodes (env DSI_GPU_NODES, default 4)")
     u.add_argument("--cpu-nodes", type=int, help="CPU-only nodes (env DSI_CPU_NODES, default 1)")
-    u.add_argument("--gpus-per-node", type=int,
-                   help="nvidia.com/gpu per GPU node (env DSI_GPUS_PER_NODE, default 8)")
-    u.add_argument("--gpu-taint", action=argparse.BooleanOptionalAction, default=None,
-                   help="taint GPU nodes nvidia.com/gpu=present:NoSchedule (env "
-                   "DSI_GPU_TAINT, default off)")
+    u.add_argument(
+        "--gpus-per-node",
+        type=int,
+        help="nvidia.com/gpu per GPU node (env DSI_GPUS_PER_NODE, default 8)",
+    )
+    u.add_argument(
+        "--gpu-taint",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="taint GPU nodes nvidia.com/gpu=present:NoSchedule (env DSI_GPU_TAINT, default off)",
+    )
 
     sub.add_parser("down", help="stop every process of the cluster and remove its state")
     s = sub.add_parser("status", help="show which processes run")
@@ -47,8 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "build":
             unknown = [c for c in args.components if c not in build.COMPONENTS]
             if unknown:
-                raise ValueError(f"unknown component(s) {', '.join(unknown)}; choose from "
-                                 f"{', '.join(build.COMPONENTS)}")
+                raise ValueError(
+                    f"unknown component(s) {', '.join(unknown)}; choose from "
+                    f"{', '.join(build.COMPONENTS)}"
+                )
             cfg = config.ClusterConfig.from_env()
             build.build(args.components or list(build.COMPONENTS), cfg.cache_dir, args.force)
             for name in args.components or build.COMPONENTS:
@@ -56,8 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "up":
             cfg = config.ClusterConfig.from_env(
-                gpu_nodes=args.gpu_nodes, cpu_nodes=args.cpu_nodes,
-                gpus_per_node=args.gpus_per_node, gpu_taint=args.gpu_taint)
+                gpu_nodes=args.gpu_nodes,
+                cpu_nodes=args.cpu_nodes,
+                gpus_per_node=args.gpus_per_node,
+                gpu_taint=args.gpu_taint,
+            )
             cluster.up(cfg)
             return 0
         cfg = config.ClusterConfig.from_env()
@@ -70,9 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(report, indent=2))
             else:
                 for name, proc in report["processes"].items():
-                    state = (f"pid {proc['pid']}, " + ("healthy" if proc["healthy"] else
-                                                       f"unhealthy: {proc['detail']}")
-                             if proc["pid"] else "not running")
+                    state = (
+                        f"pid {proc['pid']}, "
+                        + ("healthy" if proc["healthy"] else f"unhealthy: {proc['detail']}")
+                        if proc["pid"]
+                        else "not running"
+                    )
                     print(f"{name:25s} {state}")
                 print(f"kubeconfig: {report['kubeconfig']}")
                 print("cluster is " + ("up" if report["running"] else "not (fully) running"))

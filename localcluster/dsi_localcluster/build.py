@@ -59,13 +59,20 @@ class Component:
 
     def go_command(self, out_dir: Path) -> tuple[list[str], Path | None, dict[str, str]]:
         """The go invocation that builds into out_dir: (argv, cwd, extra environment)."""
-        flags = ["-trimpath", "-buildvcs=false", "-ldflags", self.ldflags]
+        # -v lists each package as it is compiled: the progress lines count them.
+        flags = ["-v", "-trimpath", "-buildvcs=false", "-ldflags", self.ldflags]
         if self.module_dir is not None:
             # One package: name the file (a wrapper module's binary would be named after the
             # module); several: go build wants a directory.
             out = out_dir / self.binaries[0] if len(self.packages) == 1 else out_dir
-            argv = ["go", "build", *flags, "-o", str(out) + ("" if len(self.packages) == 1
-                                                             else os.sep), *self.packages]
+            argv = [
+                "go",
+                "build",
+                *flags,
+                "-o",
+                str(out) + ("" if len(self.packages) == 1 else os.sep),
+                *self.packages,
+            ]
             return argv, GOBUILD_DIR / self.module_dir, {}
         argv = ["go", "install", *flags, *self.packages]
         return argv, None, {"GOBIN": str(out_dir)}
@@ -142,9 +149,7 @@ HELM = Component(
     minutes="3-6",
 )
 
-COMPONENTS: dict[str, Component] = {
-    c.name: c for c in (ETCD, KUBERNETES, KWOK, KUBERAY, HELM)
-}
+COMPONENTS: dict[str, Component] = {c.name: c for c in (ETCD, KUBERNETES, KWOK, KUBERAY, HELM)}
 # What `up` needs; helm is only for the chart tests and users.
 CLUSTER_COMPONENTS = ("etcd", "kubernetes", "kwok", "kuberay")
 
@@ -189,14 +194,22 @@ def build_component(comp: Component, cache_dir: Path, force: bool = False) -> bo
     scratch.mkdir()
     argv, cwd, extra_env = comp.go_command(scratch)
     env = dict(os.environ, **extra_env)
-    log(f"building {comp.name} {comp.version} ... (first time, {comp.minutes} minutes; "
-        f"log: {logfile})")
+    log(
+        f"building {comp.name} {comp.version} ... (first time, {comp.minutes} minutes; "
+        f"log: {logfile})"
+    )
     started = time.monotonic()
     with logfile.open("w") as fh:
         fh.write("$ " + " ".join(argv) + f"\n# cwd: {cwd or '.'}\n")
         fh.flush()
-        proc = subprocess.run(argv, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                              check=False)
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            _wait_with_progress(proc, comp, logfile, started)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
     elapsed = time.monotonic() - started
     if proc.returncode != 0:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -219,6 +232,32 @@ def build_component(comp: Component, cache_dir: Path, force: bool = False) -> bo
     return True
 
 
+PROGRESS_EVERY_S = 60.0
+
+
+def _wait_with_progress(
+    proc: subprocess.Popen[bytes], comp: Component, logfile: Path, started: float
+) -> None:
+    """Wait for the build, printing a line a minute so a long first build shows life."""
+    next_report = started + PROGRESS_EVERY_S
+    while proc.poll() is None:
+        time.sleep(1.0)
+        now = time.monotonic()
+        if now >= next_report:
+            next_report = now + PROGRESS_EVERY_S
+            try:
+                lines = logfile.read_text(errors="replace").splitlines()
+            except OSError:
+                lines = []
+            # With -v, go prints one line per package it compiles (downloads say "go: ...").
+            pkgs = [ln for ln in lines[2:] if ln and not ln.startswith(("go: ", "#", "$"))]
+            last = pkgs[-1] if pkgs else "(resolving modules)"
+            log(
+                f"  still building {comp.name}: {(now - started) / 60:.0f} min, "
+                f"{len(pkgs)} packages compiled, last {last}"
+            )
+
+
 def _record_timing(cache_dir: Path, comp: Component, seconds: float) -> None:
     path = cache_dir / "build-times.json"
     try:
@@ -231,11 +270,17 @@ def _record_timing(cache_dir: Path, comp: Component, seconds: float) -> None:
 
 def _copy_module_data(comp: Component, out: Path, env: dict[str, str]) -> None:
     """Copy manifests shipped in the module's source (KubeRay CRDs, kwok stages) to out."""
-    proc = subprocess.run(["go", "mod", "download", "-json", comp.source_module],
-                          capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run(
+        ["go", "mod", "download", "-json", comp.source_module],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     if proc.returncode != 0:
-        raise BuildError(f"go mod download {comp.source_module} failed:\n{proc.stdout}\n"
-                         f"{proc.stderr}")
+        raise BuildError(
+            f"go mod download {comp.source_module} failed:\n{proc.stdout}\n{proc.stderr}"
+        )
     root = Path(json.loads(proc.stdout)["Dir"])
     for sub, pattern in comp.data:
         dst = out / sub
@@ -252,8 +297,9 @@ def kuberay_crds(cache_dir: Path) -> list[Path]:
     return sorted((KUBERAY.dir(cache_dir) / "crds").glob("*.yaml"))
 
 
-def build(names: Sequence[str] = CLUSTER_COMPONENTS, cache_dir: Path | None = None,
-          force: bool = False) -> None:
+def build(
+    names: Sequence[str] = CLUSTER_COMPONENTS, cache_dir: Path | None = None, force: bool = False
+) -> None:
     """Build the named components (sequentially), skipping cached ones."""
     cache_dir = cache_dir or config.default_cache_dir()
     todo = [COMPONENTS[n] for n in names]

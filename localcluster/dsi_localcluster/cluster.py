@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -36,8 +38,14 @@ class PortInUseError(ClusterError):
 
 
 # Start order; `down` stops in reverse.
-PROCESS_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok",
-                 "kuberay-operator")
+PROCESS_ORDER = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kwok",
+    "kuberay-operator",
+)
 
 
 @dataclass(frozen=True)
@@ -96,8 +104,9 @@ def binaries(cache_dir: Path) -> dict[str, Path]:
     }
 
 
-def process_args(cfg: config.ClusterConfig, paths: Paths,
-                 bins: dict[str, Path]) -> dict[str, list[str]]:
+def process_args(
+    cfg: config.ClusterConfig, paths: Paths, bins: dict[str, Path]
+) -> dict[str, list[str]]:
     """The command line of every process, in start order. Pure: no side effects."""
     h = config.HOST
     p = cfg.ports
@@ -376,8 +385,9 @@ def _locked(paths: Paths) -> Iterator[None]:
         finally:
             _lock_depth -= 1
         return
-    lockfile = paths.root.parent / f".{paths.root.name}.lock"
-    lockfile.parent.mkdir(parents=True, exist_ok=True)
+    # Outside the state directory (down removes that) and outside the checkout.
+    digest = hashlib.sha1(str(paths.root.resolve()).encode()).hexdigest()[:12]
+    lockfile = Path(tempfile.gettempdir()) / f"dsi-localcluster-{digest}.lock"
     with lockfile.open("w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -405,9 +415,15 @@ class _Starter:
         env["KUBECONFIG"] = str(self.paths.kubeconfig)
         self.paths.logs.mkdir(parents=True, exist_ok=True)
         with self.paths.log(name).open("ab") as fh:
-            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, cwd=self.paths.root, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.paths.root,
+                env=env,
+                start_new_session=True,
+            )
         self.procs[name] = proc
         write_pidfile(self.paths.pidfile(name), proc.pid, Path(argv[0]))
         started = time.monotonic()
@@ -416,7 +432,8 @@ class _Starter:
             if proc.poll() is not None:
                 raise ClusterError(
                     f"{name} exited with code {proc.returncode} while starting; "
-                    f"log {self.paths.log(name)}:\n{_log_tail(self.paths.log(name))}")
+                    f"log {self.paths.log(name)}:\n{_log_tail(self.paths.log(name))}"
+                )
             ok, detail = is_healthy(name, self.cfg, self.paths)
             if ok:
                 log(f"{name} is up ({time.monotonic() - started:.1f}s, pid {proc.pid})")
@@ -424,7 +441,8 @@ class _Starter:
             time.sleep(0.25)
         raise ClusterError(
             f"{name} did not become healthy within {timeout:.0f}s (last answer: {detail}); "
-            f"log {self.paths.log(name)}:\n{_log_tail(self.paths.log(name))}")
+            f"log {self.paths.log(name)}:\n{_log_tail(self.paths.log(name))}"
+        )
 
 
 def _api(paths: Paths) -> Any:
@@ -433,12 +451,23 @@ def _api(paths: Paths) -> Any:
     return kconfig.new_client_from_config(str(paths.kubeconfig))
 
 
-def kubectl(cfg: config.ClusterConfig, *args: str, input_: str | None = None,
-            check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def kubectl(
+    cfg: config.ClusterConfig,
+    *args: str,
+    input_: str | None = None,
+    check: bool = True,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
     """Run the cached kubectl against this cluster's kubeconfig."""
     exe = binaries(cfg.cache_dir)["kubectl"]
-    return subprocess.run([str(exe), f"--kubeconfig={cfg.kubeconfig}", *args], input=input_,
-                          capture_output=True, text=True, check=check, timeout=timeout)
+    return subprocess.run(
+        [str(exe), f"--kubeconfig={cfg.kubeconfig}", *args],
+        input=input_,
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=timeout,
+    )
 
 
 def _create_nodes(cfg: config.ClusterConfig, api_client: Any) -> None:
@@ -471,7 +500,8 @@ def _nodes_ready(cfg: config.ClusterConfig, api_client: Any) -> tuple[bool, str]
     items = client.CoreV1Api(api_client).list_node().items
     want = {n["metadata"]["name"] for n in manifests.nodes(cfg)}
     ready = {
-        n.metadata.name for n in items
+        n.metadata.name
+        for n in items
         if any(c.type == "Ready" and c.status == "True" for c in (n.status.conditions or []))
     }
     missing = sorted(want - ready)
@@ -481,8 +511,9 @@ def _nodes_ready(cfg: config.ClusterConfig, api_client: Any) -> tuple[bool, str]
 def _install_kuberay_crds(cfg: config.ClusterConfig) -> None:
     crd_dir = build.KUBERAY.dir(cfg.cache_dir) / "crds"
     # Server-side apply: the CRDs are too large for the last-applied annotation.
-    proc = kubectl(cfg, "apply", "--server-side", "--force-conflicts", "-f", str(crd_dir),
-                   check=False)
+    proc = kubectl(
+        cfg, "apply", "--server-side", "--force-conflicts", "-f", str(crd_dir), check=False
+    )
     if proc.returncode != 0:
         raise ClusterError(f"installing KubeRay CRDs failed:\n{proc.stdout}\n{proc.stderr}")
 
@@ -560,10 +591,12 @@ def _up(cfg: config.ClusterConfig) -> bool:
     if report["running"] and paths.kubeconfig.exists():
         running = running_config(cfg)
         if _settings(running) != _settings(cfg):
-            log("a cluster with other settings is running (GPU nodes "
+            log(
+                "a cluster with other settings is running (GPU nodes "
                 f"{running.gpu_nodes}, CPU nodes {running.cpu_nodes}, GPUs/node "
                 f"{running.gpus_per_node}, API port {running.ports['kube-apiserver']}); "
-                "reusing it - run `down` first to change them")
+                "reusing it - run `down` first to change them"
+            )
         api_client = _api(paths)
         ok, detail = _nodes_ready(running, api_client)
         if not ok:
@@ -573,8 +606,10 @@ def _up(cfg: config.ClusterConfig) -> bool:
         return False
     if report["any_running"]:
         bad = [n for n, p in report["processes"].items() if not p["healthy"]]
-        log(f"found a half-running cluster ({', '.join(bad)} down or unhealthy); stopping it "
-            "before starting afresh")
+        log(
+            f"found a half-running cluster ({', '.join(bad)} down or unhealthy); stopping it "
+            "before starting afresh"
+        )
         down(cfg, quiet=True)
     elif paths.root.exists():
         # Leftovers of a crash or a killed session: no process is ours any more.
@@ -601,21 +636,32 @@ def _up(cfg: config.ClusterConfig) -> bool:
         starter.start("kube-scheduler", 60)
         starter.start("kwok", 60)
         api_client = _api(paths)
+        log(f"creating {cfg.gpu_nodes} GPU and {cfg.cpu_nodes} CPU kwok node(s)")
         _create_nodes(cfg, api_client)
+        log(f"installing KubeRay {config.KUBERAY_VERSION} CRDs")
         _install_kuberay_crds(cfg)
-        _wait("KubeRay CRDs Established", 60, lambda: _crds_established(
-            api_client, [f"{p}.ray.io" for p in ("rayclusters", "rayjobs", "rayservices")]))
+        _wait(
+            "KubeRay CRDs Established",
+            60,
+            lambda: _crds_established(
+                api_client, [f"{p}.ray.io" for p in ("rayclusters", "rayjobs", "rayservices")]
+            ),
+        )
         starter.start("kuberay-operator", 60)
         _wait("nodes Ready", 90, lambda: _nodes_ready(cfg, api_client))
         _wait("the default ServiceAccount", 60, lambda: _default_sa(api_client))
     except BaseException:
-        log("start failed; stopping what was started (logs are kept in "
-            f"{cfg.state_dir.parent / '.cluster-logs'})")
+        log(
+            "start failed; stopping what was started (logs are kept in "
+            f"{cfg.state_dir.parent / '.cluster-logs'})"
+        )
         down(cfg, quiet=True, keep_logs=True)
         raise
-    log(f"cluster up in {time.monotonic() - started:.1f}s: {cfg.gpu_nodes} GPU node(s) x "
+    log(
+        f"cluster up in {time.monotonic() - started:.1f}s: {cfg.gpu_nodes} GPU node(s) x "
         f"{cfg.gpus_per_node} {config.GPU_RESOURCE}, {cfg.cpu_nodes} CPU node(s), KubeRay "
-        f"{config.KUBERAY_VERSION}")
+        f"{config.KUBERAY_VERSION}"
+    )
     log(f"export KUBECONFIG={paths.kubeconfig}")
     return True
 
@@ -653,9 +699,14 @@ def running_config(cfg: config.ClusterConfig) -> config.ClusterConfig:
     except (OSError, ValueError):
         return cfg
     return config.ClusterConfig(
-        gpu_nodes=info["gpu_nodes"], cpu_nodes=info["cpu_nodes"],
-        gpus_per_node=info["gpus_per_node"], gpu_taint=info["gpu_taint"],
-        state_dir=cfg.state_dir, cache_dir=cfg.cache_dir, ports=dict(info["ports"]))
+        gpu_nodes=info["gpu_nodes"],
+        cpu_nodes=info["cpu_nodes"],
+        gpus_per_node=info["gpus_per_node"],
+        gpu_taint=info["gpu_taint"],
+        state_dir=cfg.state_dir,
+        cache_dir=cfg.cache_dir,
+        ports=dict(info["ports"]),
+    )
 
 
 def _remove_state(paths: Paths) -> None:
@@ -697,6 +748,9 @@ def _down(cfg: config.ClusterConfig, quiet: bool, keep_logs: bool) -> bool:
         (dest / ".gitignore").write_text("*\n")
     _remove_state(paths)
     if not quiet:
-        log("cluster stopped and state removed" if stopped else
-            "no cluster was running; state removed")
+        log(
+            "cluster stopped and state removed"
+            if stopped
+            else "no cluster was running; state removed"
+        )
     return stopped

@@ -52,8 +52,13 @@ def _read_raw(call: Callable[..., Any], *args: str) -> dict[str, Any]:
     return data
 
 
-def _update_status(read: Callable[..., Any], replace: Callable[..., Any], args: tuple[str, ...],
-                   mutate: Callable[[dict[str, Any]], None], retries: int = 10) -> dict[str, Any]:
+def _update_status(
+    read: Callable[..., Any],
+    replace: Callable[..., Any],
+    args: tuple[str, ...],
+    mutate: Callable[[dict[str, Any]], None],
+    retries: int = 10,
+) -> dict[str, Any]:
     """Read, mutate, replace the status subresource; retry on write conflicts."""
     from kubernetes.client.rest import ApiException
 
@@ -70,14 +75,24 @@ def _update_status(read: Callable[..., Any], replace: Callable[..., Any], args: 
     raise AssertionError("unreachable")
 
 
-def _pod_status_call(core: Any, namespace: str, name: str,
-                     mutate: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    return _update_status(core.read_namespaced_pod_status, core.replace_namespaced_pod_status,
-                          (name, namespace), mutate)
+def _pod_status_call(
+    core: Any, namespace: str, name: str, mutate: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
+    return _update_status(
+        core.read_namespaced_pod_status,
+        core.replace_namespaced_pod_status,
+        (name, namespace),
+        mutate,
+    )
 
 
-def _set_condition(conditions: list[dict[str, Any]], ctype: str, status: str,
-                   reason: str | None = None, message: str | None = None) -> None:
+def _set_condition(
+    conditions: list[dict[str, Any]],
+    ctype: str,
+    status: str,
+    reason: str | None = None,
+    message: str | None = None,
+) -> None:
     now = _now()
     for cond in conditions:
         if cond.get("type") == ctype:
@@ -101,10 +116,17 @@ def _container_statuses(pod: dict[str, Any]) -> list[dict[str, Any]]:
     by_name = {c["name"]: c for c in status.get("containerStatuses") or []}
     out = []
     for spec in pod["spec"]["containers"]:
-        out.append(by_name.get(spec["name"]) or {
-            "name": spec["name"], "image": spec["image"], "imageID": "", "ready": False,
-            "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}},
-        })
+        out.append(
+            by_name.get(spec["name"])
+            or {
+                "name": spec["name"],
+                "image": spec["image"],
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "state": {"waiting": {"reason": "ContainerCreating"}},
+            }
+        )
     status["containerStatuses"] = out
     return out
 
@@ -112,13 +134,20 @@ def _container_statuses(pod: dict[str, Any]) -> list[dict[str, Any]]:
 def _check_container(pod: dict[str, Any], container: str | None) -> None:
     names = [c["name"] for c in pod["spec"]["containers"]]
     if container is not None and container not in names:
-        raise ValueError(f"pod {pod['metadata']['name']} has no container {container!r} "
-                         f"(has {', '.join(names)})")
+        raise ValueError(
+            f"pod {pod['metadata']['name']} has no container {container!r} (has {', '.join(names)})"
+        )
 
 
-def fail_pod(api: Any, namespace: str, name: str, exit_code: int = 1,
-             reason: str = "Error", message: str = "injected failure",
-             container: str | None = None) -> dict[str, Any]:
+def fail_pod(
+    api: Any,
+    namespace: str,
+    name: str,
+    exit_code: int = 1,
+    reason: str = "Error",
+    message: str = "injected failure",
+    container: str | None = None,
+) -> dict[str, Any]:
     """Report the pod as a kubelet does when its container exited and will not restart:
     phase Failed, the container (default: all) terminated with exit_code, Ready=False."""
     core = core_api(api)
@@ -129,11 +158,16 @@ def fail_pod(api: Any, namespace: str, name: str, exit_code: int = 1,
         for cs in _container_statuses(pod):
             running = (cs.get("state") or {}).get("running") or {}
             if container is None or cs["name"] == container:
-                cs["state"] = {"terminated": {
-                    "exitCode": exit_code, "reason": reason, "message": message,
-                    "startedAt": running.get("startedAt", now), "finishedAt": now,
-                    **({"containerID": cs["containerID"]} if cs.get("containerID") else {}),
-                }}
+                cs["state"] = {
+                    "terminated": {
+                        "exitCode": exit_code,
+                        "reason": reason,
+                        "message": message,
+                        "startedAt": running.get("startedAt", now),
+                        "finishedAt": now,
+                        **({"containerID": cs["containerID"]} if cs.get("containerID") else {}),
+                    }
+                }
                 cs["ready"] = False
                 cs["started"] = False
         status = pod["status"]
@@ -145,8 +179,14 @@ def fail_pod(api: Any, namespace: str, name: str, exit_code: int = 1,
     return _pod_status_call(core, namespace, name, mutate)
 
 
-def restart_container(api: Any, namespace: str, name: str, container: str | None = None,
-                      exit_code: int = 1, reason: str = "Error") -> dict[str, Any]:
+def restart_container(
+    api: Any,
+    namespace: str,
+    name: str,
+    container: str | None = None,
+    exit_code: int = 1,
+    reason: str = "Error",
+) -> dict[str, Any]:
     """Report that a container exited and the kubelet restarted it: restartCount + 1,
     lastState terminated with exit_code, state running again. Default: the first container."""
     core = core_api(api)
@@ -159,11 +199,15 @@ def restart_container(api: Any, namespace: str, name: str, container: str | None
             if cs["name"] != target:
                 continue
             running = (cs.get("state") or {}).get("running") or {}
-            cs["lastState"] = {"terminated": {
-                "exitCode": exit_code, "reason": reason,
-                "startedAt": running.get("startedAt", now), "finishedAt": now,
-                **({"containerID": cs["containerID"]} if cs.get("containerID") else {}),
-            }}
+            cs["lastState"] = {
+                "terminated": {
+                    "exitCode": exit_code,
+                    "reason": reason,
+                    "startedAt": running.get("startedAt", now),
+                    "finishedAt": now,
+                    **({"containerID": cs["containerID"]} if cs.get("containerID") else {}),
+                }
+            }
             cs["state"] = {"running": {"startedAt": now}}
             cs["restartCount"] = int(cs.get("restartCount") or 0) + 1
             cs["ready"] = True
@@ -191,13 +235,13 @@ def stuck_terminating(api: Any, namespace: str, name: str) -> None:
     """Delete the pod but keep it in Terminating (deletionTimestamp set, object present),
     as when the kubelet of a partitioned node never confirms. Undo with release_pod."""
     core = core_api(api)
-    core.patch_namespaced_pod(name, namespace,
-                              [{"op": "add", "path": "/metadata/finalizers/-",
-                                "value": STUCK_FINALIZER}]
-                              if _read_raw(core.read_namespaced_pod, name, namespace)
-                              ["metadata"].get("finalizers")
-                              else [{"op": "add", "path": "/metadata/finalizers",
-                                     "value": [STUCK_FINALIZER]}])
+    core.patch_namespaced_pod(
+        name,
+        namespace,
+        [{"op": "add", "path": "/metadata/finalizers/-", "value": STUCK_FINALIZER}]
+        if _read_raw(core.read_namespaced_pod, name, namespace)["metadata"].get("finalizers")
+        else [{"op": "add", "path": "/metadata/finalizers", "value": [STUCK_FINALIZER]}],
+    )
     core.delete_namespaced_pod(name, namespace)
 
 
@@ -215,10 +259,14 @@ def release_pod(api: Any, namespace: str, name: str) -> None:
     finalizers = pod["metadata"].get("finalizers") or []
     if STUCK_FINALIZER in finalizers:
         idx = finalizers.index(STUCK_FINALIZER)
-        core.patch_namespaced_pod(name, namespace, [
-            {"op": "test", "path": f"/metadata/finalizers/{idx}", "value": STUCK_FINALIZER},
-            {"op": "remove", "path": f"/metadata/finalizers/{idx}"},
-        ])
+        core.patch_namespaced_pod(
+            name,
+            namespace,
+            [
+                {"op": "test", "path": f"/metadata/finalizers/{idx}", "value": STUCK_FINALIZER},
+                {"op": "remove", "path": f"/metadata/finalizers/{idx}"},
+            ],
+        )
 
 
 def _node_status(core: Any, node: str, mutate: Callable[[dict[str, Any]], None]) -> None:
@@ -229,8 +277,12 @@ def _annotate_node(core: Any, node: str, key: str, value: str | None) -> None:
     core.patch_node(node, {"metadata": {"annotations": {key: value}}})
 
 
-def set_node_not_ready(api: Any, node: str, reason: str = "KubeletNotReady",
-                       message: str = "injected: container runtime is down") -> None:
+def set_node_not_ready(
+    api: Any,
+    node: str,
+    reason: str = "KubeletNotReady",
+    message: str = "injected: container runtime is down",
+) -> None:
     """Report Ready=False for node as its kubelet would, and keep it so (kwok's node stages
     skip nodes with the fault annotation). kube-controller-manager then taints the node
     node.kubernetes.io/not-ready and marks its pods NotReady. Undo with set_node_ready."""
@@ -251,16 +303,24 @@ def set_node_ready(api: Any, node: str) -> None:
     """Undo set_node_not_ready / lose_node: kwok manages and heartbeats the node again and
     it reports Ready=True."""
     core = core_api(api)
-    core.patch_node(node, {"metadata": {"annotations": {
-        manifests.NODE_FAULT_ANNOTATION: None,
-        config.KWOK_NODE_ANNOTATION: config.KWOK_NODE_ANNOTATION_VALUE,
-    }}})
+    core.patch_node(
+        node,
+        {
+            "metadata": {
+                "annotations": {
+                    manifests.NODE_FAULT_ANNOTATION: None,
+                    config.KWOK_NODE_ANNOTATION: config.KWOK_NODE_ANNOTATION_VALUE,
+                }
+            }
+        },
+    )
     _set_lease_holder(core, node, None)
 
     def mutate(obj: dict[str, Any]) -> None:
         conditions = obj.setdefault("status", {}).setdefault("conditions", [])
-        _set_condition(conditions, "Ready", "True", "KubeletReady", "kubelet is posting ready "
-                       "status")
+        _set_condition(
+            conditions, "Ready", "True", "KubeletReady", "kubelet is posting ready status"
+        )
         for cond in conditions:
             if cond.get("type") == "Ready":
                 cond["lastHeartbeatTime"] = _now()

@@ -22,8 +22,9 @@ _GPU_NODE_CAPACITY = {"cpu": "96", "memory": "1Ti", "pods": "110", "ephemeral-st
 _CPU_NODE_CAPACITY = {"cpu": "64", "memory": "256Gi", "pods": "110", "ephemeral-storage": "1Ti"}
 
 
-def _node(name: str, labels: dict[str, str], capacity: dict[str, str],
-          taints: list[dict[str, str]]) -> dict[str, Any]:
+def _node(
+    name: str, labels: dict[str, str], capacity: dict[str, str], taints: list[dict[str, str]]
+) -> dict[str, Any]:
     base_labels = {
         "kubernetes.io/hostname": name,
         "kubernetes.io/os": "linux",
@@ -60,7 +61,8 @@ def gpu_node(index: int, gpus: int, taint: bool) -> dict[str, Any]:
     }
     taints = (
         [{"key": config.GPU_TAINT_KEY, "value": config.GPU_TAINT_VALUE, "effect": "NoSchedule"}]
-        if taint else []
+        if taint
+        else []
     )
     capacity = {**_GPU_NODE_CAPACITY, config.GPU_RESOURCE: str(gpus)}
     return _node(f"{GPU_NODE_PREFIX}{index}", labels, capacity, taints)
@@ -102,10 +104,12 @@ def guard_node_stage(stage: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(stage)
     selector = out["spec"].setdefault("selector", {})
     exprs = selector.setdefault("matchExpressions", [])
-    exprs.append({
-        "key": f'.metadata.annotations["{NODE_FAULT_ANNOTATION}"]',
-        "operator": "DoesNotExist",
-    })
+    exprs.append(
+        {
+            "key": f'.metadata.annotations["{NODE_FAULT_ANNOTATION}"]',
+            "operator": "DoesNotExist",
+        }
+    )
     return out
 
 

@@ -27,8 +27,9 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _pem_cert(cert: x509.Certificate) -> bytes:
@@ -42,9 +43,16 @@ def _name(cn: str, org: str | None = None) -> x509.Name:
     return x509.Name(attrs)
 
 
-def _issue(subject: x509.Name, key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate | None,
-           ca_key: ec.EllipticCurvePrivateKey, *, is_ca: bool = False,
-           server_sans: list[str] | None = None, client: bool = False) -> x509.Certificate:
+def _issue(
+    subject: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate | None,
+    ca_key: ec.EllipticCurvePrivateKey,
+    *,
+    is_ca: bool = False,
+    server_sans: list[str] | None = None,
+    client: bool = False,
+) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     builder = (
         x509.CertificateBuilder()
@@ -58,16 +66,34 @@ def _issue(subject: x509.Name, key: ec.EllipticCurvePrivateKey, ca_cert: x509.Ce
     )
     if is_ca:
         builder = builder.add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                          content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, encipher_only=False,
-                          decipher_only=False), critical=True)
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
     else:
         builder = builder.add_extension(
-            x509.KeyUsage(digital_signature=True, key_encipherment=True, key_cert_sign=False,
-                          crl_sign=False, content_commitment=False, data_encipherment=False,
-                          key_agreement=False, encipher_only=False, decipher_only=False),
-            critical=True)
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]
         builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     if server_sans:
@@ -94,22 +120,32 @@ def generate(pki_dir: Path, service_cidr: str, host: str) -> None:
     ca = _issue(_name("dsi-localcluster-ca"), ca_key, None, ca_key, is_ca=True)
     files: dict[str, bytes] = {"ca.crt": _pem_cert(ca), "ca.key": _pem_key(ca_key)}
 
-    sans = [host, "localhost", service_ip(service_cidr), "kubernetes", "kubernetes.default",
-            "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"]
+    sans = [
+        host,
+        "localhost",
+        service_ip(service_cidr),
+        "kubernetes",
+        "kubernetes.default",
+        "kubernetes.default.svc",
+        "kubernetes.default.svc.cluster.local",
+    ]
     api_key = _key()
-    files["apiserver.crt"] = _pem_cert(_issue(_name("kube-apiserver"), api_key, ca, ca_key,
-                                              server_sans=sans))
+    files["apiserver.crt"] = _pem_cert(
+        _issue(_name("kube-apiserver"), api_key, ca, ca_key, server_sans=sans)
+    )
     files["apiserver.key"] = _pem_key(api_key)
 
     admin_key = _key()
-    files["admin.crt"] = _pem_cert(_issue(_name("dsi-admin", "system:masters"), admin_key, ca,
-                                          ca_key, client=True))
+    files["admin.crt"] = _pem_cert(
+        _issue(_name("dsi-admin", "system:masters"), admin_key, ca, ca_key, client=True)
+    )
     files["admin.key"] = _pem_key(admin_key)
 
     sa_key = _key()
     files["sa.key"] = _pem_key(sa_key)
     files["sa.pub"] = sa_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
     for name, data in files.items():
         path = pki_dir / name
@@ -126,12 +162,27 @@ def kubeconfig(pki_dir: Path, server: str, name: str = "dsi-local") -> str:
     doc = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": name, "cluster": {
-            "server": server, "certificate-authority-data": b64("ca.crt")}}],
-        "users": [{"name": f"{name}-admin", "user": {
-            "client-certificate-data": b64("admin.crt"), "client-key-data": b64("admin.key")}}],
-        "contexts": [{"name": name, "context": {"cluster": name, "user": f"{name}-admin",
-                                                "namespace": "default"}}],
+        "clusters": [
+            {
+                "name": name,
+                "cluster": {"server": server, "certificate-authority-data": b64("ca.crt")},
+            }
+        ],
+        "users": [
+            {
+                "name": f"{name}-admin",
+                "user": {
+                    "client-certificate-data": b64("admin.crt"),
+                    "client-key-data": b64("admin.key"),
+                },
+            }
+        ],
+        "contexts": [
+            {
+                "name": name,
+                "context": {"cluster": name, "user": f"{name}-admin", "namespace": "default"},
+            }
+        ],
         "current-context": name,
         "preferences": {},
     }

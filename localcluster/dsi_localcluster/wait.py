@@ -16,8 +16,13 @@ class WaitTimeout(AssertionError):
     """wait_for ran out of time. An AssertionError so pytest shows it as a test failure."""
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, what: str,
-             dump: Callable[[], object] | None = None, interval: float = 0.25) -> T:
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float,
+    what: str,
+    dump: Callable[[], object] | None = None,
+    interval: float = 0.25,
+) -> T:
     """Poll predicate until it returns something truthy, and return that.
 
     On timeout raise WaitTimeout naming `what`, the last exception the predicate raised (if
@@ -88,8 +93,10 @@ def events(core: Any, namespace: str, name: str | None = None) -> list[str]:
     """Events in namespace (optionally of one object) as 'Reason: message' lines."""
     selector = f"involvedObject.name={name}" if name else None
     items = core.list_namespaced_event(namespace, field_selector=selector).items
-    return [f"{e.involved_object.kind}/{e.involved_object.name} {e.type} {e.reason}: "
-            f"{e.message}" for e in items]
+    return [
+        f"{e.involved_object.kind}/{e.involved_object.name} {e.type} {e.reason}: {e.message}"
+        for e in items
+    ]
 
 
 def namespace_state(core: Any, namespace: str) -> dict[str, Any]:
@@ -101,8 +108,10 @@ def namespace_state(core: Any, namespace: str) -> dict[str, Any]:
                 "phase": p.status.phase,
                 "node": p.spec.node_name,
                 "reason": p.status.reason,
-                "conditions": [f"{c.type}={c.status} {c.reason or ''}".strip()
-                               for c in (p.status.conditions or [])],
+                "conditions": [
+                    f"{c.type}={c.status} {c.reason or ''}".strip()
+                    for c in (p.status.conditions or [])
+                ],
             }
             for p in pods
         },

@@ -196,14 +196,11 @@ def plan(obs: Observed) -> Plan:
     for g in range(replicas):
         state = states.get(g, GroupState(index=g))
         pods = obs.pods.get(g, ())
-        desired_hash = (obs.desired_hashes or {}).get(g)
-        recorded_hash = _recorded_hash(current, g)
-        if desired_hash and recorded_hash and recorded_hash != desired_hash:
-            # The group's template changed. KubeRay rolls the pods itself (a RayService
-            # rolls out a new RayCluster when an existing worker group changes), so the
-            # replacement of this group's pods is expected, not a failure: forget the old
-            # membership and let the group form again from pods of the new template.
-            state = replace(state, members=(), formed_at=None, forming_since=obs.now)
+        clusters = {p.cluster for p in pods if p.deletion_timestamp is None and p.cluster}
+        if state.members and state.cluster and clusters and state.cluster not in clusters:
+            # KubeRay switched the group to a new RayCluster (blue/green upgrade after a spec
+            # change): the old members going away is a roll, not a failure. Form afresh.
+            state = replace(state, members=(), formed_at=None, forming_since=obs.now, cluster=None)
         if failed_reason is not None or blocking is not None or not obs.children_created:
             dec: Decision = NoAction()
             if state.restarting_since is not None:
@@ -228,7 +225,7 @@ def plan(obs: Observed) -> Plan:
             )
         elif isinstance(dec, ContinueRestart):
             continues.append(dec)
-        new_states[g] = advance_group(state, dec, pods, tp, policy, obs.now, desired_hash)
+        new_states[g] = advance_group(state, dec, pods, tp, policy, obs.now)
 
     # A failure in one group makes the resource Failed; stop restarting the others too.
     if failed_reason is not None and restarts:

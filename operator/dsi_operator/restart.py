@@ -124,6 +124,9 @@ class GroupState:
     # Old pods a finished restart left stuck Terminating (force-deleted, held by a finalizer
     # or a dead kubelet): ignored by the triggers so they cannot cause another restart.
     abandoned: tuple[str, ...] = ()
+    # RayCluster whose pods formed the group: KubeRay's blue/green upgrade switches clusters,
+    # and the new cluster's pods replacing the members is a roll, not a failure.
+    cluster: str | None = None
 
 
 @dataclass(frozen=True)

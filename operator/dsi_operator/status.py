@@ -120,6 +120,7 @@ def group_state_from_status(index: int, raw: Mapping[str, Any] | None) -> GroupS
         formed_at=parse_time(raw.get("formedAt")),
         forming_since=parse_time(raw.get("formingSince")),
         abandoned=_strs(raw.get("abandonedPods")),
+        cluster=raw.get("rayCluster") or None,
     )
 
 
@@ -142,15 +143,13 @@ def advance_group(
     tp: int,
     policy: RestartPolicy,
     now: datetime,
-    desired_hash: str | None = None,
 ) -> GroupState:
     """The group's bookkeeping after ``decision`` (and after observing ``pods``).
 
     * Restart: counted, marked in progress with the UIDs to replace, membership cleared.
     * RestartDone: in-progress marker cleared; the formation clock starts.
     * otherwise: record membership when the group's pods become ready; start the formation
-      clock for a group seen for the first time. Pods of an older template (``group_hash`` not
-      ``desired_hash``) never make a membership: KubeRay is about to replace them.
+      clock for a group seen for the first time.
     """
     if isinstance(decision, Restart):
         kept = tuple(recent_restarts(state, policy, now)) + (now,)
@@ -186,21 +185,15 @@ def advance_group(
         state = replace(state, abandoned=tuple(u for u in state.abandoned if u in present))
     # Trim restart times that left the window so the status does not grow without bound; a
     # write happens only if something else changed too (see compute_status / status_patch).
-    current_template = desired_hash is None or all(
-        p.group_hash in (None, desired_hash) for p in live_pods(pods)
-    )
-    if (
-        not state.members
-        and group_pods_ready(pods, tp)
-        and current_template
-        and not isinstance(decision, Fail)
-    ):
+    if not state.members and group_pods_ready(pods, tp) and not isinstance(decision, Fail):
         by_rank = {p.rank: p.uid for p in live_pods(pods)}
+        clusters = {p.cluster for p in live_pods(pods)}
         return replace(
             state,
             members=tuple(by_rank[r] for r in range(tp)),
             formed_at=now,
             forming_since=None,
+            cluster=clusters.pop() if len(clusters) == 1 else None,
         )
     if not state.members and state.forming_since is None:
         return replace(state, forming_since=now)
@@ -233,6 +226,7 @@ def group_status_dict(
         "formedAt": iso(state.formed_at),
         "formingSince": iso_precise(state.forming_since),
         "abandonedPods": list(state.abandoned) or None,
+        "rayCluster": state.cluster,
     }
     d.update({k: v for k, v in optional.items() if v is not None})
     return d

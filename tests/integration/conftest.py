@@ -21,7 +21,11 @@ def running_pod(kube: Any, namespace: str) -> Callable[..., Any]:
             pod = kube.core.read_namespaced_pod(name, namespace)
             return pod if pod.status.phase == "Running" else None
 
-        return wait_for(running, timeout, f"pod {namespace}/{name} Running",
-                        dump=lambda: pod_state(kube.core, namespace, name))
+        return wait_for(
+            running,
+            timeout,
+            f"pod {namespace}/{name} Running",
+            dump=lambda: pod_state(kube.core, namespace, name),
+        )
 
     return make

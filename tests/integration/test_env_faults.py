@@ -61,8 +61,12 @@ def test_evict_pod(kube: Any, namespace: str, running_pod: Any) -> None:
             return exc.status == 404
         return False
 
-    wait_for(gone, 30, "evicted pod to be deleted",
-             dump=lambda: pod_state(kube.core, namespace, "evictee"))
+    wait_for(
+        gone,
+        30,
+        "evicted pod to be deleted",
+        dump=lambda: pod_state(kube.core, namespace, "evictee"),
+    )
 
 
 def test_stuck_terminating_and_release(kube: Any, namespace: str, running_pod: Any) -> None:
@@ -81,8 +85,12 @@ def test_stuck_terminating_and_release(kube: Any, namespace: str, running_pod: A
             return exc.status == 404
         return False
 
-    wait_for(gone, 30, "released pod to be deleted",
-             dump=lambda: pod_state(kube.core, namespace, "stuck"))
+    wait_for(
+        gone,
+        30,
+        "released pod to be deleted",
+        dump=lambda: pod_state(kube.core, namespace, "stuck"),
+    )
 
 
 @pytest.fixture
@@ -93,56 +101,88 @@ def sacrificial_node(cluster: Any, kube: Any) -> Iterator[str]:
         yield node
     finally:
         faults.set_node_ready(kube.api, node)
-        wait_for(lambda: _ready(kube.core.read_node(node).status.conditions) == "True", 60,
-                 f"{node} Ready again", dump=lambda: node_state(kube.core, node))
+        wait_for(
+            lambda: _ready(kube.core.read_node(node).status.conditions) == "True",
+            60,
+            f"{node} Ready again",
+            dump=lambda: node_state(kube.core, node),
+        )
 
 
 def _taints(kube: Any, node: str) -> set[str]:
     return {t.key for t in kube.core.read_node(node).spec.taints or []}
 
 
-def test_set_node_not_ready_sticks_and_taints(kube: Any, namespace: str, running_pod: Any,
-                                              sacrificial_node: str) -> None:
+def test_set_node_not_ready_sticks_and_taints(
+    kube: Any, namespace: str, running_pod: Any, sacrificial_node: str
+) -> None:
     node = sacrificial_node
     running_pod("on-node", node=node)
     faults.set_node_not_ready(kube.api, node)
-    wait_for(lambda: "node.kubernetes.io/not-ready" in _taints(kube, node), 30,
-             "node lifecycle controller to taint the node not-ready",
-             dump=lambda: node_state(kube.core, node))
+    wait_for(
+        lambda: "node.kubernetes.io/not-ready" in _taints(kube, node),
+        30,
+        "node lifecycle controller to taint the node not-ready",
+        dump=lambda: node_state(kube.core, node),
+    )
 
     time.sleep(SETTLE_S)
     assert _ready(kube.core.read_node(node).status.conditions) == "False"
 
     faults.set_node_ready(kube.api, node)
-    wait_for(lambda: "node.kubernetes.io/not-ready" not in _taints(kube, node), 30,
-             "the not-ready taint to be removed", dump=lambda: node_state(kube.core, node))
+    wait_for(
+        lambda: "node.kubernetes.io/not-ready" not in _taints(kube, node),
+        30,
+        "the not-ready taint to be removed",
+        dump=lambda: node_state(kube.core, node),
+    )
     assert _ready(kube.core.read_node(node).status.conditions) == "True"
 
 
-def test_lose_node_goes_unknown(kube: Any, namespace: str, running_pod: Any,
-                                sacrificial_node: str) -> None:
+def test_lose_node_goes_unknown(
+    kube: Any, namespace: str, running_pod: Any, sacrificial_node: str
+) -> None:
     node = sacrificial_node
     running_pod("on-lost-node", node=node)
     faults.lose_node(kube.api, node)
     # --node-monitor-grace-period is 40 s; the controller checks every 5 s.
-    wait_for(lambda: _ready(kube.core.read_node(node).status.conditions) == "Unknown", 90,
-             "node lifecycle controller to mark the lost node Unknown",
-             dump=lambda: node_state(kube.core, node))
-    wait_for(lambda: "node.kubernetes.io/unreachable" in _taints(kube, node), 30,
-             "the unreachable taint", dump=lambda: node_state(kube.core, node))
+    wait_for(
+        lambda: _ready(kube.core.read_node(node).status.conditions) == "Unknown",
+        90,
+        "node lifecycle controller to mark the lost node Unknown",
+        dump=lambda: node_state(kube.core, node),
+    )
+    wait_for(
+        lambda: "node.kubernetes.io/unreachable" in _taints(kube, node),
+        30,
+        "the unreachable taint",
+        dump=lambda: node_state(kube.core, node),
+    )
 
     def pod_not_ready() -> bool:
         pod = kube.core.read_namespaced_pod("on-lost-node", namespace)
         return _ready(pod.status.conditions) == "False"
 
-    wait_for(pod_not_ready, 30, "pods on the lost node marked NotReady",
-             dump=lambda: pod_state(kube.core, namespace, "on-lost-node"))
+    wait_for(
+        pod_not_ready,
+        30,
+        "pods on the lost node marked NotReady",
+        dump=lambda: pod_state(kube.core, namespace, "on-lost-node"),
+    )
 
     faults.set_node_ready(kube.api, node)
-    wait_for(lambda: _ready(kube.core.read_node(node).status.conditions) == "True", 30,
-             "the node Ready again", dump=lambda: node_state(kube.core, node))
-    wait_for(lambda: "node.kubernetes.io/unreachable" not in _taints(kube, node), 30,
-             "the unreachable taint removed", dump=lambda: node_state(kube.core, node))
+    wait_for(
+        lambda: _ready(kube.core.read_node(node).status.conditions) == "True",
+        30,
+        "the node Ready again",
+        dump=lambda: node_state(kube.core, node),
+    )
+    wait_for(
+        lambda: "node.kubernetes.io/unreachable" not in _taints(kube, node),
+        30,
+        "the unreachable taint removed",
+        dump=lambda: node_state(kube.core, node),
+    )
     # kwok renews the Lease again, so the node stays Ready past the grace period's check.
     time.sleep(SETTLE_S)
     assert _ready(kube.core.read_node(node).status.conditions) == "True"

@@ -41,43 +41,61 @@ def test_crd_schema_rejects_invalid_object(kube: Any, namespace: str) -> None:
         "spec": {
             "group": group,
             "scope": "Namespaced",
-            "names": {"plural": plural, "singular": plural[:-1] + "x", "kind": "Widget" +
-                      plural[-6:].upper().replace("0", "Z"), "listKind": "WidgetList" +
-                      plural[-6:].upper().replace("0", "Z")},
-            "versions": [{
-                "name": "v1", "served": True, "storage": True,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "properties": {"spec": {
-                        "type": "object",
-                        "required": ["replicas"],
-                        "properties": {"replicas": {"type": "integer", "minimum": 1}},
-                    }},
-                }},
-            }],
+            "names": {
+                "plural": plural,
+                "singular": plural[:-1] + "x",
+                "kind": "Widget" + plural[-6:].upper().replace("0", "Z"),
+                "listKind": "WidgetList" + plural[-6:].upper().replace("0", "Z"),
+            },
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {
+                                "spec": {
+                                    "type": "object",
+                                    "required": ["replicas"],
+                                    "properties": {"replicas": {"type": "integer", "minimum": 1}},
+                                }
+                            },
+                        }
+                    },
+                }
+            ],
         },
     }
     kube.apiext.create_custom_resource_definition(crd)
     try:
+
         def established() -> bool:
             got = kube.apiext.read_custom_resource_definition(crd["metadata"]["name"])
-            return any(c.type == "Established" and c.status == "True"
-                       for c in got.status.conditions or [])
+            return any(
+                c.type == "Established" and c.status == "True" for c in got.status.conditions or []
+            )
 
         wait_for(established, 30, "CRD Established")
         kind = crd["spec"]["names"]["kind"]
 
         def create(spec: dict[str, Any]) -> Any:
-            body = {"apiVersion": f"{group}/v1", "kind": kind,
-                    "metadata": {"name": f"w{uuid.uuid4().hex[:6]}"}, "spec": spec}
-            return kube.custom.create_namespaced_custom_object(group, "v1", namespace, plural,
-                                                               body)
+            body = {
+                "apiVersion": f"{group}/v1",
+                "kind": kind,
+                "metadata": {"name": f"w{uuid.uuid4().hex[:6]}"},
+                "spec": spec,
+            }
+            return kube.custom.create_namespaced_custom_object(group, "v1", namespace, plural, body)
 
         # The new resource may take a moment to be served after Established.
         wait_for(lambda: create({"replicas": 2}), 30, "a valid object to be accepted")
-        for bad, expect in (({"replicas": 0}, "should be greater than or equal to 1"),
-                            ({"replicas": "two"}, "must be of type integer"),
-                            ({}, "Required value")):
+        for bad, expect in (
+            ({"replicas": 0}, "should be greater than or equal to 1"),
+            ({"replicas": "two"}, "must be of type integer"),
+            ({}, "Required value"),
+        ):
             with pytest.raises(ApiException) as err:
                 create(bad)
             assert err.value.status == 422, err.value.body
@@ -87,7 +105,14 @@ def test_crd_schema_rejects_invalid_object(kube: Any, namespace: str) -> None:
 
 
 def test_kuberay_crd_rejects_invalid_rayservice(kubectl: Any, namespace: str) -> None:
-    proc = kubectl("apply", "-n", namespace, "-f", "-", check=False, input="""
+    proc = kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        check=False,
+        input="""
 apiVersion: ray.io/v1
 kind: RayService
 metadata: {name: bad}
@@ -101,7 +126,8 @@ spec:
       replicas: "many"
       rayStartParams: {}
       template: {spec: {containers: [{name: w, image: x}]}}
-""")
+""",
+    )
     assert proc.returncode != 0
     assert "replicas" in proc.stderr, proc.stderr
 
@@ -109,10 +135,14 @@ spec:
 def _deployment(name: str, replicas: int) -> dict[str, Any]:
     pod = pod_manifest(name)
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment",
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
         "metadata": {"name": name},
-        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
-                 "template": {"metadata": {"labels": {"app": name}}, "spec": pod["spec"]}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}}, "spec": pod["spec"]},
+        },
     }
 
 
@@ -124,8 +154,9 @@ def test_deployment_pods_are_scheduled_and_run(kube: Any, namespace: str) -> Non
         ok = len(pods) == 3 and all(p.status.phase == "Running" for p in pods)
         return pods if ok else None
 
-    pods = wait_for(all_running, 60, "3 web pods Running",
-                    dump=lambda: namespace_state(kube.core, namespace))
+    pods = wait_for(
+        all_running, 60, "3 web pods Running", dump=lambda: namespace_state(kube.core, namespace)
+    )
     node_names = {n.metadata.name for n in kube.core.list_node().items}
     for pod in pods:
         assert pod.spec.node_name in node_names
@@ -134,8 +165,11 @@ def test_deployment_pods_are_scheduled_and_run(kube: Any, namespace: str) -> Non
         assert ready["Ready"] == "True"
     events = kube.core.list_namespaced_event(namespace, field_selector="reason=Scheduled").items
     assert len(events) >= 3
-    assert all(e.reporting_component == "default-scheduler" or
-               (e.source and e.source.component == "default-scheduler") for e in events)
+    assert all(
+        e.reporting_component == "default-scheduler"
+        or (e.source and e.source.component == "default-scheduler")
+        for e in events
+    )
 
     def deployment_available() -> bool:
         dep = kube.apps.read_namespaced_deployment("web", namespace)
@@ -145,7 +179,8 @@ def test_deployment_pods_are_scheduled_and_run(kube: Any, namespace: str) -> Non
 
 
 def test_gpu_pods_bind_to_gpu_nodes_and_overcommit_stays_pending(
-        cluster: Any, kube: Any, namespace: str, running_pod: Any) -> None:
+    cluster: Any, kube: Any, namespace: str, running_pod: Any
+) -> None:
     fits = running_pod("fits", gpus=cluster.gpus_per_node)
     assert fits.spec.node_name in cluster.gpu_nodes
 
@@ -154,11 +189,16 @@ def test_gpu_pods_bind_to_gpu_nodes_and_overcommit_stays_pending(
 
     def failed_scheduling() -> Any:
         evs = kube.core.list_namespaced_event(
-            namespace, field_selector="involvedObject.name=too-big,reason=FailedScheduling")
+            namespace, field_selector="involvedObject.name=too-big,reason=FailedScheduling"
+        )
         return evs.items
 
-    evs = wait_for(failed_scheduling, 60, "FailedScheduling event for too-big",
-                   dump=lambda: pod_state(kube.core, namespace, "too-big"))
+    evs = wait_for(
+        failed_scheduling,
+        60,
+        "FailedScheduling event for too-big",
+        dump=lambda: pod_state(kube.core, namespace, "too-big"),
+    )
     assert "nvidia.com/gpu" in evs[0].message, evs[0].message
     pod = kube.core.read_namespaced_pod("too-big", namespace)
     assert pod.status.phase == "Pending"
@@ -169,23 +209,24 @@ def test_gpu_pods_bind_to_gpu_nodes_and_overcommit_stays_pending(
 
 def test_deleting_owner_garbage_collects_children(kube: Any, namespace: str) -> None:
     owner = kube.core.create_namespaced_config_map(
-        namespace, {"metadata": {"name": "owner"}, "data": {"k": "v"}})
-    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
-           "uid": owner.metadata.uid}
+        namespace, {"metadata": {"name": "owner"}, "data": {"k": "v"}}
+    )
+    ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid}
     kube.core.create_namespaced_config_map(
-        namespace, {"metadata": {"name": "child", "ownerReferences": [ref]}})
+        namespace, {"metadata": {"name": "child", "ownerReferences": [ref]}}
+    )
     kube.apps.create_namespaced_deployment(namespace, _deployment("gc", 2))
 
     def pods_running() -> bool:
         pods = kube.core.list_namespaced_pod(namespace, label_selector="app=gc").items
         return len(pods) == 2 and all(p.status.phase == "Running" for p in pods)
 
-    wait_for(pods_running, 60, "gc pods Running",
-             dump=lambda: namespace_state(kube.core, namespace))
+    wait_for(
+        pods_running, 60, "gc pods Running", dump=lambda: namespace_state(kube.core, namespace)
+    )
 
     kube.core.delete_namespaced_config_map("owner", namespace)
-    kube.apps.delete_namespaced_deployment("gc", namespace,
-                                           propagation_policy="Background")
+    kube.apps.delete_namespaced_deployment("gc", namespace, propagation_policy="Background")
 
     def child_gone() -> bool:
         try:
@@ -200,8 +241,12 @@ def test_deleting_owner_garbage_collects_children(kube: Any, namespace: str) -> 
         return not rs and not pods
 
     wait_for(child_gone, 60, "the owned ConfigMap to be garbage-collected")
-    wait_for(deployment_children_gone, 60, "ReplicaSet and pods to be garbage-collected",
-             dump=lambda: namespace_state(kube.core, namespace))
+    wait_for(
+        deployment_children_gone,
+        60,
+        "ReplicaSet and pods to be garbage-collected",
+        dump=lambda: namespace_state(kube.core, namespace),
+    )
 
 
 RAYSERVICE = """
@@ -250,33 +295,51 @@ spec:
 
 
 def test_rayservice_yields_running_head_and_worker_pods(
-        cluster: Any, kube: Any, kubectl: Any, namespace: str) -> None:
+    cluster: Any, kube: Any, kubectl: Any, namespace: str
+) -> None:
     kubectl.apply(RAYSERVICE, namespace)
 
     def raycluster() -> Any:
-        items = kube.custom.list_namespaced_custom_object(
-            "ray.io", "v1", namespace, "rayclusters")["items"]
-        owned = [rc for rc in items
-                 if any(o["kind"] == "RayService" and o["name"] == "tiny"
-                        for o in rc["metadata"].get("ownerReferences", []))]
+        items = kube.custom.list_namespaced_custom_object("ray.io", "v1", namespace, "rayclusters")[
+            "items"
+        ]
+        owned = [
+            rc
+            for rc in items
+            if any(
+                o["kind"] == "RayService" and o["name"] == "tiny"
+                for o in rc["metadata"].get("ownerReferences", [])
+            )
+        ]
         return owned[0] if owned else None
 
-    rc = wait_for(raycluster, 60, "KubeRay to create the RayCluster of RayService tiny",
-                  dump=lambda: kubectl("get", "rayservice", "tiny", "-n", namespace, "-o",
-                                       "yaml", check=False).stdout)
+    rc = wait_for(
+        raycluster,
+        60,
+        "KubeRay to create the RayCluster of RayService tiny",
+        dump=lambda: (
+            kubectl("get", "rayservice", "tiny", "-n", namespace, "-o", "yaml", check=False).stdout
+        ),
+    )
     rc_name = rc["metadata"]["name"]
 
     def pods_running() -> list[Any] | None:
-        pods = kube.core.list_namespaced_pod(namespace,
-                                             label_selector=f"ray.io/cluster={rc_name}").items
+        pods = kube.core.list_namespaced_pod(
+            namespace, label_selector=f"ray.io/cluster={rc_name}"
+        ).items
         heads = [p for p in pods if p.metadata.labels.get("ray.io/node-type") == "head"]
         workers = [p for p in pods if p.metadata.labels.get("ray.io/node-type") == "worker"]
-        ok = (len(heads) == 1 and len(workers) == 2
-              and all(p.status.phase == "Running" for p in pods))
+        ok = (
+            len(heads) == 1 and len(workers) == 2 and all(p.status.phase == "Running" for p in pods)
+        )
         return pods if ok else None
 
-    pods = wait_for(pods_running, 120, f"head and 2 worker pods of {rc_name} Running",
-                    dump=lambda: namespace_state(kube.core, namespace))
+    pods = wait_for(
+        pods_running,
+        120,
+        f"head and 2 worker pods of {rc_name} Running",
+        dump=lambda: namespace_state(kube.core, namespace),
+    )
     for pod in pods:
         if pod.metadata.labels["ray.io/node-type"] == "worker":
             assert pod.spec.node_name in cluster.gpu_nodes
@@ -298,24 +361,47 @@ def test_second_up_is_a_noop(cluster: Any) -> None:
 
 
 def test_impersonated_service_account_is_subject_to_rbac(
-        cluster: Any, kube: Any, kubectl: Any, namespace: str) -> None:
+    cluster: Any, kube: Any, kubectl: Any, namespace: str
+) -> None:
     kube.core.create_namespaced_service_account(namespace, {"metadata": {"name": "bot"}})
     sa = f"system:serviceaccount:{namespace}:bot"
-    denied = kubectl("auth", "can-i", "list", "pods", "-n", namespace, f"--as={sa}",
-                     check=False)
+    denied = kubectl("auth", "can-i", "list", "pods", "-n", namespace, f"--as={sa}", check=False)
     assert denied.stdout.strip() == "no"
-    kube.rbac.create_namespaced_role(namespace, {
-        "metadata": {"name": "pod-reader"},
-        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]})
-    kube.rbac.create_namespaced_role_binding(namespace, {
-        "metadata": {"name": "bot-reads-pods"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                    "name": "pod-reader"},
-        "subjects": [{"kind": "ServiceAccount", "name": "bot", "namespace": namespace}]})
-    wait_for(lambda: kubectl("auth", "can-i", "list", "pods", "-n", namespace, f"--as={sa}",
-                             check=False).stdout.strip() == "yes", 30, "RBAC to allow bot")
+    kube.rbac.create_namespaced_role(
+        namespace,
+        {
+            "metadata": {"name": "pod-reader"},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}],
+        },
+    )
+    kube.rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "bot-reads-pods"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": "pod-reader",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "bot", "namespace": namespace}],
+        },
+    )
+    wait_for(
+        lambda: (
+            kubectl(
+                "auth", "can-i", "list", "pods", "-n", namespace, f"--as={sa}", check=False
+            ).stdout.strip()
+            == "yes"
+        ),
+        30,
+        "RBAC to allow bot",
+    )
     # Token signing works: the API server issues a token for the account.
     token = kube.core.create_namespaced_service_account_token(
-        "bot", namespace, client.AuthenticationV1TokenRequest(
-            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600)))
+        "bot",
+        namespace,
+        client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=600)
+        ),
+    )
     assert token.status.token.count(".") == 2

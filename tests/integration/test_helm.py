@@ -10,6 +10,7 @@ kwok node, which reports it running without pulling the image.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import uuid
 from pathlib import Path
@@ -185,3 +186,19 @@ def test_install_upgrade_uninstall(helm: Helm, kube: Any, kubectl: Any, namespac
     assert cluster_left.strip() == ""
     # Helm never deletes CRDs from crds/: the users' DeepSpeedInference objects survive.
     kube.apiext.read_custom_resource_definition("deepspeedinferences.deepspeed.ai")
+
+
+def test_kind_script_resource_is_valid(kubectl: Any, namespace: str) -> None:
+    """The DeepSpeedInference hack/kind-e2e.sh applies passes the API server's validation."""
+    script = (ROOT / "hack" / "kind-e2e.sh").read_text()
+    defaults = dict(re.findall(r'^(\w+)="\$\{\w+:-([^}]*)\}"$', script, re.MULTILINE))
+    defaults.update(
+        NAME="tiny", NS=namespace, WORKER_IMAGE="registry.example/worker:dev", VERSION="dev"
+    )
+    body = script.split("kubectl apply -f - <<EOF\n", 1)[1].split("\nEOF\n", 1)[0]
+    manifest = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], body)
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    out = kubectl(
+        "apply", "--dry-run=server", "--validate=strict", "-f", "-", input=manifest
+    ).stdout
+    assert "deepspeedinference.deepspeed.ai/tiny created (server dry run)" in out

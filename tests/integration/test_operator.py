@@ -177,14 +177,24 @@ def test_idle_operator_writes_nothing(kube: Any, namespace: str, operator: Any) 
     assert get_dsi(kube.custom, namespace, name)["metadata"]["resourceVersion"] == rv
 
 
-def test_spec_update_rolls_groups_and_scale_down_cleans(
+def test_spec_update_rerenders_and_scale_down_cleans(
     kube: Any, namespace: str, operator: Any
 ) -> None:
+    """A spec change re-renders the RayService (every worker template carries it, with a new
+    group hash) without counting a restart; scaling down removes group 1's Service and pods.
+
+    Rolling the pods onto the new template is KubeRay's job (a RayService with upgrade
+    strategy NewCluster starts a new RayCluster and switches over once Serve is healthy). In
+    the simulated cluster no Ray runs, KubeRay's RayService reconcile stops at the Serve
+    step and never prepares the new cluster, so the pod roll itself is not observable here;
+    the operator's part of it (re-form on the new cluster without counting a failure) is
+    covered by tests/unit/test_status.py::test_kuberay_cluster_switch_is_a_roll_not_a_failure.
+    """
     name = "roll"
     create(kube, namespace, dsi_manifest(name, tp=2, replicas=2))
     d = dump(kube, namespace, name, operator)
     poll(lambda: status(kube, namespace, name).get("phase") == "Forming", 120, "Forming", d)
-    before = {k: p.metadata.uid for k, p in worker_pods(kube.core, namespace, name).items()}
+    hashes_before = [g["hash"] for g in status(kube, namespace, name)["groups"]]
 
     kube.custom.patch_namespaced_custom_object(
         GROUP,
@@ -195,29 +205,26 @@ def test_spec_update_rolls_groups_and_scale_down_cleans(
         {"spec": {"env": [{"name": "EXTRA", "value": "1"}]}},
     )
 
-    def rolled() -> bool:
-        pods = worker_pods(kube.core, namespace, name)
-        if not all_running(pods, 2, 2):
-            return False
-        for k, p in pods.items():
-            env = {e.name: e.value for e in p.spec.containers[0].env}
-            if p.metadata.uid == before[k] or env.get("EXTRA") != "1":
-                return False
-        return True
+    def rerendered() -> bool:
+        rs = _get_rs(kube, namespace, name) or {}
+        workers = rs.get("spec", {}).get("rayClusterConfig", {}).get("workerGroupSpecs", [])
+        return len(workers) == 4 and all(
+            {"name": "EXTRA", "value": "1"} in w["template"]["spec"]["containers"][0]["env"]
+            for w in workers
+        )
 
-    poll(rolled, 180, "every group rolled to the new spec", d)
+    poll(rerendered, 60, "RayService re-rendered with the new env", d)
+    gen = get_dsi(kube.custom, namespace, name)["metadata"]["generation"]
     st = poll(
-        lambda: (lambda s: s if s.get("phase") == "Forming" else None)(
+        lambda: (lambda s: s if s.get("observedGeneration") == gen else None)(
             status(kube, namespace, name)
         ),
         60,
-        "Forming after the roll",
+        "status observes the new generation",
         d,
     )
-    assert st["restarts"] == 0, "a spec roll is not a failure restart"
-    assert (
-        st["observedGeneration"] == get_dsi(kube.custom, namespace, name)["metadata"]["generation"]
-    )
+    assert [g["hash"] for g in st["groups"]] != hashes_before
+    assert st["restarts"] == 0, "a spec change is not a failure restart"
 
     # scale down: group 1's master Service and pods go away
     kube.custom.patch_namespaced_custom_object(

@@ -23,9 +23,15 @@ def test_defaults_match_the_issue() -> None:
 
 
 def test_env_and_overrides() -> None:
-    env = {"DSI_GPU_NODES": "2", "DSI_CPU_NODES": "3", "DSI_GPUS_PER_NODE": "4",
-           "DSI_GPU_TAINT": "true", "DSI_PORT_KUBE_APISERVER": "17443",
-           "DSI_CLUSTER_DIR": "/tmp/x-cluster", "DSI_LOCALCLUSTER_CACHE": "/tmp/x-cache"}
+    env = {
+        "DSI_GPU_NODES": "2",
+        "DSI_CPU_NODES": "3",
+        "DSI_GPUS_PER_NODE": "4",
+        "DSI_GPU_TAINT": "true",
+        "DSI_PORT_KUBE_APISERVER": "17443",
+        "DSI_CLUSTER_DIR": "/tmp/x-cluster",
+        "DSI_LOCALCLUSTER_CACHE": "/tmp/x-cache",
+    }
     cfg = config.ClusterConfig.from_env(env, gpu_nodes=5, cpu_nodes=None)
     assert (cfg.gpu_nodes, cfg.cpu_nodes, cfg.gpus_per_node, cfg.gpu_taint) == (5, 3, 4, True)
     assert cfg.ports["kube-apiserver"] == 17443
@@ -34,14 +40,17 @@ def test_env_and_overrides() -> None:
     assert cfg.cache_dir == Path("/tmp/x-cache")
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"DSI_GPU_NODES": "four"}, "not an integer"),
-    ({"DSI_GPU_NODES": "-1"}, ">= 0"),
-    ({"DSI_GPU_NODES": "0", "DSI_CPU_NODES": "0"}, "at least one node"),
-    ({"DSI_GPU_TAINT": "maybe"}, "not a boolean"),
-    ({"DSI_PORT_KWOK": "16443"}, "both kube-apiserver and kwok"),
-    ({"DSI_PORT_ETCD_CLIENT": "70000"}, "out of range"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"DSI_GPU_NODES": "four"}, "not an integer"),
+        ({"DSI_GPU_NODES": "-1"}, ">= 0"),
+        ({"DSI_GPU_NODES": "0", "DSI_CPU_NODES": "0"}, "at least one node"),
+        ({"DSI_GPU_TAINT": "maybe"}, "not a boolean"),
+        ({"DSI_PORT_KWOK": "16443"}, "both kube-apiserver and kwok"),
+        ({"DSI_PORT_ETCD_CLIENT": "70000"}, "out of range"),
+    ],
+)
 def test_bad_settings_are_rejected(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         config.ClusterConfig.from_env(env)
@@ -78,8 +87,9 @@ def test_port_in_use_names_the_port() -> None:
         port = s.getsockname()[1]
         assert not cluster.port_is_free(port)
         with pytest.raises(cluster.PortInUseError, match=rf"port {port} .*kube-apiserver"):
-            cluster.check_ports({"etcd-client": 1, "kube-apiserver": port},
-                                is_free=lambda p: p != port)
+            cluster.check_ports(
+                {"etcd-client": 1, "kube-apiserver": port}, is_free=lambda p: p != port
+            )
     cluster.check_ports({"a": 1, "b": 2}, is_free=lambda p: True)
 
 
@@ -103,27 +113,46 @@ def test_gpu_nodes_carry_gpu_operator_labels() -> None:
 def test_gpu_taint_is_optional() -> None:
     node = manifests.gpu_node(0, gpus=4, taint=True)
     assert node["spec"]["taints"] == [
-        {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
+        {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+    ]
     assert node["status"]["capacity"]["nvidia.com/gpu"] == "4"
 
 
 def test_node_stages_skip_faulted_nodes(tmp_path: Path) -> None:
-    (tmp_path / "node.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "Stage",
-        "metadata": {"name": "node-initialize"},
-        "spec": {"resourceRef": {"apiGroup": "v1", "kind": "Node"},
-                 "selector": {"matchExpressions": [{"key": ".status.phase",
-                                                    "operator": "In", "values": ["x"]}]},
-                 "next": {"statusTemplate": "{}"}}}))
-    (tmp_path / "pod.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "Stage",
-        "metadata": {"name": "pod-ready"},
-        "spec": {"resourceRef": {"apiGroup": "v1", "kind": "Pod"}, "next": {}}}))
+    (tmp_path / "node.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kwok.x-k8s.io/v1alpha1",
+                "kind": "Stage",
+                "metadata": {"name": "node-initialize"},
+                "spec": {
+                    "resourceRef": {"apiGroup": "v1", "kind": "Node"},
+                    "selector": {
+                        "matchExpressions": [
+                            {"key": ".status.phase", "operator": "In", "values": ["x"]}
+                        ]
+                    },
+                    "next": {"statusTemplate": "{}"},
+                },
+            }
+        )
+    )
+    (tmp_path / "pod.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kwok.x-k8s.io/v1alpha1",
+                "kind": "Stage",
+                "metadata": {"name": "pod-ready"},
+                "spec": {"resourceRef": {"apiGroup": "v1", "kind": "Pod"}, "next": {}},
+            }
+        )
+    )
     stages = {s["metadata"]["name"]: s for s in manifests.kwok_stages(tmp_path)}
     node_exprs = stages["node-initialize"]["spec"]["selector"]["matchExpressions"]
     assert node_exprs[-1] == {
         "key": f'.metadata.annotations["{manifests.NODE_FAULT_ANNOTATION}"]',
-        "operator": "DoesNotExist"}
+        "operator": "DoesNotExist",
+    }
     assert len(node_exprs) == 2
     assert "selector" not in stages["pod-ready"]["spec"]
     text = manifests.kwok_config_yaml(list(stages.values()))
@@ -154,8 +183,9 @@ def test_pidfiles_detect_stale_and_recycled_pids(tmp_path: Path) -> None:
 
 
 def test_stop_process_kills_the_group(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True
+    )
     cluster.stop_process(proc.pid, sys.executable, "sleeper", timeout=5)
     assert proc.wait(timeout=5) is not None
     assert not cluster.pid_runs(proc.pid, sys.executable)
@@ -201,11 +231,14 @@ def test_build_commands_pin_versions() -> None:
     assert kwok_argv[-1] == f"sigs.k8s.io/kwok/cmd/kwok@{config.KWOK_VERSION}"
 
 
-@pytest.mark.parametrize("module, requirement", [
-    ("kubernetes", f"k8s.io/kubernetes {config.KUBERNETES_VERSION}"),
-    ("etcd", f"go.etcd.io/etcd/server/v3 {config.ETCD_VERSION}"),
-    ("kuberay", f"github.com/ray-project/kuberay/ray-operator {config.KUBERAY_VERSION}"),
-])
+@pytest.mark.parametrize(
+    "module, requirement",
+    [
+        ("kubernetes", f"k8s.io/kubernetes {config.KUBERNETES_VERSION}"),
+        ("etcd", f"go.etcd.io/etcd/server/v3 {config.ETCD_VERSION}"),
+        ("kuberay", f"github.com/ray-project/kuberay/ray-operator {config.KUBERAY_VERSION}"),
+    ],
+)
 def test_wrapper_modules_match_pinned_versions(module: str, requirement: str) -> None:
     gomod = (build.GOBUILD_DIR / module / "go.mod").read_text()
     assert requirement in gomod
@@ -225,10 +258,18 @@ def test_is_built_needs_binaries_and_data(tmp_path: Path) -> None:
     assert comp.is_built(tmp_path)
 
 
-def test_build_failure_names_component_and_log(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    bad = build.Component(name="broken", version="v0", binaries=("x",), module_dir=None,
-                          packages=("example.invalid/nope@v0.0.0",), ldflags="", minutes="0")
+def test_build_failure_names_component_and_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad = build.Component(
+        name="broken",
+        version="v0",
+        binaries=("x",),
+        module_dir=None,
+        packages=("example.invalid/nope@v0.0.0",),
+        ldflags="",
+        minutes="0",
+    )
     monkeypatch.setenv("GOPROXY", "off")
     monkeypatch.setenv("GOFLAGS", "-mod=mod")
     with pytest.raises(build.BuildError) as err:
@@ -245,8 +286,9 @@ def test_cli_parses_commands() -> None:
     assert parser().parse_args(["build", "etcd"]).components == ["etcd"]
 
 
-def test_cli_env_and_unknown_component(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_env_and_unknown_component(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DSI_CLUSTER_DIR", str(tmp_path))
     assert main(["env"]) == 0
     assert capsys.readouterr().out.strip() == f"export KUBECONFIG={tmp_path}/kubeconfig"
@@ -262,9 +304,30 @@ def test_wait_for_returns_value_and_dumps_on_timeout(capsys: pytest.CaptureFixtu
         raise KeyError("nope")
 
     with pytest.raises(WaitTimeout) as err:
-        wait_for(boom, 0.05, "the impossible", dump=lambda: {"phase": "Pending"},
-                 interval=0.01)
+        wait_for(boom, 0.05, "the impossible", dump=lambda: {"phase": "Pending"}, interval=0.01)
     text = str(err.value)
     assert "waiting for the impossible" in text
     assert "KeyError" in text and "phase: Pending" in text
     assert "the impossible" in capsys.readouterr().err
+
+
+def test_fault_condition_helpers_keep_transition_times() -> None:
+    from dsi_localcluster import faults
+
+    conds = [{"type": "Ready", "status": "True", "lastTransitionTime": "old", "reason": "R"}]
+    faults._set_condition(conds, "Ready", "True", None)
+    assert conds[0]["lastTransitionTime"] == "old" and "reason" not in conds[0]
+    faults._set_condition(conds, "Ready", "False", "PodFailed")
+    assert conds[0]["status"] == "False" and conds[0]["lastTransitionTime"] != "old"
+    faults._set_condition(conds, "ContainersReady", "False")
+    assert [c["type"] for c in conds] == ["Ready", "ContainersReady"]
+
+    pod = {
+        "spec": {"containers": [{"name": "a", "image": "i"}, {"name": "b", "image": "j"}]},
+        "status": {"containerStatuses": [{"name": "b", "restartCount": 4}]},
+    }
+    statuses = faults._container_statuses(pod)
+    assert [s["name"] for s in statuses] == ["a", "b"]
+    assert statuses[1]["restartCount"] == 4 and statuses[0]["restartCount"] == 0
+    with pytest.raises(ValueError, match="no container 'c'"):
+        faults._check_container({**pod, "metadata": {"name": "p"}}, "c")

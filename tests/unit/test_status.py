@@ -241,3 +241,30 @@ def test_bookkeeping_roundtrip() -> None:
     assert back.restart_pods == ("a", "b")
     assert back.restarting_since == NOW
     assert back.restarts == 1
+
+
+def test_kuberay_cluster_switch_is_a_roll_not_a_failure() -> None:
+    def in_cluster(g: int, cluster: str, prefix: str) -> list[PodInfo]:
+        return [
+            PodInfo(
+                name=f"{prefix}{r}",
+                uid=f"{prefix}{g}{r}",
+                rank=r,
+                phase="Running",
+                ready=True,
+                node_name="n0",
+                cluster=cluster,
+            )
+            for r in range(2)
+        ]
+
+    old = {0: in_cluster(0, "rc-a", "a"), 1: in_cluster(1, "rc-a", "a")}
+    st = settle(observed(pods=old))
+    assert st["groups"][0]["rayCluster"] == "rc-a"
+    new = {0: in_cluster(0, "rc-b", "b"), 1: in_cluster(1, "rc-b", "b")}
+    p = plan(observed(status=st, pods=new))
+    assert not p.restarts
+    st2 = settle(observed(status=st, pods=new))
+    assert st2["restarts"] == 0
+    assert st2["groups"][0]["members"] == ["b00", "b01"]
+    assert st2["groups"][0]["rayCluster"] == "rc-b"

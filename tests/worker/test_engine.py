@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import torch.multiprocessing as mp
-
 from dsi_worker.engine import (
     DistEnv,
     GenRequest,
@@ -131,3 +130,28 @@ def test_tp2_matches_single_process_token_for_token(tiny_model_dir: Path) -> Non
         assert shards[down_name] == [full[down_name][0], full[down_name][1] // 2]
         ln = "model.layers.0.input_layernorm.weight"
         assert shards[ln] == full[ln]
+
+
+def test_stream_steps_add_up_to_generate(tiny_model_dir: Path) -> None:
+    tok = load_tokenizer(str(tiny_model_dir))
+    batch = _batch(tok)
+    # Different budgets in one batch: each request stops at its own max_tokens.
+    batch[1] = GenRequest(batch[1].prompt_ids, SamplingParams(max_new_tokens=3))
+    eng = RankEngine(str(tiny_model_dir), dtype="float32", device="cpu", dist_env=DistEnv())
+    eng.start()
+    whole = eng.generate(batch)
+    tokens: list[list[int]] = [[] for _ in batch]
+    finishes: list[list[str]] = [[] for _ in batch]
+    steps = 0
+    for step in eng.generate_stream(batch):
+        steps += 1
+        assert len(step) == len(batch)
+        for i, (new, fin) in enumerate(step):
+            assert len(new) <= 1  # one token per request per step
+            tokens[i].extend(new)
+            if fin:
+                finishes[i].append(fin)
+    assert steps > 1
+    assert [tuple(t) for t in tokens] == [r.token_ids for r in whole]
+    assert [f for f in finishes] == [[r.finish_reason] for r in whole]  # exactly once
+    assert len(whole[1].token_ids) <= 3

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from dsi_worker import protocol as P
 from dsi_worker.config import parse_args
 

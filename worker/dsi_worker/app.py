@@ -12,6 +12,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -74,6 +75,22 @@ class _Metrics:
 
 def _error(e: P.ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _timeout(seconds: float) -> P.ApiError:
+    return P.ApiError(
+        504, f"request timed out after {seconds:g}s", type_="timeout", code="request_timeout"
+    )
+
+
+@dataclass
+class _Stream:
+    """An open streaming generation: its group, the Serve response generator, first item."""
+
+    group: int
+    gen: Any
+    first: dict[str, Any]
+    deadline: float
 
 
 def _unavailable(why: str) -> P.ApiError:
@@ -216,12 +233,7 @@ class Ingress:
                 continue
             self.metrics.batch_size.observe(out["batch_size"])
             return out
-        raise P.ApiError(
-            504,
-            f"request timed out after {self.args.request_timeout_s:g}s",
-            type_="timeout",
-            code="request_timeout",
-        )
+        raise _timeout(self.args.request_timeout_s)
 
     def _params(self, body: P._Sampling, max_new: int) -> SamplingParams:
         return SamplingParams(
@@ -247,17 +259,107 @@ class Ingress:
         self.metrics.generated_tokens.inc(len(tokens))
         return text, finish, tokens
 
-    def _stream_deltas(self, tokens: list[int], text: str) -> list[str]:
-        """Text deltas of ``tokens``, cut where ``text`` (after stop sequences) ends."""
-        deltas, sent = [], 0
-        for d in P.incremental_texts(self._decode, tokens):
-            d = d[: max(len(text) - sent, 0)]
-            if d:
-                deltas.append(d)
-                sent += len(d)
-        if sent < len(text):
-            deltas.append(text[sent:])
-        return deltas
+    async def _open_stream(self, prompt_ids: list[int], params: SamplingParams) -> _Stream:
+        """Start a streaming generation on a ready group and wait for its first step.
+
+        Errors before the first token are proper HTTP answers (503, 504); after it they
+        become an SSE error event.
+        """
+        await self._ensure_polling()
+        deadline = time.monotonic() + self.args.request_timeout_s
+        tried: set[int] = set()
+        req = GenRequest(tuple(prompt_ids), params)
+        while True:
+            ready = [g for g in self._ready_groups() if g not in tried]
+            g = P.choose_group(ready, self.inflight, self.counter)
+            self.counter += 1
+            if g is None:
+                raise _unavailable(
+                    ", ".join(f"group-{k}: {st.get('state')}" for k, st in self.states.items())
+                    or "no status yet"
+                )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _timeout(self.args.request_timeout_s)
+            gen = self.groups[g].options(stream=True).generate_stream.remote(req)
+            self.inflight[g] += 1
+            first: dict[str, Any]
+            try:
+                first = await asyncio.wait_for(gen.__anext__(), left)
+            except TimeoutError:
+                self.inflight[g] -= 1
+                gen.cancel()
+                raise _timeout(self.args.request_timeout_s) from None
+            except Exception as e:  # replica gone, or it ended without output
+                first = {"error": "unavailable", "state": "unreachable", "detail": str(e)[:200]}
+            if first.get("error") == "unavailable":
+                self.inflight[g] -= 1
+                self.states[g] = {**self.states.get(g, {}), "state": first.get("state")}
+                tried.add(g)
+                continue
+            self.metrics.batch_size.observe(first["batch_size"])
+            return _Stream(g, gen, first, deadline)
+
+    async def _sse(
+        self,
+        stream: _Stream,
+        prompt_tokens: int,
+        stops: list[str],
+        head: list[dict[str, Any]],
+        chunk: Any,
+    ) -> AsyncIterator[str]:
+        """SSE frames as tokens arrive: text deltas, a final chunk, then ``[DONE]``."""
+        tokens: list[int] = []
+        sent = ""
+        finish: str | None = None
+        stopped = False
+        # Text that could be the start of a stop sequence is held back until it is not.
+        hold = max((len(s) for s in stops), default=1) - 1
+        item = stream.first
+        try:
+            for h in head:
+                yield P.sse(h)
+            while True:
+                if item.get("error"):
+                    detail = item.get("detail") or item.get("state")
+                    err = P.ApiError(503, f"generation failed: {detail}", type_="server_error")
+                    yield P.sse(err.body())
+                    break
+                tokens.extend(item["token_ids"])
+                finish = item["finish_reason"] or finish
+                text, stopped = P.apply_stop(self._decode(tokens), stops)
+                if stopped:
+                    finish = "stop"
+                safe = text
+                if finish is None:
+                    # A byte-level token may end inside a character: wait for the rest.
+                    safe = text.rstrip("\ufffd")
+                    safe = safe[: len(safe) - hold] if hold else safe
+                if len(safe) > len(sent) and safe.startswith(sent):
+                    yield P.sse(chunk(safe[len(sent) :], None))
+                    sent = safe
+                if finish is not None:
+                    break
+                left = stream.deadline - time.monotonic()
+                try:
+                    item = await asyncio.wait_for(stream.gen.__anext__(), max(left, 0.001))
+                except StopAsyncIteration:
+                    finish = "length"
+                    break
+                except TimeoutError:
+                    yield P.sse(_timeout(self.args.request_timeout_s).body())
+                    break
+                except Exception as e:
+                    item = {"error": "unavailable", "detail": str(e)[:200]}
+            if finish is not None:
+                yield P.sse(chunk("", finish))
+            yield P.SSE_DONE
+        finally:
+            self.inflight[stream.group] -= 1
+            if finish is None or stopped:
+                stream.gen.cancel()
+            self.metrics.prompt_tokens.inc(prompt_tokens)
+            self.metrics.generated_tokens.inc(len(tokens))
 
     async def _handle(self, endpoint: str, request: Request, fn: Any) -> Response:
         t0 = time.monotonic()
@@ -294,21 +396,23 @@ class Ingress:
             prompt_ids = self._encode(body.text())
             max_new = P.check_lengths(len(prompt_ids), body.max_tokens, self.limits)
             rid = P.new_id("cmpl")
-            text, finish, tokens = await self._complete(prompt_ids, body, max_new)
             name = self.limits.served_model_name
-            if not body.stream:
-                return JSONResponse(
-                    P.completion_response(rid, name, text, finish, len(prompt_ids), len(tokens))
+            if body.stream:
+                stream = await self._open_stream(prompt_ids, self._params(body, max_new))
+                return StreamingResponse(
+                    self._sse(
+                        stream,
+                        len(prompt_ids),
+                        body.stops(),
+                        [],
+                        lambda d, f: P.completion_chunk(rid, name, d, f),
+                    ),
+                    media_type="text/event-stream",
                 )
-            deltas = self._stream_deltas(tokens, text)
-
-            async def events() -> AsyncIterator[str]:
-                for d in deltas:
-                    yield P.sse(P.completion_chunk(rid, name, d, None))
-                yield P.sse(P.completion_chunk(rid, name, "", finish))
-                yield P.SSE_DONE
-
-            return StreamingResponse(events(), media_type="text/event-stream")
+            text, finish, tokens = await self._complete(prompt_ids, body, max_new)
+            return JSONResponse(
+                P.completion_response(rid, name, text, finish, len(prompt_ids), len(tokens))
+            )
 
         return await self._handle("completions", request, run)
 
@@ -331,22 +435,24 @@ class Ingress:
             param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
             max_new = P.check_lengths(len(prompt_ids), body.max_new(), self.limits, param=param)
             rid = P.new_id("chatcmpl")
-            text, finish, tokens = await self._complete(prompt_ids, body, max_new)
             name = self.limits.served_model_name
-            if not body.stream:
-                return JSONResponse(
-                    P.chat_response(rid, name, text, finish, len(prompt_ids), len(tokens))
+            if body.stream:
+                stream = await self._open_stream(prompt_ids, self._params(body, max_new))
+                role = P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None)
+                return StreamingResponse(
+                    self._sse(
+                        stream,
+                        len(prompt_ids),
+                        body.stops(),
+                        [role],
+                        lambda d, f: P.chat_chunk(rid, name, {"content": d} if d else {}, f),
+                    ),
+                    media_type="text/event-stream",
                 )
-            deltas = self._stream_deltas(tokens, text)
-
-            async def events() -> AsyncIterator[str]:
-                yield P.sse(P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None))
-                for d in deltas:
-                    yield P.sse(P.chat_chunk(rid, name, {"content": d}, None))
-                yield P.sse(P.chat_chunk(rid, name, {}, finish))
-                yield P.SSE_DONE
-
-            return StreamingResponse(events(), media_type="text/event-stream")
+            text, finish, tokens = await self._complete(prompt_ids, body, max_new)
+            return JSONResponse(
+                P.chat_response(rid, name, text, finish, len(prompt_ids), len(tokens))
+            )
 
         return await self._handle("chat", request, run)
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +20,8 @@ from typing import Any, Literal
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
+# One request's share of a decoding step: new token ids, finish reason when it ends here.
+StepItem = tuple[list[int], FinishReason | None]
 
 
 @dataclass(frozen=True)
@@ -239,19 +244,35 @@ class RankEngine:
 
     def generate(self, batch: list[GenRequest]) -> list[GenResult]:
         """Generate for every request; same call (same batch, same seeds) on every rank."""
-        results: list[GenResult | None] = [None] * len(batch)
-        # Requests with the same sampling settings share a generate() call.
+        tokens: list[list[int]] = [[] for _ in batch]
+        finish: list[FinishReason] = ["length"] * len(batch)
+        for step in self.generate_stream(batch):
+            for i, (new, fin) in enumerate(step):
+                tokens[i].extend(new)
+                if fin is not None:
+                    finish[i] = fin
+        return [GenResult(tuple(t), f) for t, f in zip(tokens, finish, strict=True)]
+
+    def generate_stream(self, batch: list[GenRequest]) -> Iterator[list[StepItem]]:
+        """Like ``generate`` but yields after every decoding step.
+
+        Each yield has one ``(new_token_ids, finish_reason_or_None)`` per request, in batch
+        order; a request's finish reason appears once, in the step that ends it.  Requests
+        with equal sampling settings share one ``model.generate`` call; the calls run in a
+        fixed order so every rank runs the same sequence of collectives.
+        """
         groups: dict[tuple[float, float, int, int], list[int]] = {}
         for i, req in enumerate(batch):
             groups.setdefault(req.params.batch_key(), []).append(i)
         for key in sorted(groups):
             idx = groups[key]
-            outs = self._generate_same_params([batch[i] for i in idx])
-            for i, out in zip(idx, outs, strict=True):
-                results[i] = out
-        return [r for r in results if r is not None]
+            for sub in self._stream_same_params([batch[i] for i in idx]):
+                step: list[StepItem] = [([], None)] * len(batch)
+                for i, item in zip(idx, sub, strict=True):
+                    step[i] = item
+                yield step
 
-    def _generate_same_params(self, reqs: list[GenRequest]) -> list[GenResult]:
+    def _stream_same_params(self, reqs: list[GenRequest]) -> Iterator[list[StepItem]]:
         import torch
 
         p0 = reqs[0].params
@@ -269,9 +290,8 @@ class RankEngine:
             n = len(r.prompt_ids)
             ids[row, width - n :] = torch.tensor(r.prompt_ids, dtype=torch.long)
             mask[row, width - n :] = 1
-        max_new = max(r.params.max_new_tokens for r in reqs)
         kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new,
+            "max_new_tokens": max(r.params.max_new_tokens for r in reqs),
             "pad_token_id": pad_id,
             "eos_token_id": sorted(eos_ids) if eos_ids else None,
         }
@@ -284,24 +304,81 @@ class RankEngine:
             )
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        # Same seed on every rank: after the all-reduce every rank has the same logits, so
-        # they draw the same tokens and stay in lock step.
-        torch.manual_seed(p0.seed or 0)
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs
-            )
-        new = out[:, width:].tolist()
-        results = []
-        for r, toks in zip(reqs, new, strict=True):
-            toks = toks[: r.params.max_new_tokens]
-            finish: FinishReason = "length"
-            for j, t in enumerate(toks):
-                if t in eos_ids:
-                    toks, finish = toks[:j], "stop"
-                    break
-            results.append(GenResult(tuple(toks), finish))
-        return results
+
+        steps: queue.Queue[Any] = queue.Queue()
+        streamer = _StepStreamer(steps)
+
+        def run() -> None:
+            try:
+                # Same seed on every rank: after the all-reduce every rank has the same
+                # logits, so they draw the same tokens and stay in lock step.
+                torch.manual_seed(p0.seed or 0)
+                with torch.inference_mode():
+                    self.model.generate(
+                        input_ids=ids.to(self.device),
+                        attention_mask=mask.to(self.device),
+                        streamer=streamer,
+                        **kwargs,
+                    )
+            except BaseException as e:  # re-raised in the caller's thread
+                steps.put(e)
+            finally:
+                steps.put(_END)
+
+        worker = threading.Thread(target=run, name="dsi-generate", daemon=True)
+        worker.start()
+        count = [0] * len(reqs)
+        done = [False] * len(reqs)
+        error: BaseException | None = None
+        while True:
+            item = steps.get()
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                error = item
+                continue
+            out: list[StepItem] = []
+            for row, tok in enumerate(item):
+                if done[row]:
+                    out.append(([], None))
+                elif tok in eos_ids:
+                    done[row] = True
+                    out.append(([], "stop"))
+                else:
+                    count[row] += 1
+                    if count[row] >= reqs[row].params.max_new_tokens:
+                        done[row] = True
+                        out.append(([tok], "length"))
+                    else:
+                        out.append(([tok], None))
+            yield out
+        worker.join()
+        if error is not None:
+            raise error
+        # generate() ended (all rows hit EOS or the longest budget): close open rows.
+        if not all(done):
+            yield [([], None) if d else ([], "length") for d in done]
+
+
+_END = object()
+
+
+class _StepStreamer:
+    """transformers streamer: forwards each decoding step's tokens (one per row)."""
+
+    def __init__(self, steps: queue.Queue[Any]) -> None:
+        self.steps = steps
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        # The first put() is the prompt; each later one holds one new token per row.
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.steps.put([int(t) for t in value.reshape(-1).tolist()])
+
+    def end(self) -> None:
+        pass
 
 
 def resolve_model_path(model: str | None) -> str:

@@ -12,6 +12,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -105,6 +106,8 @@ class Group:
         self.rank_info: list[dict[str, Any]] = []
         self._generate_batch.set_max_batch_size(self.args.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self._stream_batch.set_max_batch_size(self.args.max_batch_size)
+        self._stream_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -177,8 +180,25 @@ class Group:
             return {"error": "unavailable", "state": self.state, "detail": self.error}
         return result
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _generate_batch(self, reqs: list[GenRequest]) -> list[dict[str, Any]]:
+    async def generate_stream(self, req: GenRequest) -> AsyncIterator[dict[str, Any]]:
+        """Streaming generate: yields ``{"token_ids": [...], "finish_reason": ...}`` items.
+
+        Call through a handle with ``.options(stream=True)``.  The first item is an error
+        item when the group is not ready.
+        """
+        self._poll_forming()
+        if self.state != "ready":
+            yield {"error": "unavailable", "state": self.state, "detail": self.error}
+            return
+        try:
+            async for item in self._stream_batch(req):
+                if item["token_ids"] or item["finish_reason"]:
+                    yield item
+        except (RayActorError, RayTaskError) as e:
+            self._fail(f"rank failed during generate: {_short(e)}")
+            yield {"error": "unavailable", "state": self.state, "detail": self.error}
+
+    def _seeded(self, reqs: list[GenRequest]) -> list[GenRequest]:
         # One seed per batch for requests that gave none; all ranks get this same list.
         seed = random.randrange(2**31)
         batch = [
@@ -188,6 +208,39 @@ class Group:
         self.batches += 1
         self.last_batch_size = len(batch)
         self.max_batch_seen = max(self.max_batch_seen, len(batch))
+        return batch
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _stream_batch(self, reqs: list[GenRequest]) -> AsyncIterator[list[Any]]:
+        batch = self._seeded(reqs)
+        # Rank 0 streams its steps back; the other ranks run the identical call (their
+        # outputs are the same) and are awaited at the end so errors surface.
+        head = self.actors[0].generate_stream.options(num_returns="streaming").remote(batch)
+        rest = [a.generate.remote(batch) for a in self.actors[1:]]
+        finished = [False] * len(batch)
+        async for ref in head:
+            step = await ref
+            out: list[Any] = []
+            for i, (toks, fin) in enumerate(step):
+                if finished[i]:
+                    out.append(StopIteration)  # Serve ends that caller's stream
+                    continue
+                finished[i] = fin is not None
+                out.append(
+                    {
+                        "token_ids": list(toks),
+                        "finish_reason": fin,
+                        "batch_size": len(batch),
+                        "group": self.group,
+                        "epoch": self.epoch,
+                    }
+                )
+            yield out
+        await asyncio.gather(*rest)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _generate_batch(self, reqs: list[GenRequest]) -> list[dict[str, Any]]:
+        batch = self._seeded(reqs)
         t0 = time.monotonic()
         outs: list[list[GenResult]] = await asyncio.gather(
             *[a.generate.remote(batch) for a in self.actors]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import ray
 
-from dsi_worker.engine import DistEnv, GenRequest, GenResult, RankEngine
+from dsi_worker.engine import DistEnv, GenRequest, GenResult, RankEngine, StepItem
 
 
 def rank_resource(group: int, rank: int) -> str:
@@ -39,6 +40,11 @@ class RankActor:
         """Run the batch; every rank of the group gets the same call."""
         with self._lock:
             return self.engine.generate(batch)
+
+    def generate_stream(self, batch: list[GenRequest]) -> Iterator[list[StepItem]]:
+        """Streaming form (call with ``num_returns="streaming"``): one item per step."""
+        with self._lock:
+            yield from self.engine.generate_stream(batch)
 
     def ping(self) -> bool:
         """Liveness probe for the group's health check."""

@@ -1,0 +1,308 @@
+"""The Serve app on a local Ray cluster, through HTTP: API, validation, batching, recovery.
+
+One module-scoped Ray + Serve (2 groups x TP 2, tiny model, local mode: each rank actor
+gets the env the operator would give its pod) keeps this affordable on 2 cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.worker
+
+NUM_GROUPS = 2
+TP = 2
+MAX_NEW = 32
+FORM_DEADLINE_S = 420
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(what: str, pred: Callable[[], Any], timeout: float, every: float = 1.0) -> Any:
+    """Poll ``pred`` until truthy; on timeout fail with the last value seen."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = pred()
+        except Exception as e:  # keep polling through transient errors
+            last = e
+        else:
+            if last:
+                return last
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+def _health(url: str) -> httpx.Response:
+    return httpx.get(f"{url}/healthz", timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path) -> Iterator[str]:
+    """A local Ray head with all rank resources, the app deployed, base URL yielded."""
+    import ray
+    from dsi_worker.app import build_app
+    from dsi_worker.local import local_resources
+    from ray import serve
+
+    ray.init(
+        num_cpus=4,
+        resources=local_resources(NUM_GROUPS, TP),
+        object_store_memory=100 * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace="dsi-tests",
+    )
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = {
+            "model": str(tiny_model_dir),
+            "served_model_name": "tiny",
+            "dtype": "float32",
+            "tensor_parallel_size": TP,
+            "num_groups": NUM_GROUPS,
+            "max_batch_size": 8,
+            "batch_wait_timeout_s": 0.05,
+            "max_new_tokens": MAX_NEW,
+            "request_timeout_s": 60,
+            "torch_threads": 1,
+            "local_mode": True,
+        }
+        serve.run(build_app(args), name="dsi", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        wait_for("every group to form", lambda: _health(url).status_code == 200, FORM_DEADLINE_S)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _post(url: str, path: str, body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, timeout=60)
+
+
+def test_health_and_models(server: str) -> None:
+    h = _health(server).json()
+    assert h["status"] == "ok"
+    assert [g["state"] for g in h["groups"]] == ["ready"] * NUM_GROUPS
+    assert all(len(g["ranks"]) == TP for g in h["groups"])
+    m = httpx.get(f"{server}/v1/models").json()
+    assert m["object"] == "list" and m["data"][0]["id"] == "tiny"
+
+
+def test_completions(server: str) -> None:
+    r = _post(server, "/v1/completions", {"model": "tiny", "prompt": "Hello", "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["finish_reason"] in ("length", "stop")
+    assert 0 < body["usage"]["completion_tokens"] <= 8
+
+
+def test_chat(server: str) -> None:
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    r = _post(server, "/v1/chat/completions", {"model": "tiny", "messages": msgs, "max_tokens": 6})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str)
+
+
+def _sse_events(r: httpx.Response) -> list[str]:
+    return [line[len("data: ") :] for line in r.text.split("\n\n") if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_streaming(server: str, path: str) -> None:
+    body: dict[str, Any] = {"model": "tiny", "max_tokens": 8, "stream": True}
+    if "chat" in path:
+        body["messages"] = [{"role": "user", "content": "hi"}]
+    else:
+        body["prompt"] = "Hello"
+    r = _post(server, path, body)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = _sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    assert len(chunks) >= 2
+
+
+def test_streaming_is_incremental_and_matches_non_streaming(server: str) -> None:
+    body = {"model": "tiny", "prompt": "Ray Serve", "max_tokens": 24, "temperature": 0}
+    whole = _post(server, "/v1/completions", body).json()["choices"][0]
+    events = _sse_events(_post(server, "/v1/completions", {**body, "stream": True}))
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    # Tokens arrive as separate events, and add up to the non-streamed answer.
+    assert len([c for c in chunks if c["text"]]) > 1
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert chunks[-1]["finish_reason"] == whole["finish_reason"]
+
+
+def test_stop_sequence(server: str) -> None:
+    body = {"model": "tiny", "prompt": "Ray Serve", "max_tokens": 24, "temperature": 0}
+    text = _post(server, "/v1/completions", body).json()["choices"][0]["text"]
+    stop = text[3:5]
+    assert stop, text
+    cut = _post(server, "/v1/completions", {**body, "stop": [stop]}).json()["choices"][0]
+    assert cut["text"] == text[: text.find(stop)] and cut["finish_reason"] == "stop"
+    events = _sse_events(_post(server, "/v1/completions", {**body, "stop": stop, "stream": True}))
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert "".join(c["text"] for c in chunks) == cut["text"]
+    assert chunks[-1]["finish_reason"] == "stop"
+
+
+def test_generate_matches_single_process_engine(server: str, tiny_model_dir: Path) -> None:
+    from dsi_worker.engine import DistEnv, GenRequest, RankEngine, SamplingParams, load_tokenizer
+
+    r = _post(server, "/generate", {"prompt": "The quick brown fox", "max_tokens": 10})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    eng = RankEngine(str(tiny_model_dir), dtype="float32", device="cpu", dist_env=DistEnv())
+    eng.start()
+    prompt = tuple(load_tokenizer(str(tiny_model_dir))("The quick brown fox")["input_ids"])
+    want = eng.generate([GenRequest(prompt, SamplingParams(max_new_tokens=10))])[0]
+    # The TP=2 group behind Serve produces the unsharded model's greedy tokens.
+    assert tuple(got["token_ids"]) == want.token_ids
+
+
+ERRORS = [
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": MAX_NEW + 1}, 400, "max_tokens"),
+    # The tiny tokenizer makes "x " two tokens; its context is 256.
+    ("/v1/completions", {"prompt": "x " * 120, "max_tokens": 20}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x " * 200, "max_tokens": 1}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "temperature": 3}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "x", "top_k": -5}, 400, "top_k"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ("/generate", {"prompt": ""}, 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), ERRORS)
+def test_validation_errors(server: str, path: str, body: dict, status: int, param: str) -> None:
+    r = _post(server, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param
+    assert param in err["message"]
+
+
+def test_invalid_json(server: str) -> None:
+    r = httpx.post(f"{server}/v1/completions", content=b"{nope", timeout=10)
+    assert r.status_code == 400
+
+
+def test_concurrent_requests_are_batched_and_balanced(server: str) -> None:
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(
+                *[
+                    c.post(f"{server}/generate", json={"prompt": f"n{i}", "max_tokens": 16})
+                    for i in range(16)
+                ]
+            )
+
+    rs = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in rs), [r.text for r in rs if r.status_code != 200]
+    sizes = [r.json()["batch_size"] for r in rs]
+    groups = {r.json()["group"] for r in rs}
+    assert max(sizes) > 1, sizes
+    assert groups == set(range(NUM_GROUPS)), groups
+    metrics = httpx.get(f"{server}/metrics").text
+    assert "dsi_batch_size_bucket" in metrics
+    assert 'dsi_requests_total{endpoint="generate",status="200"}' in metrics
+
+
+def test_openai_client(server: str) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    c = client.completions.create(model="tiny", prompt="Hello", max_tokens=5)
+    assert c.choices[0].text is not None and c.usage and c.usage.completion_tokens > 0
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+    )
+    assert chat.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True
+    )
+    chunks = list(stream)
+    assert chunks and chunks[-1].choices[0].finish_reason in ("length", "stop")
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.completions.create(model="tiny", prompt="x", max_tokens=10_000)
+    assert "max_tokens" in str(ei.value)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="x", max_tokens=2)
+
+
+def _groups(url: str) -> dict[int, dict[str, Any]]:
+    return {g["group"]: g for g in _health(url).json()["groups"]}
+
+
+def _kill_rank(name: str) -> None:
+    import ray
+    from dsi_worker.group import RANK_NAMESPACE
+
+    ray.kill(ray.get_actor(name, namespace=RANK_NAMESPACE))
+
+
+def test_killed_rank_reforms_its_group_only(server: str) -> None:
+    before = _groups(server)
+    _kill_rank(before[0]["ranks"][1])
+    # Health fails while group 0 re-forms...
+    wait_for("healthz to fail", lambda: _health(server).status_code == 503, 60, every=0.5)
+    # ...and the other group keeps serving meanwhile.
+    r = _post(server, "/generate", {"prompt": "still here", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert r.json()["group"] == 1
+    # Group 0 comes back as a new epoch; group 1 was never restarted.
+    wait_for("healthz to recover", lambda: _health(server).status_code == 200, FORM_DEADLINE_S)
+    after = _groups(server)
+    assert after[0]["epoch"] != before[0]["epoch"]
+    assert after[1]["epoch"] == before[1]["epoch"]
+    wait_for(
+        "a request on the re-formed group 0",
+        lambda: (
+            _post(server, "/generate", {"prompt": "again", "max_tokens": 4}).json()["group"] == 0
+        ),
+        60,
+        every=0.2,
+    )
+    metrics = httpx.get(f"{server}/metrics").text
+    assert 'dsi_group_restarts_total{group="0"} 1.0' in metrics
+
+
+def test_all_groups_down_answers_503_with_retry_after(server: str) -> None:
+    for st in _groups(server).values():
+        _kill_rank(st["ranks"][0])
+
+    def unavailable() -> httpx.Response | None:
+        r = _post(server, "/generate", {"prompt": "anyone?", "max_tokens": 4})
+        return r if r.status_code == 503 else None
+
+    r = wait_for("a 503", unavailable, 60, every=0.5)
+    assert int(r.headers["retry-after"]) > 0
+    assert r.json()["error"]["code"] == "group_not_ready"
+    wait_for("healthz to recover", lambda: _health(server).status_code == 200, FORM_DEADLINE_S)
+    r = _post(server, "/generate", {"prompt": "back", "max_tokens": 4})
+    assert r.status_code == 200, r.text
