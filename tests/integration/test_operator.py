@@ -226,23 +226,26 @@ def test_spec_update_rerenders_and_scale_down_cleans(
     assert [g["hash"] for g in st["groups"]] != hashes_before
     assert st["restarts"] == 0, "a spec change is not a failure restart"
 
-    # scale down: group 1's master Service and pods go away
+    # Scale down: the operator deletes group 1's master Service and stops reporting it.
+    # (Removing group 1's worker groups from the RayCluster is, again, KubeRay's job.)
     kube.custom.patch_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, name, {"spec": {"replicas": 1}}
     )
 
     def scaled() -> bool:
         svcs = {s.metadata.name for s in kube.core.list_namespaced_service(namespace).items}
-        pods = worker_pods(kube.core, namespace, name)
+        st = status(kube, namespace, name)
         return (
             f"{name}-g1-master" not in svcs
             and f"{name}-g0-master" in svcs
-            and all(g == 0 for g, _ in pods)
+            and st.get("replicas") == 1
+            and len(st.get("groups") or []) == 1
         )
 
-    poll(scaled, 180, "group 1 removed", d)
-    st = status(kube, namespace, name)
-    assert st["replicas"] == 1 and len(st["groups"]) == 1
+    poll(scaled, 60, "group 1 removed", d)
+    rs = _get_rs(kube, namespace, name) or {}
+    groups = [w["groupName"] for w in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    assert groups == ["g0-r0", "g0-r1"]
 
 
 def test_deletion_leaves_nothing_behind(kube: Any, namespace: str, operator: Any) -> None:

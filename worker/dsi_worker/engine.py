@@ -212,6 +212,8 @@ class RankEngine:
                 replace_with_kernel_inject=self.kernel_inject,
             )
             self.model = engine.module
+            if self.device == "cuda" and next(self.model.parameters()).device.type != "cuda":
+                self.model = self.model.to(f"cuda:{self.dist.local_rank}")
         else:
             self.model = model.to(self.device)
         self.model.eval()

@@ -82,9 +82,6 @@ class Group:
         self.last_batch_size = 0
         self.max_batch_seen = 0
         tp = self.args.tensor_parallel_size
-        use_gpu = self.args.device == "cuda" or (
-            self.args.device == "auto" and not _cpu_only_cluster()
-        )
         self.names = [f"dsi-g{group}-r{r}-{self.epoch}" for r in range(tp)]
         self.actors = []
         for r in range(tp):
@@ -93,7 +90,7 @@ class Group:
                 "namespace": RANK_NAMESPACE,
                 "resources": {rank_resource(group, r): 1},
                 "num_cpus": 0,
-                "num_gpus": 1 if use_gpu else 0,
+                "num_gpus": 1 if _rank_wants_gpu(self.args.device, group, r) else 0,
             }
             if self.args.local_mode:
                 # Exactly what the operator puts into the pod's env.
@@ -259,8 +256,20 @@ class Group:
         ]
 
 
-def _cpu_only_cluster() -> bool:
-    return not ray.cluster_resources().get("GPU", 0)
+def _rank_wants_gpu(device: str, group: int, rank: int) -> bool:
+    """Whether rank ``rank``'s actor should request a GPU.
+
+    ``auto`` looks at the node that carries the rank's pinning resource (its pod); when that
+    pod has not joined yet it falls back to whether the cluster has any GPU.  Operators
+    that know should pass ``device`` explicitly.
+    """
+    if device != "auto":
+        return device == "cuda"
+    res = rank_resource(group, rank)
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("Resources", {}).get(res):
+            return bool(node["Resources"].get("GPU", 0))
+    return bool(ray.cluster_resources().get("GPU", 0))
 
 
 def _short(e: BaseException) -> str:

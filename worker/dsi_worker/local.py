@@ -11,6 +11,7 @@ group, ...), serves on ``http://127.0.0.1:<port>`` and blocks until Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -34,7 +35,7 @@ def start_ray(num_groups: int, tp: int, *, num_cpus: int | None = None) -> None:
         resources=local_resources(num_groups, tp),
         object_store_memory=200 * 1024 * 1024,
         include_dashboard=False,
-        logging_level="WARNING",
+        logging_level=logging.WARNING,
         configure_logging=True,
         log_to_driver=False,
     )
@@ -49,6 +50,24 @@ def start_serve(app_args: dict[str, Any], *, port: int = 8000, host: str = "127.
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app({**app_args, "local_mode": True}), name="dsi", route_prefix="/")
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+
+
+def _wait_healthy(url: str, timeout_s: float = 900.0) -> None:
+    """Print when every group has formed (GET /healthz answers 200)."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=10) as r:
+                if r.status == 200:
+                    print(f"  ready: every group formed ({url}/healthz is 200)", flush=True)
+                    return
+        except (urllib.error.URLError, OSError):
+            pass  # 503 while groups form
+        time.sleep(1)
+    print(f"  warning: groups not formed after {timeout_s:.0f}s; see {url}/healthz", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     print("  Ctrl-C to stop", flush=True)
+    _wait_healthy(url)
 
     stop = False
 

@@ -39,11 +39,14 @@ def build(
     vocab_size: int = 512,
     max_position_embeddings: int = 256,
     seed: int = 0,
+    weight_scale: float = 8.0,
 ) -> Path:
     """Build (once) and return the directory of a tiny random LlamaForCausalLM + tokenizer.
 
     The build is skipped when the directory already holds a finished build.  Sizes are
-    chosen so every sharded dimension divides by 2 and 4 (TP of 2 or 4 ranks).
+    chosen so every sharded dimension divides by 2 and 4 (TP of 2 or 4 ranks).  Larger sizes
+    give a real-size random model (for GPU throughput); use ``weight_scale=1`` there so
+    fp16 activations stay finite.
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -98,7 +101,7 @@ def build(
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
-                p.mul_(8.0)
+                p.mul_(weight_scale)
     model.generation_config.pad_token_id = hf_tok.pad_token_id
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / _MARKER).write_text("ok\n")
