@@ -101,7 +101,7 @@ KUBERNETES = Component(
         for c in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
     ),
     ldflags=_k8s_ldflags(config.KUBERNETES_VERSION),
-    minutes="15-30",
+    minutes="10-20",
 )
 ETCD = Component(
     name="etcd",

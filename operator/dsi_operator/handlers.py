@@ -499,7 +499,8 @@ def _observe(key: Key, body: Mapping[str, Any], pre: PreflightResult | None) -> 
     for g, p in entries:
         if p.uid in keep:
             pods_by_group.setdefault(g, []).append(p)
-    hashes = _parsed(body).group_hashes
+    parsed = _parsed(body)
+    hashes = parsed.group_hashes
     exists, _, _ = _children_current(key, body)
     return Observed(
         name=key[1],
@@ -514,6 +515,7 @@ def _observe(key: Key, body: Mapping[str, Any], pre: PreflightResult | None) -> 
         children_created=exists,
         rayservice=rs,
         desired_hashes=hashes,
+        parsed=parsed.spec,
     )
 
 

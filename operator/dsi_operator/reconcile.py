@@ -79,6 +79,7 @@ class Observed:
     children_created: bool = False
     rayservice: RayServiceView = field(default_factory=RayServiceView)
     desired_hashes: Mapping[int, str] | None = None
+    parsed: DeepSpeedInferenceSpec | None = None  # the spec already parsed (saves a parse)
 
 
 @dataclass
@@ -149,7 +150,7 @@ def safe_parse(spec: Mapping[str, Any]) -> tuple[DeepSpeedInferenceSpec | None, 
 def plan(obs: Observed) -> Plan:
     """Decide one pass for one DSI (see the module docstring)."""
     current = dict(obs.status or {})
-    parsed, invalid = safe_parse(obs.spec)
+    parsed, invalid = (obs.parsed, None) if obs.parsed is not None else safe_parse(obs.spec)
     if parsed is None:
         tp = obs.spec.get("tensorParallelSize", 1)
         replicas = obs.spec.get("replicas", 1)

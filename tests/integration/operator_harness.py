@@ -51,11 +51,13 @@ class OperatorProcess:
         log_path: Path,
         tick_seconds: float = 1.0,
         metrics_port: int | None = None,
+        facts_ttl: float = 1.0,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.namespaces = namespaces
         self.log_path = log_path
         self.tick_seconds = tick_seconds
+        self.facts_ttl = facts_ttl
         self.metrics_port = metrics_port if metrics_port is not None else free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -70,7 +72,7 @@ class OperatorProcess:
         args += ["--metrics-port", str(self.metrics_port), "--log-level", "info"]
         env = dict(os.environ)
         env["DSI_OPERATOR_TICK_SECONDS"] = str(self.tick_seconds)
-        env["DSI_OPERATOR_FACTS_TTL"] = "1"
+        env["DSI_OPERATOR_FACTS_TTL"] = str(self.facts_ttl)
         env["PYTHONUNBUFFERED"] = "1"
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.proc = subprocess.Popen(

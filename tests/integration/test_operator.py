@@ -85,8 +85,15 @@ def test_apply_creates_rayservice_services_and_gpu_pods(
     owner = rs["metadata"]["ownerReferences"][0]
     assert owner["kind"] == "DeepSpeedInference" and owner["name"] == name
     assert not [k for k in rs["metadata"].get("annotations", {}) if "kopf" in k]
+
+    def master_services() -> dict[int, Any] | None:
+        svcs = {s.metadata.name: s for s in kube.core.list_namespaced_service(namespace).items}
+        found = {g: svcs.get(f"{name}-g{g}-master") for g in (0, 1)}
+        return found if all(found.values()) else None
+
+    services = poll(master_services, 30, "master Services created", d)
     for g in (0, 1):
-        svc = kube.core.read_namespaced_service(f"{name}-g{g}-master", namespace)
+        svc = services[g]
         assert svc.spec.selector["deepspeed.ai/group"] == str(g)
         assert svc.spec.selector["deepspeed.ai/rank"] == "0"
         assert svc.spec.publish_not_ready_addresses is True

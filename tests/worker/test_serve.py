@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 pytestmark = pytest.mark.worker
 
@@ -23,6 +24,29 @@ NUM_GROUPS = 2
 TP = 2
 MAX_NEW = 32
 FORM_DEADLINE_S = 420
+
+# What the operator renders into the RayService (plus local_mode, which stands in for the
+# pods' env and resources on this machine).
+SERVE_CONFIG = """
+applications:
+  - name: dsi
+    route_prefix: /
+    import_path: dsi_worker.app:build_app
+    args:
+      model: "{model}"
+      revision: null
+      dtype: float32
+      tensor_parallel_size: {tp}
+      num_groups: {groups}
+      max_batch_size: 8
+      max_new_tokens: {cap}
+      kernel_inject: false
+      served_model_name: tiny
+      request_timeout_s: 60
+      batch_wait_timeout_s: 0.05
+      torch_threads: 1
+      local_mode: true
+"""
 
 
 def _free_port() -> int:
@@ -55,9 +79,10 @@ def _health(url: str) -> httpx.Response:
 def server(tiny_model_dir: Path) -> Iterator[str]:
     """A local Ray head with all rank resources, the app deployed, base URL yielded."""
     import ray
-    from dsi_worker.app import build_app
     from dsi_worker.local import local_resources
     from ray import serve
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
     ray.init(
         num_cpus=4,
@@ -70,20 +95,15 @@ def server(tiny_model_dir: Path) -> Iterator[str]:
     port = _free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = {
-            "model": str(tiny_model_dir),
-            "served_model_name": "tiny",
-            "dtype": "float32",
-            "tensor_parallel_size": TP,
-            "num_groups": NUM_GROUPS,
-            "max_batch_size": 8,
-            "batch_wait_timeout_s": 0.05,
-            "max_new_tokens": MAX_NEW,
-            "request_timeout_s": 60,
-            "torch_threads": 1,
-            "local_mode": True,
-        }
-        serve.run(build_app(args), name="dsi", route_prefix="/")
+        # Deployed the way a RayService's serveConfigV2 is: import path + args, through
+        # Serve's own builder call (the one the controller makes for a config deploy).
+        serve_config = yaml.safe_load(
+            SERVE_CONFIG.format(model=tiny_model_dir, groups=NUM_GROUPS, tp=TP, cap=MAX_NEW)
+        )
+        app_cfg = serve_config["applications"][0]
+        builder = import_attr(app_cfg["import_path"])
+        app = call_user_app_builder_with_args_if_necessary(builder, app_cfg["args"])
+        serve.run(app, name=app_cfg["name"], route_prefix=app_cfg["route_prefix"])
         url = f"http://127.0.0.1:{port}"
         wait_for("every group to form", lambda: _health(url).status_code == 200, FORM_DEADLINE_S)
         yield url
@@ -103,6 +123,37 @@ def test_health_and_models(server: str) -> None:
     assert all(len(g["ranks"]) == TP for g in h["groups"])
     m = httpx.get(f"{server}/v1/models").json()
     assert m["object"] == "list" and m["data"][0]["id"] == "tiny"
+
+
+def test_rank_actors_got_their_pods_env(server: str) -> None:
+    from ray import serve
+
+    for g in range(NUM_GROUPS):
+        st = serve.get_deployment_handle(f"group-{g}", app_name="dsi").status.remote().result()
+        infos = st["rank_info"]
+        assert [i["rank"] for i in infos] == list(range(TP))
+        assert {i["world_size"] for i in infos} == {TP}
+        assert {i["dsi_group"] for i in infos} == {str(g)}
+        assert {i["backend"] for i in infos} == {"gloo"}
+        # One MASTER_ADDR:MASTER_PORT per group, distinct between groups.
+        assert len({i["master"] for i in infos}) == 1
+    masters = {
+        serve.get_deployment_handle(f"group-{g}", app_name="dsi")
+        .status.remote()
+        .result()["rank_info"][0]["master"]
+        for g in range(NUM_GROUPS)
+    }
+    assert len(masters) == NUM_GROUPS
+
+
+def test_pinning_check() -> None:
+    from dsi_worker.group import pinning_errors
+
+    ok = [{"rank": 0, "dsi_group": "1"}, {"rank": 1, "dsi_group": "1"}]
+    assert pinning_errors(1, ok) == []
+    bad = [{"rank": 1, "dsi_group": "0"}, {"rank": 0, "dsi_group": "1"}]
+    errs = pinning_errors(1, bad)
+    assert any("RANK=1" in e for e in errs) and any("DSI_GROUP=0" in e for e in errs)
 
 
 def test_completions(server: str) -> None:

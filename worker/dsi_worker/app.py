@@ -533,5 +533,10 @@ def build_app(args: dict[str, Any]) -> Application:
     if a.local_mode and a.local_master_ports is None:
         a = a.model_copy(update={"local_master_ports": [free_port() for _ in range(a.num_groups)]})
     d = a.model_dump()
-    groups = [Group.options(name=f"group-{g}").bind(d, g, model_path) for g in range(a.num_groups)]
+    # Room for two full batches queued behind the running ones (streaming + plain).
+    ongoing = max(256, 4 * a.max_batch_size)
+    groups = [
+        Group.options(name=f"group-{g}", max_ongoing_requests=ongoing).bind(d, g, model_path)
+        for g in range(a.num_groups)
+    ]
     return Ingress.options(name="ingress").bind(d, model_path, *groups)

@@ -47,6 +47,18 @@ def rank_env(args: AppArgs, group: int, rank: int) -> dict[str, str]:
     }
 
 
+def pinning_errors(group: int, infos: list[dict[str, Any]]) -> list[str]:
+    """Check each rank actor read the env of its own pod (RANK=r, DSI_GROUP=g)."""
+    errors = []
+    for r, info in enumerate(infos):
+        if info.get("rank") != r:
+            errors.append(f"actor for rank {r} has RANK={info.get('rank')}")
+        g = info.get("dsi_group")
+        if g is not None and g != str(group):
+            errors.append(f"actor for group {group} rank {r} has DSI_GROUP={g}")
+    return errors
+
+
 def engine_kwargs(args: AppArgs, model_path: str) -> dict[str, Any]:
     """RankEngine keyword arguments from the app args."""
     return {
@@ -115,10 +127,15 @@ class Group:
         if len(done) == len(self._start_refs):
             try:
                 self.rank_info = ray.get(self._start_refs)
-                self.state = "ready"
-                log.info("group %d formed (epoch %s)", self.group, self.epoch)
             except (RayActorError, RayTaskError) as e:
                 self._fail(f"forming failed: {_short(e)}")
+                return
+            wrong = pinning_errors(self.group, self.rank_info)
+            if wrong:
+                self._fail("rank actors landed on the wrong pods: " + "; ".join(wrong))
+            else:
+                self.state = "ready"
+                log.info("group %d formed (epoch %s)", self.group, self.epoch)
         elif time.time() - self.created > self.args.form_timeout_s:
             self._fail(f"group did not form within {self.args.form_timeout_s:.0f}s")
         else:

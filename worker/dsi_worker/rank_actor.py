@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -34,7 +35,7 @@ class RankActor:
             if not self._started:
                 self.engine.start()
                 self._started = True
-        return self.engine.info()
+        return self.info()
 
     def generate(self, batch: list[GenRequest]) -> list[GenResult]:
         """Run the batch; every rank of the group gets the same call."""
@@ -51,8 +52,13 @@ class RankActor:
         return True
 
     def info(self) -> dict[str, Any]:
-        """Rank, device, timings."""
-        return self.engine.info()
+        """Rank, device, timings, and the pod's group labels from the environment."""
+        return {
+            **self.engine.info(),
+            "dsi_group": os.environ.get("DSI_GROUP"),
+            "dsi_num_groups": os.environ.get("DSI_NUM_GROUPS"),
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
 
     def shard_report(self) -> dict[str, list[int]]:
         """Parameter shapes on this rank."""

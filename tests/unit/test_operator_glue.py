@@ -1,0 +1,156 @@
+"""The operator's glue that needs no API server: watched objects -> plain data, the
+coalescing scheduler, and the command line."""
+
+from __future__ import annotations
+
+import asyncio
+
+from dsi_operator.__main__ import _exact, parse_args
+from dsi_operator.handlers import (
+    Scheduler,
+    node_info,
+    node_summary,
+    pod_info,
+    rayservice_view,
+    select_cluster_pods,
+)
+from dsi_operator.restart import PodInfo
+
+
+def worker_pod(**status: object) -> dict[str, object]:
+    return {
+        "metadata": {
+            "name": "x-g1-r0",
+            "uid": "u1",
+            "creationTimestamp": "2026-11-23T10:00:00Z",
+            "labels": {
+                "deepspeed.ai/inference": "x",
+                "deepspeed.ai/group": "1",
+                "deepspeed.ai/rank": "0",
+                "deepspeed.ai/role": "worker",
+                "ray.io/cluster": "x-abcde",
+            },
+            "annotations": {"deepspeed.ai/group-hash": "h1"},
+        },
+        "spec": {"nodeName": "n1"},
+        "status": {
+            "phase": "Running",
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{"name": "ray-worker", "restartCount": 2}],
+            **status,
+        },
+    }
+
+
+def test_pod_info() -> None:
+    got = pod_info(worker_pod())
+    assert got is not None
+    g, p = got
+    assert g == 1 and p.rank == 0 and p.ready and p.restart_count == 2
+    assert p.node_name == "n1" and p.cluster == "x-abcde" and p.group_hash == "h1"
+    head = worker_pod()
+    head["metadata"]["labels"]["deepspeed.ai/role"] = "head"  # type: ignore[index]
+    assert pod_info(head) is None
+
+
+def test_node_summary_and_readiness() -> None:
+    node = {
+        "metadata": {"name": "n1", "labels": {"a": "b"}, "annotations": {"hb": "1"}},
+        "spec": {"taints": [{"key": "k", "effect": "NoSchedule"}]},
+        "status": {
+            "allocatable": {"nvidia.com/gpu": "8"},
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "False",
+                    "lastTransitionTime": "2026-11-23T10:00:00Z",
+                    "lastHeartbeatTime": "2026-11-23T10:05:00Z",
+                },
+                {"type": "MemoryPressure", "status": "False"},
+            ],
+        },
+    }
+    s = node_summary(node)
+    # heartbeats and annotations are left out, so they do not look like changes
+    assert "annotations" not in s["metadata"]
+    assert "lastHeartbeatTime" not in s["status"]["conditions"][0]
+    info = node_info(s)
+    assert not info.ready and info.since is not None
+
+
+def test_rayservice_view() -> None:
+    assert not rayservice_view(None).exists
+    rs = {
+        "status": {
+            "conditions": [{"type": "Ready", "status": "True", "message": "ok"}],
+            "activeServiceStatus": {"rayClusterName": "a"},
+            "pendingServiceStatus": {"rayClusterName": "b"},
+        }
+    }
+    v = rayservice_view(rs)
+    assert v.exists and v.ready and v.active_cluster == "a" and v.pending_cluster == "b"
+    assert rayservice_view({"status": {"serviceStatus": "Running"}}).ready
+    assert not rayservice_view({"status": {}}).ready
+
+
+def test_select_cluster_pods_prefers_the_serving_cluster() -> None:
+    pods = [PodInfo("a", "1", 0, cluster="a"), PodInfo("b", "2", 0, cluster="b")]
+    v = rayservice_view(
+        {
+            "status": {
+                "activeServiceStatus": {"rayClusterName": "a"},
+                "pendingServiceStatus": {"rayClusterName": "b"},
+            }
+        }
+    )
+    assert [p.name for p in select_cluster_pods(pods, v)] == ["a"]
+    v = rayservice_view({"status": {"pendingServiceStatus": {"rayClusterName": "b"}}})
+    assert [p.name for p in select_cluster_pods(pods, v)] == ["b"]
+    assert len(select_cluster_pods(pods, rayservice_view(None))) == 2
+
+
+def test_scheduler_coalesces_and_serialises() -> None:
+    calls: list[tuple[str, str]] = []
+    running: set[tuple[str, str]] = set()
+
+    async def fn(key: tuple[str, str], cause: str) -> None:
+        assert key not in running, "two passes over one key at once"
+        running.add(key)
+        calls.append(key)
+        await asyncio.sleep(0.05)
+        running.discard(key)
+
+    async def go() -> None:
+        s = Scheduler(fn, workers=4)
+        s.start()
+        for _ in range(10):
+            s.kick(("ns", "a"), "pod")
+        s.kick(("ns", "b"), "pod")
+        await asyncio.sleep(0.02)
+        for _ in range(10):  # arrive while "a" runs: one more pass, not ten
+            s.kick(("ns", "a"), "pod")
+        await asyncio.sleep(0.3)
+        await s.stop()
+
+    asyncio.run(go())
+    assert calls.count(("ns", "a")) == 2
+    assert calls.count(("ns", "b")) == 1
+
+
+def test_cli() -> None:
+    a = parse_args([])
+    assert a.namespace == [] and a.standalone and a.metrics_port == 0
+    a = parse_args(
+        [
+            "--namespace",
+            "x",
+            "-n",
+            "y",
+            "--metrics-port",
+            "9090",
+            "--liveness",
+            "http://0.0.0.0:8080/healthz",
+        ]
+    )
+    assert a.namespace == ["x", "y"] and a.metrics_port == 9090
+    assert _exact(["x", "y"]) and not _exact(["team-*"]) and not _exact([])
