@@ -76,8 +76,7 @@ serve-local: venv
 	$(PY) -m dsi_worker.local
 
 run: cluster-up
-	$(PY) -m dsi_operator.crd --apply
-	$(PY) -m dsi_operator.run_local
+	$(PY) -m dsi_operator.local_run
 
 bench: binaries
 	$(PY) bench/bench_operator.py

@@ -730,7 +730,10 @@ def _down(cfg: config.ClusterConfig, quiet: bool, keep_logs: bool) -> bool:
 
     paths = Paths(cfg.state_dir)
     stopped = False
-    for name in reversed(PROCESS_ORDER):
+    # Programs started against this cluster by other tools (e.g. the operator that `make run`
+    # starts) leave pid files here too; they go first, before the API they talk to.
+    extra = sorted(p.stem for p in paths.pids.glob("*.pid") if p.stem not in PROCESS_ORDER)
+    for name in [*extra, *reversed(PROCESS_ORDER)]:
         rec = read_pidfile(paths.pidfile(name))
         if rec is None:
             continue

@@ -57,6 +57,8 @@ RAY_CLUSTER_LABEL = "ray.io/cluster"
 TICK_SECONDS = float(os.environ.get("DSI_OPERATOR_TICK_SECONDS", "5"))
 #: Concurrent passes (different DSIs).
 WORKERS = int(os.environ.get("DSI_OPERATOR_WORKERS", "8"))
+#: Seconds a restart leaves a Failed pod to KubeRay (which deletes those itself).
+KUBERAY_GRACE_SECONDS = float(os.environ.get("DSI_OPERATOR_KUBERAY_GRACE", "10"))
 #: Seconds the cluster-wide preflight facts (CRD, ClusterPolicy) are cached.
 FACTS_TTL = float(os.environ.get("DSI_OPERATOR_FACTS_TTL", "30"))
 
@@ -621,18 +623,42 @@ async def _execute(key: Key, body: Mapping[str, Any], p: Plan) -> None:
         node = nodes.get(pod.node_name or "")
         return pod.node_name is not None and (node is None or not node_info(node).ready)
 
+    started = {
+        g["index"]: parse_time(g.get("restartingSince")) for g in p.status.get("groups") or []
+    }
+    now = datetime.now(UTC)
+
+    def leave_to_kuberay(pod: PodInfo) -> bool:
+        # KubeRay deletes Failed/Succeeded worker pods itself, at once. Racing it for the
+        # same pod leaves its scale expectations unsatisfied and stalls the replacement for
+        # minutes, so such pods get KUBERAY_GRACE_SECONDS before we delete them ourselves.
+        # Pods already Terminating are finished by the kubelet, or forced once stuck.
+        if on_dead_node(pod):
+            return False
+        if pod.deletion_timestamp is not None:
+            return True
+        if pod.phase in ("Failed", "Succeeded"):
+            since = started.get(_group_of_uid(pod.uid)) or now
+            return (now - since).total_seconds() < KUBERAY_GRACE_SECONDS
+        return False
+
+    def _group_of_uid(uid: str) -> int:
+        for g, p_ in pods_of(key):
+            if p_.uid == uid:
+                return g
+        return -1
+
     for r in p.restarts:
         metrics.RESTARTS.labels(namespace=ns, name=name, trigger=r.trigger).inc()
         log.warning("%s/%s: restarting group %d: %s %s", ns, name, r.group, r.trigger, r.reason)
         for uid in r.pods:
             pod = by_uid.get(uid)
-            if pod is not None:
-                force = pod.deletion_timestamp is not None or on_dead_node(pod)
-                await kube.delete_pod(ns, pod.name, uid, force=force)
+            if pod is not None and not leave_to_kuberay(pod):
+                await kube.delete_pod(ns, pod.name, uid, force=on_dead_node(pod))
     for c in p.continues:
         for uid in c.delete:
             pod = by_uid.get(uid)
-            if pod is not None:
+            if pod is not None and not leave_to_kuberay(pod):
                 await kube.delete_pod(ns, pod.name, uid, force=on_dead_node(pod))
         for uid in c.force:
             pod = by_uid.get(uid)

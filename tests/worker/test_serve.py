@@ -284,6 +284,23 @@ def test_concurrent_requests_are_batched_and_balanced(server: str) -> None:
     assert 'dsi_requests_total{endpoint="generate",status="200"}' in metrics
 
 
+def test_concurrent_streams(server: str) -> None:
+    async def one(c: httpx.AsyncClient, i: int) -> list[str]:
+        body = {"model": "tiny", "prompt": f"stream {i}", "max_tokens": 12, "stream": True}
+        async with c.stream("POST", f"{server}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            return [line async for line in r.aiter_lines() if line.startswith("data: ")]
+
+    async def burst() -> list[list[str]]:
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*[one(c, i) for i in range(8)])
+
+    for lines in asyncio.run(burst()):
+        assert lines[-1] == "data: [DONE]"
+        last = json.loads(lines[-2][len("data: ") :])
+        assert last["choices"][0]["finish_reason"] in ("length", "stop")
+
+
 def test_openai_client(server: str) -> None:
     import openai
 
