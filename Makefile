@@ -73,7 +73,7 @@ operator: venv
 	$(PY) -m dsi_operator
 
 serve-local: venv
-	$(PY) -m dsi_worker.local
+	$(PY) -m dsi_worker.local $(ARGS)
 
 run: cluster-up
 	$(PY) -m dsi_operator.local_run

@@ -115,7 +115,7 @@ def serve_app_args(spec: SpecLike) -> dict[str, Any]:
         "served_model_name": s.served_model_name,
         "request_timeout_s": float(s.serve.request_timeout_seconds),
         "form_timeout_s": float(s.restart_policy.formation_timeout_seconds),
-        "device": "auto" if s.resources.gpus > 0 else "cpu",
+        "device": "cuda" if s.resources.gpus > 0 else "cpu",
     }
     if s.model.revision is not None and s.model.pvc is None:
         args["revision"] = s.model.revision
