@@ -1,13 +1,15 @@
-"""Helpers for tests against the local control plane (fixtures live in tests/conftest.py)."""
+"""Fixtures for tests against the local control plane (cluster fixtures: tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from dsi_localcluster.testing import pod_manifest
 from dsi_localcluster.wait import pod_state, wait_for
+from operator_harness import install_crd, running_operator
 
 
 @pytest.fixture
@@ -29,3 +31,16 @@ def running_pod(kube: Any, namespace: str) -> Callable[..., Any]:
         )
 
     return make
+
+
+@pytest.fixture(scope="module")
+def dsi_crd(kubectl: Any) -> None:
+    """The DeepSpeedInference CRD, installed from crds/."""
+    install_crd(kubectl)
+
+
+@pytest.fixture
+def operator(cluster: Any, namespace: str, dsi_crd: None, tmp_path: Path) -> Iterator[Any]:
+    """The operator watching only the test namespace (kill()/start() to restart it)."""
+    with running_operator(cluster.kubeconfig, namespace, tmp_path / "operator.log") as op:
+        yield op

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,26 +17,11 @@ from operator_harness import (
     all_running,
     dsi_manifest,
     get_dsi,
-    install_crd,
     poll,
-    running_operator,
     worker_pods,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def dsi_crd(kubectl: Any) -> None:
-    """The DeepSpeedInference CRD, installed from crds/."""
-    install_crd(kubectl)
-
-
-@pytest.fixture
-def operator(cluster: Any, namespace: str, dsi_crd: None, tmp_path: Path) -> Iterator[Any]:
-    """The operator watching only the test namespace (kill()/start() to restart it)."""
-    with running_operator(cluster.kubeconfig, namespace, tmp_path / "operator.log") as op:
-        yield op
 
 
 def create(kube: Any, namespace: str, body: dict[str, Any]) -> None:
