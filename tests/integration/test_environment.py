@@ -200,10 +200,21 @@ def test_gpu_pods_bind_to_gpu_nodes_and_overcommit_stays_pending(
         dump=lambda: pod_state(kube.core, namespace, "too-big"),
     )
     assert "nvidia.com/gpu" in evs[0].message, evs[0].message
-    pod = kube.core.read_namespaced_pod("too-big", namespace)
+
+    # The scheduler posts the event and the PodScheduled condition in separate writes.
+    def scheduled_condition() -> Any:
+        pod = kube.core.read_namespaced_pod("too-big", namespace)
+        conds = {c.type: c for c in pod.status.conditions or []}
+        return (pod, conds["PodScheduled"]) if "PodScheduled" in conds else None
+
+    pod, cond = wait_for(
+        scheduled_condition,
+        30,
+        "PodScheduled condition on too-big",
+        dump=lambda: pod_state(kube.core, namespace, "too-big"),
+    )
     assert pod.status.phase == "Pending"
     assert pod.spec.node_name is None
-    cond = {c.type: c for c in pod.status.conditions}["PodScheduled"]
     assert (cond.status, cond.reason) == ("False", "Unschedulable")
 
 
