@@ -229,16 +229,31 @@ def rayservice_view(body: Mapping[str, Any] | None) -> RayServiceView:
     if body is None:
         return RayServiceView()
     status = body.get("status") or {}
-    active = (status.get("activeServiceStatus") or {}).get("rayClusterName") or None
+    active_status = status.get("activeServiceStatus") or {}
+    active = active_status.get("rayClusterName") or None
     pending = (status.get("pendingServiceStatus") or {}).get("rayClusterName") or None
+    serve = serve_group_statuses(active_status)
     for c in status.get("conditions") or []:
         if c.get("type") == "Ready":
             ok = c.get("status") == "True"
             msg = c.get("message") or c.get("reason") or ""
-            return RayServiceView(True, ok, msg, active, pending)
+            return RayServiceView(True, ok, msg, active, pending, serve)
     if status.get("serviceStatus") == "Running":
-        return RayServiceView(True, True, "serviceStatus Running", active, pending)
-    return RayServiceView(True, False, status.get("serviceStatus") or "", active, pending)
+        return RayServiceView(True, True, "serviceStatus Running", active, pending, serve)
+    return RayServiceView(True, False, status.get("serviceStatus") or "", active, pending, serve)
+
+
+def serve_group_statuses(service_status: Mapping[str, Any]) -> dict[int, str]:
+    """Group index -> Serve status of its ``group-<g>`` deployment, from a KubeRay
+    ``RayServiceStatus`` (``applicationStatuses.<app>.serveDeploymentStatuses``)."""
+    apps = service_status.get("applicationStatuses") or {}
+    deployments = (apps.get(L.SERVE_APP_NAME) or {}).get("serveDeploymentStatuses") or {}
+    out: dict[int, str] = {}
+    for name, st in deployments.items():
+        prefix, _, index = str(name).partition("-")
+        if prefix == "group" and index.isdigit():
+            out[int(index)] = str((st or {}).get("status") or "")
+    return out
 
 
 def select_cluster_pods(pods: list[PodInfo], rs: RayServiceView) -> list[PodInfo]:

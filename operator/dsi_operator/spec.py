@@ -699,6 +699,12 @@ class GroupStatus(BaseModel):
     restart_trigger: str | None = Field(
         default=None, description="Trigger of the restart in progress, if any."
     )
+    serve_status: str | None = Field(
+        default=None,
+        description="Ray Serve status of this group's group-<g> deployment as KubeRay reports "
+        "it (HEALTHY, UNHEALTHY, UPDATING, ...). UNHEALTHY while the pods run means a rank "
+        "process died inside its pod; Serve re-forms the group.",
+    )
     restarting_since: str | None = Field(
         default=None,
         description="When the restart in progress began (RFC 3339); unset when none.",

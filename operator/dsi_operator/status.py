@@ -6,8 +6,10 @@ How readiness is judged (documented for users in the README):
   Ready (``status.groups[g].readyRanks == ranks``);
 * a group is **ready** (counted in ``status.readyReplicas`` and the READY column) when its pods
   are ready *and* KubeRay reports the RayService ready, i.e. Ray Serve runs the application that
-  drives the group. The operator cannot see inside Ray per group, so Serve health is the signal
-  that the rank processes formed their torch.distributed group.
+  drives the group, *and* (where KubeRay reports per-deployment status) the group's own
+  ``group-<g>`` Serve deployment is HEALTHY. Serve health is the signal that the rank processes
+  formed their torch.distributed group; a rank process lost inside a live pod turns only its
+  group's deployment UNHEALTHY, so that group alone drops out of READY (phase Degraded).
 
 Phases, in order of precedence: Failed (invalid spec or restart budget exhausted), Pending
 (a blocking preflight failed, or nothing created yet), Restarting (a group restart is in
@@ -283,6 +285,14 @@ class RayServiceView:
     message: str = ""
     active_cluster: str | None = None  # status.activeServiceStatus.rayClusterName
     pending_cluster: str | None = None  # status.pendingServiceStatus.rayClusterName
+    # Ray Serve status of each group's ``group-<g>`` deployment (HEALTHY, UNHEALTHY,
+    # UPDATING, ...) as KubeRay reports it. A rank process that died while its pod lives shows
+    # up only here: Serve's health check fails and the group re-forms inside Ray.
+    serve_groups: dict[int, str] = field(default_factory=dict)
+
+    def group_serving(self, g: int) -> bool:
+        """Serve reports group g healthy (or reports no per-group status at all)."""
+        return not self.serve_groups or self.serve_groups.get(g) == "HEALTHY"
 
 
 @dataclass
@@ -353,7 +363,12 @@ def compute_status(inp: StatusInputs) -> dict[str, Any]:
         live = live_pods(pods)
         running = {p.rank for p in live if p.phase == "Running"} >= set(range(inp.tp))
         all_running = all_running and running
-        gready = pready and inp.rayservice.ready and state.restarting_since is None
+        gready = (
+            pready
+            and inp.rayservice.ready
+            and inp.rayservice.group_serving(g)
+            and state.restarting_since is None
+        )
         if pready:
             pods_ready_groups.append(g)
         if gready:
@@ -375,6 +390,8 @@ def compute_status(inp: StatusInputs) -> dict[str, Any]:
         gd = group_status_dict(state, pods, inp.tp, gready, gphase)
         if isinstance(dec, Wait):
             gd["backoffUntil"] = iso(dec.until)
+        if g in inp.rayservice.serve_groups:
+            gd["serveStatus"] = inp.rayservice.serve_groups[g]
         group_dicts.append(gd)
 
     n_ready = len(ready_groups)

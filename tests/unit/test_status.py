@@ -268,3 +268,49 @@ def test_kuberay_cluster_switch_is_a_roll_not_a_failure() -> None:
     assert st2["restarts"] == 0
     assert st2["groups"][0]["members"] == ["b00", "b01"]
     assert st2["groups"][0]["rayCluster"] == "rc-b"
+
+
+def test_unhealthy_serve_deployment_drops_only_that_group() -> None:
+    # A rank process died inside a live pod: every pod is still Running and Ready, but Serve
+    # reports that group's deployment UNHEALTHY while it re-forms the group.
+    rs = RayServiceView(exists=True, ready=True, serve_groups={0: "HEALTHY", 1: "UNHEALTHY"})
+    st = settle(observed(rayservice=rs))
+    assert st["phase"] == "Degraded" and st["readyReplicas"] == 1 and st["ready"] == "1/2"
+    groups = {g["index"]: g for g in st["groups"]}
+    assert groups[0]["serveStatus"] == "HEALTHY" and groups[0]["phase"] == "Ready"
+    assert groups[1]["serveStatus"] == "UNHEALTHY" and groups[1]["phase"] != "Ready"
+    assert groups[1]["readyRanks"] == 2  # the pods are fine; no pod restart is counted
+    assert st.get("restarts", 0) == 0
+
+    healed = RayServiceView(exists=True, ready=True, serve_groups={0: "HEALTHY", 1: "HEALTHY"})
+    st2 = settle(observed(status=st, rayservice=healed))
+    assert st2["phase"] == "Ready" and st2["readyReplicas"] == 2
+
+
+def test_serve_group_statuses_from_kuberay_status() -> None:
+    from dsi_operator.handlers import rayservice_view
+
+    body = {
+        "status": {
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Running"}],
+            "activeServiceStatus": {
+                "rayClusterName": "demo-abc",
+                "applicationStatuses": {
+                    "dsi": {
+                        "status": "RUNNING",
+                        "serveDeploymentStatuses": {
+                            "ingress": {"status": "HEALTHY"},
+                            "group-0": {"status": "HEALTHY"},
+                            "group-1": {"status": "UNHEALTHY", "message": "health check"},
+                        },
+                    }
+                },
+            },
+        }
+    }
+    view = rayservice_view(body)
+    assert view.ready and view.active_cluster == "demo-abc"
+    assert view.serve_groups == {0: "HEALTHY", 1: "UNHEALTHY"}
+    assert view.group_serving(0) and not view.group_serving(1)
+    # No per-deployment status reported: the RayService's own readiness decides.
+    assert RayServiceView(exists=True, ready=True).group_serving(3)
