@@ -9,7 +9,6 @@ import contextlib
 import copy
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from dsi_localcluster.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "deepspeedinferences.deepspeed.ai.yaml"
@@ -32,13 +33,6 @@ FAST_RESTART_POLICY: dict[str, Any] = {
     "nodeNotReadyGraceSeconds": 3,
     "formationTimeoutSeconds": 600,
 }
-
-
-def free_port() -> int:
-    """An unused TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class OperatorProcess:

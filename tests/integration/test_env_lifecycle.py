@@ -12,21 +12,13 @@ from pathlib import Path
 
 import pytest
 from dsi_localcluster import build, cluster, config
+from dsi_localcluster.testing import free_port
 
 pytestmark = pytest.mark.integration
 
 
 def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    return [free_port() for _ in range(n)]
 
 
 def _config(tmp_path: Path, cache_dir: Path) -> config.ClusterConfig:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch.multiprocessing as mp
+from dsi_localcluster.testing import free_port
 from dsi_worker.engine import (
     DistEnv,
     GenRequest,
@@ -30,12 +30,6 @@ def _batch(tok: Any) -> list[GenRequest]:
     reqs = [GenRequest(tuple(tok(p)["input_ids"]), GREEDY) for p in prompts]
     reqs.append(GenRequest(tuple(tok("Ray Serve")["input_ids"]), SAMPLED))
     return reqs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rank_main(rank: int, world: int, port: int, path: str, batch: list[GenRequest], q: Any):
@@ -91,7 +85,7 @@ def test_tp2_matches_single_process_token_for_token(tiny_model_dir: Path) -> Non
     batch = _batch(tok)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_rank_main, args=(r, 2, port, str(tiny_model_dir), batch, q))
         for r in range(2)

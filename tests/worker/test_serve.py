@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from dsi_localcluster.testing import free_port
 
 pytestmark = pytest.mark.worker
 
@@ -47,12 +47,6 @@ applications:
       torch_threads: 1
       local_mode: true
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, pred: Callable[[], Any], timeout: float, every: float = 1.0) -> Any:
@@ -92,7 +86,7 @@ def server(tiny_model_dir: Path) -> Iterator[str]:
         log_to_driver=False,
         namespace="dsi-tests",
     )
-    port = _free_port()
+    port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # Deployed the way a RayService's serveConfigV2 is: import path + args, through
