@@ -117,3 +117,17 @@ def namespace_state(core: Any, namespace: str) -> dict[str, Any]:
         },
         "events": events(core, namespace),
     }
+
+
+def wait_pod_gone(core: Any, namespace: str, name: str, timeout: float, what: str) -> None:
+    """Wait until the pod is deleted from the API (404), dumping its state on timeout."""
+    from kubernetes.client.rest import ApiException
+
+    def gone() -> bool:
+        try:
+            core.read_namespaced_pod(name, namespace)
+        except ApiException as exc:
+            return bool(exc.status == 404)
+        return False
+
+    wait_for(gone, timeout, what, dump=lambda: pod_state(core, namespace, name))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dsi_localcluster.testing import free_port
+from dsi_localcluster.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "deepspeedinferences.deepspeed.ai.yaml"
@@ -197,18 +198,8 @@ def poll(
     dump: Callable[[], str] | None = None,
     interval: float = 0.5,
 ) -> Any:
-    """Poll until predicate() is truthy; AssertionError naming ``what`` (and a dump) if not."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(
-        f"timed out after {timeout}s waiting for {what} (last: {last!r})\n"
-        + (dump() if dump else "")
-    )
+    """:func:`dsi_localcluster.wait.wait_for` at the operator tests' polling interval."""
+    return wait_for(predicate, timeout, what, dump=dump, interval=interval)
 
 
 # --- fixture bodies (each test module wraps them in its own fixtures) --------------------------

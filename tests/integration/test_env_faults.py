@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 from dsi_localcluster import faults
-from dsi_localcluster.wait import node_state, pod_state, wait_for
-from kubernetes.client.rest import ApiException
+from dsi_localcluster.wait import node_state, pod_state, wait_for, wait_pod_gone
 
 pytestmark = pytest.mark.integration
 
@@ -53,20 +52,7 @@ def test_restart_container(kube: Any, namespace: str, running_pod: Any) -> None:
 def test_evict_pod(kube: Any, namespace: str, running_pod: Any) -> None:
     running_pod("evictee")
     faults.evict_pod(kube.api, namespace, "evictee")
-
-    def gone() -> bool:
-        try:
-            kube.core.read_namespaced_pod("evictee", namespace)
-        except ApiException as exc:
-            return exc.status == 404
-        return False
-
-    wait_for(
-        gone,
-        30,
-        "evicted pod to be deleted",
-        dump=lambda: pod_state(kube.core, namespace, "evictee"),
-    )
+    wait_pod_gone(kube.core, namespace, "evictee", 30, "evicted pod to be deleted")
 
 
 def test_stuck_terminating_and_release(kube: Any, namespace: str, running_pod: Any) -> None:
@@ -77,20 +63,7 @@ def test_stuck_terminating_and_release(kube: Any, namespace: str, running_pod: A
     assert pod.metadata.deletion_timestamp is not None
     assert faults.STUCK_FINALIZER in pod.metadata.finalizers
     faults.release_pod(kube.api, namespace, "stuck")
-
-    def gone() -> bool:
-        try:
-            kube.core.read_namespaced_pod("stuck", namespace)
-        except ApiException as exc:
-            return exc.status == 404
-        return False
-
-    wait_for(
-        gone,
-        30,
-        "released pod to be deleted",
-        dump=lambda: pod_state(kube.core, namespace, "stuck"),
-    )
+    wait_pod_gone(kube.core, namespace, "stuck", 30, "released pod to be deleted")
 
 
 @pytest.fixture

@@ -295,5 +295,10 @@ def test_too_few_gpus_is_reported(kube: Any, namespace: str, operator: Any) -> N
     assert "needs 2 rank pod(s) x 16 nvidia.com/gpu" in c["message"]
     assert st["phase"] in ("Provisioning", "Pending")
     assert "insufficient GPUs" in st["message"]
-    events = kube.core.list_namespaced_event(namespace).items
-    assert any(e.reason == "Preflight" and "GPUCapacity=False" in e.message for e in events)
+
+    # The operator patches status before it posts Events, so the Event may come a bit later.
+    def preflight_event() -> bool:
+        events = kube.core.list_namespaced_event(namespace).items
+        return any(e.reason == "Preflight" and "GPUCapacity=False" in e.message for e in events)
+
+    assert poll(preflight_event, 30, "Preflight Event naming GPUCapacity=False", d)

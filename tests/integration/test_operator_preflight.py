@@ -119,8 +119,13 @@ def test_gpu_operator_conditions_and_requirement(
     with pytest.raises(ApiException) as err:
         kube.custom.get_namespaced_custom_object("ray.io", "v1", namespace, "rayservices", "req")
     assert err.value.status == 404
-    evs = kube.core.list_namespaced_event(namespace).items
-    assert any(e.reason == "Preflight" and "GPUOperatorReady=False" in e.message for e in evs)
+
+    # The operator patches status before it posts Events, so the Event may come a bit later.
+    def preflight_event() -> bool:
+        evs = kube.core.list_namespaced_event(namespace).items
+        return any(e.reason == "Preflight" and "GPUOperatorReady=False" in e.message for e in evs)
+
+    assert poll(preflight_event, 30, "Preflight Event naming GPUOperatorReady=False", d)
 
     # 3. ClusterPolicy present but not ready: still blocked, reason says so.
     kube.apiext.create_custom_resource_definition(CP_CRD)
