@@ -309,3 +309,10 @@ def build(
     log(f"using {check_go()}; cache {cache_dir}")
     for comp in pending:
         build_component(comp, cache_dir, force=force)
+
+
+def helm_path(cache_dir: Path | None = None) -> Path:
+    """The pinned helm binary, built into the cache first if it is not there yet."""
+    cache_dir = cache_dir or config.default_cache_dir()
+    build(["helm"], cache_dir)
+    return HELM.binary(cache_dir)

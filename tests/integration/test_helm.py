@@ -18,20 +18,17 @@ from typing import Any
 
 import pytest
 import yaml
+from dsi_localcluster import config
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "dsi-operator"
 
 
 def helm_exe() -> str:
-    """The pinned helm binary, built into the cache if it is not there yet."""
-    from dsi_localcluster import build, config
+    """The pinned helm binary (dsi_localcluster.build.helm_path), as a string for argv."""
+    from dsi_localcluster.build import helm_path
 
-    cache = config.ClusterConfig.from_env().cache_dir
-    path = build.HELM.binary(cache)
-    if not path.exists():
-        build.build(["helm"], cache)
-    return str(path)
+    return str(helm_path(config.ClusterConfig.from_env().cache_dir))
 
 
 class Helm:

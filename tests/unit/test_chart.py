@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from dsi_localcluster import config
 from dsi_operator._version import __version__
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,14 +27,10 @@ KUBE_VERSION = ("--kube-version", "1.35.0")
 
 
 def helm_exe() -> str:
-    """The pinned helm binary, built into the cache if it is not there yet."""
-    from dsi_localcluster import build, config
+    """The pinned helm binary (dsi_localcluster.build.helm_path), as a string for argv."""
+    from dsi_localcluster.build import helm_path
 
-    cache = config.ClusterConfig.from_env().cache_dir
-    path = build.HELM.binary(cache)
-    if not path.exists():
-        build.build(["helm"], cache)
-    return str(path)
+    return str(helm_path(config.ClusterConfig.from_env().cache_dir))
 
 
 @pytest.fixture(scope="module")
