@@ -11,7 +11,7 @@ EXTRAS  ?= worker,dev
 PYTEST_ARGS ?=
 export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
 
-.PHONY: help venv binaries lint unit test test-unit test-worker test-integration run \
+.PHONY: help venv system-deps binaries lint unit test test-unit test-worker test-integration run \
         operator cluster-up cluster-down cluster-status serve-local generate bench
 
 help:
@@ -34,10 +34,13 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 
 venv: $(VENV)/.installed-$(EXTRAS)
 
-binaries: venv
+system-deps:
+	@bash hack/install-system-deps.sh
+
+binaries: venv system-deps
 	$(PY) -m dsi_localcluster build
 
-cluster-up: venv
+cluster-up: venv system-deps
 	$(PY) -m dsi_localcluster up
 
 cluster-down:
@@ -76,7 +79,7 @@ serve-local: venv
 	$(PY) -m dsi_worker.local $(ARGS)
 
 run: cluster-up
-	$(PY) -m dsi_operator.local_run
+	$(PY) -m dsi_localcluster.run $(ARGS)
 
 bench: binaries
 	$(PY) bench/bench_operator.py
