@@ -1,0 +1,102 @@
+"""Helpers of the end-to-end tests: the served stack and HTTP calls to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsi_localcluster.wait import events, wait_for
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE.parent / "integration"))
+
+from operator_harness import (  # noqa: E402
+    FAST_RESTART_POLICY,
+    OperatorProcess,
+    get_dsi,
+    install_crd,
+    worker_pods,
+)
+
+__all__ = ["FAST_RESTART_POLICY", "OperatorProcess", "Stack", "install_crd", "post"]
+
+ROOT = _HERE.parents[1]
+SAMPLE = ROOT / "examples" / "tiny-local.yaml"
+NAME = "tiny"
+PROMPT = "The quick brown fox"
+MAX_TOKENS = 12
+READY_TIMEOUT = float(os.environ.get("DSI_E2E_READY_TIMEOUT", "900"))
+
+
+def post(url: str, body: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
+    """POST JSON, return the parsed answer (raises urllib.error.HTTPError on 4xx/5xx)."""
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        answer: dict[str, Any] = json.loads(r.read())
+    return answer
+
+
+@dataclass
+class Stack:
+    """A served DeepSpeedInference on process-backed nodes."""
+
+    kube: Any
+    kubectl: Any
+    namespace: str
+    operator: OperatorProcess
+    endpoint: str = ""
+    name: str = NAME
+    log_dir: Path = field(default_factory=Path)
+
+    def dsi(self) -> dict[str, Any]:
+        """The resource as a dict."""
+        return get_dsi(self.kube.custom, self.namespace, self.name)
+
+    def pods(self) -> dict[tuple[int, int], Any]:
+        """{(group, rank): V1Pod} of the live worker pods."""
+        return worker_pods(self.kube.core, self.namespace, self.name)
+
+    def uids(self, group: int) -> set[str]:
+        """UIDs of the live pods of one group."""
+        return {p.metadata.uid for (g, _), p in self.pods().items() if g == group}
+
+    def generate(self, prompt: str = PROMPT, timeout: float = 60) -> dict[str, Any]:
+        """Greedy /generate through the operator-made endpoint."""
+        body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+        return post(f"{self.endpoint}/generate", body, timeout)
+
+    def dump(self) -> str:
+        """State for a failure message: status, pods, Events, operator log tail."""
+        st = json.dumps(self.dsi().get("status", {}), indent=1)[:3000]
+        pods = self.kubectl("get", "pods", "-n", self.namespace, "-o", "wide", check=False)
+        evs = "\n".join(events(self.kube.core, self.namespace)[-20:])
+        return f"status:\n{st}\npods:\n{pods.stdout}\nevents:\n{evs}\n{self.operator.log_tail()}"
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT, since_restarts: int = -1) -> None:
+        """Until phase Ready (and, when given, total restarts > since_restarts)."""
+
+        def ready() -> bool:
+            st = self.dsi().get("status") or {}
+            return st.get("phase") == "Ready" and st.get("restarts", 0) > since_restarts
+
+        wait_for(ready, timeout, f"{self.name} Ready", dump=self.dump, interval=2)
+
+    def wait_answers(self, timeout: float = 120) -> dict[str, Any]:
+        """Until /generate answers (Ready may precede the proxy's route table by a moment)."""
+
+        def answer() -> dict[str, Any] | None:
+            try:
+                return self.generate(timeout=30)
+            except (urllib.error.URLError, OSError):
+                return None
+
+        result: dict[str, Any] = wait_for(answer, timeout, "endpoint answers", dump=self.dump)
+        return result

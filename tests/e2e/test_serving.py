@@ -1,0 +1,164 @@
+"""operator -> KubeRay -> Ray -> DeepSpeed -> HTTP, for real, and whole-group restarts.
+
+Every pod here is a real process tree on a process-backed node: the Ray head, the Ray
+workers and the DeepSpeed TP=2 groups over gloo. Assertions are on HTTP answers, pod UIDs,
+the resource's status and Events, never on logs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.error
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from dsi_localcluster import faults
+from dsi_localcluster.wait import events, wait_for
+from e2e_stack import MAX_TOKENS, PROMPT, Stack, post
+
+
+@dataclass
+class Load:
+    """Sequential /generate requests in a background thread: (time, ok, group or status)."""
+
+    stack: Stack
+    results: list[tuple[float, bool, Any]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            t = time.monotonic()
+            try:
+                out = self.stack.generate(timeout=20)
+                self.results.append((t, True, out["group"]))
+            except urllib.error.HTTPError as e:
+                self.results.append((t, False, e.code))
+                time.sleep(0.2)
+            except (urllib.error.URLError, OSError) as e:
+                self.results.append((t, False, repr(e)))
+                time.sleep(0.2)
+
+    def ok_groups(self) -> set[int]:
+        """Groups that answered."""
+        return {g for _, ok, g in self.results if ok}
+
+    def summary(self) -> str:
+        """One line: requests, successes, which groups answered."""
+        ok = sum(1 for _, good, _ in self.results if good)
+        return f"{ok}/{len(self.results)} ok, groups {sorted(self.ok_groups())}"
+
+
+@contextmanager
+def background_load(stack: Stack) -> Iterator[Load]:
+    """Requests running while the body of the with-block injects a fault."""
+    load = Load(stack)
+    thread = threading.Thread(target=load.run, daemon=True)
+    thread.start()
+    try:
+        yield load
+    finally:
+        load.stop.set()
+        thread.join(timeout=30)
+
+
+def group_restarts(stack: Stack) -> dict[int, int]:
+    """status.groups[].restarts by group index."""
+    groups = (stack.dsi().get("status") or {}).get("groups") or []
+    return {int(g["index"]): int(g.get("restarts", 0)) for g in groups}
+
+
+def restart_events(stack: Stack) -> list[str]:
+    """The resource's GroupRestart Events."""
+    return [e for e in events(stack.kube.core, stack.namespace, stack.name) if "GroupRestart" in e]
+
+
+def assert_group_restarted(
+    stack: Stack, hit: int, before: dict[int, set[str]], restarts_before: dict[int, int]
+) -> None:
+    """Exactly the hit group restarted once, with new pods; the other kept its pods."""
+    total_before = sum(restarts_before.values())
+    stack.wait_ready(since_restarts=total_before)
+    after = group_restarts(stack)
+    for g, n in restarts_before.items():
+        want = n + 1 if g == hit else n
+        assert after[g] == want, f"group {g}: restarts {after[g]}, want {want}\n{stack.dump()}"
+        uids = stack.uids(g)
+        if g == hit:
+            assert uids and not uids & before[g], f"group {g} kept pods\n{stack.dump()}"
+        else:
+            assert uids == before[g], f"group {g} was touched\n{stack.dump()}"
+
+
+def snapshot(stack: Stack) -> tuple[dict[int, set[str]], dict[int, int], int]:
+    """Pod UIDs per group, restarts per group, GroupRestart Events so far."""
+    return {g: stack.uids(g) for g in (0, 1)}, group_restarts(stack), len(restart_events(stack))
+
+
+def test_ready_and_serves_the_unsharded_models_tokens(
+    stack: Stack, reference_tokens: list[int]
+) -> None:
+    out = stack.kubectl("get", "dsi", "-n", stack.namespace).stdout
+    row = out.splitlines()[1].split()
+    assert row[:3] == [stack.name, "Ready", "2/2"], out
+
+    got = stack.generate()
+    assert got["token_ids"] == reference_tokens
+    assert len(got["token_ids"]) == MAX_TOKENS
+
+    model = stack.dsi()["status"].get("servedModel") or "dsi-tiny-llama"
+    comp = post(
+        f"{stack.endpoint}/v1/completions",
+        {"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0},
+    )
+    assert comp["choices"][0]["text"] == got["text"]
+    assert comp["usage"]["completion_tokens"] == MAX_TOKENS
+
+    chat = post(
+        f"{stack.endpoint}/v1/chat/completions",
+        {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    )
+    assert chat["choices"][0]["message"]["role"] == "assistant"
+    assert chat["usage"]["completion_tokens"] >= 1
+
+    # Both groups serve: concurrent requests spread over them (least-in-flight).
+    with background_load(stack) as a, background_load(stack) as b:
+        wait_for(lambda: (a.ok_groups() | b.ok_groups()) >= {0, 1}, 60, "both groups answer")
+
+
+def _fault_cycle(stack: Stack, hit: int, inject: Any, reference: list[int]) -> None:
+    before, restarts_before, events_before = snapshot(stack)
+    other = 1 - hit
+    with background_load(stack) as load:
+        time.sleep(2)
+        inject()
+        assert_group_restarted(stack, hit, before, restarts_before)
+    assert other in load.ok_groups(), f"group {other} did not answer: {load.summary()}"
+    wait_for(lambda: len(restart_events(stack)) > events_before, 30, "GroupRestart Event")
+    assert len(restart_events(stack)) == events_before + 1, restart_events(stack)
+    assert stack.wait_answers()["token_ids"] == reference
+    print(f"\n[e2e] group {hit} restarted; load during it: {load.summary()}")
+
+
+def test_rank_process_killed_restarts_only_its_group(
+    stack: Stack, reference_tokens: list[int]
+) -> None:
+    pod = stack.pods()[(0, 1)]
+
+    def kill() -> None:
+        faults.kill_container_process(stack.kube.api, stack.namespace, pod.metadata.name)
+
+    _fault_cycle(stack, 0, kill, reference_tokens)
+
+
+def test_rank_pod_deleted_restarts_only_its_group(
+    stack: Stack, reference_tokens: list[int]
+) -> None:
+    pod = stack.pods()[(1, 0)]
+
+    def delete() -> None:
+        stack.kube.core.delete_namespaced_pod(pod.metadata.name, stack.namespace)
+
+    _fault_cycle(stack, 1, delete, reference_tokens)
