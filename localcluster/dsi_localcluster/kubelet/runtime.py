@@ -1,0 +1,176 @@
+"""Container processes of a process-backed pod.
+
+A container is its command run as its own process group inside the pod's network
+namespace (``ip netns exec``, which also bind-mounts the pod's hosts and resolv.conf) and
+a private mount and UTS namespace (``unshare``): hostname = pod name, a private /tmp (two
+Ray nodes on one host must not share /tmp/ray), the pod's volumes at their mount paths, and
+an /etc/profile that keeps PATH (a login shell would otherwise drop the virtualenv that
+stands in for the container image). Everything else is the host's filesystem.
+
+Process groups, not pid namespaces: a pid-namespace init ignores SIGTERM unless it handles
+it. Every started pid is recorded under the pod directory, so a crashed node agent's
+processes can still be found and killed by pid.
+
+Needs root, iproute2 and util-linux (unshare, nsenter, mount).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .podspec import MountSpec
+
+PROFILE = "# dsi-localcluster process pod: PATH comes from the container's environment\n"
+
+
+@dataclass
+class Container:
+    """A running (or exited) container process."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    started_at: float
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        """The container's main process (leader of its process group)."""
+        return self.proc.pid
+
+    def exit_code(self) -> int | None:
+        """None while running; else the exit status, 128+N for a death by signal N."""
+        rc = self.proc.poll()
+        if rc is None:
+            return None
+        return 128 - rc if rc < 0 else rc
+
+
+def _setup_script(hostname: str, pod_dir: Path, mounts: list[MountSpec], cwd: str | None) -> str:
+    q = shlex.quote
+    lines = ["set -e", f"hostname {q(hostname)}"]
+    tmp = pod_dir / "tmp"
+    lines.append(f"mount --bind {q(str(tmp))} /tmp")
+    lines.append(f"mount --bind {q(str(pod_dir / 'profile'))} /etc/profile")
+    for m in mounts:
+        lines.append(f"mkdir -p {q(m.target)}")
+        if m.tmpfs_bytes is not None:
+            lines.append(f"mount -t tmpfs -o size={m.tmpfs_bytes} tmpfs {q(m.target)}")
+        else:
+            lines.append(f"mount --bind {q(str(m.source))} {q(m.target)}")
+        if m.read_only:
+            lines.append(f"mount -o remount,bind,ro {q(m.target)}")
+    if cwd:
+        lines.append(f"mkdir -p {q(cwd)} && cd {q(cwd)}")
+    lines.append('exec "$@"')
+    return "\n".join(lines)
+
+
+def _prepare(pod_dir: Path, mounts: list[MountSpec]) -> None:
+    (pod_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    os.chmod(pod_dir / "tmp", 0o1777)
+    (pod_dir / "profile").write_text(PROFILE)
+    for m in mounts:
+        m.source.mkdir(parents=True, exist_ok=True)
+        for rel, content in m.files:
+            f = m.source / rel
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(content)
+
+
+def start(
+    netns: str,
+    hostname: str,
+    pod_dir: Path,
+    name: str,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str | None,
+    mounts: list[MountSpec],
+    log_path: Path,
+) -> Container:
+    """Start one container; its output (stdout and stderr) is appended to log_path."""
+    _prepare(pod_dir, mounts)
+    script = _setup_script(hostname, pod_dir, mounts, cwd)
+    cmd = ["ip", "netns", "exec", netns, "unshare", "--mount", "--uts"]
+    cmd += ["--propagation", "private", "--", "/bin/sh", "-c", script, "dsi-pod", *argv]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd="/",
+        )
+    with open(pod_dir / "pids", "a") as fh:
+        fh.write(f"{proc.pid}\n")
+    return Container(name, proc, time.time(), log_path)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def stop(c: Container, grace_s: float) -> int | None:
+    """SIGTERM the container's process group, wait up to grace_s, then SIGKILL the group."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        if c.exit_code() is not None and not _group_alive(c.pid):
+            break
+        try:
+            os.killpg(c.pid, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if c.exit_code() is not None and not _group_alive(c.pid):
+                break
+            time.sleep(0.1)
+    return c.exit_code()
+
+
+def exec_in(
+    c: Container, argv: list[str], env: dict[str, str], timeout_s: float
+) -> tuple[int, str]:
+    """Run argv inside the container's namespaces (exec probes); (exit code, output)."""
+    cmd = ["nsenter", "--target", str(c.pid), "--net", "--mount", "--uts", "--", *argv]
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, timeout=timeout_s, cwd="/")
+    except subprocess.TimeoutExpired:
+        return -1, "timeout"
+    return out.returncode, (out.stdout + out.stderr).decode(errors="replace")[-500:]
+
+
+def kill_recorded(pod_dir: Path) -> list[int]:
+    """SIGKILL every process group ever started for this pod that is still alive."""
+    killed = []
+    pids = pod_dir / "pids"
+    if not pids.exists():
+        return killed
+    for line in pids.read_text().split():
+        pgid = int(line)
+        if _group_alive(pgid):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+                killed.append(pgid)
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def unmount_all(pod_dir: Path) -> None:
+    """Nothing is mounted on the host (mounts live in the pods' namespaces); remove files."""
+    subprocess.run(["rm", "-rf", "--one-file-system", str(pod_dir)], check=False)
