@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print("cluster is " + ("up" if report["running"] else "not (fully) running"))
             return 0 if report["running"] else 1
         if args.command == "env":
-            print(f"export KUBECONFIG={cfg.kubeconfig}")
+            print(env_lines(cfg))
             return 0
     except (build.BuildError, cluster.ClusterError, ValueError) as exc:
         print(f"dsi-localcluster {args.command}: error: {exc}", file=sys.stderr)
@@ -105,6 +105,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 2
+
+
+def env_lines(cfg: config.ClusterConfig) -> str:
+    """`export` lines for eval: KUBECONFIG, and PATH with the built kubectl and helm first,
+    so the printed hints work on a machine that has neither installed."""
+    bins = cluster.binaries(cfg.cache_dir)
+    dirs = dict.fromkeys(str(p.parent) for p in (bins["kubectl"], build.HELM.binary(cfg.cache_dir)))
+    path = ":".join([*dirs, "$PATH"])
+    return f"export KUBECONFIG={cfg.kubeconfig}\nexport PATH={path}"
 
 
 if __name__ == "__main__":

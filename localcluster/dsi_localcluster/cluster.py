@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import build, config, manifests, pki
+from . import build, config, manifests, pki, procnodes
 from .build import log
 
 
@@ -613,7 +613,10 @@ def _up(cfg: config.ClusterConfig) -> bool:
         down(cfg, quiet=True)
     elif paths.root.exists():
         # Leftovers of a crash or a killed session: no process is ours any more.
+        procnodes.cleanup(cfg.state_dir)
         _remove_state(paths)
+    for what in procnodes.cleanup(cfg.state_dir):
+        log(f"removed a crashed run's {what}")
 
     build.build(build.CLUSTER_COMPONENTS, cfg.cache_dir)
     check_ports(cfg.ports)
@@ -649,6 +652,7 @@ def _up(cfg: config.ClusterConfig) -> bool:
         )
         starter.start("kuberay-operator", 60)
         _wait("nodes Ready", 90, lambda: _nodes_ready(cfg, api_client))
+        procnodes.start_all(cfg, api_client, log)
         _wait("the default ServiceAccount", 60, lambda: _default_sa(api_client))
     except BaseException:
         log(
@@ -685,6 +689,7 @@ def _info(cfg: config.ClusterConfig) -> dict[str, Any]:
         "cpu_nodes": cfg.cpu_nodes,
         "gpus_per_node": cfg.gpus_per_node,
         "gpu_taint": cfg.gpu_taint,
+        "process_nodes": cfg.process_nodes,
         "ports": cfg.ports,
         "versions": {c.name: c.version for c in build.COMPONENTS.values()},
     }
@@ -703,6 +708,7 @@ def running_config(cfg: config.ClusterConfig) -> config.ClusterConfig:
         cpu_nodes=info["cpu_nodes"],
         gpus_per_node=info["gpus_per_node"],
         gpu_taint=info["gpu_taint"],
+        process_nodes=info.get("process_nodes", 0),
         state_dir=cfg.state_dir,
         cache_dir=cfg.cache_dir,
         ports=dict(info["ports"]),
@@ -744,6 +750,9 @@ def _down(cfg: config.ClusterConfig, quiet: bool, keep_logs: bool) -> bool:
             if not quiet:
                 log(f"stopped {name} (pid {pid})")
         paths.pidfile(name).unlink(missing_ok=True)
+    for what in procnodes.cleanup(cfg.state_dir):
+        if not quiet:
+            log(f"removed {what}")
     if keep_logs and paths.logs.is_dir():
         dest = paths.root.parent / (paths.root.name + "-logs")
         shutil.rmtree(dest, ignore_errors=True)

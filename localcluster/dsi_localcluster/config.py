@@ -108,6 +108,8 @@ class ClusterConfig:
     cpu_nodes: int = 1
     gpus_per_node: int = 8
     gpu_taint: bool = False
+    # Nodes whose pods really run (root only): enough for the e2e stack (head + 2x2 ranks).
+    process_nodes: int = 3
     state_dir: Path = field(default_factory=default_state_dir)
     cache_dir: Path = field(default_factory=default_cache_dir)
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
@@ -126,6 +128,7 @@ class ClusterConfig:
             "cpu_nodes": _env_int(env, "DSI_CPU_NODES", 1),
             "gpus_per_node": _env_int(env, "DSI_GPUS_PER_NODE", 8),
             "gpu_taint": _env_bool(env, "DSI_GPU_TAINT", False),
+            "process_nodes": _env_int(env, "DSI_PROCESS_NODES", 3),
             "state_dir": default_state_dir(env),
             "cache_dir": default_cache_dir(env),
             "ports": ports,

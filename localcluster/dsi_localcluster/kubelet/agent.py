@@ -10,6 +10,7 @@ One agent process per node: losing a node is SIGKILLing its agent and its pods.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import logging
 import os
 import sys
@@ -219,6 +220,11 @@ class NodeAgent:
         sls = self.discovery.list_endpoint_slice_for_all_namespaces()
         slices = self.api.sanitize_for_serialization(sls)
         self.dns_table = dns.table(svcs["items"], slices["items"])
+        # Every agent keeps the host's block current (so it survives the loss of any one
+        # node); the lock keeps two agents from interleaving their rewrites.
+        with open(self.state_dir.parent.parent / "hosts.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            dns.update_host(dns.host_block(self.dns_table))
         with self.lock:
             workers = list(self.workers.values())
         for w in workers:

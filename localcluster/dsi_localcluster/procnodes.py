@@ -1,0 +1,151 @@
+"""Starting, losing, restoring and cleaning up the process-backed nodes of the cluster.
+
+Each node is one agent process (``python -m dsi_localcluster.kubelet``) with a pid file
+like the cluster's other processes. Its pods' processes are recorded by pid under
+``<state>/process-nodes/nodes/<node>/pods/<uid>/pids``, so they can be killed even when
+the agent itself died.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import config
+
+NODE_PREFIX = "proc-"
+LOG_PORT_BASE = 20310
+
+
+def node_names(count: int) -> list[str]:
+    """proc-0, proc-1, ..."""
+    return [f"{NODE_PREFIX}{i}" for i in range(count)]
+
+
+def is_root() -> bool:
+    """Process nodes need root (network namespaces, veth, mounts)."""
+    return os.geteuid() == 0
+
+
+def agent_argv(cfg: config.ClusterConfig, index: int) -> list[str]:
+    """The command line of node index's agent (pure)."""
+    return [
+        sys.executable,
+        "-m",
+        "dsi_localcluster.kubelet",
+        "--node",
+        node_names(index + 1)[index],
+        "--kubeconfig",
+        str(cfg.kubeconfig),
+        "--state-dir",
+        str(cfg.state_dir),
+        "--log-port",
+        str(LOG_PORT_BASE + index),
+    ]
+
+
+def start_agent(cfg: config.ClusterConfig, index: int) -> int:
+    """Start (or restart) one node agent detached; returns its pid."""
+    from .cluster import Paths, write_pidfile
+
+    paths = Paths(cfg.state_dir)
+    name = node_names(index + 1)[index]
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    with paths.log(name).open("ab") as fh:
+        proc = subprocess.Popen(
+            agent_argv(cfg, index),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=str(cfg.state_dir),
+        )
+    write_pidfile(paths.pidfile(name), proc.pid, Path(sys.executable))
+    return proc.pid
+
+
+def nodes_ready(core: Any, names: list[str]) -> tuple[bool, str]:
+    """Whether every named node reports Ready=True."""
+    ready = set()
+    for n in core.list_node(label_selector="dsi.local/process-node=true").items:
+        if any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or []):
+            ready.add(n.metadata.name)
+    missing = sorted(set(names) - ready)
+    return not missing, f"not Ready yet: {', '.join(missing)}"
+
+
+def start_all(cfg: config.ClusterConfig, api_client: Any, log: Any) -> None:
+    """Start cfg.process_nodes agents and wait for their nodes (one line and none without
+    root: the kwok-only cluster still works)."""
+    from kubernetes import client
+
+    if cfg.process_nodes == 0:
+        return
+    if not is_root():
+        log("process nodes need root (network namespaces); starting the kwok-only cluster")
+        return
+    for i in range(cfg.process_nodes):
+        start_agent(cfg, i)
+    core = client.CoreV1Api(api_client)
+    names = node_names(cfg.process_nodes)
+    deadline = time.monotonic() + 60
+    while True:
+        ok, detail = nodes_ready(core, names)
+        if ok:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"process nodes: {detail} (logs: {cfg.state_dir / 'logs'})")
+        time.sleep(0.5)
+    log(f"{cfg.process_nodes} process-backed node(s) Ready: {', '.join(names)}")
+
+
+def kill_node_pods(state_dir: Path, node: str) -> list[int]:
+    """SIGKILL every process of every pod of node (recorded pids and namespace members)."""
+    from .kubelet import runtime
+    from .kubelet.pods import _kill_netns
+
+    killed: list[int] = []
+    pods = state_dir / "process-nodes" / "nodes" / node / "pods"
+    for d in pods.glob("*") if pods.is_dir() else []:
+        killed += runtime.kill_recorded(d)
+        _kill_netns("dsi-" + d.name.replace("-", "")[:12])
+    return killed
+
+
+def cleanup(state_dir: Path) -> list[str]:
+    """Kill every pod process, remove namespaces, veths, the bridge and the hosts block."""
+    from .kubelet import dns
+    from .kubelet.netns import Network
+
+    if not is_root():
+        return []
+    nodes = state_dir / "process-nodes" / "nodes"
+    for node in nodes.glob("*") if nodes.is_dir() else []:
+        kill_node_pods(state_dir, node.name)
+    removed = Network(state_dir / "process-nodes").cleanup_all()
+    if dns.update_host(""):
+        removed.append("/etc/hosts block")
+    return removed
+
+
+def lose(cfg: config.ClusterConfig, node: str) -> None:
+    """The node vanishes: its agent and every process of its pods are SIGKILLed."""
+    from .cluster import Paths, read_pidfile
+
+    rec = read_pidfile(Paths(cfg.state_dir).pidfile(node))
+    if rec is not None:
+        try:
+            os.killpg(rec[0], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    kill_node_pods(cfg.state_dir, node)
+
+
+def restore(cfg: config.ClusterConfig, node: str) -> int:
+    """Bring a lost node back: a fresh agent (it cleans what the old one left)."""
+    return start_agent(cfg, int(node.removeprefix(NODE_PREFIX)))
