@@ -222,7 +222,9 @@ class NodeAgent:
         self.dns_table = dns.table(svcs["items"], slices["items"])
         # Every agent keeps the host's block current (so it survives the loss of any one
         # node); the lock keeps two agents from interleaving their rewrites.
-        with open(self.state_dir.parent.parent / "hosts.lock", "w") as lock:
+        lock_path = self.state_dir.parent.parent / "hosts.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             dns.update_host(dns.host_block(self.dns_table))
         with self.lock:
