@@ -585,7 +585,7 @@ async def _ensure_children(key: Key, body: Mapping[str, Any]) -> None:
                 "metadata": {"annotations": dict(child["metadata"].get("annotations") or {})},
                 "status": copy.deepcopy(prev.get("status") or {}),
             }
-        else:
+        elif child["metadata"]["labels"].get(L.LABEL_ROLE) == L.ROLE_MASTER_SERVICE:
             CTRL.services.setdefault(key, set()).add(child["metadata"]["name"])
     wanted = {c["metadata"]["name"] for c in children if c["kind"] == "Service"}
     for svc in await CTRL.kube.list_master_services(*key):

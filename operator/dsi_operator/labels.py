@@ -44,6 +44,7 @@ MANAGED_BY = "dsi-operator"
 ROLE_HEAD = "head"
 ROLE_WORKER = "worker"
 ROLE_MASTER_SERVICE = "master"
+ROLE_ENDPOINT = "endpoint"
 
 #: Annotation on each worker pod template: hash of everything group g's pods are rendered from,
 #: so the controller can tell stale pods after a spec change.
@@ -82,14 +83,19 @@ def master_addr(name: str, namespace: str, group: int) -> str:
     return f"{master_service_name(name, group)}.{namespace}.svc.cluster.local"
 
 
-def serve_service_name(name: str) -> str:
-    """KubeRay's serve Service for RayService ``name``."""
-    return f"{name}-serve-svc"
+def endpoint_service_name(name: str) -> str:
+    """The operator's endpoint Service: it selects the Ray head once Serve's proxy is up.
+
+    Not KubeRay's ``<name>-serve-svc``: that one also selects every worker pod, and Ray
+    Serve runs a proxy only on nodes that host a Serve replica, so a worker that holds only
+    a rank actor has nothing listening on the serve port.
+    """
+    return f"{name}-api"
 
 
 def endpoint_url(name: str, namespace: str, port: int = DEFAULT_SERVE_PORT) -> str:
-    """In-cluster URL of the model endpoint (KubeRay's serve Service)."""
-    return f"http://{serve_service_name(name)}.{namespace}.svc.cluster.local:{port}"
+    """In-cluster URL of the model endpoint (the operator's endpoint Service)."""
+    return f"http://{endpoint_service_name(name)}.{namespace}.svc.cluster.local:{port}"
 
 
 def worker_group_name(group: int, rank: int) -> str:

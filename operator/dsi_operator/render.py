@@ -16,6 +16,7 @@ Every child has an ownerReference to the DSI (controller, blockOwnerDeletion) an
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Mapping
@@ -52,6 +53,8 @@ NCCL_DEFAULTS: dict[str, str] = {
 
 # Ray head ports (KubeRay's defaults, named as KubeRay expects).
 _HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001))
+# Ray's dashboard agent (the raylet health endpoint), the same port on every Ray node.
+RAY_AGENT_PORT = 52365
 
 
 # --- Small pure helpers (also used by the controller) ----------------------------------------
@@ -276,6 +279,50 @@ def _model_volume(s: DeepSpeedInferenceSpec) -> tuple[list[dict[str, Any]], list
     return [volume], [mount]
 
 
+# The head holds no rank: on GPU nodes it would only take CPU and memory from ranks.
+_AVOID_GPU_NODES = {
+    "preferredDuringSchedulingIgnoredDuringExecution": [
+        {
+            "weight": 100,
+            "preference": {
+                "matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "DoesNotExist"}]
+            },
+        }
+    ]
+}
+
+
+def _place_head(s: DeepSpeedInferenceSpec, pod_spec: dict[str, Any]) -> None:
+    if s.head.node_selector:
+        pod_spec["nodeSelector"] = dict(s.head.node_selector)
+    else:
+        pod_spec["affinity"] = {"nodeAffinity": copy.deepcopy(_AVOID_GPU_NODES)}
+    if s.head.tolerations:
+        pod_spec["tolerations"] = [
+            t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in s.head.tolerations
+        ]
+
+
+def raylet_probe(initial_delay: int, failure_threshold: int) -> dict[str, Any]:
+    """Probe of a worker container: its raylet is healthy (via the Ray dashboard agent).
+
+    Rendered by the operator so KubeRay does not add its RayService worker probe, which
+    also requires a Serve proxy on the node: Serve runs proxies only where a replica lives,
+    so a pod holding only a rank actor would never become Ready.
+    """
+    check = (
+        f"wget --tries 1 -T 2 -q -O- http://localhost:{RAY_AGENT_PORT}/api/local_raylet_healthz"
+        " | grep success"
+    )
+    return {
+        "exec": {"command": ["bash", "-c", check]},
+        "initialDelaySeconds": initial_delay,
+        "periodSeconds": 5,
+        "timeoutSeconds": 2,
+        "failureThreshold": failure_threshold,
+    }
+
+
 def head_group_spec(spec: SpecLike, name: str) -> dict[str, Any]:
     """KubeRay headGroupSpec: Ray GCS, Serve controller and proxy; no GPUs, no rank actors."""
     s = parse_spec(spec)
@@ -297,8 +344,7 @@ def head_group_spec(spec: SpecLike, name: str) -> dict[str, Any]:
     pod_spec: dict[str, Any] = {"containers": [container], **_pod_spec_common(s)}
     if volumes:
         pod_spec["volumes"] = volumes
-    if s.head.node_selector:
-        pod_spec["nodeSelector"] = dict(s.head.node_selector)
+    _place_head(s, pod_spec)
     group: dict[str, Any] = {
         "rayStartParams": {
             "dashboard-host": "0.0.0.0",
@@ -358,6 +404,9 @@ def _worker_group_spec(
         "env": worker_env(s, name, namespace, group, rank),
         "resources": _quantity_resources(s.resources.cpu, s.resources.memory, extra),
         "volumeMounts": [{"name": L.SHM_VOLUME, "mountPath": "/dev/shm"}, *mounts],
+        "readinessProbe": raylet_probe(initial_delay=10, failure_threshold=10),
+        # KubeRay's own default: a raylet silent for 10 minutes is dead.
+        "livenessProbe": raylet_probe(initial_delay=30, failure_threshold=120),
     }
     if s.image_pull_policy:
         container["imagePullPolicy"] = s.image_pull_policy
@@ -495,12 +544,45 @@ def render_master_services(name: str, namespace: str, uid: str, spec: SpecLike) 
     return [render_master_service(name, namespace, uid, s, g) for g in range(s.replicas)]
 
 
+def render_endpoint_service(name: str, namespace: str, uid: str, spec: SpecLike) -> Manifest:
+    """``<name>-api``: the model endpoint, selecting the head once its Serve proxy is healthy
+    (KubeRay keeps the head's ``ray.io/serve`` label in step with the proxy's health)."""
+    s = parse_spec(spec)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": L.endpoint_service_name(name),
+            "namespace": namespace,
+            "labels": L.child_labels(name, role=L.ROLE_ENDPOINT),
+            "ownerReferences": [owner_reference(name, uid)],
+        },
+        "spec": {
+            "selector": {
+                L.LABEL_INFERENCE: name,
+                "ray.io/node-type": "head",
+                "ray.io/serve": "true",
+            },
+            "ports": [
+                {
+                    "name": "serve",
+                    "port": s.serve.port,
+                    "targetPort": s.serve.port,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
 def render_children(name: str, namespace: str, uid: str, spec: SpecLike) -> list[Manifest]:
-    """Every child of the DSI: the RayService, then the master Services in group order."""
+    """Every child of the DSI: the RayService, the master Services in group order, then the
+    endpoint Service."""
     s = parse_spec(spec)
     return [
         render_rayservice(name, namespace, uid, s),
         *render_master_services(name, namespace, uid, s),
+        render_endpoint_service(name, namespace, uid, s),
     ]
 
 

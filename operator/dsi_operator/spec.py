@@ -436,7 +436,16 @@ class HeadSpec(_Model):
         "LoadBalancer.",
     )
     node_selector: dict[str, str] | None = Field(
-        default=None, description="Node selector of the head pod (any node when unset)."
+        default=None,
+        description="Node selector of the head pod. When unset the head may land on any node "
+        "but prefers nodes without GPUs (nodes lacking the nvidia.com/gpu.present label), so "
+        "it takes no CPU or memory from GPU nodes and never blocks a rank from fitting.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        description="Tolerations of the head pod (e.g. to run on tainted CPU nodes).",
+        json_schema_extra={"default": []},
+        max_length=32,
     )
 
 

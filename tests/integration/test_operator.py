@@ -114,7 +114,7 @@ def test_apply_creates_rayservice_services_and_gpu_pods(
     )
     assert "waiting for Ray Serve" in st["message"]
     assert st["ready"] == "0/2" and st["readyReplicas"] == 0
-    assert st["endpoint"] == f"http://{name}-serve-svc.{namespace}.svc.cluster.local:8000"
+    assert st["endpoint"] == f"http://{name}-api.{namespace}.svc.cluster.local:8000"
     c = conditions(st)
     assert c["KubeRayAvailable"]["status"] == "True"
     assert c["GPUCapacity"]["status"] == "True"
@@ -130,7 +130,7 @@ def test_apply_creates_rayservice_services_and_gpu_pods(
     for col in ("NAME", "PHASE", "READY", "TP", "RESTARTS", "ENDPOINT", "AGE"):
         assert col in header, out
     row = out.splitlines()[1]
-    assert "Forming" in row and "0/2" in row and f"{name}-serve-svc" in row, out
+    assert "Forming" in row and "0/2" in row and f"{name}-api" in row, out
 
 
 def _get_rs(kube: Any, namespace: str, name: str) -> dict[str, Any] | None:

@@ -291,7 +291,13 @@ def test_cli_env_and_unknown_component(
 ) -> None:
     monkeypatch.setenv("DSI_CLUSTER_DIR", str(tmp_path))
     assert main(["env"]) == 0
-    assert capsys.readouterr().out.strip() == f"export KUBECONFIG={tmp_path}/kubeconfig"
+    kube, path = capsys.readouterr().out.strip().splitlines()
+    assert kube == f"export KUBECONFIG={tmp_path}/kubeconfig"
+    # The built kubectl and helm come first on PATH, so printed hints work on a machine
+    # that has neither installed.
+    dirs = path.removeprefix("export PATH=").split(":")
+    assert dirs[-1] == "$PATH" and (Path(dirs[0]) / "kubectl").name == "kubectl"
+    assert any("helm" in d for d in dirs[:-1]) and any("kubernetes" in d for d in dirs[:-1])
     assert main(["build", "nonsense"]) == 1
     assert "unknown component(s) nonsense" in capsys.readouterr().err
 

@@ -164,12 +164,12 @@ def _env(group: dict[str, Any]) -> dict[str, Any]:
 def test_children_shape_owners_and_labels(case: str) -> None:
     spec = parse_spec(CASES[case])
     children = _render(CASES[case])
-    assert [c["kind"] for c in children] == ["RayService"] + ["Service"] * spec.replicas
+    assert [c["kind"] for c in children] == ["RayService"] + ["Service"] * (spec.replicas + 1)
     assert children[0]["apiVersion"] == "ray.io/v1"
     assert children[0]["metadata"]["name"] == NAME
     assert [c["metadata"]["name"] for c in children[1:]] == [
         f"{NAME}-g{g}-master" for g in range(spec.replicas)
-    ]
+    ] + [f"{NAME}-api"]
     for child in children:
         meta = child["metadata"]
         assert meta["namespace"] == NS
@@ -288,7 +288,7 @@ def test_master_service_selects_exactly_its_groups_rank0(case: str) -> None:
         (g, r): w["template"]["metadata"]["labels"]
         for w, (g, r) in zip(_workers(children), expected_ranks(spec), strict=True)
     }
-    for svc in children[1:]:
+    for svc in children[1:-1]:
         s = svc["spec"]
         assert s["clusterIP"] == "None" and s["publishNotReadyAddresses"] is True
         assert s["ports"][0]["port"] == spec.master_port
@@ -388,9 +388,48 @@ def test_default_image_is_the_pinned_worker_image() -> None:
     assert ":" in DEFAULT_WORKER_IMAGE and not DEFAULT_WORKER_IMAGE.endswith(":latest")
 
 
+def test_endpoint_service_selects_only_the_serving_head() -> None:
+    children = _render(_spec())
+    svc = children[-1]
+    assert svc["metadata"]["name"] == f"{NAME}-api"
+    assert svc["spec"]["selector"] == {
+        L.LABEL_INFERENCE: NAME,
+        "ray.io/node-type": "head",
+        "ray.io/serve": "true",
+    }
+    head_labels = children[0]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    assert head_labels["metadata"]["labels"][L.LABEL_INFERENCE] == NAME
+    for w in _workers(children):
+        # Workers are never selected: a node without a Serve replica runs no proxy.
+        assert w["template"]["metadata"]["labels"].get("ray.io/node-type") != "head"
+
+
+def test_worker_probes_check_the_raylet_not_the_serve_proxy() -> None:
+    for w in _workers(_render(_spec())):
+        c = w["template"]["spec"]["containers"][0]
+        for kind in ("readinessProbe", "livenessProbe"):
+            cmd = " ".join(c[kind]["exec"]["command"])
+            assert "local_raylet_healthz" in cmd and ":8000" not in cmd
+
+
+def test_head_prefers_nodes_without_gpus_unless_placed() -> None:
+    head = _render(_spec())[0]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    pref = head["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert pref[0]["preference"]["matchExpressions"] == [
+        {"key": "nvidia.com/gpu.present", "operator": "DoesNotExist"}
+    ]
+    assert "nodeSelector" not in head and "tolerations" not in head
+    placed = _spec(
+        head={"nodeSelector": {"pool": "cpu"}, "tolerations": [{"key": "t", "operator": "Exists"}]}
+    )
+    head = _render(placed)[0]["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert head["nodeSelector"] == {"pool": "cpu"} and "affinity" not in head
+    assert head["tolerations"] == [{"key": "t", "operator": "Exists"}]
+
+
 def test_zero_replicas_renders_head_only() -> None:
     children = _render(_spec(replicas=0, tensorParallelSize=4))
-    assert len(children) == 1
+    assert [c["kind"] for c in children] == ["RayService", "Service"]  # + the endpoint
     assert "workerGroupSpecs" not in children[0]["spec"]["rayClusterConfig"]
 
 
@@ -471,10 +510,10 @@ def test_helpers() -> None:
     assert group_of_pod({L.LABEL_ROLE: "head", L.LABEL_INFERENCE: "x"}) is None
     assert group_of_pod({L.LABEL_GROUP: "x", L.LABEL_RANK: "1"}) is None
     assert group_of_pod(None) is None
-    assert endpoint("llm", "ns") == "http://llm-serve-svc.ns.svc.cluster.local:8000"
+    assert endpoint("llm", "ns") == "http://llm-api.ns.svc.cluster.local:8000"
     assert (
         endpoint("llm", "ns", CASES["runtime-class-pvc-overrides"])
-        == "http://llm-serve-svc.ns.svc.cluster.local:8080/llm"
+        == "http://llm-api.ns.svc.cluster.local:8080/llm"
     )
     assert L.parse_worker_group_name(L.worker_group_name(12, 7)) == (12, 7)
     assert L.parse_worker_group_name("headgroup") is None

@@ -103,7 +103,7 @@ def test_sim_cluster_is_forming_with_honest_message() -> None:
     assert conds["KubeRayAvailable"]["status"] == "True"
     assert conds["GPUOperatorReady"]["status"] == "True"
     assert conds["GPUCapacity"]["status"] == "True"
-    assert st["endpoint"] == "http://demo-serve-svc.ns.svc.cluster.local:8000"
+    assert st["endpoint"] == "http://demo-api.ns.svc.cluster.local:8000"
     # membership is recorded once the pods are ready
     assert st["groups"][0]["members"] == ["g0u0", "g0u1"]
 
