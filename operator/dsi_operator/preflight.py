@@ -109,6 +109,42 @@ def gpu_capacity(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> tuple[i
     return slots, matching, gpus
 
 
+def capacity_condition(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> Condition:
+    """GPUCapacity: do the nodes a rank pod may use hold one whole group?"""
+    if needs.gpus_per_rank == 0:
+        # CPU-only ranks (resources.gpus: 0): only placement matters, not GPUs.
+        matching = sum(1 for n in nodes if node_fits(n, needs))
+        if matching:
+            return Condition(
+                COND_GPU_CAPACITY,
+                "True",
+                "NoGPUsRequested",
+                f"CPU-only ranks (resources.gpus: 0); {matching} node(s) match their placement",
+            )
+        return Condition(
+            COND_GPU_CAPACITY,
+            "False",
+            "NoMatchingNodes",
+            "CPU-only ranks (resources.gpus: 0), but no Ready node matches their "
+            "nodeSelector and tolerations",
+        )
+    slots, matching, gpus = gpu_capacity(nodes, needs)
+    need_desc = (
+        f"one group needs {needs.tp} rank pod(s) x {needs.gpus_per_rank} {needs.resource_name}"
+    )
+    found = f"{gpus} allocatable {needs.resource_name} on {matching} matching node(s) fit"
+    if slots >= needs.tp:
+        return Condition(
+            COND_GPU_CAPACITY,
+            "True",
+            "Sufficient",
+            f"{found} {slots // max(needs.tp, 1)} group(s); {need_desc}",
+        )
+    return Condition(
+        COND_GPU_CAPACITY, "False", "Insufficient", f"{found} {slots} rank pod(s); {need_desc}"
+    )
+
+
 def evaluate(
     kuberay_present: bool,
     cluster_policies: Sequence[Mapping[str, Any]] | None,
@@ -161,27 +197,11 @@ def evaluate(
                 f"GPU Operator required (spec.gpu.requireGPUOperator): {gpu_op.message}"
             )
 
-    slots, matching, gpus = gpu_capacity(nodes, needs)
-    need_desc = (
-        f"one group needs {needs.tp} rank pod(s) x {needs.gpus_per_rank} {needs.resource_name}"
-    )
-    if slots >= needs.tp:
-        conds.append(
-            Condition(
-                COND_GPU_CAPACITY,
-                "True",
-                "Sufficient",
-                f"{gpus} allocatable {needs.resource_name} on {matching} matching node(s) fit "
-                f"{slots // max(needs.tp, 1)} group(s); {need_desc}",
-            )
-        )
-    else:
-        msg = (
-            f"{gpus} allocatable {needs.resource_name} on {matching} matching node(s) fit "
-            f"{slots} rank pod(s); {need_desc}"
-        )
-        conds.append(Condition(COND_GPU_CAPACITY, "False", "Insufficient", msg))
-        warnings.append(f"insufficient GPUs: {msg}")
+    cap = capacity_condition(nodes, needs)
+    conds.append(cap)
+    if cap.status != "True":
+        what = "GPUs" if needs.gpus_per_rank else "nodes"
+        warnings.append(f"insufficient {what}: {cap.message}")
 
     return PreflightResult(
         conditions=tuple(conds),

@@ -143,3 +143,14 @@ def test_cluster_facts_cache() -> None:
 
     asyncio.run(go())
     assert calls == 1
+
+
+def test_cpu_only_ranks_need_matching_nodes_not_gpus() -> None:
+    cpu_node = node("cpu", gpus=0, labels={"pool": "cpu"}, taints=[])
+    cpu_needs = GPUNeeds(tp=2, gpus_per_rank=0, node_selector={"pool": "cpu"})
+    c = conds(evaluate(True, [], [cpu_node], cpu_needs))["GPUCapacity"]
+    assert (c.status, c.reason) == ("True", "NoGPUsRequested")
+    r = evaluate(True, [], [node("gpu")], cpu_needs)  # only a GPU node, which does not match
+    c = conds(r)["GPUCapacity"]
+    assert (c.status, c.reason) == ("False", "NoMatchingNodes")
+    assert r.warnings and r.warnings[0].startswith("insufficient nodes:")
