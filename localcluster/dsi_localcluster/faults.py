@@ -370,3 +370,35 @@ def lose_node(api: Any, node: str) -> None:
     core = core_api(api)
     _annotate_node(core, node, manifests.NODE_FAULT_ANNOTATION, "lost")
     _set_lease_holder(core, node, LOST_NODE_HOLDER)
+
+
+def kill_container_process(target: Any, namespace: str, name: str, container: int = 0) -> int:
+    """``kill -9`` of a container's main process on a process-backed node (the container
+    exits with 137 and its node agent restarts it); returns the pid killed."""
+    import os
+    import signal
+
+    pod = core_api(target).read_namespaced_pod(name, namespace)
+    cid = pod.status.container_statuses[container].container_id or ""
+    if not cid.startswith("proc://"):
+        raise ValueError(f"pod {namespace}/{name} does not run on a process-backed node: {cid!r}")
+    pid = int(cid.removeprefix("proc://"))
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def lose_process_node(node: str, cfg: config.ClusterConfig | None = None) -> None:
+    """A process-backed node vanishes: its agent and all its pods' processes are SIGKILLed.
+    Nothing renews its Lease, so the node lifecycle controller marks it Unknown."""
+    from . import cluster, procnodes
+
+    cfg = cluster.running_config(cfg or config.ClusterConfig.from_env())
+    procnodes.lose(cfg, node)
+
+
+def restore_process_node(node: str, cfg: config.ClusterConfig | None = None) -> None:
+    """Start a fresh agent for a lost process-backed node (it cleans what was left)."""
+    from . import cluster, procnodes
+
+    cfg = cluster.running_config(cfg or config.ClusterConfig.from_env())
+    procnodes.restore(cfg, node)
