@@ -98,6 +98,11 @@ def endpoint_url(name: str, namespace: str, port: int = DEFAULT_SERVE_PORT) -> s
     return f"http://{endpoint_service_name(name)}.{namespace}.svc.cluster.local:{port}"
 
 
+#: Ray resource the head declares: the app's ingress and group deployments ask for a sliver
+#: of it, so they live on the head and never die with a group's rank pods.
+HEAD_RAY_RESOURCE = "dsi_head"
+
+
 def worker_group_name(group: int, rank: int) -> str:
     """KubeRay worker group name of rank ``rank`` of TP group ``group``."""
     return f"g{group}-r{rank}"

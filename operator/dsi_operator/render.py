@@ -119,6 +119,7 @@ def serve_app_args(spec: SpecLike) -> dict[str, Any]:
         "request_timeout_s": float(s.serve.request_timeout_seconds),
         "form_timeout_s": float(s.restart_policy.formation_timeout_seconds),
         "device": "cuda" if s.resources.gpus > 0 else "cpu",
+        "control_resource": L.HEAD_RAY_RESOURCE,
     }
     if s.model.revision is not None and s.model.pvc is None:
         args["revision"] = s.model.revision
@@ -354,6 +355,10 @@ def head_group_spec(spec: SpecLike, name: str) -> dict[str, Any]:
             # request 0 CPUs and may run here (the model PVC is mounted here for the tokenizer).
             "num-cpus": "0",
             "num-gpus": "0",
+            # The ingress and group deployments run here (see dsi_worker's control_resource):
+            # a group's Serve replica must not live on another group's rank pod, or that
+            # group's restart would take this one down too.
+            "resources": "'" + json.dumps({L.HEAD_RAY_RESOURCE: 1000}) + "'",
         },
         "template": {
             "metadata": _pod_metadata(s, L.child_labels(name, role=L.ROLE_HEAD), {}),

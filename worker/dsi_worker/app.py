@@ -535,8 +535,13 @@ def build_app(args: dict[str, Any]) -> Application:
     d = a.model_dump()
     # Room for two full batches queued behind the running ones (streaming + plain).
     ongoing = max(256, 4 * a.max_batch_size)
+    actor: dict[str, Any] = {"num_cpus": 0}
+    if a.control_resource:
+        actor["resources"] = {a.control_resource: 0.001}
     groups = [
-        Group.options(name=f"group-{g}", max_ongoing_requests=ongoing).bind(d, g, model_path)
+        Group.options(
+            name=f"group-{g}", max_ongoing_requests=ongoing, ray_actor_options=actor
+        ).bind(d, g, model_path)
         for g in range(a.num_groups)
     ]
-    return Ingress.options(name="ingress").bind(d, model_path, *groups)
+    return Ingress.options(name="ingress", ray_actor_options=actor).bind(d, model_path, *groups)

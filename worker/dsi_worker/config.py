@@ -38,6 +38,10 @@ class AppArgs(BaseModel):
     # Local mode (no Kubernetes): give each rank actor the env the operator would give its pod.
     local_mode: bool = False
     local_master_ports: list[int] | None = None
+    # Ray resource (declared by the head) that the ingress and group deployments request a
+    # sliver of, pinning them to the head: a group's replica on another group's rank pod
+    # would die with that group. None (local mode, tests): Ray places them anywhere.
+    control_resource: str | None = None
     # Threads per rank (CPU); None leaves torch's default.
     torch_threads: int | None = Field(None, ge=1)
 
