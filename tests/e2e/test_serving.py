@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import urllib.error
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,9 +47,10 @@ class Load:
         return {g for _, ok, g in self.results if ok}
 
     def summary(self) -> str:
-        """One line: requests, successes, which groups answered."""
+        """One line: requests, successes, which groups answered, what the failures were."""
         ok = sum(1 for _, good, _ in self.results if good)
-        return f"{ok}/{len(self.results)} ok, groups {sorted(self.ok_groups())}"
+        bad = Counter(str(what)[:60] for _, good, what in self.results if not good)
+        return f"{ok}/{len(self.results)} ok, groups {sorted(self.ok_groups())}, failed {dict(bad)}"
 
 
 @contextmanager
@@ -162,3 +164,59 @@ def test_rank_pod_deleted_restarts_only_its_group(
         stack.kube.core.delete_namespaced_pod(pod.metadata.name, stack.namespace)
 
     _fault_cycle(stack, 1, delete, reference_tokens)
+
+
+def _groups_on(stack: Stack, node: str) -> set[int]:
+    return {g for (g, _), p in stack.pods().items() if p.spec.node_name == node}
+
+
+def _head_node(stack: Stack) -> str:
+    pods = stack.kube.core.list_namespaced_pod(
+        stack.namespace, label_selector=f"deepspeed.ai/inference={stack.name},ray.io/node-type=head"
+    ).items
+    return str(pods[0].spec.node_name)
+
+
+def test_process_node_lost_restarts_the_groups_it_held(
+    stack: Stack, reference_tokens: list[int]
+) -> None:
+    head = _head_node(stack)
+    candidates = sorted({p.spec.node_name for p in stack.pods().values()} - {head})
+    assert candidates, f"every rank shares the head's node\n{stack.dump()}"
+    # Prefer a node holding one group only: then the other group must keep answering.
+    node = min(candidates, key=lambda n: len(_groups_on(stack, n)))
+    hit = _groups_on(stack, node)
+    before, restarts_before, _ = snapshot(stack)
+    try:
+        with background_load(stack) as load:
+            faults.lose_process_node(node)
+            stack.wait_ready(since_restarts=sum(restarts_before.values()) + len(hit) - 1)
+        after = group_restarts(stack)
+        for g in (0, 1):
+            assert after[g] == restarts_before[g] + (g in hit), f"group {g}\n{stack.dump()}"
+            assert (stack.uids(g) == before[g]) == (g not in hit), f"group {g}\n{stack.dump()}"
+        assert all(p.spec.node_name != node for p in stack.pods().values())
+        for g in {0, 1} - hit:
+            assert g in load.ok_groups(), f"group {g} did not answer: {load.summary()}"
+        assert stack.wait_answers()["token_ids"] == reference_tokens
+        print(f"\n[e2e] node {node} lost (groups {sorted(hit)}); load: {load.summary()}")
+    finally:
+        faults.restore_process_node(node)
+
+
+def test_head_pod_lost_every_group_reforms_under_a_new_head(
+    stack: Stack, reference_tokens: list[int]
+) -> None:
+    # Without GCS fault tolerance the Ray cluster dies with its head: KubeRay starts a new
+    # head and redeploys the app, the workers' raylets exit (their containers restart) and
+    # the operator restarts every group. Serving stops until then; this proves it recovers.
+    _, restarts_before, _ = snapshot(stack)
+    head = stack.kube.core.list_namespaced_pod(
+        stack.namespace, label_selector=f"deepspeed.ai/inference={stack.name},ray.io/node-type=head"
+    ).items[0]
+    stack.kube.core.delete_namespaced_pod(head.metadata.name, stack.namespace)
+    stack.wait_ready(since_restarts=sum(restarts_before.values()) + 1)
+    assert stack.wait_answers(timeout=300)["token_ids"] == reference_tokens
+    after = group_restarts(stack)
+    assert all(after[g] >= restarts_before[g] for g in (0, 1)), stack.dump()
+    print(f"\n[e2e] head lost; restarts per group {restarts_before} -> {after}")
