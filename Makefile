@@ -15,7 +15,7 @@ export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
         operator cluster-up cluster-down cluster-status serve-local generate bench
 
 help:
-	@echo "make run            local simulated GPU cluster + CRDs + operator + sample resource"
+	@echo "make run            local cluster + CRD + operator + a sample that serves (then asks it)"
 	@echo "make test           install everything, lint, and run every test (what CI runs)"
 	@echo "make cluster-up     start the local control plane (kubeconfig: .cluster/kubeconfig)"
 	@echo "make cluster-down   stop it and remove its state"

@@ -106,7 +106,7 @@ def _pods_line(cfg: config.ClusterConfig, name: str) -> str:
         for c in p["status"].get("conditions", [])
         if c["type"] == "Ready" and c["status"] == "True"
     )
-    return f"worker pods {len(items)} (running {running}, ready {ready})"
+    return f"pods {len(items)} (running {running}, ready {ready})"
 
 
 def wait_phase(
