@@ -117,8 +117,24 @@ def kill_node_pods(state_dir: Path, node: str) -> list[int]:
     return killed
 
 
+def agents_running() -> bool:
+    """Whether any node agent (of any local cluster) runs on this host."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"dsi_localcluster.kubelet" in cmdline and proc.name != str(os.getpid()):
+            return True
+    return False
+
+
 def cleanup(state_dir: Path) -> list[str]:
-    """Kill every pod process, remove namespaces, veths, the bridge and the hosts block."""
+    """Kill this cluster's pod processes and remove their namespaces; when no node agent
+    runs on the host any more, also every other dsi-* namespace, veth, the bridge and the
+    hosts block (what a crashed run left). Another cluster's live pods are never touched."""
     from .kubelet import dns
     from .kubelet.netns import Network
 
@@ -127,9 +143,12 @@ def cleanup(state_dir: Path) -> list[str]:
     nodes = state_dir / "process-nodes" / "nodes"
     for node in nodes.glob("*") if nodes.is_dir() else []:
         kill_node_pods(state_dir, node.name)
-    removed = Network(state_dir / "process-nodes").cleanup_all()
-    if dns.update_host(""):
-        removed.append("/etc/hosts block")
+    net = Network(state_dir / "process-nodes")
+    removed = net.delete_recorded()
+    if not agents_running():
+        removed += net.cleanup_all()
+        if dns.update_host(""):
+            removed.append("/etc/hosts block")
     return removed
 
 

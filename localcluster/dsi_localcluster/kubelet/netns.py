@@ -149,6 +149,14 @@ class Network:
         with self._locked() as table:
             table.pop(uid, None)
 
+    def delete_recorded(self) -> list[str]:
+        """Remove the namespaces of every pod allocated in this state dir (one cluster's)."""
+        with self._locked() as table:
+            uids = list(table)
+        for uid in uids:
+            self.delete(uid)
+        return [f"netns {netns_name(u)}" for u in uids]
+
     def cleanup_all(self) -> list[str]:
         """Remove every pod namespace, veth, the bridge and all allocations."""
         removed = []

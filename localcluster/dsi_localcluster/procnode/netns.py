@@ -216,8 +216,19 @@ class Network:
         if not _link_exists(net.host_veth):
             # An eth0 left in the netns without its host end would block the new pair.
             _ip("-n", net.netns, "link", "del", "eth0", check=False)
-            _ip("link", "add", net.host_veth, "type", "veth", "peer", "name", "eth0")
-            _ip("link", "set", "eth0", "netns", net.netns) if False else None
+            # The peer is created directly inside the netns: the host has its own eth0.
+            _ip(
+                "link",
+                "add",
+                net.host_veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                net.netns,
+            )
         _ip("link", "set", net.host_veth, "master", self.bridge, "up")
         ns = ("-n", net.netns)
         _ip(*ns, "addr", "replace", f"{net.ip}/{self.cidr.prefixlen}", "dev", "eth0")
