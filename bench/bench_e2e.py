@@ -20,6 +20,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,7 @@ class Load:
 
     endpoint: str
     results: list[tuple[float, bool, int | None]] = field(default_factory=list)
+    failures: Counter[str] = field(default_factory=Counter)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
@@ -114,8 +117,13 @@ class Load:
             t = time.monotonic()
             try:
                 self.results.append((t, True, int(generate(self.endpoint)["group"])))
-            except (urllib.error.URLError, OSError, KeyError):
+            except urllib.error.HTTPError as e:
                 self.results.append((t, False, None))
+                self.failures[f"{e.code} {e.read()[:90].decode(errors='replace')}"] += 1
+                time.sleep(0.1)
+            except (urllib.error.URLError, OSError, KeyError) as e:
+                self.results.append((t, False, None))
+                self.failures[repr(e)[:90]] += 1
                 time.sleep(0.1)
 
 
@@ -197,13 +205,15 @@ class Bench:
         load.stop.set()
         thread.join(timeout=30)
         window = [ok for t, ok, _ in load.results if t >= t0]
+        for what, n in load.failures.most_common(3):
+            print(f"    {n} x {what}", flush=True)
         return took, sum(window), len(window)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--kills", type=int, default=5)
-    p.add_argument("--namespace", default="bench-e2e")
+    p.add_argument("--namespace", default=f"bench-e2e-{uuid.uuid4().hex[:6]}")
     args = p.parse_args()
     cfg = cluster.running_config(config.ClusterConfig.from_env())
     if not cluster.is_up(cfg) or not localrun.process_nodes(cfg):

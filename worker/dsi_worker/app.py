@@ -39,6 +39,8 @@ log = logging.getLogger("ray.serve")
 RETRY_AFTER_S = 5
 STATUS_TIMEOUT_S = 3.0
 STATUS_PERIOD_S = 1.0
+# How long a group keeps its last known state while its status calls time out.
+STATUS_STALE_S = 30.0
 
 api = FastAPI(title="dsi-worker", description="DeepSpeed tensor-parallel inference")
 
@@ -155,6 +157,7 @@ class Ingress:
         self.counter = 0
         self._poller: asyncio.Task[None] | None = None
         self._status_lock = asyncio.Lock()
+        self.status_seen: dict[int, float] = {}
 
     # -- group state ---------------------------------------------------------------------
 
@@ -163,7 +166,17 @@ class Ingress:
             st: dict[str, Any] = await asyncio.wait_for(
                 _await(self.groups[g].status.remote()), STATUS_TIMEOUT_S
             )
-        except Exception as e:  # replica restarting, timed out, or dead: not ready
+            self.status_seen[g] = time.monotonic()
+        except TimeoutError:
+            # A slow answer is not a dead group: while another group re-forms (loading a
+            # model on the same CPUs) status calls can take seconds. Keep the last known
+            # state for a while; a request to a group that really died fails fast and is
+            # retried on another group.
+            last = self.states.get(g)
+            if last and time.monotonic() - self.status_seen.get(g, 0.0) < STATUS_STALE_S:
+                return last
+            st = {"group": g, "state": "unreachable", "error": "TimeoutError"}
+        except Exception as e:  # replica restarting or dead: not ready
             st = {"group": g, "state": "unreachable", "error": type(e).__name__}
         epoch = st.get("epoch")
         if epoch:

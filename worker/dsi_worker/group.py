@@ -27,6 +27,8 @@ from dsi_worker.rank_actor import RankActor, rank_resource
 log = logging.getLogger("ray.serve")
 
 PING_TIMEOUT_S = 10.0
+# Consecutive ping timeouts after which a group counts as hung.
+PING_MISSES = 3
 # Rank actors are named ``dsi-g<g>-r<r>-<epoch>`` in this Ray namespace (for debugging and
 # for tests that kill one).
 RANK_NAMESPACE = "dsi"
@@ -93,6 +95,7 @@ class Group:
         self.batches = 0
         self.last_batch_size = 0
         self.max_batch_seen = 0
+        self.slow_pings = 0
         tp = self.args.tensor_parallel_size
         self.names = [f"dsi-g{group}-r{r}-{self.epoch}" for r in range(tp)]
         self.actors = []
@@ -160,8 +163,17 @@ class Group:
                 await asyncio.wait_for(
                     asyncio.gather(*[a.ping.remote() for a in self.actors]), PING_TIMEOUT_S
                 )
-            except (TimeoutError, RayActorError, GetTimeoutError) as e:
+                self.slow_pings = 0
+            except RayActorError as e:
                 self._fail(f"rank actor lost: {_short(e)}")
+            except (TimeoutError, GetTimeoutError) as e:
+                # Slow is not dead: on a loaded machine (another group loading its model on the
+                # same CPUs) a ping can take many seconds, and failing here would re-form a
+                # healthy group. A dead rank answers with RayActorError at once; a hung one
+                # misses several pings in a row.
+                self.slow_pings += 1
+                if self.slow_pings >= PING_MISSES:
+                    self._fail(f"rank actors missed {self.slow_pings} pings: {_short(e)}")
         if self.state == "failed":
             raise RuntimeError(f"group {self.group} failed: {self.error}")
 

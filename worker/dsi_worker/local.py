@@ -11,14 +11,19 @@ group, ...), serves on ``http://127.0.0.1:<port>`` and blocks until Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
 from dsi_worker.rank_actor import rank_resource
+
+# Seconds serve.shutdown() + ray.shutdown() may take before the Ray processes are killed.
+SHUTDOWN_GRACE_S = 10.0
 
 
 def local_resources(num_groups: int, tp: int) -> dict[str, float]:
@@ -70,8 +75,8 @@ def _wait_healthy(url: str, timeout_s: float = 900.0) -> None:
     print(f"  warning: groups not formed after {timeout_s:.0f}s; see {url}/healthz", flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line entry of ``make serve-local``."""
+def serve_forever(argv: list[str] | None = None) -> None:
+    """Parse the command line, start Ray and the app, and block."""
     p = argparse.ArgumentParser(prog="python -m dsi_worker.local", description=__doc__)
     p.add_argument("--model", default=None, help="hub id or local dir (default: tiny model)")
     p.add_argument("--revision", default=None)
@@ -111,25 +116,66 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("  Ctrl-C to stop", flush=True)
     _wait_healthy(url)
+    while True:
+        time.sleep(1)
 
-    stop = False
 
-    def _stop(*_: Any) -> None:
-        nonlocal stop
-        stop = True
+class _Stop(Exception):
+    """SIGTERM or SIGINT arrived."""
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+
+def _raise_stop(*_: Any) -> None:
+    raise _Stop
+
+
+def shutdown(grace_s: float = SHUTDOWN_GRACE_S) -> list[int]:
+    """Stop Serve and Ray within grace_s, then SIGKILL every process Ray started.
+
+    A graceful ``serve.shutdown()`` after heavy load can wait for draining replicas far
+    longer than anyone waiting on Ctrl-C would; the pids are collected first so that even
+    processes orphaned by a dying raylet are found. Returns the pids that had to be killed.
+    """
+    import psutil
+
+    me = psutil.Process()
+    started = {p.pid: p for p in me.children(recursive=True)}
+
+    def graceful() -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+    t = threading.Thread(target=graceful, daemon=True, name="graceful-shutdown")
+    t.start()
+    t.join(grace_s)
+    started.update({p.pid: p for p in me.children(recursive=True)})
+    alive = [p for p in started.values() if p.is_running()]
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    return [p.pid for p in alive]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry of ``make serve-local``: serve until SIGTERM or Ctrl-C, then stop
+    within a bounded time, leaving no Ray process behind."""
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
     try:
-        while not stop:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    import ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
+        serve_forever(argv)
+    except (_Stop, KeyboardInterrupt):
+        print("stopping ...", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        killed = shutdown()
+        if killed:
+            print(f"stopped; {len(killed)} Ray process(es) did not exit in time and were killed")
     return 0
 
 
