@@ -600,6 +600,11 @@ def _new_events(key: Key, p: Plan) -> bool:
     return any(CTRL.last_events.get((key, e.reason)) != e.message for e in p.events)
 
 
+def _restart_grace(body: Mapping[str, Any]) -> int | None:
+    spec = _parsed(body).spec
+    return spec.restart_policy.pod_deletion_grace_seconds if spec is not None else None
+
+
 async def _execute(key: Key, body: Mapping[str, Any], p: Plan) -> None:
     assert CTRL.kube is not None
     kube = CTRL.kube
@@ -663,18 +668,19 @@ async def _execute(key: Key, body: Mapping[str, Any], p: Plan) -> None:
                 return g
         return -1
 
+    grace = _restart_grace(body)
     for r in p.restarts:
         metrics.RESTARTS.labels(namespace=ns, name=name, trigger=r.trigger).inc()
         log.warning("%s/%s: restarting group %d: %s %s", ns, name, r.group, r.trigger, r.reason)
         for uid in r.pods:
             pod = by_uid.get(uid)
             if pod is not None and not leave_to_kuberay(pod):
-                await kube.delete_pod(ns, pod.name, uid, force=on_dead_node(pod))
+                await kube.delete_pod(ns, pod.name, uid, force=on_dead_node(pod), grace=grace)
     for c in p.continues:
         for uid in c.delete:
             pod = by_uid.get(uid)
             if pod is not None and not leave_to_kuberay(pod):
-                await kube.delete_pod(ns, pod.name, uid, force=on_dead_node(pod))
+                await kube.delete_pod(ns, pod.name, uid, force=on_dead_node(pod), grace=grace)
         for uid in c.force:
             pod = by_uid.get(uid)
             if pod is not None:

@@ -165,13 +165,16 @@ class Kube:
             if e.status != 404:
                 raise
 
-    async def delete_pod(self, namespace: str, name: str, uid: str, *, force: bool = False) -> bool:
+    async def delete_pod(
+        self, namespace: str, name: str, uid: str, *, force: bool = False, grace: int | None = None
+    ) -> bool:
         """Delete exactly the pod with this UID (a precondition guards against deleting its
-        replacement). ``force`` uses grace period 0 (pod stuck Terminating). Returns False when
-        the pod was already gone or replaced."""
+        replacement). ``force`` uses grace period 0 (pod stuck Terminating); ``grace``
+        overrides the pod's own grace period otherwise. Returns False when the pod was
+        already gone or replaced."""
         opts = client.V1DeleteOptions(
             preconditions=client.V1Preconditions(uid=uid),
-            grace_period_seconds=0 if force else None,
+            grace_period_seconds=0 if force else grace,
         )
         try:
             await self._call(

@@ -413,6 +413,14 @@ class RestartPolicySpec(_Model):
         description="A group pod whose node has been NotReady or gone this long triggers a "
         "group restart.",
     )
+    pod_deletion_grace_seconds: int = Field(
+        default=5,
+        ge=0,
+        le=3600,
+        description="Grace period of the pods a group restart deletes. The group is already "
+        "broken, so there is nothing to drain; a long grace only delays the new pods and lets "
+        "Ray place the new rank actors on pods that are about to die.",
+    )
 
 
 class HeadResources(_Model):
