@@ -51,18 +51,31 @@ class Container:
         return 128 - rc if rc < 0 else rc
 
 
+# Where the pod's own directory appears inside its mount namespace. Sources are read
+# through it because /tmp is replaced early: a state dir under /tmp (a clone in /tmp, as in
+# CI) would otherwise vanish before the other mounts are made.
+POD_ALIAS = "/run/dsi-pod"
+
+
+def _in_pod(path: Path, pod_dir: Path) -> str:
+    try:
+        return f"{POD_ALIAS}/{path.relative_to(pod_dir)}"
+    except ValueError:
+        return str(path)  # a hostPath: seen as on the host (one under /tmp is hidden)
+
+
 def _setup_script(hostname: str, pod_dir: Path, mounts: list[MountSpec], cwd: str | None) -> str:
     q = shlex.quote
     lines = ["set -e", f"hostname {q(hostname)}"]
-    tmp = pod_dir / "tmp"
-    lines.append(f"mount --bind {q(str(tmp))} /tmp")
-    lines.append(f"mount --bind {q(str(pod_dir / 'profile'))} /etc/profile")
+    lines.append(f"mkdir -p {POD_ALIAS} && mount --bind {q(str(pod_dir))} {POD_ALIAS}")
+    lines.append(f"mount --bind {POD_ALIAS}/tmp /tmp")
+    lines.append(f"mount --bind {POD_ALIAS}/profile /etc/profile")
     for m in mounts:
         lines.append(f"mkdir -p {q(m.target)}")
         if m.tmpfs_bytes is not None:
             lines.append(f"mount -t tmpfs -o size={m.tmpfs_bytes} tmpfs {q(m.target)}")
         else:
-            lines.append(f"mount --bind {q(str(m.source))} {q(m.target)}")
+            lines.append(f"mount --bind {q(_in_pod(m.source, pod_dir))} {q(m.target)}")
         if m.read_only:
             lines.append(f"mount -o remount,bind,ro {q(m.target)}")
     if cwd:
