@@ -20,6 +20,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,11 +65,26 @@ def _in_pod(path: Path, pod_dir: Path) -> str:
         return str(path)  # a hostPath: seen as on the host (one under /tmp is hidden)
 
 
+def image_paths() -> list[str]:
+    """What stands in for the container image: the virtualenv and the checkout it was
+    installed from (editable). They must stay visible when the pod gets its own /tmp."""
+    from ..config import repo_root
+
+    return sorted({sys.prefix, str(repo_root())})
+
+
 def _setup_script(hostname: str, pod_dir: Path, mounts: list[MountSpec], cwd: str | None) -> str:
     q = shlex.quote
     lines = ["set -e", f"hostname {q(hostname)}"]
     lines.append(f"mkdir -p {POD_ALIAS} && mount --bind {q(str(pod_dir))} {POD_ALIAS}")
+    # The image lives under /tmp when the checkout does (CI clones into /tmp): keep it by
+    # binding it aside, replacing /tmp, and binding it back at the same path.
+    keep = [p for p in image_paths() if p == "/tmp" or p.startswith("/tmp/")]
+    for i, path in enumerate(keep):
+        lines.append(f"mkdir -p /run/dsi-keep/{i} && mount --bind {q(path)} /run/dsi-keep/{i}")
     lines.append(f"mount --bind {POD_ALIAS}/tmp /tmp")
+    for i, path in enumerate(keep):
+        lines.append(f"mkdir -p {q(path)} && mount --bind /run/dsi-keep/{i} {q(path)}")
     lines.append(f"mount --bind {POD_ALIAS}/profile /etc/profile")
     for m in mounts:
         lines.append(f"mkdir -p {q(m.target)}")
