@@ -102,6 +102,7 @@ def _setup_script(hostname: str, pod_dir: Path, mounts: list[MountSpec], cwd: st
 
 def _prepare(pod_dir: Path, mounts: list[MountSpec]) -> None:
     (pod_dir / "tmp").mkdir(parents=True, exist_ok=True)
+    (pod_dir / "home").mkdir(parents=True, exist_ok=True)
     os.chmod(pod_dir / "tmp", 0o1777)
     (pod_dir / "profile").write_text(PROFILE)
     for m in mounts:
