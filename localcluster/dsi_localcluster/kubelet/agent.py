@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import dns, podspec, runtime
+from . import dns, podspec
 from .netns import NETNS_ETC, NETNS_PREFIX, Network, PodNet
 from .pods import PodWorker
 
@@ -97,10 +97,15 @@ def _node_info() -> dict[str, str]:
 
 def image_env() -> dict[str, str]:
     """What the "image" provides: the project's virtualenv stands in for the worker image."""
-    # HOME is the pod's own (as a container's is): the host's ~/.ray/auth_token, for one,
-    # would turn on Ray token auth in some pods and not in others.
-    home = f"{runtime.POD_ALIAS}/home"
-    env = {"PATH": f"{sys.prefix}/bin:{podspec.BASE_PATH}", "HOME": home, "LANG": "C.UTF-8"}
+    # HOME is shared with the host (a local model cache built once serves every pod), so
+    # Ray's token auth is pinned off: a ~/.ray/auth_token left on the host by a local
+    # ray.init() would otherwise switch it on for the head but not for the workers' checks.
+    env = {
+        "PATH": f"{sys.prefix}/bin:{podspec.BASE_PATH}",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "RAY_AUTH_MODE": "disabled",
+    }
     for key in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):  # set on some hosts for a reason
         if key in os.environ:
             env[key] = os.environ[key]
