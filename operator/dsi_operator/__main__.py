@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if level > logging.DEBUG:
         # kopf logs every event handler's success at INFO: one line per pod/node event.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    handlers.configure(kubeconfig, exact_namespaces=_exact(args.namespace))
+    memo = handlers.new_memo(kubeconfig, exact_namespaces=_exact(args.namespace))
     metrics.serve(args.metrics_port)
     logging.getLogger("dsi_operator").info(
         "dsi-operator %s starting (%s; kubeconfig %s)",
@@ -110,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         namespaces=args.namespace,
         standalone=args.standalone,
         liveness_endpoint=args.liveness,
+        memo=memo,
     )
     return 0
 

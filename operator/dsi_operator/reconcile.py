@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -43,6 +43,7 @@ from .status import (
     advance_group,
     compute_status,
     group_states_from_status,
+    parse_time,
     status_patch,
 )
 
@@ -65,12 +66,17 @@ class EventSpec:
 
 @dataclass
 class Observed:
-    """Everything one pass looks at (plain data; the handlers fill it)."""
+    """Everything one pass looks at (plain data; the controller fills it).
+
+    The spec arrives parsed: ``spec`` is the typed spec, or None with ``invalid`` naming the
+    bad fields (then ``declared_replicas``/``declared_tp`` are what the raw spec said, for
+    the status of a resource that cannot run).
+    """
 
     name: str
     namespace: str
     generation: int | None
-    spec: Mapping[str, Any]
+    spec: DeepSpeedInferenceSpec | None
     status: Mapping[str, Any]
     now: datetime
     pods: Mapping[int, Sequence[PodInfo]] = field(default_factory=dict)  # by group
@@ -79,12 +85,30 @@ class Observed:
     children_created: bool = False
     rayservice: RayServiceView = field(default_factory=RayServiceView)
     desired_hashes: Mapping[int, str] | None = None
-    parsed: DeepSpeedInferenceSpec | None = None  # the spec already parsed (saves a parse)
+    invalid: str | None = None
+    declared_replicas: int = 0
+    declared_tp: int = 1
+    #: Seconds a Failed pod of a restarting group is left to KubeRay, which deletes those
+    #: itself (racing it stalls its replacement for minutes).
+    kuberay_grace_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class PodDeletion:
+    """One pod the plan deletes: exactly this UID, forced (grace 0) or with ``grace``, and
+    not before ``not_before`` (None: now)."""
+
+    group: int
+    name: str
+    uid: str
+    force: bool = False
+    grace: int | None = None
+    not_before: datetime | None = None
 
 
 @dataclass
 class Plan:
-    """What the handlers must do, in order: patch status, post events, delete pods."""
+    """What the executor must do, in order: patch status, post events, delete pods."""
 
     status: dict[str, Any]
     patch: dict[str, Any] | None
@@ -93,11 +117,22 @@ class Plan:
     continues: list[ContinueRestart] = field(default_factory=list)
     decisions: dict[int, Decision] = field(default_factory=dict)
     blocked: bool = False  # do not create children
+    deletions: list[PodDeletion] = field(default_factory=list)
+    now: datetime | None = None
+
+    def due(self) -> list[PodDeletion]:
+        """The deletions to carry out now."""
+        return [
+            d
+            for d in self.deletions
+            if d.not_before is None or self.now is None or d.not_before <= self.now
+        ]
 
     @property
     def acts(self) -> bool:
-        """True when the plan deletes pods (the handlers then re-read before acting)."""
-        return bool(self.restarts) or any(c.delete or c.force for c in self.continues)
+        """True when the plan starts a restart or deletes pods now (the controller then
+        re-reads the resource before acting)."""
+        return bool(self.restarts) or bool(self.due())
 
 
 def policy_from_spec(spec: DeepSpeedInferenceSpec) -> RestartPolicy:
@@ -149,74 +184,140 @@ def safe_parse(spec: Mapping[str, Any]) -> tuple[DeepSpeedInferenceSpec | None, 
 
 def plan(obs: Observed) -> Plan:
     """Decide one pass for one DSI (see the module docstring)."""
-    current = dict(obs.status or {})
-    parsed, invalid = (obs.parsed, None) if obs.parsed is not None else safe_parse(obs.spec)
-    if parsed is None:
-        tp = obs.spec.get("tensorParallelSize", 1)
-        replicas = obs.spec.get("replicas", 1)
-        desired = compute_status(
-            StatusInputs(
-                name=obs.name,
-                namespace=obs.namespace,
-                generation=obs.generation,
-                replicas=replicas if isinstance(replicas, int) else 0,
-                tp=tp if isinstance(tp, int) else 1,
-                current=current,
-                now=obs.now,
-                invalid_spec=invalid,
-            )
-        )
-        patch = status_patch(current, desired)
-        bad: list[EventSpec] = []
-        if patch is not None and current.get("message") != desired.get("message"):
-            bad.append(EventSpec("Warning", EVENT_INVALID, desired["message"]))
-        return Plan(status=desired, patch=patch, events=bad, blocked=True)
-
-    spec = parsed
+    if obs.spec is None:
+        return _plan_invalid(obs)
+    spec = obs.spec
     policy = policy_from_spec(spec)
-    tp, replicas = spec.tensor_parallel_size, spec.replicas
-    states = group_states_from_status(current)
-    events: list[EventSpec] = []
-
-    # Failed is sticky for the generation it happened in; a spec change clears it and the
-    # restart history that exhausted the budget.
-    failed_reason: str | None = None
-    if current.get("failedReason"):
-        if current.get("observedGeneration") == obs.generation:
-            failed_reason = str(current["failedReason"])
-        else:
-            states = {g: replace(s, restart_times=()) for g, s in states.items()}
-
+    current = dict(obs.status or {})
+    states, failed_reason = _prior_states(current, obs.generation)
     pre = obs.preflight
     blocking = pre.blocking if pre is not None else None
+    gp = _plan_groups(obs, policy, states, failed_reason, blocking)
 
-    decisions: dict[int, Decision] = {}
-    restarts: list[Restart] = []
-    continues: list[ContinueRestart] = []
-    new_states: dict[int, GroupState] = {}
-    for g in range(replicas):
-        state = states.get(g, GroupState(index=g))
+    inputs = StatusInputs(
+        name=obs.name,
+        namespace=obs.namespace,
+        generation=obs.generation,
+        replicas=spec.replicas,
+        tp=spec.tensor_parallel_size,
+        current=current,
+        now=obs.now,
+        endpoint=L.endpoint_url(obs.name, obs.namespace, spec.serve.port),
+        selector=L.selector_for(obs.name),
+        groups=gp.states,
+        pods=obs.pods,
+        decisions=gp.decisions,
+        preflight=pre.conditions if pre is not None else (),
+        blocking=blocking,
+        children_created=obs.children_created,
+        rayservice=obs.rayservice,
+        failed_reason=gp.failed_reason,
+        warnings=pre.warnings if pre is not None else (),
+        new_restarts=len(gp.restarts),
+        group_hashes=obs.desired_hashes or {},
+    )
+    desired = compute_status(inputs)
+    events = gp.events + _phase_events(current, desired) + _preflight_events(current, desired)
+    deletions = plan_deletions(
+        obs, gp.restarts, gp.continues, desired, spec.restart_policy.pod_deletion_grace_seconds
+    )
+    return Plan(
+        status=desired,
+        patch=status_patch(current, desired),
+        events=events,
+        restarts=gp.restarts,
+        continues=gp.continues,
+        decisions=gp.decisions,
+        blocked=blocking is not None,
+        deletions=deletions,
+        now=obs.now,
+    )
+
+
+def _plan_invalid(obs: Observed) -> Plan:
+    """A spec that does not validate: report it (Failed, naming the fields), create nothing."""
+    current = dict(obs.status or {})
+    desired = compute_status(
+        StatusInputs(
+            name=obs.name,
+            namespace=obs.namespace,
+            generation=obs.generation,
+            replicas=obs.declared_replicas,
+            tp=obs.declared_tp,
+            current=current,
+            now=obs.now,
+            invalid_spec=obs.invalid or "invalid spec",
+        )
+    )
+    patch = status_patch(current, desired)
+    bad: list[EventSpec] = []
+    if patch is not None and current.get("message") != desired.get("message"):
+        bad.append(EventSpec("Warning", EVENT_INVALID, desired["message"]))
+    return Plan(status=desired, patch=patch, events=bad, blocked=True, now=obs.now)
+
+
+def declared_shape(raw: Mapping[str, Any]) -> tuple[int, int]:
+    """(replicas, tp) as a raw, possibly invalid, spec states them (0 and 1 when unusable)."""
+    replicas, tp = raw.get("replicas", 1), raw.get("tensorParallelSize", 1)
+    return (
+        replicas if isinstance(replicas, int) else 0,
+        tp if isinstance(tp, int) else 1,
+    )
+
+
+def _prior_states(
+    current: Mapping[str, Any], generation: int | None
+) -> tuple[dict[int, GroupState], str | None]:
+    """Group bookkeeping from status, and the Failed reason that still holds.
+
+    Failed is sticky for the generation it happened in; a spec change clears it and the
+    restart history that exhausted the budget.
+    """
+    states = group_states_from_status(current)
+    if not current.get("failedReason"):
+        return states, None
+    if current.get("observedGeneration") == generation:
+        return states, str(current["failedReason"])
+    return {g: replace(s, restart_times=()) for g, s in states.items()}, None
+
+
+@dataclass
+class _GroupsPlan:
+    decisions: dict[int, Decision] = field(default_factory=dict)
+    restarts: list[Restart] = field(default_factory=list)
+    continues: list[ContinueRestart] = field(default_factory=list)
+    states: dict[int, GroupState] = field(default_factory=dict)
+    events: list[EventSpec] = field(default_factory=list)
+    failed_reason: str | None = None
+
+
+def _plan_groups(
+    obs: Observed,
+    policy: RestartPolicy,
+    states: Mapping[int, GroupState],
+    failed_reason: str | None,
+    blocking: str | None,
+) -> _GroupsPlan:
+    """The decision for every group, and each group's bookkeeping after it."""
+    assert obs.spec is not None
+    tp = obs.spec.tensor_parallel_size
+    out = _GroupsPlan(failed_reason=failed_reason)
+    for g in range(obs.spec.replicas):
+        state = _follow_cluster_switch(states.get(g, GroupState(index=g)), obs.pods.get(g, ()), obs)
         pods = obs.pods.get(g, ())
-        clusters = {p.cluster for p in pods if p.deletion_timestamp is None and p.cluster}
-        if state.members and state.cluster and clusters and state.cluster not in clusters:
-            # KubeRay switched the group to a new RayCluster (blue/green upgrade after a spec
-            # change): the old members going away is a roll, not a failure. Form afresh.
-            state = replace(state, members=(), formed_at=None, forming_since=obs.now, cluster=None)
-        if failed_reason is not None or blocking is not None or not obs.children_created:
-            dec: Decision = NoAction()
-            if state.restarting_since is not None:
-                # Finish a restart already under way even when newly blocked or failed.
-                dec = decide(pods, obs.nodes, state, policy, tp, obs.now)
-        else:
+        dec: Decision = NoAction()
+        halted = out.failed_reason is not None or blocking is not None
+        if (not halted and obs.children_created) or state.restarting_since is not None:
+            # A restart already under way is finished even when newly blocked or failed.
             dec = decide(pods, obs.nodes, state, policy, tp, obs.now)
         if isinstance(dec, Fail):
-            failed_reason = dec.reason
-            events.append(EventSpec("Warning", EVENT_BUDGET, dec.reason))
+            out.failed_reason = dec.reason
+            out.events.append(EventSpec("Warning", EVENT_BUDGET, dec.reason))
             dec = NoAction()
-        decisions[g] = dec
+        out.decisions[g] = dec
         if isinstance(dec, Restart):
-            restarts.append(dec)
-            events.append(
+            out.restarts.append(dec)
+            out.events.append(
                 EventSpec(
                     "Warning",
                     EVENT_GROUP_RESTART,
@@ -225,70 +326,86 @@ def plan(obs: Observed) -> Plan:
                 )
             )
         elif isinstance(dec, ContinueRestart):
-            continues.append(dec)
-        new_states[g] = advance_group(state, dec, pods, tp, policy, obs.now)
+            out.continues.append(dec)
+        out.states[g] = advance_group(state, dec, pods, tp, policy, obs.now)
 
     # A failure in one group makes the resource Failed; stop restarting the others too.
-    if failed_reason is not None and restarts:
-        for r in restarts:
-            decisions[r.group] = NoAction()
-            new_states[r.group] = states.get(r.group, GroupState(index=r.group))
-        events = [e for e in events if e.reason != EVENT_GROUP_RESTART]
-        restarts = []
-
-    hashes = obs.desired_hashes or {}
-    inputs = StatusInputs(
-        name=obs.name,
-        namespace=obs.namespace,
-        generation=obs.generation,
-        replicas=replicas,
-        tp=tp,
-        current=current,
-        now=obs.now,
-        endpoint=L.endpoint_url(obs.name, obs.namespace, spec.serve.port),
-        selector=L.selector_for(obs.name),
-        groups=new_states,
-        pods=obs.pods,
-        decisions=decisions,
-        preflight=pre.conditions if pre is not None else (),
-        blocking=blocking,
-        children_created=obs.children_created,
-        rayservice=obs.rayservice,
-        failed_reason=failed_reason,
-        warnings=pre.warnings if pre is not None else (),
-        new_restarts=len(restarts),
-    )
-    desired = compute_status(inputs)
-    # Record the template hash each group's bookkeeping refers to.
-    for gd in desired.get("groups", []):
-        h = hashes.get(gd["index"]) or _recorded_hash(current, gd["index"])
-        if h:
-            gd["hash"] = h
-
-    patch = status_patch(current, desired)
-    if current.get("phase") != desired.get("phase") and desired.get("phase") is not None:
-        etype = "Warning" if desired["phase"] in ("Failed", "Degraded") else "Normal"
-        events.append(
-            EventSpec(etype, EVENT_PHASE, f"phase {desired['phase']}: {desired.get('message', '')}")
-        )
-    events.extend(_preflight_events(current, desired))
-    return Plan(
-        status=desired,
-        patch=patch,
-        events=events,
-        restarts=restarts,
-        continues=continues,
-        decisions=decisions,
-        blocked=blocking is not None,
-    )
+    if out.failed_reason is not None and out.restarts:
+        for r in out.restarts:
+            out.decisions[r.group] = NoAction()
+            out.states[r.group] = states.get(r.group, GroupState(index=r.group))
+        out.events = [e for e in out.events if e.reason != EVENT_GROUP_RESTART]
+        out.restarts = []
+    return out
 
 
-def _recorded_hash(status: Mapping[str, Any], g: int) -> str | None:
-    for gd in status.get("groups") or []:
-        if isinstance(gd, Mapping) and gd.get("index") == g:
-            h = gd.get("hash")
-            return str(h) if h else None
-    return None
+def _follow_cluster_switch(state: GroupState, pods: Sequence[PodInfo], obs: Observed) -> GroupState:
+    """KubeRay switched the group to a new RayCluster (blue/green upgrade after a spec
+    change): the old members going away is a roll, not a failure. Form afresh."""
+    clusters = {p.cluster for p in pods if p.deletion_timestamp is None and p.cluster}
+    if state.members and state.cluster and clusters and state.cluster not in clusters:
+        return replace(state, members=(), formed_at=None, forming_since=obs.now, cluster=None)
+    return state
+
+
+def plan_deletions(
+    obs: Observed,
+    restarts: Sequence[Restart],
+    continues: Sequence[ContinueRestart],
+    desired: Mapping[str, Any],
+    grace: int | None,
+) -> list[PodDeletion]:
+    """Every pod deletion the restarts in progress need: which, forced or not, and when.
+
+    * a pod on a NotReady or vanished node is force-deleted: its kubelet never confirms;
+    * a pod already Terminating is left to its kubelet (``ContinueRestart.force`` lists the
+      ones stuck past the grace period: those are forced);
+    * a Failed/Succeeded pod is left to KubeRay, which deletes those itself at once, for
+      ``kuberay_grace_seconds`` after the restart started; racing it for the same pod leaves
+      its scale expectations unsatisfied and stalls the replacement for minutes.
+    """
+    by_uid = {p.uid: (g, p) for g, pods in obs.pods.items() for p in pods}
+    started = {
+        gd["index"]: parse_time(gd.get("restartingSince")) for gd in desired.get("groups") or []
+    }
+    out: list[PodDeletion] = []
+
+    def on_dead_node(pod: PodInfo) -> bool:
+        node = obs.nodes.get(pod.node_name or "")
+        return pod.node_name is not None and (node is None or not node.ready)
+
+    def regular(uid: str) -> None:
+        if uid not in by_uid:
+            return
+        g, pod = by_uid[uid]
+        dead = on_dead_node(pod)
+        if pod.deletion_timestamp is not None and not dead:
+            return
+        not_before = None
+        if pod.phase in ("Failed", "Succeeded") and not dead:
+            since = started.get(g) or obs.now
+            not_before = since + timedelta(seconds=obs.kuberay_grace_seconds)
+        out.append(PodDeletion(g, pod.name, uid, dead, None if dead else grace, not_before))
+
+    for r in restarts:
+        for uid in r.pods:
+            regular(uid)
+    for c in continues:
+        for uid in c.delete:
+            regular(uid)
+        for uid in c.force:
+            if uid in by_uid:
+                g, pod = by_uid[uid]
+                out.append(PodDeletion(g, pod.name, uid, force=True))
+    return out
+
+
+def _phase_events(current: Mapping[str, Any], desired: Mapping[str, Any]) -> list[EventSpec]:
+    if current.get("phase") == desired.get("phase") or desired.get("phase") is None:
+        return []
+    etype = "Warning" if desired["phase"] in ("Failed", "Degraded") else "Normal"
+    message = f"phase {desired['phase']}: {desired.get('message', '')}"
+    return [EventSpec(etype, EVENT_PHASE, message)]
 
 
 def _preflight_events(current: Mapping[str, Any], desired: Mapping[str, Any]) -> list[EventSpec]:

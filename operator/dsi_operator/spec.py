@@ -28,6 +28,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from dsi_operator import defaults as D
 from dsi_operator._version import __version__
 from dsi_operator.labels import DEFAULT_MASTER_PORT, DEFAULT_SERVE_PORT, LABEL_PREFIX
 
@@ -306,19 +307,19 @@ class ServeSpec(_Model):
         pattern=r"^/[-A-Za-z0-9_./]*$",
     )
     max_batch_size: int = Field(
-        default=8,
+        default=D.MAX_BATCH_SIZE,
         ge=1,
         le=1024,
         description="Largest number of requests one group generates for together.",
     )
     batch_wait_timeout_ms: int = Field(
-        default=10,
+        default=D.BATCH_WAIT_TIMEOUT_MS,
         ge=0,
         le=10000,
         description="How long the ingress waits to fill a batch before generating.",
     )
     max_new_tokens: int = Field(
-        default=512,
+        default=D.MAX_NEW_TOKENS,
         ge=1,
         le=131072,
         description="Cap on max_tokens of a request; larger requests are clamped to it.",
@@ -330,7 +331,7 @@ class ServeSpec(_Model):
         description="Cap on prompt plus generated tokens; the model's own limit when unset.",
     )
     request_timeout_seconds: int = Field(
-        default=300,
+        default=D.REQUEST_TIMEOUT_SECONDS,
         ge=1,
         le=86400,
         description="A request still running after this many seconds fails with 504.",
@@ -393,7 +394,7 @@ class RestartPolicySpec(_Model):
         "next restart is immediate again.",
     )
     formation_timeout_seconds: int = Field(
-        default=900,
+        default=D.FORMATION_TIMEOUT_SECONDS,
         ge=10,
         le=86400,
         description="A group whose ranks have not all become ready this many seconds after "

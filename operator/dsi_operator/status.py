@@ -319,6 +319,7 @@ class StatusInputs:
     warnings: Sequence[str] = ()
     selector: str | None = None  # label selector of the worker pods (scale subresource)
     new_restarts: int = 0  # restarts started by this evaluation
+    group_hashes: Mapping[int, str] = field(default_factory=dict)  # group -> template hash
 
 
 def compute_status(inp: StatusInputs) -> dict[str, Any]:
@@ -350,19 +351,46 @@ def compute_status(inp: StatusInputs) -> dict[str, Any]:
         )
         return _clean(base)
 
-    group_dicts: list[dict[str, Any]] = []
-    pods_ready_groups: list[int] = []
-    ready_groups: list[int] = []
-    restarting: list[str] = []
-    all_running = True
+    gs = _groups(inp)
+    n_ready = len(gs.ready)
+    base["groups"] = gs.entries
+    base["readyReplicas"] = n_ready
+    base["ready"] = f"{n_ready}/{inp.replicas}"
+    if inp.selector:
+        base["selector"] = inp.selector
+    if inp.endpoint and inp.children_created:
+        base["endpoint"] = inp.endpoint
+    conditions = [*inp.preflight, *_serving_conditions(inp, gs)]
+    base["conditions"] = merge_conditions(prev_conditions, conditions, inp.generation, inp.now)
+    if inp.failed_reason is not None:
+        base["failedReason"] = inp.failed_reason
+    phase, message = _phase(inp, gs)
+    if inp.warnings and phase != PHASE_FAILED:
+        message = message + "; " + "; ".join(inp.warnings)
+    base.update(phase=phase, message=message)
+    return _clean(base)
+
+
+@dataclass
+class _Groups:
+    """The per-group part of a status, and the tallies the phase is judged from."""
+
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    pods_ready: list[int] = field(default_factory=list)
+    ready: list[int] = field(default_factory=list)
+    restarting: list[str] = field(default_factory=list)
+    all_running: bool = True
+
+
+def _groups(inp: StatusInputs) -> _Groups:
+    out = _Groups()
     for g in range(inp.replicas):
         state = inp.groups.get(g, GroupState(index=g))
         pods = inp.pods.get(g, ())
         dec = inp.decisions.get(g, NoAction())
         pready = group_pods_ready(pods, inp.tp)
-        live = live_pods(pods)
-        running = {p.rank for p in live if p.phase == "Running"} >= set(range(inp.tp))
-        all_running = all_running and running
+        running = {p.rank for p in live_pods(pods) if p.phase == "Running"} >= set(range(inp.tp))
+        out.all_running = out.all_running and running
         gready = (
             pready
             and inp.rayservice.ready
@@ -370,15 +398,15 @@ def compute_status(inp: StatusInputs) -> dict[str, Any]:
             and state.restarting_since is None
         )
         if pready:
-            pods_ready_groups.append(g)
+            out.pods_ready.append(g)
         if gready:
-            ready_groups.append(g)
+            out.ready.append(g)
         if state.restarting_since is not None:
             gphase = PHASE_RESTARTING
-            restarting.append(f"group {g} restarting ({state.restart_trigger})")
+            out.restarting.append(f"group {g} restarting ({state.restart_trigger})")
         elif isinstance(dec, Wait):
             gphase = PHASE_RESTARTING
-            restarting.append(
+            out.restarting.append(
                 f"group {g} waiting for restart backoff until {iso(dec.until)} ({dec.trigger})"
             )
         elif gready:
@@ -392,91 +420,72 @@ def compute_status(inp: StatusInputs) -> dict[str, Any]:
             gd["backoffUntil"] = iso(dec.until)
         if g in inp.rayservice.serve_groups:
             gd["serveStatus"] = inp.rayservice.serve_groups[g]
-        group_dicts.append(gd)
+        # The template hash the group's bookkeeping refers to (kept when not known now).
+        h = inp.group_hashes.get(g) or _recorded_hash(inp.current, g)
+        if h:
+            gd["hash"] = h
+        out.entries.append(gd)
+    return out
 
-    n_ready = len(ready_groups)
-    base["groups"] = group_dicts
-    base["readyReplicas"] = n_ready
-    base["ready"] = f"{n_ready}/{inp.replicas}"
-    if inp.selector:
-        base["selector"] = inp.selector
-    if inp.endpoint and inp.children_created:
-        base["endpoint"] = inp.endpoint
 
-    conditions = list(inp.preflight)
-    rs = inp.rayservice
-    if inp.children_created:
-        conditions.append(
-            Condition(COND_RAYSERVICE, "True", "RayServiceReady", rs.message or "Ray Serve ready")
-            if rs.ready
-            else Condition(
-                COND_RAYSERVICE,
-                "False",
-                "RayServiceNotReady" if rs.exists else "RayServiceMissing",
-                rs.message or ("RayService not ready" if rs.exists else "RayService not created"),
-            )
-        )
-        conditions.append(
-            Condition(
-                COND_GROUPS_FORMED,
-                "True" if n_ready == inp.replicas else "False",
-                "AllGroupsFormed" if n_ready == inp.replicas else "GroupsNotFormed",
-                f"{n_ready}/{inp.replicas} groups formed; pods ready in "
-                f"{len(pods_ready_groups)}/{inp.replicas} groups",
-            )
-        )
-    base["conditions"] = merge_conditions(prev_conditions, conditions, inp.generation, inp.now)
+def _recorded_hash(status: Mapping[str, Any] | None, g: int) -> str | None:
+    for gd in (status or {}).get("groups") or []:
+        if isinstance(gd, Mapping) and gd.get("index") == g:
+            h = gd.get("hash")
+            return str(h) if h else None
+    return None
 
-    if inp.failed_reason is not None:
-        base["failedReason"] = inp.failed_reason
-        phase, reason, message = PHASE_FAILED, "RestartBudgetExhausted", inp.failed_reason
-    elif inp.blocking is not None:
-        phase, reason, message = PHASE_PENDING, "PreflightFailed", inp.blocking
-    elif not inp.children_created:
-        phase, reason, message = PHASE_PENDING, "Creating", "children not created yet"
-    elif restarting:
-        phase, reason, message = PHASE_RESTARTING, "GroupRestart", "; ".join(restarting)
-    elif n_ready == inp.replicas:
-        phase, reason, message = PHASE_READY, "Ready", f"all {inp.replicas} group(s) ready"
-    elif n_ready > 0:
-        not_ready = [str(g) for g in range(inp.replicas) if g not in ready_groups]
-        phase, reason, message = (
-            PHASE_DEGRADED,
-            "GroupsNotReady",
-            f"{n_ready}/{inp.replicas} groups ready; not ready: group(s) {', '.join(not_ready)}",
-        )
-    elif len(pods_ready_groups) == inp.replicas and inp.replicas > 0:
-        phase, reason, message = (
-            PHASE_FORMING,
-            "WaitingForRayServe",
-            "all pods running; waiting for Ray Serve (RayService not ready"
-            + (f": {rs.message}" if rs.message else "")
-            + ")",
-        )
-    elif all_running and inp.replicas > 0:
-        phase, reason, message = (
-            PHASE_FORMING,
-            "PodsNotReady",
-            "all pods running; waiting for pods to become Ready",
-        )
+
+def _serving_conditions(inp: StatusInputs, gs: _Groups) -> list[Condition]:
+    """RayServiceReady and GroupsFormed, once the children exist."""
+    if not inp.children_created:
+        return []
+    rs, n_ready, n = inp.rayservice, len(gs.ready), inp.replicas
+    if rs.ready:
+        message = rs.message or "Ray Serve ready"
+        serving = Condition(COND_RAYSERVICE, "True", "RayServiceReady", message)
     else:
-        want = inp.replicas * inp.tp
-        have = sum(
-            1
-            for g in range(inp.replicas)
-            for p in live_pods(inp.pods.get(g, ()))
-            if p.phase == "Running"
+        serving = Condition(
+            COND_RAYSERVICE,
+            "False",
+            "RayServiceNotReady" if rs.exists else "RayServiceMissing",
+            rs.message or ("RayService not ready" if rs.exists else "RayService not created"),
         )
-        phase, reason, message = (
-            PHASE_PROVISIONING,
-            "PodsStarting",
-            f"{have}/{want} worker pods running",
-        )
-    if inp.warnings and phase not in (PHASE_FAILED,):
-        message = message + "; " + "; ".join(inp.warnings)
-    del reason  # kept in the table above for readability; conditions carry machine reasons
-    base.update(phase=phase, message=message)
-    return _clean(base)
+    formed = Condition(
+        COND_GROUPS_FORMED,
+        "True" if n_ready == n else "False",
+        "AllGroupsFormed" if n_ready == n else "GroupsNotFormed",
+        f"{n_ready}/{n} groups formed; pods ready in {len(gs.pods_ready)}/{n} groups",
+    )
+    return [serving, formed]
+
+
+def _phase(inp: StatusInputs, gs: _Groups) -> tuple[str, str]:
+    """(phase, message), in the order of precedence the module docstring gives."""
+    n_ready, n = len(gs.ready), inp.replicas
+    if inp.failed_reason is not None:
+        return PHASE_FAILED, inp.failed_reason
+    if inp.blocking is not None:
+        return PHASE_PENDING, inp.blocking
+    if not inp.children_created:
+        return PHASE_PENDING, "children not created yet"
+    if gs.restarting:
+        return PHASE_RESTARTING, "; ".join(gs.restarting)
+    if n_ready == n:
+        return PHASE_READY, f"all {n} group(s) ready"
+    if n_ready > 0:
+        not_ready = ", ".join(str(g) for g in range(n) if g not in gs.ready)
+        return PHASE_DEGRADED, f"{n_ready}/{n} groups ready; not ready: group(s) {not_ready}"
+    if len(gs.pods_ready) == n and n > 0:
+        rs = inp.rayservice
+        detail = f": {rs.message}" if rs.message else ""
+        waiting = f"all pods running; waiting for Ray Serve (RayService not ready{detail})"
+        return PHASE_FORMING, waiting
+    if gs.all_running and n > 0:
+        return PHASE_FORMING, "all pods running; waiting for pods to become Ready"
+    want = n * inp.tp
+    have = sum(1 for g in range(n) for p in live_pods(inp.pods.get(g, ())) if p.phase == "Running")
+    return PHASE_PROVISIONING, f"{have}/{want} worker pods running"
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:

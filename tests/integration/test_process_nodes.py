@@ -126,7 +126,18 @@ def test_pod_runs_with_its_ip_env_volumes_and_logs(kube: Any, kubectl: Any, name
 def test_service_names_resolve_in_pods_and_on_the_host(kube: Any, namespace: str) -> None:
     web(kube, namespace)
     fqdn = f"web.{namespace}.svc.cluster.local"
-    client = "import urllib.request as u, sys; print(u.urlopen(sys.argv[1], timeout=5).status)"
+    # Names follow endpoints by polling (about a second behind, as cluster DNS and kube-proxy
+    # are in a real cluster), so the client retries for a while, as real clients must.
+    client = (
+        "import urllib.request as u, sys, time\n"
+        "for i in range(30):\n"
+        "    try:\n"
+        "        print(u.urlopen(sys.argv[1], timeout=5).status); break\n"
+        "    except OSError as e:\n"
+        "        print('retry', e, flush=True); time.sleep(0.5)\n"
+        "else:\n"
+        "    sys.exit(1)\n"
+    )
     for url in ("http://web:8000/", f"http://{fqdn}:8000/"):
         name = "client-" + str(len(url) % 97)
         body = pod(name, ["python", "-c", client, url], restartPolicy="Never")

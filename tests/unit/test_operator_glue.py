@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from dsi_operator.__main__ import _exact, parse_args
-from dsi_operator.handlers import (
-    Scheduler,
+from dsi_operator.observe import (
     node_info,
     node_summary,
     pod_info,
@@ -15,6 +14,7 @@ from dsi_operator.handlers import (
     select_cluster_pods,
 )
 from dsi_operator.restart import PodInfo
+from dsi_operator.workqueue import Scheduler
 
 
 def worker_pod(**status: object) -> dict[str, object]:

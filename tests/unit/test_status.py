@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dsi_operator.preflight import GPUNeeds, evaluate
-from dsi_operator.reconcile import Observed, plan
+from dsi_operator.reconcile import Observed, declared_shape, plan, safe_parse
 from dsi_operator.restart import GroupState, NodeInfo, PodInfo, Restart, RestartPolicy
 from dsi_operator.status import (
     Condition,
@@ -76,6 +76,10 @@ def observed(status: dict[str, Any] | None = None, **kw: Any) -> Observed:
         rayservice=RayServiceView(exists=True, ready=False, message="waiting for serve"),
     )
     base.update(kw)
+    # The controller parses the spec once, at the edge; do the same here.
+    raw = base.pop("spec")
+    base["spec"], base["invalid"] = safe_parse(raw)
+    base["declared_replicas"], base["declared_tp"] = declared_shape(raw)
     return Observed(**base)
 
 
@@ -288,7 +292,7 @@ def test_unhealthy_serve_deployment_drops_only_that_group() -> None:
 
 
 def test_serve_group_statuses_from_kuberay_status() -> None:
-    from dsi_operator.handlers import rayservice_view
+    from dsi_operator.observe import rayservice_view
 
     body = {
         "status": {

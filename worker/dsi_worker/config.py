@@ -1,9 +1,16 @@
-"""Validated arguments of the Serve application (what the operator's serve config passes)."""
+"""Validated arguments of the Serve application (what the operator's serve config passes).
+
+Defaults come from ``dsi_operator.defaults``, the module the operator's spec takes its own
+from, so an app started without the operator (``make serve-local``, bench) serves like one
+the operator rendered. That module imports nothing, so it costs the worker no kopf or
+kubernetes client.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+from dsi_operator import defaults as D
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
@@ -23,16 +30,16 @@ class AppArgs(BaseModel):
     dtype: Dtype = "auto"
     tensor_parallel_size: int = Field(1, ge=1, le=256)
     num_groups: int = Field(1, ge=1, le=1024)
-    max_batch_size: int = Field(8, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.02, ge=0.0, le=10.0)
-    max_new_tokens: int = Field(256, ge=1, description="cap on max_tokens per request")
+    max_batch_size: int = Field(D.MAX_BATCH_SIZE, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(D.BATCH_WAIT_TIMEOUT_MS / 1000.0, ge=0.0, le=10.0)
+    max_new_tokens: int = Field(D.MAX_NEW_TOKENS, ge=1, description="cap on max_tokens per request")
     max_model_len: int | None = Field(None, ge=1, description="context length; default: model's")
     kernel_inject: bool = False
     served_model_name: str | None = None
-    request_timeout_s: float = Field(120.0, gt=0)
+    request_timeout_s: float = Field(float(D.REQUEST_TIMEOUT_SECONDS), gt=0)
     # How long a group may take to form (process group + model load) before its health
     # check fails and Serve re-creates it.
-    form_timeout_s: float = Field(900.0, gt=0)
+    form_timeout_s: float = Field(float(D.FORMATION_TIMEOUT_SECONDS), gt=0)
     # Device for rank actors: "auto" = cuda when the rank sees a GPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Local mode (no Kubernetes): give each rank actor the env the operator would give its pod.

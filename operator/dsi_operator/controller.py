@@ -1,0 +1,217 @@
+"""The operator's process-wide state and one reconcile pass: observe, plan, execute.
+
+Design:
+
+* **Indexes, not reads.** kopf indexes keep the latest DSIs, worker pods, nodes, RayServices and
+  master Services in memory, so a pass needs no API reads unless it is about to write.
+* **One pass at a time per resource, bursts coalesced** (:mod:`workqueue`).
+* **A ticker instead of kopf timers.** Timers would put a kopf finalizer on every DSI (deletion
+  would hang while the operator is down). One loop re-kicks every DSI every few seconds for
+  the time-based triggers (grace periods, deadlines, backoff).
+* **Parse once.** A DSI's spec is parsed once per (uid, generation), at the edge; everything
+  after that takes the typed spec.
+* **Read before write.** When the planner wants to write (status, children, pod deletions)
+  the pass re-reads the DSI and plans again on the fresh object: status patches that record a
+  restart are conditional on that resourceVersion, so a restart is never recorded twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from . import labels as L
+from . import metrics
+from .execute import ensure_children, execute
+from .kube import Kube
+from .observe import children_current, node_info, rayservice_view, select_cluster_pods
+from .preflight import ClusterFacts, PreflightResult
+from .preflight import evaluate as evaluate_preflight
+from .reconcile import Observed, Plan, declared_shape, gpu_needs, plan, safe_parse
+from .render import spec_hash, spec_hash_by_group
+from .restart import PodInfo
+from .spec import DeepSpeedInferenceSpec
+from .workqueue import Key, Scheduler
+
+log = logging.getLogger("dsi_operator")
+
+#: Seconds between ticker passes over every DSI (time-based triggers only need this).
+TICK_SECONDS = float(os.environ.get("DSI_OPERATOR_TICK_SECONDS", "5"))
+#: Concurrent passes (different DSIs).
+WORKERS = int(os.environ.get("DSI_OPERATOR_WORKERS", "8"))
+#: Seconds a restart leaves a Failed pod to KubeRay (which deletes those itself).
+KUBERAY_GRACE_SECONDS = float(os.environ.get("DSI_OPERATOR_KUBERAY_GRACE", "10"))
+#: Seconds the cluster-wide preflight facts (CRD, ClusterPolicy) are cached.
+FACTS_TTL = float(os.environ.get("DSI_OPERATOR_FACTS_TTL", "30"))
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A DSI spec parsed once per (uid, generation), with the hashes derived from it."""
+
+    spec: DeepSpeedInferenceSpec | None
+    error: str | None
+    spec_hash: str | None = None
+    group_hashes: dict[int, str] | None = None
+    declared: tuple[int, int] = (0, 1)  # (replicas, tp) as the raw spec says, when invalid
+
+
+def parse_body(body: Mapping[str, Any]) -> Parsed:
+    """Parse a DSI body's spec (never raises: a bad spec is an error message)."""
+    raw = body.get("spec") or {}
+    spec, err = safe_parse(raw)
+    if spec is None:
+        return Parsed(None, err, declared=declared_shape(raw))
+    return Parsed(spec, None, spec_hash(spec), spec_hash_by_group(spec))
+
+
+@dataclass
+class Controller:
+    """Process-wide state of the operator; kept in kopf's memo (see :mod:`handlers`)."""
+
+    kubeconfig: str | None = None
+    exact_namespaces: bool = False
+    kube: Kube | None = None
+    facts: ClusterFacts | None = None
+    scheduler: Scheduler | None = None
+    ticker: asyncio.Task[None] | None = None
+    dsis: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    # kopf indexes (live mappings), captured from the first DSI event: kopf fills them
+    # completely before any regular handler runs, so a pass never sees a half-listed cluster
+    # (a formed group whose pods were simply not listed yet would look deleted).
+    pod_index: Mapping[Key, Any] | None = None  # Key -> Store of (group, PodInfo)
+    node_index: Mapping[str, Any] | None = None  # node name -> Store of node summary
+    node_seen: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    rayservices: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    services: dict[Key, set[str]] = field(default_factory=dict)
+    # (namespace, name) -> (uid, spec hash) of the children last applied by this process.
+    applied: dict[Key, tuple[str, str]] = field(default_factory=dict)
+    # last Event per (key, reason) to avoid repeating identical Events every pass.
+    last_events: dict[tuple[Key, str], str] = field(default_factory=dict)
+    parsed_cache: dict[tuple[str, Any], Parsed] = field(default_factory=dict)
+
+    # --- reading the in-memory state -----------------------------------------------------------
+
+    def kick(self, key: Key, cause: str) -> None:
+        """Queue a pass over a known DSI."""
+        if self.scheduler is not None and key in self.dsis:
+            self.scheduler.kick(key, cause)
+
+    def pods_of(self, key: Key) -> list[tuple[int, PodInfo]]:
+        """(group, PodInfo) of every worker pod of a DSI, from the index."""
+        if self.pod_index is None:
+            return []
+        return list(self.pod_index.get(key, ()))
+
+    def all_nodes(self) -> dict[str, dict[str, Any]]:
+        """Node summaries by name, from the index."""
+        if self.node_index is None:
+            return {}
+        return {name: summary for name, store in self.node_index.items() for summary in store}
+
+    def parsed(self, body: Mapping[str, Any]) -> Parsed:
+        """The body's spec parsed, cached per (uid, generation)."""
+        meta = body.get("metadata") or {}
+        ck = (meta.get("uid", ""), meta.get("generation"))
+        hit = self.parsed_cache.get(ck)
+        if hit is None:
+            if len(self.parsed_cache) > 4096:
+                self.parsed_cache.clear()
+            hit = self.parsed_cache[ck] = parse_body(body)
+        return hit
+
+    def children(self, key: Key, parsed: Parsed, uid: str) -> tuple[bool, bool]:
+        """(children exist, children up to date) for the desired spec."""
+        if parsed.spec is None or parsed.spec_hash is None:
+            return False, False
+        wanted = {L.master_service_name(key[1], g) for g in range(parsed.spec.replicas)}
+        return children_current(
+            self.rayservices.get(key),
+            self.services.get(key, set()),
+            wanted,
+            parsed.spec_hash,
+            applied_here=self.applied.get(key) == (uid, parsed.spec_hash),
+        )
+
+    async def preflight(self, parsed: Parsed) -> PreflightResult | None:
+        """Preflight conditions for a valid spec (cluster facts cached for FACTS_TTL)."""
+        if parsed.spec is None or self.facts is None:
+            return None
+        kuberay, policies = await self.facts.get()
+        nodes = list(self.all_nodes().values())
+        return evaluate_preflight(kuberay, policies, nodes, gpu_needs(parsed.spec))
+
+    def observe(self, key: Key, body: Mapping[str, Any], pre: PreflightResult | None) -> Observed:
+        """Everything a pass plans from, as plain data."""
+        meta = body.get("metadata") or {}
+        parsed = self.parsed(body)
+        rs = rayservice_view(self.rayservices.get(key))
+        entries = self.pods_of(key)
+        keep = {p.uid for p in select_cluster_pods([p for _, p in entries], rs)}
+        pods_by_group: dict[int, list[PodInfo]] = {}
+        for g, p in entries:
+            if p.uid in keep:
+                pods_by_group.setdefault(g, []).append(p)
+        exists, _ = self.children(key, parsed, meta.get("uid", ""))
+        return Observed(
+            name=key[1],
+            namespace=key[0],
+            generation=meta.get("generation"),
+            spec=parsed.spec,
+            status=body.get("status") or {},
+            now=datetime.now(UTC),
+            pods=pods_by_group,
+            nodes={n: node_info(s) for n, s in self.all_nodes().items()},
+            preflight=pre,
+            children_created=exists,
+            rayservice=rs,
+            desired_hashes=parsed.group_hashes,
+            invalid=parsed.error,
+            declared_replicas=parsed.declared[0],
+            declared_tp=parsed.declared[1],
+            kuberay_grace_seconds=KUBERAY_GRACE_SECONDS,
+        )
+
+    # --- one pass ------------------------------------------------------------------------------
+
+    async def reconcile_one(self, key: Key, cause: str) -> None:
+        """One pass over one DSI: plan from memory; re-read, act and write only when needed."""
+        body = self.dsis.get(key)
+        if body is None:
+            return
+        pre = await self.preflight(self.parsed(body))
+        p = plan(self.observe(key, body, pre))
+        _, current = self.children(key, self.parsed(body), _uid(body))
+        if not p.patch and not p.acts and (current or p.blocked) and not self._new_events(key, p):
+            metrics.RECONCILES.labels(cause=cause, outcome="noop").inc()
+            return
+
+        started = time.monotonic()
+        assert self.kube is not None
+        fresh = await self.kube.get_dsi(*key)
+        if fresh is None:
+            return
+        self.dsis[key] = copy.deepcopy(fresh)
+        p = plan(self.observe(key, fresh, pre))
+        parsed = self.parsed(fresh)
+        if not p.blocked and parsed.spec is not None:
+            if not self.children(key, parsed, _uid(fresh))[1]:
+                await ensure_children(self, key, fresh, parsed)
+                p = plan(self.observe(key, fresh, pre))
+        await execute(self, key, fresh, p)
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+        metrics.RECONCILES.labels(cause=cause, outcome="acted").inc()
+
+    def _new_events(self, key: Key, p: Plan) -> bool:
+        return any(self.last_events.get((key, e.reason)) != e.message for e in p.events)
+
+
+def _uid(body: Mapping[str, Any]) -> str:
+    return str((body.get("metadata") or {}).get("uid", ""))

@@ -1,0 +1,103 @@
+"""Carrying out a :class:`~dsi_operator.reconcile.Plan`, and nothing else.
+
+Every decision (which pods, forced or not, not before when) is made by the pure planner; this
+module only writes, in the order that makes a crash at any point safe: children, the status
+patch (it records a restart before any pod is deleted), Events, then pod deletions.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from kubernetes.client.exceptions import ApiException
+
+from . import labels as L
+from . import metrics
+from .reconcile import Plan
+from .render import render_children
+from .workqueue import Key
+
+if TYPE_CHECKING:
+    from .controller import Controller, Parsed
+
+log = logging.getLogger("dsi_operator")
+
+
+async def ensure_children(
+    ctrl: Controller, key: Key, body: Mapping[str, Any], parsed: Parsed
+) -> None:
+    """Apply the RayService and Services of a valid spec; delete master Services left over."""
+    assert ctrl.kube is not None and parsed.spec is not None and parsed.spec_hash is not None
+    uid = (body.get("metadata") or {}).get("uid", "")
+    exists = key in ctrl.rayservices
+    children = render_children(key[1], key[0], uid, parsed.spec)
+    for child in children:
+        await ctrl.kube.apply(child)
+        if child["kind"] == L.RAYSERVICE_KIND:
+            # Record our own write so the pass does not wait for the watch to catch up; the
+            # watch event that follows overwrites this with the real object.
+            prev = ctrl.rayservices.get(key) or {}
+            ctrl.rayservices[key] = {
+                "metadata": {"annotations": dict(child["metadata"].get("annotations") or {})},
+                "status": copy.deepcopy(prev.get("status") or {}),
+            }
+        elif child["metadata"]["labels"].get(L.LABEL_ROLE) == L.ROLE_MASTER_SERVICE:
+            ctrl.services.setdefault(key, set()).add(child["metadata"]["name"])
+    wanted = {c["metadata"]["name"] for c in children if c["kind"] == "Service"}
+    for svc in await ctrl.kube.list_master_services(*key):
+        if svc not in wanted:
+            await ctrl.kube.delete_service(key[0], svc)
+            ctrl.services.get(key, set()).discard(svc)
+    ctrl.applied[key] = (uid, parsed.spec_hash)
+    log.info("%s/%s: children applied (spec hash %s, existed: %s)", *key, parsed.spec_hash, exists)
+
+
+async def execute(ctrl: Controller, key: Key, body: Mapping[str, Any], p: Plan) -> None:
+    """Write the status patch, post new Events, delete the pods that are due."""
+    ns, name = key
+    if p.patch and not await _patch_status(ctrl, key, body, p):
+        return
+    metrics.set_phase(ns, name, p.status.get("phase"), p.status.get("readyReplicas"))
+    await _post_events(ctrl, key, body, p)
+    assert ctrl.kube is not None
+    for r in p.restarts:
+        metrics.RESTARTS.labels(namespace=ns, name=name, trigger=r.trigger).inc()
+        log.warning("%s/%s: restarting group %d: %s %s", ns, name, r.group, r.trigger, r.reason)
+    for d in p.due():
+        await ctrl.kube.delete_pod(ns, d.name, d.uid, force=d.force, grace=d.grace)
+
+
+async def _patch_status(ctrl: Controller, key: Key, body: Mapping[str, Any], p: Plan) -> bool:
+    """Write the patch; False when the rest of the plan must not run (conflict, gone)."""
+    assert ctrl.kube is not None and p.patch is not None
+    # A patch that records a restart is conditional on the version it was planned from.
+    rv = (body.get("metadata") or {}).get("resourceVersion") if p.restarts else None
+    try:
+        updated = await ctrl.kube.patch_dsi_status(*key, p.patch, rv)
+    except ApiException as e:
+        if e.status == 409:
+            # Someone wrote in between: the next pass plans again on the new object.
+            log.info("%s/%s: status conflict; replanning", *key)
+            ctrl.kick(key, "conflict")
+            return False
+        if e.status == 404:
+            return False
+        raise
+    metrics.STATUS_WRITES.inc()
+    ctrl.dsis[key] = copy.deepcopy(updated)
+    return True
+
+
+async def _post_events(ctrl: Controller, key: Key, body: Mapping[str, Any], p: Plan) -> None:
+    assert ctrl.kube is not None
+    for ev in p.events:
+        if ctrl.last_events.get((key, ev.reason)) == ev.message:
+            continue
+        ctrl.last_events[(key, ev.reason)] = ev.message
+        try:
+            await ctrl.kube.post_event(body, ev.type, ev.reason, ev.message)
+        except ApiException as err:  # an Event is best effort
+            log.warning("%s/%s: could not post Event %s: %s", *key, ev.reason, err.reason)
