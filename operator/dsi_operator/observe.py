@@ -41,7 +41,6 @@ def pod_info(body: Mapping[str, Any]) -> tuple[int, PodInfo] | None:
         reason=status.get("reason"),
         node_name=(body.get("spec") or {}).get("nodeName"),
         deletion_timestamp=parse_time(meta.get("deletionTimestamp")),
-        creation_timestamp=parse_time(meta.get("creationTimestamp")),
         group_hash=(meta.get("annotations") or {}).get(L.ANNOTATION_GROUP_HASH),
         cluster=(meta.get("labels") or {}).get(RAY_CLUSTER_LABEL),
     )

@@ -78,21 +78,6 @@ def expected_ranks(spec: SpecLike) -> list[tuple[int, int]]:
     return [(g, r) for g in range(s.replicas) for r in range(s.tensor_parallel_size)]
 
 
-def group_of_pod(labels: Mapping[str, str] | None) -> tuple[int, int] | None:
-    """(group, rank) of a worker pod from its labels; ``None`` for the head or other pods."""
-    return L.group_of_pod(labels)
-
-
-def endpoint(name: str, namespace: str, spec: SpecLike | None = None) -> str:
-    """In-cluster URL of the model endpoint (KubeRay's serve Service, plus route prefix)."""
-    if spec is None:
-        return L.endpoint_url(name, namespace)
-    s = parse_spec(spec)
-    url = L.endpoint_url(name, namespace, s.serve.port)
-    prefix = s.serve.route_prefix.rstrip("/")
-    return url + prefix
-
-
 def model_location(spec: SpecLike) -> str:
     """What the worker loads: the hub id, or the model directory inside the mounted PVC."""
     s = parse_spec(spec)
@@ -206,10 +191,6 @@ def spec_hash_by_group(spec: SpecLike) -> dict[int, str]:
         for r in range(s.tensor_parallel_size)
     ]
     return _prefix_hashes(head, workers)
-
-
-#: Alias of :func:`spec_hash_by_group` (the name the controller asked for).
-group_hashes = spec_hash_by_group
 
 
 def spec_hash(spec: SpecLike) -> str:

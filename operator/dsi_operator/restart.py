@@ -34,7 +34,6 @@ TRIGGER_POD_STUCK_TERMINATING = "PodStuckTerminating"
 TRIGGER_NODE_NOT_READY = "NodeNotReady"
 TRIGGER_NODE_LOST = "NodeLost"
 TRIGGER_FORMATION_TIMEOUT = "FormationTimeout"
-TRIGGER_SPEC_CHANGED = "SpecChanged"
 
 #: Priority order: the first trigger found names the incident.
 ALL_TRIGGERS = (
@@ -46,7 +45,6 @@ ALL_TRIGGERS = (
     TRIGGER_NODE_LOST,
     TRIGGER_POD_DELETED,
     TRIGGER_FORMATION_TIMEOUT,
-    TRIGGER_SPEC_CHANGED,
 )
 
 
@@ -92,7 +90,6 @@ class PodInfo:
     reason: str | None = None  # status.reason, e.g. "Evicted"
     node_name: str | None = None
     deletion_timestamp: datetime | None = None
-    creation_timestamp: datetime | None = None
     group_hash: str | None = None  # deepspeed.ai/group-hash annotation/label of the pod
     cluster: str | None = None  # ray.io/cluster label: the RayCluster the pod belongs to
 
@@ -133,8 +130,6 @@ class GroupState:
 class NoAction:
     """Nothing to do for this group."""
 
-    kind: str = "none"
-
 
 @dataclass(frozen=True)
 class Restart:
@@ -145,7 +140,6 @@ class Restart:
     pod: str  # the pod that triggered it ("" when the group as a whole did, e.g. a deadline)
     reason: str  # human-readable message for the Event and status
     pods: tuple[str, ...]  # UIDs of every current pod of the group: all are replaced
-    kind: str = "restart"
 
 
 @dataclass(frozen=True)
@@ -155,7 +149,6 @@ class ContinueRestart:
     group: int
     delete: tuple[str, ...]
     force: tuple[str, ...] = ()
-    kind: str = "continue"
 
 
 @dataclass(frozen=True)
@@ -163,7 +156,6 @@ class RestartDone:
     """The restart in progress has replaced every old pod; clear the in-progress marker."""
 
     group: int
-    kind: str = "done"
 
 
 @dataclass(frozen=True)
@@ -175,7 +167,6 @@ class Wait:
     pod: str
     reason: str
     until: datetime
-    kind: str = "wait"
 
 
 @dataclass(frozen=True)
@@ -186,7 +177,6 @@ class Fail:
     trigger: str
     pod: str
     reason: str
-    kind: str = "fail"
 
 
 Decision = NoAction | Restart | ContinueRestart | RestartDone | Wait | Fail
@@ -246,7 +236,6 @@ def find_triggers(
     policy: RestartPolicy,
     tp: int,
     now: datetime,
-    desired_hash: str | None = None,
 ) -> list[Trigger]:
     """Every failure currently visible in a group, most specific first.
 
@@ -345,16 +334,6 @@ def find_triggers(
                 )
             )
 
-    if desired_hash is not None and not found:
-        stale = [p for p in live_pods(pods) if p.group_hash and p.group_hash != desired_hash]
-        if stale:
-            found.append(
-                Trigger(
-                    TRIGGER_SPEC_CHANGED,
-                    stale[0].name,
-                    f"group spec changed ({len(stale)} pod(s) run an older spec)",
-                )
-            )
     return _dedupe(found)
 
 
@@ -365,23 +344,18 @@ def decide(
     policy: RestartPolicy,
     tp: int,
     now: datetime,
-    desired_hash: str | None = None,
 ) -> Decision:
     """Decide what to do with one group (see the module docstring)."""
     if state.restarting_since is not None:
         return _continue(pods, state, policy, tp, now)
 
-    triggers = find_triggers(pods, nodes, state, policy, tp, now, desired_hash)
+    triggers = find_triggers(pods, nodes, state, policy, tp, now)
     if not triggers:
         return NoAction()
     first = triggers[0]
     reason = first.reason
     if len(triggers) > 1:
         reason += f" (+{len(triggers) - 1} more)"
-
-    # A spec change is not a failure: it neither consumes the budget nor waits for backoff.
-    if first.trigger == TRIGGER_SPEC_CHANGED:
-        return Restart(state.index, first.trigger, first.pod, reason, _uids(pods))
 
     recent = recent_restarts(state, policy, now)
     if len(recent) >= policy.max_restarts:

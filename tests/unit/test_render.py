@@ -21,10 +21,7 @@ from dsi_operator import labels as L
 from dsi_operator.crd import dump_yaml
 from dsi_operator.render import (
     NCCL_DEFAULTS,
-    endpoint,
     expected_ranks,
-    group_hashes,
-    group_of_pod,
     render_body,
     render_children,
     serve_config,
@@ -213,7 +210,7 @@ def test_one_worker_group_per_rank_with_its_env_and_pin(case: str) -> None:
         assert pod["metadata"]["labels"][L.LABEL_GROUP] == str(g)
         assert pod["metadata"]["labels"][L.LABEL_RANK] == str(r)
         assert pod["metadata"]["labels"][L.LABEL_ROLE] == "worker"
-        assert group_of_pod(pod["metadata"]["labels"]) == (g, r)
+        assert L.group_of_pod(pod["metadata"]["labels"]) == (g, r)
         container = pod["spec"]["containers"][0]
         assert container["name"] == "ray-worker"
         assert container["image"] == spec.image
@@ -439,7 +436,6 @@ def test_zero_replicas_renders_head_only() -> None:
 def test_group_hash_is_on_every_worker_pod_template() -> None:
     spec = CASES["tp2-replicas3"]
     hashes = spec_hash_by_group(spec)
-    assert group_hashes is spec_hash_by_group
     assert sorted(hashes) == [0, 1, 2]
     for w in _workers(_render(spec)):
         g, _ = L.parse_worker_group_name(w["groupName"]) or (-1, -1)
@@ -506,15 +502,14 @@ def test_helpers() -> None:
         (1, 0),
         (1, 1),
     ]
-    assert group_of_pod({L.LABEL_GROUP: "3", L.LABEL_RANK: "1", L.LABEL_ROLE: "worker"}) == (3, 1)
-    assert group_of_pod({L.LABEL_ROLE: "head", L.LABEL_INFERENCE: "x"}) is None
-    assert group_of_pod({L.LABEL_GROUP: "x", L.LABEL_RANK: "1"}) is None
-    assert group_of_pod(None) is None
-    assert endpoint("llm", "ns") == "http://llm-api.ns.svc.cluster.local:8000"
-    assert (
-        endpoint("llm", "ns", CASES["runtime-class-pvc-overrides"])
-        == "http://llm-api.ns.svc.cluster.local:8080/llm"
+    assert L.group_of_pod({L.LABEL_GROUP: "3", L.LABEL_RANK: "1", L.LABEL_ROLE: "worker"}) == (
+        3,
+        1,
     )
+    assert L.group_of_pod({L.LABEL_ROLE: "head", L.LABEL_INFERENCE: "x"}) is None
+    assert L.group_of_pod({L.LABEL_GROUP: "x", L.LABEL_RANK: "1"}) is None
+    assert L.group_of_pod(None) is None
+    assert L.endpoint_url("llm", "ns") == "http://llm-api.ns.svc.cluster.local:8000"
     assert L.parse_worker_group_name(L.worker_group_name(12, 7)) == (12, 7)
     assert L.parse_worker_group_name("headgroup") is None
     assert L.selector_for("llm") == "deepspeed.ai/inference=llm,deepspeed.ai/role=worker"

@@ -14,7 +14,6 @@ from dsi_operator.restart import (
     TRIGGER_POD_EVICTED,
     TRIGGER_POD_FAILED,
     TRIGGER_POD_STUCK_TERMINATING,
-    TRIGGER_SPEC_CHANGED,
     ContinueRestart,
     Fail,
     GroupState,
@@ -219,16 +218,6 @@ def test_max_restarts_zero_fails_on_first_trigger() -> None:
     policy = RestartPolicy(max_restarts=0)
     d = decide([pod(0), pod(1, phase="Failed")], NODES, formed(), policy, 2, NOW)
     assert isinstance(d, Fail)
-
-
-def test_spec_change_rolls_without_budget_or_backoff() -> None:
-    times = tuple(NOW - timedelta(seconds=s) for s in (30, 20, 10))
-    state = formed(restart_times=times)
-    pods = [pod(0, group_hash="old"), pod(1, group_hash="old")]
-    d = decide(pods, NODES, state, POLICY, 2, NOW, desired_hash="new")
-    assert isinstance(d, Restart) and d.trigger == TRIGGER_SPEC_CHANGED
-    pods = [pod(0, group_hash="new"), pod(1, group_hash="new")]
-    assert decide(pods, NODES, state, POLICY, 2, NOW, desired_hash="new") == NoAction()
 
 
 def test_other_groups_are_independent() -> None:

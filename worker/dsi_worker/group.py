@@ -35,7 +35,8 @@ RANK_NAMESPACE = "dsi"
 
 
 def rank_env(args: AppArgs, group: int, rank: int) -> dict[str, str]:
-    """The env the operator gives rank ``rank``'s pod; used verbatim in local mode."""
+    """Local mode's stand-in for the operator's pod env: the rank, world and group variables
+    of ``render.worker_env``, with a loopback master (no NCCL defaults or user env)."""
     ports = args.local_master_ports or []
     port = ports[group] if group < len(ports) else 29500 + group
     return {
@@ -45,7 +46,6 @@ def rank_env(args: AppArgs, group: int, rank: int) -> dict[str, str]:
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port),
         "DSI_GROUP": str(group),
-        "DSI_NUM_GROUPS": str(args.num_groups),
     }
 
 
@@ -93,7 +93,6 @@ class Group:
         self.state = "forming"
         self.error: str | None = None
         self.batches = 0
-        self.last_batch_size = 0
         self.max_batch_seen = 0
         self.slow_pings = 0
         tp = self.args.tensor_parallel_size
@@ -232,7 +231,6 @@ class Group:
             for r in reqs
         ]
         self.batches += 1
-        self.last_batch_size = len(batch)
         self.max_batch_seen = max(self.max_batch_seen, len(batch))
         return batch
 

@@ -20,6 +20,8 @@ import threading
 import time
 from typing import Any
 
+from dsi_operator import defaults as D
+
 from dsi_worker.rank_actor import rank_resource
 
 # Seconds serve.shutdown() + ray.shutdown() may take before the Ray processes are killed.
@@ -75,21 +77,26 @@ def _wait_healthy(url: str, timeout_s: float = 900.0) -> None:
     print(f"  warning: groups not formed after {timeout_s:.0f}s; see {url}/healthz", flush=True)
 
 
-def serve_forever(argv: list[str] | None = None) -> None:
-    """Parse the command line, start Ray and the app, and block."""
+def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of ``python -m dsi_worker.local``."""
     p = argparse.ArgumentParser(prog="python -m dsi_worker.local", description=__doc__)
     p.add_argument("--model", default=None, help="hub id or local dir (default: tiny model)")
     p.add_argument("--revision", default=None)
     p.add_argument("--tp", type=int, default=2, help="tensor_parallel_size (ranks per group)")
     p.add_argument("--groups", type=int, default=1, help="num_groups (independent TP groups)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-batch-size", type=int, default=D.MAX_BATCH_SIZE)
+    p.add_argument("--max-new-tokens", type=int, default=D.MAX_NEW_TOKENS)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--kernel-inject", action="store_true", help="GPU only")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    ns = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def serve_forever(argv: list[str] | None = None) -> None:
+    """Parse the command line, start Ray and the app, and block."""
+    ns = parse_cli(argv)
 
     start_ray(ns.groups, ns.tp)
     args = {

@@ -56,7 +56,6 @@ class RankActor:
         return {
             **self.engine.info(),
             "dsi_group": os.environ.get("DSI_GROUP"),
-            "dsi_num_groups": os.environ.get("DSI_NUM_GROUPS"),
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 
