@@ -33,10 +33,9 @@ from .restart import (
     NodeInfo,
     PodInfo,
     Restart,
-    RestartPolicy,
     decide,
 )
-from .spec import DeepSpeedInferenceSpec, parse_spec
+from .spec import DeepSpeedInferenceSpec, RestartPolicySpec, parse_spec
 from .status import (
     RayServiceView,
     StatusInputs,
@@ -135,22 +134,6 @@ class Plan:
         return bool(self.restarts) or bool(self.due())
 
 
-def policy_from_spec(spec: DeepSpeedInferenceSpec) -> RestartPolicy:
-    """The restart policy of a parsed spec."""
-    rp = spec.restart_policy
-    return RestartPolicy(
-        max_restarts=rp.max_restarts,
-        window_seconds=float(rp.window_seconds),
-        backoff_seconds=float(rp.backoff.initial_seconds),
-        max_backoff_seconds=float(rp.backoff.max_seconds),
-        multiplier=float(rp.backoff.multiplier),
-        quiet_period_seconds=float(rp.quiet_period_seconds),
-        terminating_grace_seconds=float(rp.terminating_grace_seconds),
-        node_grace_seconds=float(rp.node_not_ready_grace_seconds),
-        formation_timeout_seconds=float(rp.formation_timeout_seconds),
-    )
-
-
 def gpu_needs(spec: DeepSpeedInferenceSpec) -> GPUNeeds:
     """The GPU capacity question a parsed spec asks."""
     return GPUNeeds(
@@ -187,7 +170,7 @@ def plan(obs: Observed) -> Plan:
     if obs.spec is None:
         return _plan_invalid(obs)
     spec = obs.spec
-    policy = policy_from_spec(spec)
+    policy = spec.restart_policy
     current = dict(obs.status or {})
     states, failed_reason = _prior_states(current, obs.generation)
     pre = obs.preflight
@@ -293,7 +276,7 @@ class _GroupsPlan:
 
 def _plan_groups(
     obs: Observed,
-    policy: RestartPolicy,
+    policy: RestartPolicySpec,
     states: Mapping[int, GroupState],
     failed_reason: str | None,
     blocking: str | None,

@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from .spec import RestartPolicySpec
+
 # Trigger names, used in Events, status.groups[].lastRestartReason and metrics labels.
 TRIGGER_CONTAINER_RESTART = "ContainerRestarted"
 TRIGGER_POD_FAILED = "PodFailed"
@@ -46,35 +48,6 @@ ALL_TRIGGERS = (
     TRIGGER_POD_DELETED,
     TRIGGER_FORMATION_TIMEOUT,
 )
-
-
-@dataclass(frozen=True)
-class RestartPolicy:
-    """How eagerly and how often a group may be restarted.
-
-    The budget is per group: more than ``max_restarts`` restarts of one group within
-    ``window_seconds`` fails the resource. Backoff: the first restart of a quiet group is
-    immediate; each consecutive one waits ``backoff_seconds * multiplier**(n-1)`` after the
-    previous one (n = consecutive restarts so far), capped at ``max_backoff_seconds``. A group
-    that stays formed for ``quiet_period_seconds`` starts from zero again.
-    """
-
-    max_restarts: int = 5
-    window_seconds: float = 600.0
-    backoff_seconds: float = 10.0
-    max_backoff_seconds: float = 300.0
-    multiplier: float = 2.0
-    quiet_period_seconds: float = 600.0
-    terminating_grace_seconds: float = 60.0
-    node_grace_seconds: float = 60.0
-    formation_timeout_seconds: float = 900.0
-
-    def backoff_for(self, consecutive: int) -> float:
-        """Delay after the previous restart given ``consecutive`` restarts so far."""
-        if consecutive <= 0:
-            return 0.0
-        delay = self.backoff_seconds * (self.multiplier ** (consecutive - 1))
-        return float(min(delay, self.max_backoff_seconds))
 
 
 @dataclass(frozen=True)
@@ -191,13 +164,13 @@ class Trigger:
     reason: str
 
 
-def recent_restarts(state: GroupState, policy: RestartPolicy, now: datetime) -> list[datetime]:
+def recent_restarts(state: GroupState, policy: RestartPolicySpec, now: datetime) -> list[datetime]:
     """Restart times of the group that are still inside the budget window."""
     window = timedelta(seconds=policy.window_seconds)
     return sorted(t for t in state.restart_times if now - t < window)
 
 
-def consecutive_restarts(state: GroupState, policy: RestartPolicy, now: datetime) -> int:
+def consecutive_restarts(state: GroupState, policy: RestartPolicySpec, now: datetime) -> int:
     """Restarts since the group was last quiet (formed for ``quiet_period_seconds``).
 
     Walks back from the latest restart while the gap to the next one is shorter than the
@@ -233,7 +206,7 @@ def find_triggers(
     pods: Sequence[PodInfo],
     nodes: Mapping[str, NodeInfo],
     state: GroupState,
-    policy: RestartPolicy,
+    policy: RestartPolicySpec,
     tp: int,
     now: datetime,
 ) -> list[Trigger]:
@@ -298,7 +271,7 @@ def find_triggers(
                 )
             elif not node.ready:
                 since = node.since or now
-                if now - since > timedelta(seconds=policy.node_grace_seconds):
+                if now - since > timedelta(seconds=policy.node_not_ready_grace_seconds):
                     found.append(
                         Trigger(
                             TRIGGER_NODE_NOT_READY,
@@ -341,7 +314,7 @@ def decide(
     pods: Sequence[PodInfo],
     nodes: Mapping[str, NodeInfo],
     state: GroupState,
-    policy: RestartPolicy,
+    policy: RestartPolicySpec,
     tp: int,
     now: datetime,
 ) -> Decision:
@@ -376,7 +349,7 @@ def decide(
 
 
 def _continue(
-    pods: Sequence[PodInfo], state: GroupState, policy: RestartPolicy, tp: int, now: datetime
+    pods: Sequence[PodInfo], state: GroupState, policy: RestartPolicySpec, tp: int, now: datetime
 ) -> Decision:
     old = set(state.restart_pods)
     remaining = [p for p in pods if p.uid in old]

@@ -423,6 +423,15 @@ class RestartPolicySpec(_Model):
         "Ray place the new rank actors on pods that are about to die.",
     )
 
+    def backoff_for(self, consecutive: int) -> float:
+        """Delay after the previous restart given ``consecutive`` restarts so far: the first
+        restart of a quiet group is immediate, each next one waits
+        ``initialSeconds * multiplier**(n-1)``, capped at ``maxSeconds``."""
+        if consecutive <= 0:
+            return 0.0
+        b = self.backoff
+        return float(min(b.initial_seconds * (b.multiplier ** (consecutive - 1)), b.max_seconds))
+
 
 class HeadResources(_Model):
     """Resources of the Ray head pod (no GPUs)."""

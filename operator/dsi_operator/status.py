@@ -35,12 +35,12 @@ from .restart import (
     PodInfo,
     Restart,
     RestartDone,
-    RestartPolicy,
     Wait,
     group_pods_ready,
     live_pods,
     recent_restarts,
 )
+from .spec import RestartPolicySpec
 
 PHASE_PENDING = "Pending"
 PHASE_PROVISIONING = "Provisioning"
@@ -143,7 +143,7 @@ def advance_group(
     decision: Decision,
     pods: Sequence[PodInfo],
     tp: int,
-    policy: RestartPolicy,
+    policy: RestartPolicySpec,
     now: datetime,
 ) -> GroupState:
     """The group's bookkeeping after ``decision`` (and after observing ``pods``).

@@ -22,24 +22,22 @@ from dsi_operator.restart import (
     PodInfo,
     Restart,
     RestartDone,
-    RestartPolicy,
     Wait,
     consecutive_restarts,
     decide,
     find_triggers,
     group_pods_ready,
 )
+from dsi_operator.spec import RestartPolicySpec
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
-POLICY = RestartPolicy(
+POLICY = RestartPolicySpec(
     max_restarts=3,
     window_seconds=600,
-    backoff_seconds=10,
-    max_backoff_seconds=60,
-    multiplier=2,
+    backoff={"initial_seconds": 10, "max_seconds": 60, "multiplier": 2},
     quiet_period_seconds=300,
     terminating_grace_seconds=30,
-    node_grace_seconds=40,
+    node_not_ready_grace_seconds=40,
     formation_timeout_seconds=120,
 )
 NODES = {"n0": NodeInfo("n0"), "n1": NodeInfo("n1")}
@@ -215,7 +213,7 @@ def test_quiet_period_resets_backoff() -> None:
 
 
 def test_max_restarts_zero_fails_on_first_trigger() -> None:
-    policy = RestartPolicy(max_restarts=0)
+    policy = RestartPolicySpec(max_restarts=0)
     d = decide([pod(0), pod(1, phase="Failed")], NODES, formed(), policy, 2, NOW)
     assert isinstance(d, Fail)
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from dsi_operator.preflight import GPUNeeds, evaluate
 from dsi_operator.reconcile import Observed, declared_shape, plan, safe_parse
-from dsi_operator.restart import GroupState, NodeInfo, PodInfo, Restart, RestartPolicy
+from dsi_operator.restart import GroupState, NodeInfo, PodInfo, Restart
+from dsi_operator.spec import RestartPolicySpec
 from dsi_operator.status import (
     Condition,
     RayServiceView,
@@ -225,7 +226,7 @@ def test_status_patch_diff() -> None:
 
 
 def test_bookkeeping_roundtrip() -> None:
-    policy = RestartPolicy()
+    policy = RestartPolicySpec()
     st = GroupState(index=0)
     r = Restart(0, "PodFailed", "p", "why", ("a", "b"))
     after = advance_group(st, r, [], 2, policy, NOW)
