@@ -32,15 +32,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
-
-from dsi_localcluster import cluster as lc  # noqa: E402
-from dsi_localcluster import config as lcconfig  # noqa: E402
-from dsi_localcluster import faults  # noqa: E402
-from kubernetes import client, config, watch  # noqa: E402
-from kubernetes.client.rest import ApiException  # noqa: E402
-from operator_harness import (  # noqa: E402
+from dsi_localcluster import cluster as lc
+from dsi_localcluster import config as lcconfig
+from dsi_localcluster import faults
+from dsi_localcluster.harness import (
     GROUP,
     PLURAL,
     VERSION,
@@ -48,6 +43,10 @@ from operator_harness import (  # noqa: E402
     dsi_manifest,
     worker_pods,
 )
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pct(values: list[float], q: float) -> float:

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsi_localcluster.wait import events, wait_for
-
-_HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(_HERE.parent / "integration"))
-
-from operator_harness import (  # noqa: E402
+from dsi_localcluster.harness import (
     FAST_RESTART_POLICY,
     OperatorProcess,
     get_dsi,
     install_crd,
     worker_pods,
 )
+from dsi_localcluster.wait import events, wait_for
+
+_HERE = Path(__file__).resolve().parent
 
 __all__ = ["FAST_RESTART_POLICY", "OperatorProcess", "Stack", "install_crd", "post"]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dsi_localcluster.harness import install_crd, running_operator
 from dsi_localcluster.testing import pod_manifest
 from dsi_localcluster.wait import pod_state, wait_for
-from operator_harness import install_crd, running_operator
 
 
 @pytest.fixture

@@ -9,8 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from kubernetes.client.rest import ApiException
-from operator_harness import (
+from dsi_localcluster.harness import (
     GROUP,
     PLURAL,
     VERSION,
@@ -20,6 +19,7 @@ from operator_harness import (
     poll,
     worker_pods,
 )
+from kubernetes.client.rest import ApiException
 
 pytestmark = pytest.mark.integration
 

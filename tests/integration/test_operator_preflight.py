@@ -12,8 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from kubernetes.client.rest import ApiException
-from operator_harness import (
+from dsi_localcluster.harness import (
     GROUP,
     PLURAL,
     VERSION,
@@ -21,6 +20,7 @@ from operator_harness import (
     get_dsi,
     poll,
 )
+from kubernetes.client.rest import ApiException
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from dsi_localcluster import faults
-from operator_harness import (
+from dsi_localcluster.harness import (
     GROUP,
     PLURAL,
     VERSION,

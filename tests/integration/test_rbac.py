@@ -44,8 +44,8 @@ from typing import Any
 
 import pytest
 import yaml
+from dsi_localcluster.harness import all_running, dsi_manifest, free_port, get_dsi, worker_pods
 from dsi_localcluster.wait import wait_for
-from operator_harness import all_running, dsi_manifest, free_port, get_dsi, worker_pods
 from test_helm import CHART, Helm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))

@@ -1,6 +1,6 @@
 """Running the operator as a subprocess against the local cluster, and DSI helpers.
 
-Used by tests/integration/test_operator*.py and bench/bench_operator.py.
+Used by tests/integration, tests/e2e and bench/ (installed code, so bench needs no path edits).
 """
 
 from __future__ import annotations
