@@ -704,9 +704,9 @@ class Condition(BaseModel):
 
 
 class GroupStatus(BaseModel):
-    """Observed state of one TP group. Unknown fields are kept (controller bookkeeping)."""
+    """Observed state of one TP group, including the controller's restart bookkeeping."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
     index: int = Field(ge=0, description="Group index g (pods labelled deepspeed.ai/group=g).")
     phase: str | None = Field(
@@ -760,12 +760,22 @@ class GroupStatus(BaseModel):
     hash: str | None = Field(
         default=None, description="deepspeed.ai/group-hash the group's pods were rendered with."
     )
+    abandoned_pods: list[str] | None = Field(
+        default=None,
+        description="UIDs of old pods a finished restart left stuck Terminating (ignored by "
+        "the restart triggers).",
+    )
+    ray_cluster: str | None = Field(
+        default=None, description="The RayCluster whose pods formed the group."
+    )
 
 
 class DeepSpeedInferenceStatus(BaseModel):
-    """Observed state, written by the operator. Unknown fields are kept."""
+    """Observed state, written by the operator: the only description of it. The status module
+    computes a status and passes it through this model before writing, so a field missing
+    here (and so in the CRD) fails at once instead of being pruned by the API server."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
     phase: Phase | None = Field(
         default=None,

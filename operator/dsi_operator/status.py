@@ -40,21 +40,22 @@ from .restart import (
     live_pods,
     recent_restarts,
 )
-from .spec import RestartPolicySpec
+from .spec import ConditionType, DeepSpeedInferenceStatus, Phase, RestartPolicySpec
 
-PHASE_PENDING = "Pending"
-PHASE_PROVISIONING = "Provisioning"
-PHASE_FORMING = "Forming"
-PHASE_READY = "Ready"
-PHASE_DEGRADED = "Degraded"
-PHASE_RESTARTING = "Restarting"
-PHASE_FAILED = "Failed"
+# The vocabulary is the status model's (spec.Phase, spec.ConditionType); short names here.
+PHASE_PENDING = Phase.Pending
+PHASE_PROVISIONING = Phase.Provisioning
+PHASE_FORMING = Phase.Forming
+PHASE_READY = Phase.Ready
+PHASE_DEGRADED = Phase.Degraded
+PHASE_RESTARTING = Phase.Restarting
+PHASE_FAILED = Phase.Failed
 
-COND_GPU_OPERATOR = "GPUOperatorReady"
-COND_GPU_CAPACITY = "GPUCapacity"
-COND_KUBERAY = "KubeRayAvailable"
-COND_RAYSERVICE = "RayServiceReady"
-COND_GROUPS_FORMED = "GroupsFormed"
+COND_GPU_OPERATOR = ConditionType.GPUOperatorReady
+COND_GPU_CAPACITY = ConditionType.GPUCapacity
+COND_KUBERAY = ConditionType.KubeRayAvailable
+COND_RAYSERVICE = ConditionType.RayServiceReady
+COND_GROUPS_FORMED = ConditionType.GroupsFormed
 CONDITION_ORDER = (
     COND_KUBERAY,
     COND_GPU_OPERATOR,
@@ -489,7 +490,11 @@ def _phase(inp: StatusInputs, gs: _Groups) -> tuple[str, str]:
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if v is not None}
+    """Drop unset fields, and pass the status through its model: what is written is exactly
+    what the model (and so the CRD) declares, as plain JSON values."""
+    typed = DeepSpeedInferenceStatus.model_validate({k: v for k, v in d.items() if v is not None})
+    out: dict[str, Any] = typed.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return out
 
 
 #: Status keys owned by other writers (kopf's own progress storage) that the diff ignores.

@@ -135,24 +135,23 @@ def test_quantities_accept_yaml_numbers() -> None:
         parse_spec({**MINIMAL, "resources": {"cpu": True}})
 
 
-def test_status_keeps_unknown_fields_and_parses_phase() -> None:
+def test_status_model_parses_phase_and_rejects_undeclared_fields() -> None:
     st = parse_status(
         {
             "phase": "Ready",
             "readyReplicas": 2,
             "restarts": 1,
-            "extra": "kept",
-            "groups": [
-                {"index": 0, "readyRanks": 4, "restartPods": ["u1"], "controllerNote": {"a": 1}}
-            ],
+            "groups": [{"index": 0, "readyRanks": 4, "restartPods": ["u1"], "rayCluster": "c"}],
         }
     )
     assert st.phase is Phase.Ready and st.ready_replicas == 2
     dumped = st.model_dump(mode="json", by_alias=True, exclude_none=True)
-    assert dumped["extra"] == "kept"
-    assert dumped["groups"][0]["controllerNote"] == {"a": 1}
     assert dumped["groups"][0]["restartPods"] == ["u1"]
+    assert dumped["groups"][0]["rayCluster"] == "c"
     assert parse_status(None).phase is None
+    # The CRD would prune these silently; the model names them instead.
+    with pytest.raises(ValidationError, match="controllerNote"):
+        parse_status({"groups": [{"index": 0, "controllerNote": {"a": 1}}]})
     assert GroupStatus(index=1).restarts == 0
 
 

@@ -319,3 +319,52 @@ def test_serve_group_statuses_from_kuberay_status() -> None:
     assert view.group_serving(0) and not view.group_serving(1)
     # No per-deployment status reported: the RayService's own readiness decides.
     assert RayServiceView(exists=True, ready=True).group_serving(3)
+
+
+def _strict(node: Any) -> Any:
+    """The CRD's OpenAPI schema as a JSON schema that also rejects undeclared fields (the
+    API server would silently prune them) and understands ``nullable``."""
+    if isinstance(node, list):
+        return [_strict(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _strict(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
+    if "properties" in node:
+        out["additionalProperties"] = False
+    if out.pop("nullable", False) and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+def test_every_status_the_planner_writes_is_declared_by_the_crd() -> None:
+    from pathlib import Path
+
+    import jsonschema
+    import yaml
+    from dsi_operator.crd import CRD_PATHS
+
+    shipped = Path(__file__).resolve().parents[2] / CRD_PATHS[0]
+    crd = yaml.safe_load(shipped.read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    validator = jsonschema.Draft7Validator(_strict(schema["properties"]["status"]))
+    ready_rs = RayServiceView(exists=True, ready=True, serve_groups={0: "HEALTHY", 1: "HEALTHY"})
+    formed = settle(observed(rayservice=ready_rs))
+    # bookkeeping fields only some paths write: abandoned pods and the forming RayCluster
+    formed["groups"][1].update(abandonedPods=["old"], rayCluster="demo-abc")
+    failed_pods = {0: pods_for(0), 1: pods_for(1, phase="Failed", ready=False)}
+    restarting = plan(observed(formed, pods=failed_pods, rayservice=ready_rs)).status
+    later = NOW + timedelta(seconds=1)
+    backing_off = plan(observed(restarting, now=later, pods={0: pods_for(0), 1: []})).status
+    written = [
+        formed,
+        restarting,
+        backing_off,
+        settle(observed(pods={})),
+        plan(observed(spec={"model": {}, "tensorParallelSize": 0})).status,
+    ]
+    assert restarting["groups"][1].get("restartPods") and formed["groups"][1]["abandonedPods"]
+    for status in written:
+        errors = [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(status)]
+        assert not errors, errors
+    # and an undeclared field is caught
+    assert list(validator.iter_errors({**formed, "surprise": 1}))
