@@ -256,7 +256,7 @@ def merge_conditions(
 ) -> list[dict[str, Any]]:
     """Conditions as status dicts, keeping ``lastTransitionTime`` unless ``status`` flipped."""
     prev = {c.get("type"): c for c in previous or [] if isinstance(c, Mapping)}
-    order = {t: i for i, t in enumerate(CONDITION_ORDER)}
+    order: dict[str, int] = {t: i for i, t in enumerate(CONDITION_ORDER)}
     out: list[dict[str, Any]] = []
     for c in sorted(conditions, key=lambda c: order.get(c.type, len(order))):
         old = prev.get(c.type)
