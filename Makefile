@@ -58,7 +58,7 @@ generate: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy operator/dsi_operator
+	$(VENV)/bin/mypy operator/dsi_operator worker/dsi_worker localcluster/dsi_localcluster
 
 test-unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -448,7 +448,7 @@ class _Starter:
 def _api(paths: Paths) -> Any:
     from kubernetes import config as kconfig
 
-    return kconfig.new_client_from_config(str(paths.kubeconfig))
+    return kconfig.new_client_from_config(str(paths.kubeconfig))  # type: ignore[no-untyped-call]
 
 
 def kubectl(
@@ -472,12 +472,12 @@ def kubectl(
 
 def _create_nodes(cfg: config.ClusterConfig, api_client: Any) -> None:
     from kubernetes import client
-    from kubernetes.client.rest import ApiException
+    from kubernetes.client.exceptions import ApiException
 
     core = client.CoreV1Api(api_client)
     for node in manifests.nodes(cfg):
         try:
-            core.create_node(node)
+            core.create_node(node)  # type: ignore[arg-type]
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -500,9 +500,9 @@ def _nodes_ready(cfg: config.ClusterConfig, api_client: Any) -> tuple[bool, str]
     items = client.CoreV1Api(api_client).list_node().items
     want = {n["metadata"]["name"] for n in manifests.nodes(cfg)}
     ready = {
-        n.metadata.name
+        n.metadata.name  # type: ignore[union-attr]
         for n in items
-        if any(c.type == "Ready" and c.status == "True" for c in (n.status.conditions or []))
+        if any(c.type == "Ready" and c.status == "True" for c in (n.status.conditions or []))  # type: ignore[union-attr]
     }
     missing = sorted(want - ready)
     return not missing, f"not Ready yet: {', '.join(missing)}"
@@ -520,7 +520,7 @@ def _install_kuberay_crds(cfg: config.ClusterConfig) -> None:
 
 def _crds_established(api_client: Any, names: list[str]) -> tuple[bool, str]:
     from kubernetes import client
-    from kubernetes.client.rest import ApiException
+    from kubernetes.client.exceptions import ApiException
 
     ext = client.ApiextensionsV1Api(api_client)
     pending = []
@@ -672,7 +672,7 @@ def _up(cfg: config.ClusterConfig) -> bool:
 
 def _default_sa(api_client: Any) -> tuple[bool, str]:
     from kubernetes import client
-    from kubernetes.client.rest import ApiException
+    from kubernetes.client.exceptions import ApiException
 
     try:
         client.CoreV1Api(api_client).read_namespaced_service_account("default", "default")

@@ -38,7 +38,7 @@ def core_api(target: Any) -> Any:
     if isinstance(target, client.ApiClient):
         return client.CoreV1Api(target)
     path = Path(target) if target is not None else config.ClusterConfig.from_env().kubeconfig
-    return client.CoreV1Api(kconfig.new_client_from_config(str(path)))
+    return client.CoreV1Api(kconfig.new_client_from_config(str(path)))  # type: ignore[no-untyped-call]
 
 
 def _now() -> str:
@@ -60,7 +60,7 @@ def _update_status(
     retries: int = 10,
 ) -> dict[str, Any]:
     """Read, mutate, replace the status subresource; retry on write conflicts."""
-    from kubernetes.client.rest import ApiException
+    from kubernetes.client.exceptions import ApiException
 
     for attempt in range(retries):
         obj = _read_raw(read, *args)
@@ -247,7 +247,7 @@ def stuck_terminating(api: Any, namespace: str, name: str) -> None:
 
 def release_pod(api: Any, namespace: str, name: str) -> None:
     """Remove the finalizer stuck_terminating added, letting the deletion finish."""
-    from kubernetes.client.rest import ApiException
+    from kubernetes.client.exceptions import ApiException
 
     core = core_api(api)
     try:
@@ -335,19 +335,19 @@ def _set_lease_holder(api: Any, node: str, holder: str | None) -> None:
     """Set the node Lease's holder. kwok renews a Lease only while it holds it (or nobody
     does), so a foreign holder with a long duration stops its renewals; None hands it back."""
     from kubernetes import client
-    from kubernetes.client.rest import ApiException
+    from kubernetes.client.exceptions import ApiException
 
     coord = client.CoordinationV1Api(api.api_client)
     for attempt in range(10):
         lease = coord.read_namespaced_lease(node, "kube-node-lease")
-        current = lease.spec.holder_identity
+        current = lease.spec.holder_identity  # type: ignore[union-attr]
         if holder is None and current != LOST_NODE_HOLDER:
             return  # not ours to hand back
-        lease.spec.holder_identity = holder
+        lease.spec.holder_identity = holder  # type: ignore[union-attr]
         if holder is not None:
-            lease.spec.lease_duration_seconds = 86400
+            lease.spec.lease_duration_seconds = 86400  # type: ignore[union-attr]
         else:
-            lease.spec.lease_duration_seconds = 40
+            lease.spec.lease_duration_seconds = 40  # type: ignore[union-attr]
         try:
             coord.replace_namespaced_lease(node, "kube-node-lease", lease)
             return

@@ -63,7 +63,7 @@ def _plain(obj: Any) -> Any:
         return obj
     from kubernetes.client import ApiClient
 
-    return ApiClient().sanitize_for_serialization(obj)
+    return ApiClient().sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
 
 
 def pod_state(core: Any, namespace: str, name: str) -> dict[str, Any]:
@@ -121,7 +121,7 @@ def namespace_state(core: Any, namespace: str) -> dict[str, Any]:
 
 def wait_pod_gone(core: Any, namespace: str, name: str, timeout: float, what: str) -> None:
     """Wait until the pod is deleted from the API (404), dumping its state on timeout."""
-    from kubernetes.client.rest import ApiException
+    from kubernetes.client.exceptions import ApiException
 
     def gone() -> bool:
         try:

@@ -28,7 +28,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from dsi_operator import defaults as D
+import dsi_operator.defaults as D
 from dsi_operator._version import __version__
 from dsi_operator.labels import DEFAULT_MASTER_PORT, DEFAULT_SERVE_PORT, LABEL_PREFIX
 

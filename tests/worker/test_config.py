@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dsi_operator.defaults as D
 import pytest
-from dsi_operator import defaults as D
 from dsi_worker.config import AppArgs, parse_args
 
 

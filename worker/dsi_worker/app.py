@@ -11,8 +11,8 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,6 +33,7 @@ from dsi_worker import protocol as P
 from dsi_worker.config import AppArgs, parse_args
 from dsi_worker.engine import GenRequest, SamplingParams, load_tokenizer, resolve_model_path
 from dsi_worker.group import Group
+from dsi_worker.results import Generated, GroupReply, GroupUnavailable
 
 log = logging.getLogger("ray.serve")
 
@@ -86,13 +87,31 @@ def _timeout(seconds: float) -> P.ApiError:
 
 
 @dataclass
-class _Stream:
-    """An open streaming generation: its group, the Serve response generator, first item."""
+class _Run:
+    """A generation under way on a group: the whole answer (``gen`` None), or an open stream
+    (``gen`` the Serve response generator) and its first step."""
 
     group: int
     gen: Any
-    first: dict[str, Any]
+    first: Generated
     deadline: float
+
+
+@dataclass
+class _Job:
+    """A validated completions or chat request, reduced to what generation and the answer's
+    shape need; both endpoints then go through one path (``Ingress._respond``)."""
+
+    prompt_ids: list[int]
+    body: P._Sampling
+    max_new: int
+    stream: bool
+    #: (text, finish_reason, prompt tokens, completion tokens) -> the JSON answer
+    answer: Callable[[str, str, int, int], dict[str, Any]] | None = None
+    #: (text delta, finish_reason) -> one SSE chunk
+    chunk: Callable[[str, str | None], dict[str, Any]] | None = None
+    #: SSE frames sent before the first delta
+    head: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _unavailable(why: str) -> P.ApiError:
@@ -139,7 +158,9 @@ def _is_dir(path: str) -> bool:
 class Ingress:
     """HTTP front: validates, tokenises, balances across groups, shapes OpenAI answers."""
 
-    def __init__(self, args: dict[str, Any], model_path: str, *groups: DeploymentHandle) -> None:
+    def __init__(
+        self, args: dict[str, Any], model_path: str, *groups: DeploymentHandle[Any]
+    ) -> None:
         self.args: AppArgs = parse_args(args)
         self.groups = list(groups)
         self.tokenizer = load_tokenizer(model_path, revision=self.args.revision)
@@ -211,8 +232,17 @@ class Ingress:
 
     # -- generation ----------------------------------------------------------------------
 
-    async def _generate(self, prompt_ids: list[int], params: SamplingParams) -> dict[str, Any]:
-        """Run on a ready group; 503 when none is, 504 past the request timeout."""
+    def _states_text(self) -> str:
+        text = ", ".join(f"group-{k}: {st.get('state')}" for k, st in sorted(self.states.items()))
+        return text or "no status yet"
+
+    async def _dispatch(self, prompt_ids: list[int], params: SamplingParams, stream: bool) -> _Run:
+        """Start a generation on a ready group and wait for its answer (or, streaming, its
+        first step); a group that turns out unavailable is marked and another one tried.
+
+        Raises 503 when no group is ready and 504 past the request timeout: before the first
+        token these are proper HTTP answers; later stream errors become SSE error events.
+        """
         await self._ensure_polling()
         deadline = time.monotonic() + self.args.request_timeout_s
         tried: set[int] = set()
@@ -222,31 +252,35 @@ class Ingress:
             g = P.choose_group(ready, self.inflight, self.counter)
             self.counter += 1
             if g is None:
-                states = ", ".join(
-                    f"group-{k}: {st.get('state')}" for k, st in sorted(self.states.items())
-                )
-                raise _unavailable(states or "no status yet")
+                raise _unavailable(self._states_text())
             left = deadline - time.monotonic()
             if left <= 0:
-                break
+                raise _timeout(self.args.request_timeout_s)
+            call: Any
+            if stream:
+                call = self.groups[g].options(stream=True).generate_stream.remote(req)
+                first = call.__anext__()
+            else:
+                call = self.groups[g].generate.remote(req)
+                first = _await(call)
             self.inflight[g] += 1
-            resp = self.groups[g].generate.remote(req)
             try:
-                out: dict[str, Any] = await asyncio.wait_for(_await(resp), left)
+                reply: GroupReply = await asyncio.wait_for(first, left)
             except TimeoutError:
-                resp.cancel()
-                break
-            except Exception as e:  # the group's replica died under us: try another
-                out = {"error": "unavailable", "state": "unreachable", "detail": str(e)[:200]}
-            finally:
                 self.inflight[g] -= 1
-            if out.get("error") == "unavailable":
-                self.states[g] = {**self.states.get(g, {}), "state": out.get("state")}
+                call.cancel()
+                raise _timeout(self.args.request_timeout_s) from None
+            except Exception as e:  # the group's replica died under us, or ended without output
+                reply = GroupUnavailable("unreachable", str(e)[:200])
+            if isinstance(reply, GroupUnavailable):
+                self.inflight[g] -= 1
+                self.states[g] = {**self.states.get(g, {}), "state": reply.state}
                 tried.add(g)
                 continue
-            self.metrics.batch_size.observe(out["batch_size"])
-            return out
-        raise _timeout(self.args.request_timeout_s)
+            self.metrics.batch_size.observe(reply.batch_size)
+            if not stream:
+                self.inflight[g] -= 1
+            return _Run(g, call if stream else None, reply, deadline)
 
     def _params(self, body: P._Sampling, max_new: int) -> SamplingParams:
         return SamplingParams(
@@ -261,61 +295,30 @@ class Ingress:
         text: str = self.tokenizer.decode(ids, skip_special_tokens=True)
         return text
 
-    async def _complete(
-        self, prompt_ids: list[int], body: P._Sampling, max_new: int
-    ) -> tuple[str, str, list[int]]:
-        out = await self._generate(prompt_ids, self._params(body, max_new))
-        tokens: list[int] = out["token_ids"]
-        text, stopped = P.apply_stop(self._decode(tokens), body.stops())
-        finish = "stop" if stopped else out["finish_reason"]
-        self.metrics.prompt_tokens.inc(len(prompt_ids))
-        self.metrics.generated_tokens.inc(len(tokens))
-        return text, finish, tokens
+    async def _complete(self, job: _Job) -> tuple[str, str, Generated]:
+        """Generate a whole answer: (text after stop sequences, finish reason, raw reply)."""
+        run = await self._dispatch(job.prompt_ids, self._params(job.body, job.max_new), False)
+        out = run.first
+        text, stopped = P.apply_stop(self._decode(out.token_ids), job.body.stops())
+        finish = "stop" if stopped else (out.finish_reason or "length")
+        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        self.metrics.generated_tokens.inc(len(out.token_ids))
+        return text, finish, out
 
-    async def _open_stream(self, prompt_ids: list[int], params: SamplingParams) -> _Stream:
-        """Start a streaming generation on a ready group and wait for its first step.
-
-        Errors before the first token are proper HTTP answers (503, 504); after it they
-        become an SSE error event.
-        """
-        await self._ensure_polling()
-        deadline = time.monotonic() + self.args.request_timeout_s
-        tried: set[int] = set()
-        req = GenRequest(tuple(prompt_ids), params)
-        while True:
-            ready = [g for g in self._ready_groups() if g not in tried]
-            g = P.choose_group(ready, self.inflight, self.counter)
-            self.counter += 1
-            if g is None:
-                raise _unavailable(
-                    ", ".join(f"group-{k}: {st.get('state')}" for k, st in self.states.items())
-                    or "no status yet"
-                )
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _timeout(self.args.request_timeout_s)
-            gen = self.groups[g].options(stream=True).generate_stream.remote(req)
-            self.inflight[g] += 1
-            first: dict[str, Any]
-            try:
-                first = await asyncio.wait_for(gen.__anext__(), left)
-            except TimeoutError:
-                self.inflight[g] -= 1
-                gen.cancel()
-                raise _timeout(self.args.request_timeout_s) from None
-            except Exception as e:  # replica gone, or it ended without output
-                first = {"error": "unavailable", "state": "unreachable", "detail": str(e)[:200]}
-            if first.get("error") == "unavailable":
-                self.inflight[g] -= 1
-                self.states[g] = {**self.states.get(g, {}), "state": first.get("state")}
-                tried.add(g)
-                continue
-            self.metrics.batch_size.observe(first["batch_size"])
-            return _Stream(g, gen, first, deadline)
+    async def _respond(self, job: _Job) -> Response:
+        """The one answer path of completions and chat: JSON, or an SSE stream."""
+        assert job.answer is not None and job.chunk is not None
+        if not job.stream:
+            text, finish, out = await self._complete(job)
+            answer = job.answer(text, finish, len(job.prompt_ids), len(out.token_ids))
+            return JSONResponse(answer)
+        run = await self._dispatch(job.prompt_ids, self._params(job.body, job.max_new), True)
+        frames = self._sse(run, len(job.prompt_ids), job.body.stops(), job.head, job.chunk)
+        return StreamingResponse(frames, media_type="text/event-stream")
 
     async def _sse(
         self,
-        stream: _Stream,
+        stream: _Run,
         prompt_tokens: int,
         stops: list[str],
         head: list[dict[str, Any]],
@@ -328,18 +331,17 @@ class Ingress:
         stopped = False
         # Text that could be the start of a stop sequence is held back until it is not.
         hold = max((len(s) for s in stops), default=1) - 1
-        item = stream.first
+        item: GroupReply = stream.first
         try:
             for h in head:
                 yield P.sse(h)
             while True:
-                if item.get("error"):
-                    detail = item.get("detail") or item.get("state")
-                    err = P.ApiError(503, f"generation failed: {detail}", type_="server_error")
-                    yield P.sse(err.body())
+                if isinstance(item, GroupUnavailable):
+                    msg = f"generation failed: {item.describe()}"
+                    yield P.sse(P.ApiError(503, msg, type_="server_error").body())
                     break
-                tokens.extend(item["token_ids"])
-                finish = item["finish_reason"] or finish
+                tokens.extend(item.token_ids)
+                finish = item.finish_reason or finish
                 text, stopped = P.apply_stop(self._decode(tokens), stops)
                 if stopped:
                     finish = "stop"
@@ -363,7 +365,7 @@ class Ingress:
                     yield P.sse(_timeout(self.args.request_timeout_s).body())
                     break
                 except Exception as e:
-                    item = {"error": "unavailable", "detail": str(e)[:200]}
+                    item = GroupUnavailable("unreachable", str(e)[:200])
             if finish is not None:
                 yield P.sse(chunk("", finish))
             yield P.SSE_DONE
@@ -408,24 +410,16 @@ class Ingress:
             P.check_model(body.model, self.limits)
             prompt_ids = self._encode(body.text())
             max_new = P.check_lengths(len(prompt_ids), body.max_tokens, self.limits)
-            rid = P.new_id("cmpl")
-            name = self.limits.served_model_name
-            if body.stream:
-                stream = await self._open_stream(prompt_ids, self._params(body, max_new))
-                return StreamingResponse(
-                    self._sse(
-                        stream,
-                        len(prompt_ids),
-                        body.stops(),
-                        [],
-                        lambda d, f: P.completion_chunk(rid, name, d, f),
-                    ),
-                    media_type="text/event-stream",
-                )
-            text, finish, tokens = await self._complete(prompt_ids, body, max_new)
-            return JSONResponse(
-                P.completion_response(rid, name, text, finish, len(prompt_ids), len(tokens))
+            rid, name = P.new_id("cmpl"), self.limits.served_model_name
+            job = _Job(
+                prompt_ids,
+                body,
+                max_new,
+                body.stream,
+                answer=lambda t, f, np, nc: P.completion_response(rid, name, t, f, np, nc),
+                chunk=lambda d, f: P.completion_chunk(rid, name, d, f),
             )
+            return await self._respond(job)
 
         return await self._handle("completions", request, run)
 
@@ -436,38 +430,32 @@ class Ingress:
         async def run(raw: Any) -> Response:
             body: P.ChatRequest = P.parse_request(P.ChatRequest, raw)
             P.check_model(body.model, self.limits)
-            msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
-            if getattr(self.tokenizer, "chat_template", None):
-                prompt = self.tokenizer.apply_chat_template(
-                    msgs, tokenize=False, add_generation_prompt=True
-                )
-                prompt_ids = self._encode(prompt, special=False)
-            else:
-                prompt = P.simple_chat_prompt([(m["role"], m["content"]) for m in msgs])
-                prompt_ids = self._encode(prompt)
+            prompt_ids = self._chat_prompt(body)
             param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
             max_new = P.check_lengths(len(prompt_ids), body.max_new(), self.limits, param=param)
-            rid = P.new_id("chatcmpl")
-            name = self.limits.served_model_name
-            if body.stream:
-                stream = await self._open_stream(prompt_ids, self._params(body, max_new))
-                role = P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None)
-                return StreamingResponse(
-                    self._sse(
-                        stream,
-                        len(prompt_ids),
-                        body.stops(),
-                        [role],
-                        lambda d, f: P.chat_chunk(rid, name, {"content": d} if d else {}, f),
-                    ),
-                    media_type="text/event-stream",
-                )
-            text, finish, tokens = await self._complete(prompt_ids, body, max_new)
-            return JSONResponse(
-                P.chat_response(rid, name, text, finish, len(prompt_ids), len(tokens))
+            rid, name = P.new_id("chatcmpl"), self.limits.served_model_name
+            job = _Job(
+                prompt_ids,
+                body,
+                max_new,
+                body.stream,
+                answer=lambda t, f, np, nc: P.chat_response(rid, name, t, f, np, nc),
+                chunk=lambda d, f: P.chat_chunk(rid, name, {"content": d} if d else {}, f),
+                head=[P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None)],
             )
+            return await self._respond(job)
 
         return await self._handle("chat", request, run)
+
+    def _chat_prompt(self, body: P.ChatRequest) -> list[int]:
+        """Token ids of a chat: the tokenizer's chat template, else a plain transcript."""
+        msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if getattr(self.tokenizer, "chat_template", None):
+            prompt = self.tokenizer.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=True
+            )
+            return self._encode(prompt, special=False)
+        return self._encode(P.simple_chat_prompt([(m["role"], m["content"]) for m in msgs]))
 
     @api.post("/generate")
     async def generate(self, request: Request) -> Response:
@@ -479,21 +467,18 @@ class Ingress:
             prompt_ids = self._encode(body.prompt)
             max_new = P.check_lengths(len(prompt_ids), body.max_tokens, self.limits)
             t0 = time.monotonic()
-            out = await self._generate(prompt_ids, self._params(body, max_new))
-            tokens = out["token_ids"]
-            text, stopped = P.apply_stop(self._decode(tokens), body.stops())
-            self.metrics.prompt_tokens.inc(len(prompt_ids))
-            self.metrics.generated_tokens.inc(len(tokens))
+            job = _Job(prompt_ids, body, max_new, stream=False)
+            text, finish, out = await self._complete(job)
             return JSONResponse(
                 {
                     "text": text,
-                    "token_ids": tokens,
-                    "finish_reason": "stop" if stopped else out["finish_reason"],
+                    "token_ids": out.token_ids,
+                    "finish_reason": finish,
                     "prompt_tokens": len(prompt_ids),
-                    "completion_tokens": len(tokens),
-                    "group": out["group"],
-                    "batch_size": out["batch_size"],
-                    "engine_s": out["engine_s"],
+                    "completion_tokens": len(out.token_ids),
+                    "group": out.group,
+                    "batch_size": out.batch_size,
+                    "engine_s": out.engine_s,
                     "latency_s": time.monotonic() - t0,
                 }
             )
@@ -552,9 +537,9 @@ def build_app(args: dict[str, Any]) -> Application:
     if a.control_resource:
         actor["resources"] = {a.control_resource: 0.001}
     groups = [
-        Group.options(
+        Group.options(  # type: ignore[attr-defined]
             name=f"group-{g}", max_ongoing_requests=ongoing, ray_actor_options=actor
         ).bind(d, g, model_path)
         for g in range(a.num_groups)
     ]
-    return Ingress.options(name="ingress", ray_actor_options=actor).bind(d, model_path, *groups)
+    return Ingress.options(name="ingress", ray_actor_options=actor).bind(d, model_path, *groups)  # type: ignore[attr-defined, no-any-return]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from dsi_operator import defaults as D
+import dsi_operator.defaults as D
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]

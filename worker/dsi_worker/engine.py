@@ -124,7 +124,7 @@ def _disable_cpu_shm_allreduce() -> None:
     # importlib, not ``import deepspeed.comm.torch as m``: deepspeed.comm has an attribute
     # ``torch`` (the torch package) that the ``as`` form would bind instead of the module.
     ds_torch = importlib.import_module("deepspeed.comm.torch")
-    ds_torch.build_shm_op = lambda: None
+    ds_torch.build_shm_op = lambda: None  # type: ignore[attr-defined]
 
 
 class RankEngine:

@@ -23,6 +23,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from dsi_worker.config import AppArgs, parse_args
 from dsi_worker.engine import GenRequest, GenResult
 from dsi_worker.rank_actor import RankActor, rank_resource
+from dsi_worker.results import Generated, GroupReply, GroupUnavailable
 
 log = logging.getLogger("ray.serve")
 
@@ -74,6 +75,9 @@ def engine_kwargs(args: AppArgs, model_path: str) -> dict[str, Any]:
     }
 
 
+# mypy cannot see through Ray's decorators (``.options``/``.remote`` on decorated classes,
+# ``serve.batch``'s setters and its async-generator form); the ``type: ignore`` comments in
+# this package are at that boundary only.
 @serve.deployment(
     num_replicas=1,
     ray_actor_options={"num_cpus": 0},
@@ -110,15 +114,15 @@ class Group:
                 # Exactly what the operator puts into the pod's env.
                 opts["runtime_env"] = {"env_vars": rank_env(self.args, group, r)}
             self.actors.append(
-                RankActor.options(**opts).remote(engine_kwargs(self.args, model_path))
+                RankActor.options(**opts).remote(engine_kwargs(self.args, model_path))  # type: ignore[attr-defined]
             )
         # Forming runs in the rank actors; this replica answers status() meanwhile.
         self._start_refs = [a.start.remote() for a in self.actors]
         self.rank_info: list[dict[str, Any]] = []
-        self._generate_batch.set_max_batch_size(self.args.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-        self._stream_batch.set_max_batch_size(self.args.max_batch_size)
-        self._stream_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self._generate_batch.set_max_batch_size(self.args.max_batch_size)  # type: ignore[attr-defined]
+        self._generate_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self._stream_batch.set_max_batch_size(self.args.max_batch_size)  # type: ignore[attr-defined, misc]
+        self._stream_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)  # type: ignore[attr-defined, misc]
 
     # -- state ---------------------------------------------------------------------------
 
@@ -193,35 +197,38 @@ class Group:
 
     # -- generate ------------------------------------------------------------------------
 
-    async def generate(self, req: GenRequest) -> dict[str, Any]:
+    def _unavailable(self) -> GroupUnavailable:
+        return GroupUnavailable(self.state, self.error)
+
+    async def generate(self, req: GenRequest) -> GroupReply:
         """Generate for one request (batched with concurrent ones)."""
         self._poll_forming()
         if self.state != "ready":
-            return {"error": "unavailable", "state": self.state, "detail": self.error}
+            return self._unavailable()
         try:
-            result: dict[str, Any] = await self._generate_batch(req)
+            result: Generated = await self._generate_batch(req)
         except (RayActorError, RayTaskError) as e:
             self._fail(f"rank failed during generate: {_short(e)}")
-            return {"error": "unavailable", "state": self.state, "detail": self.error}
+            return self._unavailable()
         return result
 
-    async def generate_stream(self, req: GenRequest) -> AsyncIterator[dict[str, Any]]:
-        """Streaming generate: yields ``{"token_ids": [...], "finish_reason": ...}`` items.
+    async def generate_stream(self, req: GenRequest) -> AsyncIterator[GroupReply]:
+        """Streaming generate: yields one :class:`Generated` step at a time.
 
-        Call through a handle with ``.options(stream=True)``.  The first item is an error
-        item when the group is not ready.
+        Call through a handle with ``.options(stream=True)``. The first item is a
+        :class:`GroupUnavailable` when the group is not ready.
         """
         self._poll_forming()
         if self.state != "ready":
-            yield {"error": "unavailable", "state": self.state, "detail": self.error}
+            yield self._unavailable()
             return
         try:
-            async for item in self._stream_batch(req):
-                if item["token_ids"] or item["finish_reason"]:
+            async for item in self._stream_batch(req):  # type: ignore[call-arg, misc]
+                if item.token_ids or item.finish_reason:
                     yield item
         except (RayActorError, RayTaskError) as e:
             self._fail(f"rank failed during generate: {_short(e)}")
-            yield {"error": "unavailable", "state": self.state, "detail": self.error}
+            yield self._unavailable()
 
     def _seeded(self, reqs: list[GenRequest]) -> list[GenRequest]:
         # One seed per batch for requests that gave none; all ranks get this same list.
@@ -234,8 +241,8 @@ class Group:
         self.max_batch_seen = max(self.max_batch_seen, len(batch))
         return batch
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _stream_batch(self, reqs: list[GenRequest]) -> AsyncIterator[list[Any]]:
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # type: ignore[arg-type]
+    async def _stream_batch(self, reqs: list[GenRequest]) -> AsyncIterator[list[Any]]:  # type: ignore[misc]
         batch = self._seeded(reqs)
         # Rank 0 streams its steps back; the other ranks run the identical call (their
         # outputs are the same) and are awaited at the end so errors surface.
@@ -250,20 +257,12 @@ class Group:
                     out.append(StopIteration)  # Serve ends that caller's stream
                     continue
                 finished[i] = fin is not None
-                out.append(
-                    {
-                        "token_ids": list(toks),
-                        "finish_reason": fin,
-                        "batch_size": len(batch),
-                        "group": self.group,
-                        "epoch": self.epoch,
-                    }
-                )
+                out.append(Generated(list(toks), fin, len(batch), self.group, self.epoch))
             yield out
         await asyncio.gather(*rest)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _generate_batch(self, reqs: list[GenRequest]) -> list[dict[str, Any]]:
+    async def _generate_batch(self, reqs: list[GenRequest]) -> list[Generated]:
         batch = self._seeded(reqs)
         t0 = time.monotonic()
         outs: list[list[GenResult]] = await asyncio.gather(
@@ -271,14 +270,9 @@ class Group:
         )
         elapsed = time.monotonic() - t0
         return [
-            {
-                "token_ids": list(res.token_ids),
-                "finish_reason": res.finish_reason,
-                "batch_size": len(batch),
-                "group": self.group,
-                "epoch": self.epoch,
-                "engine_s": elapsed,
-            }
+            Generated(
+                list(res.token_ids), res.finish_reason, len(batch), self.group, self.epoch, elapsed
+            )
             for res in outs[0]
         ]
 
@@ -293,10 +287,10 @@ def _rank_wants_gpu(device: str, group: int, rank: int) -> bool:
     if device != "auto":
         return device == "cuda"
     res = rank_resource(group, rank)
-    for node in ray.nodes():
+    for node in ray.nodes():  # type: ignore[no-untyped-call]
         if node.get("Alive") and node.get("Resources", {}).get(res):
             return bool(node["Resources"].get("GPU", 0))
-    return bool(ray.cluster_resources().get("GPU", 0))
+    return bool(ray.cluster_resources().get("GPU", 0))  # type: ignore[no-untyped-call]
 
 
 def _short(e: BaseException) -> str:

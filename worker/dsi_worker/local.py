@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-from dsi_operator import defaults as D
+import dsi_operator.defaults as D
 
 from dsi_worker.rank_actor import rank_resource
 
@@ -152,7 +152,7 @@ def shutdown(grace_s: float = SHUTDOWN_GRACE_S) -> list[int]:
         from ray import serve
 
         try:
-            serve.shutdown()
+            serve.shutdown()  # type: ignore[no-untyped-call]
         finally:
             ray.shutdown()
 

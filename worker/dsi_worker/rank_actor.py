@@ -19,7 +19,7 @@ def rank_resource(group: int, rank: int) -> str:
 
 # Threaded actor: ping() must answer while generate() runs, so health checks see a busy
 # rank as alive; a lock keeps generate() calls in order.
-@ray.remote(max_concurrency=4, max_restarts=0)
+@ray.remote(max_concurrency=4, max_restarts=0)  # type: ignore[call-overload]
 class RankActor:
     """One rank: reads RANK/WORLD_SIZE/MASTER_* from its environment (the pod's)."""
 

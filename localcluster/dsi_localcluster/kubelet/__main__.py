@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from kubernetes import config as kconfig
 
-    api: Any = kconfig.new_client_from_config(str(args.kubeconfig))
+    api: Any = kconfig.new_client_from_config(str(args.kubeconfig))  # type: ignore[no-untyped-call]
     args.state_dir = args.state_dir.resolve()
     root = args.state_dir / "process-nodes"
     clean_leftovers(root, args.node)

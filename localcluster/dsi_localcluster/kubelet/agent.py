@@ -136,17 +136,17 @@ class NodeAgent:
 
     def lookup(self, kind: str, namespace: str, name: str) -> dict[str, str] | None:
         """ConfigMap data or decoded Secret data; None when missing."""
-        from kubernetes.client.rest import ApiException
+        from kubernetes.client.exceptions import ApiException
 
         try:
             if kind == "ServiceAccountToken":
                 req = {"spec": {"audiences": [], "expirationSeconds": 86400}}
-                out = self.core.create_namespaced_service_account_token(name, namespace, req)
-                return {"token": out.status.token}
+                out = self.core.create_namespaced_service_account_token(name, namespace, req)  # type: ignore[arg-type]
+                return {"token": out.status.token}  # type: ignore[dict-item, union-attr]
             if kind == "ConfigMap":
                 return dict(self.core.read_namespaced_config_map(name, namespace).data or {})
             sec = self.core.read_namespaced_secret(name, namespace)
-            return podspec.decode_secret(dict(sec.data or {}))
+            return podspec.decode_secret(dict(sec.data or {}))  # type: ignore[arg-type]
         except ApiException as e:
             if e.status == 404:
                 return None
@@ -163,7 +163,7 @@ class NodeAgent:
     def confirm_deleted(self, pod: dict[str, Any]) -> None:
         """The kubelet's last word on a deleted pod: delete it with grace 0 (UID-checked)."""
         from kubernetes import client
-        from kubernetes.client.rest import ApiException
+        from kubernetes.client.exceptions import ApiException
 
         meta = pod["metadata"]
         body = client.V1DeleteOptions(
@@ -184,11 +184,11 @@ class NodeAgent:
 
     def register(self) -> None:
         """Create (or refresh) the Node and its Lease."""
-        from kubernetes.client.rest import ApiException
+        from kubernetes.client.exceptions import ApiException
 
         body = node_manifest(self.node, self.host_ip, self.log_port)
         try:
-            self.core.create_node(body)
+            self.core.create_node(body)  # type: ignore[arg-type]
         except ApiException as e:
             if e.status != 409:
                 raise
@@ -198,7 +198,7 @@ class NodeAgent:
 
     def renew_lease(self) -> None:
         """Create or renew the node's Lease (what the node lifecycle controller watches)."""
-        from kubernetes.client.rest import ApiException
+        from kubernetes.client.exceptions import ApiException
 
         t = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         spec = {"holderIdentity": self.node, "leaseDurationSeconds": 40, "renewTime": t}
@@ -208,7 +208,7 @@ class NodeAgent:
             if e.status != 404:
                 raise
             meta = {"name": self.node, "namespace": LEASE_NS}
-            self.coord.create_namespaced_lease(LEASE_NS, {"metadata": meta, "spec": spec})
+            self.coord.create_namespaced_lease(LEASE_NS, {"metadata": meta, "spec": spec})  # type: ignore[arg-type]
 
     def heartbeat_loop(self) -> None:
         """Renew the Lease and the Ready condition every HEARTBEAT_S."""
@@ -279,8 +279,8 @@ class NodeAgent:
                 listed = self.core.list_pod_for_all_namespaces(field_selector=selector)
                 for p in listed.items:
                     self.on_pod("ADDED", self.api.sanitize_for_serialization(p))
-                rv = listed.metadata.resource_version
-                for ev in watch.Watch().stream(
+                rv = listed.metadata.resource_version  # type: ignore[union-attr]
+                for ev in watch.Watch().stream(  # type: ignore[no-untyped-call]
                     self.core.list_pod_for_all_namespaces,
                     field_selector=selector,
                     resource_version=rv,

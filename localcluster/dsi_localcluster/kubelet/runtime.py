@@ -186,7 +186,7 @@ def exec_in(
 
 def kill_recorded(pod_dir: Path) -> list[int]:
     """SIGKILL every process group ever started for this pod that is still alive."""
-    killed = []
+    killed: list[int] = []
     pids = pod_dir / "pids"
     if not pids.exists():
         return killed

@@ -1,0 +1,38 @@
+"""What a group deployment answers the ingress: generated tokens, or "not available".
+
+These cross Ray Serve handles (pickled), so they are plain frozen dataclasses with no Ray or
+torch imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Generated:
+    """Tokens for one request: the whole answer, or one streamed step of it."""
+
+    token_ids: list[int]
+    finish_reason: str | None
+    batch_size: int
+    group: int
+    epoch: str
+    engine_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class GroupUnavailable:
+    """The group cannot serve right now (forming, failed, or its replica is unreachable); the
+    ingress tries another group."""
+
+    state: str
+    detail: str | None = None
+
+    def describe(self) -> str:
+        """One line for an error message."""
+        return self.detail or self.state
+
+
+#: A group's answer to one call (or one streamed item).
+GroupReply = Generated | GroupUnavailable
