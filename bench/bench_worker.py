@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
 import sys
 import time
 from typing import Any
 
 import httpx
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from dsi_localcluster.testing import free_port
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -152,7 +146,7 @@ def main() -> None:
     del eng
 
     start_ray(1, 2)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     results: dict[tuple[int, bool], dict[str, float]] = {}
     http_single: list[float] = []

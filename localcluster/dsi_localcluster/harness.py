@@ -13,12 +13,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from dsi_localcluster.testing import free_port
-from dsi_localcluster.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "deepspeedinferences.deepspeed.ai.yaml"
@@ -189,17 +188,6 @@ def all_running(pods: dict[tuple[int, int], Any], tp: int, replicas: int) -> boo
     """Every rank of every group has a Running pod."""
     want = {(g, r) for g in range(replicas) for r in range(tp)}
     return set(pods) == want and all(p.status.phase == "Running" for p in pods.values())
-
-
-def poll(
-    predicate: Callable[[], Any],
-    timeout: float,
-    what: str,
-    dump: Callable[[], str] | None = None,
-    interval: float = 0.5,
-) -> Any:
-    """:func:`dsi_localcluster.wait.wait_for` at the operator tests' polling interval."""
-    return wait_for(predicate, timeout, what, dump=dump, interval=interval)
 
 
 # --- fixture bodies (each test module wraps them in its own fixtures) --------------------------

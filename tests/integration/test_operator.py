@@ -16,9 +16,9 @@ from dsi_localcluster.harness import (
     all_running,
     dsi_manifest,
     get_dsi,
-    poll,
     worker_pods,
 )
+from dsi_localcluster.wait import wait_for
 from kubernetes.client.rest import ApiException
 
 pytestmark = pytest.mark.integration
@@ -64,7 +64,7 @@ def test_apply_creates_rayservice_services_and_gpu_pods(
     create(kube, namespace, dsi_manifest(name, tp=2, replicas=2))
     d = dump(kube, namespace, name, operator)
 
-    rs = poll(lambda: _get_rs(kube, namespace, name), 60, "RayService created", d)
+    rs = wait_for(lambda: _get_rs(kube, namespace, name), 60, "RayService created", d)
     owner = rs["metadata"]["ownerReferences"][0]
     assert owner["kind"] == "DeepSpeedInference" and owner["name"] == name
     assert not [k for k in rs["metadata"].get("annotations", {}) if "kopf" in k]
@@ -74,7 +74,7 @@ def test_apply_creates_rayservice_services_and_gpu_pods(
         found = {g: svcs.get(f"{name}-g{g}-master") for g in (0, 1)}
         return found if all(found.values()) else None
 
-    services = poll(master_services, 30, "master Services created", d)
+    services = wait_for(master_services, 30, "master Services created", d)
     for g in (0, 1):
         svc = services[g]
         assert svc.spec.selector["deepspeed.ai/group"] == str(g)
@@ -83,7 +83,7 @@ def test_apply_creates_rayservice_services_and_gpu_pods(
         assert svc.metadata.owner_references[0].name == name
         assert not has_kopf_keys(svc.metadata)
 
-    pods = poll(
+    pods = wait_for(
         lambda: (lambda p: p if all_running(p, 2, 2) else None)(
             worker_pods(kube.core, namespace, name)
         ),
@@ -104,7 +104,7 @@ def test_apply_creates_rayservice_services_and_gpu_pods(
         assert limits["nvidia.com/gpu"] == "1"
         assert not has_kopf_keys(pod.metadata)
 
-    st = poll(
+    st = wait_for(
         lambda: (lambda s: s if s.get("phase") == "Forming" else None)(
             status(kube, namespace, name)
         ),
@@ -148,7 +148,7 @@ def test_idle_operator_writes_nothing(kube: Any, namespace: str, operator: Any) 
     name = "idle"
     create(kube, namespace, dsi_manifest(name, tp=1, replicas=1))
     d = dump(kube, namespace, name, operator)
-    poll(lambda: status(kube, namespace, name).get("phase") == "Forming", 120, "Forming", d)
+    wait_for(lambda: status(kube, namespace, name).get("phase") == "Forming", 120, "Forming", d)
     time.sleep(3)  # let the last watch events settle
 
     def writes() -> float:
@@ -183,7 +183,7 @@ def test_spec_update_rerenders_and_scale_down_cleans(
     name = "roll"
     create(kube, namespace, dsi_manifest(name, tp=2, replicas=2))
     d = dump(kube, namespace, name, operator)
-    poll(lambda: status(kube, namespace, name).get("phase") == "Forming", 120, "Forming", d)
+    wait_for(lambda: status(kube, namespace, name).get("phase") == "Forming", 120, "Forming", d)
     hashes_before = [g["hash"] for g in status(kube, namespace, name)["groups"]]
 
     kube.custom.patch_namespaced_custom_object(
@@ -203,9 +203,9 @@ def test_spec_update_rerenders_and_scale_down_cleans(
             for w in workers
         )
 
-    poll(rerendered, 60, "RayService re-rendered with the new env", d)
+    wait_for(rerendered, 60, "RayService re-rendered with the new env", d)
     gen = get_dsi(kube.custom, namespace, name)["metadata"]["generation"]
-    st = poll(
+    st = wait_for(
         lambda: (lambda s: s if s.get("observedGeneration") == gen else None)(
             status(kube, namespace, name)
         ),
@@ -232,7 +232,7 @@ def test_spec_update_rerenders_and_scale_down_cleans(
             and len(st.get("groups") or []) == 1
         )
 
-    poll(scaled, 60, "group 1 removed", d)
+    wait_for(scaled, 60, "group 1 removed", d)
     rs = _get_rs(kube, namespace, name) or {}
     groups = [w["groupName"] for w in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
     assert groups == ["g0-r0", "g0-r1"]
@@ -242,7 +242,7 @@ def test_deletion_leaves_nothing_behind(kube: Any, namespace: str, operator: Any
     name = "gone"
     create(kube, namespace, dsi_manifest(name, tp=2, replicas=1))
     d = dump(kube, namespace, name, operator)
-    poll(lambda: all_running(worker_pods(kube.core, namespace, name), 2, 1), 120, "pods", d)
+    wait_for(lambda: all_running(worker_pods(kube.core, namespace, name), 2, 1), 120, "pods", d)
     kube.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
 
     def empty() -> bool:
@@ -257,7 +257,7 @@ def test_deletion_leaves_nothing_behind(kube: Any, namespace: str, operator: Any
         ]
         return not pods and not svcs and not rs and not rc
 
-    poll(empty, 120, "every child garbage-collected", d)
+    wait_for(empty, 120, "every child garbage-collected", d)
 
 
 @pytest.mark.parametrize(
@@ -289,7 +289,7 @@ def test_too_few_gpus_is_reported(kube: Any, namespace: str, operator: Any) -> N
         c = conditions(st).get("GPUCapacity")
         return st if c and c["status"] == "False" else None
 
-    st = poll(insufficient, 60, "GPUCapacity False", d)
+    st = wait_for(insufficient, 60, "GPUCapacity False", d)
     c = conditions(st)["GPUCapacity"]
     assert c["reason"] == "Insufficient"
     assert "needs 2 rank pod(s) x 16 nvidia.com/gpu" in c["message"]
@@ -301,4 +301,4 @@ def test_too_few_gpus_is_reported(kube: Any, namespace: str, operator: Any) -> N
         events = kube.core.list_namespaced_event(namespace).items
         return any(e.reason == "Preflight" and "GPUCapacity=False" in e.message for e in events)
 
-    assert poll(preflight_event, 30, "Preflight Event naming GPUCapacity=False", d)
+    assert wait_for(preflight_event, 30, "Preflight Event naming GPUCapacity=False", d)

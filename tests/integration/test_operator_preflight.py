@@ -18,8 +18,8 @@ from dsi_localcluster.harness import (
     VERSION,
     dsi_manifest,
     get_dsi,
-    poll,
 )
+from dsi_localcluster.wait import wait_for
 from kubernetes.client.rest import ApiException
 
 pytestmark = pytest.mark.integration
@@ -97,9 +97,11 @@ def test_gpu_operator_conditions_and_requirement(
     kube.custom.create_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, dsi_manifest("opt", tp=1, replicas=1)
     )
-    c = poll(lambda: cond(kube, namespace, "opt", "GPUOperatorReady"), 60, "condition")
+    c = wait_for(lambda: cond(kube, namespace, "opt", "GPUOperatorReady"), 60, "condition")
     assert c["status"] == "False" and c["reason"] == "NotInstalled"
-    poll(lambda: phase(kube, namespace, "opt")[0] in ("Provisioning", "Forming"), 60, "not blocked")
+    wait_for(
+        lambda: phase(kube, namespace, "opt")[0] in ("Provisioning", "Forming"), 60, "not blocked"
+    )
 
     # 2. Required and absent: Pending with a message, nothing created.
     kube.custom.create_namespaced_custom_object(
@@ -109,7 +111,7 @@ def test_gpu_operator_conditions_and_requirement(
         PLURAL,
         dsi_manifest("req", tp=1, replicas=1, gpu={"requireGPUOperator": True}),
     )
-    ph, msg = poll(
+    ph, msg = wait_for(
         lambda: (lambda p: p if p[0] == "Pending" else None)(phase(kube, namespace, "req")),
         60,
         "Pending",
@@ -125,7 +127,7 @@ def test_gpu_operator_conditions_and_requirement(
         evs = kube.core.list_namespaced_event(namespace).items
         return any(e.reason == "Preflight" and "GPUOperatorReady=False" in e.message for e in evs)
 
-    assert poll(preflight_event, 30, "Preflight Event naming GPUOperatorReady=False", d)
+    assert wait_for(preflight_event, 30, "Preflight Event naming GPUOperatorReady=False", d)
 
     # 3. ClusterPolicy present but not ready: still blocked, reason says so.
     kube.apiext.create_custom_resource_definition(CP_CRD)
@@ -146,7 +148,7 @@ def test_gpu_operator_conditions_and_requirement(
     kube.custom.patch_cluster_custom_object_status(
         "nvidia.com", "v1", "clusterpolicies", "cluster-policy", {"status": {"state": "notReady"}}
     )
-    c = poll(
+    c = wait_for(
         lambda: (lambda c: c if c and c["reason"] == "ClusterPolicyNotReady" else None)(
             cond(kube, namespace, "req", "GPUOperatorReady")
         ),
@@ -161,13 +163,13 @@ def test_gpu_operator_conditions_and_requirement(
     kube.custom.patch_cluster_custom_object_status(
         "nvidia.com", "v1", "clusterpolicies", "cluster-policy", {"status": {"state": "ready"}}
     )
-    poll(
+    wait_for(
         lambda: (cond(kube, namespace, "req", "GPUOperatorReady") or {}).get("status") == "True",
         60,
         "GPUOperatorReady True",
         d,
     )
-    poll(
+    wait_for(
         lambda: phase(kube, namespace, "req")[0] in ("Provisioning", "Forming"),
         90,
         "provisioning once the GPU Operator is ready",

@@ -19,9 +19,9 @@ from dsi_localcluster.harness import (
     all_running,
     dsi_manifest,
     get_dsi,
-    poll,
     worker_pods,
 )
+from dsi_localcluster.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,9 @@ def formed(
         pods = worker_pods(kube.core, namespace, name)
         return pods if all_running(pods, tp, replicas) else None
 
-    return poll(ok, 180, "all groups formed (members recorded)", dump(kube, namespace, name, op))
+    return wait_for(
+        ok, 180, "all groups formed (members recorded)", dump(kube, namespace, name, op)
+    )
 
 
 def uids(pods: dict[tuple[int, int], Any]) -> dict[tuple[int, int], str]:
@@ -94,7 +96,7 @@ def wait_group_replaced(
             return None
         return pods
 
-    return poll(done, timeout, f"group {group} replaced", dump(kube, namespace, name, op))
+    return wait_for(done, timeout, f"group {group} replaced", dump(kube, namespace, name, op))
 
 
 def restart_events(kube: Any, namespace: str, name: str) -> list[str]:
@@ -155,7 +157,7 @@ def test_trigger_restarts_only_the_hit_group(
                 p = now.get((1, 0))
                 return p is not None and p.metadata.uid != before[(1, 0)]
 
-            poll(
+            wait_for(
                 others_replaced,
                 60,
                 "rank 0 of group 1 replaced while rank 1 hangs",
@@ -176,7 +178,7 @@ def test_trigger_restarts_only_the_hit_group(
     assert g1["restarts"] == 1 and g0["restarts"] == 0
     assert g1["lastRestartReason"].startswith(TRIGGERS[kind]), g1
     assert g1["lastRestartTime"]
-    msgs = poll(lambda: restart_events(kube, namespace, name), 10, "GroupRestart Event")
+    msgs = wait_for(lambda: restart_events(kube, namespace, name), 10, "GroupRestart Event")
     assert len(msgs) == 1, msgs
     assert "group 1" in msgs[0] and any(t in msgs[0] for t in TRIGGERS[kind])
     # the group forms again
@@ -232,7 +234,7 @@ def test_exhausted_budget_goes_failed(kube: Any, namespace: str, operator: Any) 
         st = status(kube, namespace, name)
         return st if st.get("phase") == "Failed" else None
 
-    st = poll(failed, 60, "phase Failed", dump(kube, namespace, name, operator))
+    st = wait_for(failed, 60, "phase Failed", dump(kube, namespace, name, operator))
     assert "maxRestarts 1" in st["message"] and "group 0" in st["message"]
     assert st["failedReason"] == st["message"]
     assert st["restarts"] == 1
@@ -281,16 +283,25 @@ def test_operator_killed_mid_restart_resumes_without_double_restart(
     assert st["restarts"] == 1, "the resumed restart must not be counted again"
     assert next(g for g in st["groups"] if g["index"] == 1)["restarts"] == 1
 
-    # 2. A real failure, and the operator is SIGKILLed while it handles it.
+    # 2. A real failure, and the operator is SIGKILLed the moment the restart is recorded
+    #    in status (before or while it deletes the pods): deterministic, not a sleep.
     pods = formed(kube, namespace, name, operator)
     before = uids(pods)
     faults.fail_pod(kube.api, namespace, pods[(0, 1)].metadata.name)
-    time.sleep(0.3)
+
+    def recorded() -> bool:
+        g0 = next(g for g in status(kube, namespace, name)["groups"] if g["index"] == 0)
+        return bool(g0.get("restartingSince"))
+
+    wait_for(recorded, 60, "the restart of group 0 recorded", interval=0.05)
     operator.kill()
-    time.sleep(1)
     operator.start()
     wait_group_replaced(kube, namespace, name, operator, before, group=0)
     st = status(kube, namespace, name)
+    # Exactly one more: 1 means the recorded restart was lost, 3 that it was done twice.
     assert st["restarts"] == 2, dump(kube, namespace, name, operator)()
     assert next(g for g in st["groups"] if g["index"] == 0)["restarts"] == 1
-    assert len(restart_events(kube, namespace, name)) == 1  # case 1 was staged by the test
+    assert next(g for g in st["groups"] if g["index"] == 1)["restarts"] == 1
+    # Case 1 was staged by the test (no Event). The Event is posted after the status write,
+    # so a kill between the two can lose it (status is the record); it is never doubled.
+    assert len(restart_events(kube, namespace, name)) <= 1

@@ -7,11 +7,11 @@ Skipped, with the reason printed, where no CUDA device is visible.  Run on a GPU
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
+from dsi_localcluster.testing import free_port
 
 torch = pytest.importorskip("torch")
 
@@ -46,9 +46,7 @@ def small_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module", autouse=True)
 def _nccl_group() -> None:
     # A real one-rank NCCL group, as a TP=1 pod would form it.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ.update(
         RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )

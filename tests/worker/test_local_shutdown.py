@@ -14,21 +14,17 @@ import httpx
 import psutil
 import pytest
 from dsi_localcluster.testing import free_port
+from dsi_localcluster.wait import wait_for
 
 pytestmark = pytest.mark.worker
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         assert proc.poll() is None, f"serve-local exited:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"not healthy in {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+        return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
+
+    wait_for(healthy, timeout, "serve-local healthy", dump=lambda: log.read_text()[-3000:])
 
 
 def _load(url: str) -> None:

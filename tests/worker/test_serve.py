@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import httpx
 import pytest
 import yaml
 from dsi_localcluster.testing import free_port
+from dsi_localcluster.wait import wait_for
 
 pytestmark = pytest.mark.worker
 
@@ -47,22 +47,6 @@ applications:
       torch_threads: 1
       local_mode: true
 """
-
-
-def wait_for(what: str, pred: Callable[[], Any], timeout: float, every: float = 1.0) -> Any:
-    """Poll ``pred`` until truthy; on timeout fail with the last value seen."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = pred()
-        except Exception as e:  # keep polling through transient errors
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 def _health(url: str) -> httpx.Response:
@@ -99,7 +83,7 @@ def server(tiny_model_dir: Path) -> Iterator[str]:
         app = call_user_app_builder_with_args_if_necessary(builder, app_cfg["args"])
         serve.run(app, name=app_cfg["name"], route_prefix=app_cfg["route_prefix"])
         url = f"http://127.0.0.1:{port}"
-        wait_for("every group to form", lambda: _health(url).status_code == 200, FORM_DEADLINE_S)
+        wait_for(lambda: _health(url).status_code == 200, FORM_DEADLINE_S, "every group to form")
         yield url
     finally:
         serve.shutdown()
@@ -332,23 +316,23 @@ def test_killed_rank_reforms_its_group_only(server: str) -> None:
     before = _groups(server)
     _kill_rank(before[0]["ranks"][1])
     # Health fails while group 0 re-forms...
-    wait_for("healthz to fail", lambda: _health(server).status_code == 503, 60, every=0.5)
+    wait_for(lambda: _health(server).status_code == 503, 60, "healthz to fail", interval=0.5)
     # ...and the other group keeps serving meanwhile.
     r = _post(server, "/generate", {"prompt": "still here", "max_tokens": 4})
     assert r.status_code == 200, r.text
     assert r.json()["group"] == 1
     # Group 0 comes back as a new epoch; group 1 was never restarted.
-    wait_for("healthz to recover", lambda: _health(server).status_code == 200, FORM_DEADLINE_S)
+    wait_for(lambda: _health(server).status_code == 200, FORM_DEADLINE_S, "healthz to recover")
     after = _groups(server)
     assert after[0]["epoch"] != before[0]["epoch"]
     assert after[1]["epoch"] == before[1]["epoch"]
     wait_for(
-        "a request on the re-formed group 0",
         lambda: (
             _post(server, "/generate", {"prompt": "again", "max_tokens": 4}).json()["group"] == 0
         ),
         60,
-        every=0.2,
+        "a request on the re-formed group 0",
+        interval=0.2,
     )
     metrics = httpx.get(f"{server}/metrics").text
     assert 'dsi_group_restarts_total{group="0"} 1.0' in metrics
@@ -362,9 +346,9 @@ def test_all_groups_down_answers_503_with_retry_after(server: str) -> None:
         r = _post(server, "/generate", {"prompt": "anyone?", "max_tokens": 4})
         return r if r.status_code == 503 else None
 
-    r = wait_for("a 503", unavailable, 60, every=0.5)
+    r = wait_for(unavailable, 60, "a 503", interval=0.5)
     assert int(r.headers["retry-after"]) > 0
     assert r.json()["error"]["code"] == "group_not_ready"
-    wait_for("healthz to recover", lambda: _health(server).status_code == 200, FORM_DEADLINE_S)
+    wait_for(lambda: _health(server).status_code == 200, FORM_DEADLINE_S, "healthz to recover")
     r = _post(server, "/generate", {"prompt": "back", "max_tokens": 4})
     assert r.status_code == 200, r.text

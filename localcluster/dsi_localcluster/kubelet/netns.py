@@ -84,12 +84,17 @@ class Network:
 
     def ensure_bridge(self) -> str:
         """Create the bridge with the gateway address if missing; return the gateway."""
-        if ip("link", "show", self.bridge, check=False).returncode != 0:
-            ip("link", "add", self.bridge, "type", "bridge")
-        addr = f"{self.gateway}/{self.net.prefixlen}"
-        if addr not in ip("-o", "addr", "show", "dev", self.bridge).stdout:
-            ip("addr", "add", addr, "dev", self.bridge)
-        ip("link", "set", self.bridge, "up")
+        # The node agents start together and share one bridge: without the lock two of them
+        # both see it missing and the second "ip link add" fails (File exists).
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / "bridge.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if ip("link", "show", self.bridge, check=False).returncode != 0:
+                ip("link", "add", self.bridge, "type", "bridge")
+            addr = f"{self.gateway}/{self.net.prefixlen}"
+            if addr not in ip("-o", "addr", "show", "dev", self.bridge).stdout:
+                ip("addr", "add", addr, "dev", self.bridge)
+            ip("link", "set", self.bridge, "up")
         return self.gateway
 
     def _allocate(self, uid: str) -> str:
