@@ -6,7 +6,6 @@ Used by tests/integration, tests/e2e and bench/ (installed code, so bench needs 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import signal
 import subprocess
@@ -17,22 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dsi_localcluster.builders import DSIWrapper
 from dsi_localcluster.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "deepspeedinferences.deepspeed.ai.yaml"
 GROUP, VERSION, PLURAL = "deepspeed.ai", "v1alpha1", "deepspeedinferences"
-
-#: Fast restart settings so tests do not wait on production grace periods.
-FAST_RESTART_POLICY: dict[str, Any] = {
-    "maxRestarts": 5,
-    "windowSeconds": 600,
-    "backoff": {"initialSeconds": 1, "maxSeconds": 2},
-    "quietPeriodSeconds": 600,
-    "terminatingGraceSeconds": 3,
-    "nodeNotReadyGraceSeconds": 3,
-    "formationTimeoutSeconds": 600,
-}
 
 
 class OperatorProcess:
@@ -136,31 +125,9 @@ class OperatorProcess:
 
 
 def dsi_manifest(name: str, tp: int = 2, replicas: int = 2, **spec: Any) -> dict[str, Any]:
-    """A DSI for the simulated GPU cluster, with fast restart settings."""
-    body: dict[str, Any] = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "DeepSpeedInference",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {
-                "name": "hf-internal-testing/tiny-random-LlamaForCausalLM",
-                "dtype": "bfloat16",
-            },
-            "tensorParallelSize": tp,
-            "replicas": replicas,
-            "image": "registry.invalid/dsi-worker:test",
-            "resources": {"gpus": 1, "cpu": "100m", "memory": "128Mi"},
-            "gpu": {"sharedMemorySize": "64Mi"},
-            "head": {"resources": {"cpu": "100m", "memory": "128Mi"}},
-            "restartPolicy": copy.deepcopy(FAST_RESTART_POLICY),
-        },
-    }
-    for k, v in spec.items():
-        if isinstance(v, dict) and isinstance(body["spec"].get(k), dict):
-            body["spec"][k].update(v)
-        else:
-            body["spec"][k] = v
-    return body
+    """A DSI for the simulated GPU cluster, with fast restart settings (see
+    :class:`~dsi_localcluster.builders.DSIWrapper`)."""
+    return DSIWrapper(name).on_simulated_gpus().tp(tp).replicas(replicas).set(**spec).obj()
 
 
 def get_dsi(custom: Any, namespace: str, name: str) -> dict[str, Any]:

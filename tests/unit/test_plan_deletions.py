@@ -7,18 +7,13 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from dsi_localcluster.builders import DSIWrapper
 from dsi_operator.reconcile import Observed, Plan, PodDeletion, plan, plan_deletions, safe_parse
 from dsi_operator.restart import ContinueRestart, NodeInfo, PodInfo, Restart
 from dsi_operator.status import RayServiceView, iso_precise
 
 NOW = datetime(2026, 12, 3, 8, 0, 0, tzinfo=UTC)
-SPEC = {
-    "model": {"name": "tiny/llama"},
-    "tensorParallelSize": 2,
-    "replicas": 2,
-    "resources": {"gpus": 0},
-    "restartPolicy": {"podDeletionGraceSeconds": 7},
-}
+SPEC = DSIWrapper("demo").tp(2).replicas(2).gpus(0).restart_policy(podDeletionGraceSeconds=7).spec()
 
 
 def pod(g: int, r: int, **kw: Any) -> PodInfo:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from dsi_localcluster.builders import DSIWrapper
 from dsi_operator import labels as L
 from dsi_operator.crd import dump_yaml
 from dsi_operator.render import (
@@ -36,12 +37,8 @@ IMAGE = "registry.example.com/dsi/worker:test"
 
 
 def _spec(**overrides: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "model": {"name": "facebook/opt-66b", "dtype": "float16"},
-        "image": IMAGE,
-    }
-    base.update(overrides)
-    return base
+    wrapper = DSIWrapper(NAME).model("facebook/opt-66b", "float16").set(image=IMAGE)
+    return wrapper.replace(**overrides).spec()
 
 
 CASES: dict[str, dict[str, Any]] = {

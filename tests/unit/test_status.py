@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from dsi_localcluster.builders import DSIWrapper
 from dsi_operator.preflight import GPUNeeds, evaluate
 from dsi_operator.reconcile import Observed, declared_shape, plan, safe_parse
 from dsi_operator.restart import GroupState, NodeInfo, PodInfo, Restart
@@ -23,19 +24,20 @@ from dsi_operator.status import (
 )
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
-SPEC: dict[str, Any] = {
-    "model": {"name": "tiny/llama"},
-    "tensorParallelSize": 2,
-    "replicas": 2,
-    "restartPolicy": {
-        "maxRestarts": 2,
-        "windowSeconds": 600,
-        "backoff": {"initialSeconds": 5, "maxSeconds": 20},
-        "terminatingGraceSeconds": 5,
-        "nodeNotReadyGraceSeconds": 5,
-        "formationTimeoutSeconds": 60,
-    },
-}
+SPEC: dict[str, Any] = (
+    DSIWrapper("demo")
+    .tp(2)
+    .replicas(2)
+    .restart_policy(
+        maxRestarts=2,
+        windowSeconds=600,
+        backoff={"initialSeconds": 5, "maxSeconds": 20},
+        terminatingGraceSeconds=5,
+        nodeNotReadyGraceSeconds=5,
+        formationTimeoutSeconds=60,
+    )
+    .spec()
+)
 GPU_NODE = {
     "metadata": {"name": "n0", "labels": {"nvidia.com/gpu.present": "true"}},
     "spec": {"taints": [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}]},
