@@ -94,7 +94,8 @@ class DSIWrapper:
 
     def spec(self) -> dict[str, Any]:
         """A copy of the spec."""
-        return copy.deepcopy(self._obj["spec"])  # type: ignore[no-any-return]
+        spec: dict[str, Any] = copy.deepcopy(self._obj["spec"])
+        return spec
 
     def obj(self) -> dict[str, Any]:
         """A copy of the whole object."""
