@@ -19,7 +19,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .status import COND_GPU_CAPACITY, COND_GPU_OPERATOR, COND_KUBERAY, Condition
+from .spec import Condition
+from .status import COND_GPU_CAPACITY, COND_GPU_OPERATOR, COND_KUBERAY
 
 
 @dataclass(frozen=True)
@@ -115,13 +116,13 @@ def capacity_condition(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> C
         # CPU-only ranks (resources.gpus: 0): only placement matters, not GPUs.
         matching = sum(1 for n in nodes if node_fits(n, needs))
         if matching:
-            return Condition(
+            return Condition.of(
                 COND_GPU_CAPACITY,
                 "True",
                 "NoGPUsRequested",
                 f"CPU-only ranks (resources.gpus: 0); {matching} node(s) match their placement",
             )
-        return Condition(
+        return Condition.of(
             COND_GPU_CAPACITY,
             "False",
             "NoMatchingNodes",
@@ -134,13 +135,13 @@ def capacity_condition(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> C
     )
     found = f"{gpus} allocatable {needs.resource_name} on {matching} matching node(s) fit"
     if slots >= needs.tp:
-        return Condition(
+        return Condition.of(
             COND_GPU_CAPACITY,
             "True",
             "Sufficient",
             f"{found} {slots // max(needs.tp, 1)} group(s); {need_desc}",
         )
-    return Condition(
+    return Condition.of(
         COND_GPU_CAPACITY, "False", "Insufficient", f"{found} {slots} rank pod(s); {need_desc}"
     )
 
@@ -160,21 +161,25 @@ def evaluate(
     warnings: list[str] = []
 
     if kuberay_present:
-        conds.append(Condition(COND_KUBERAY, "True", "CRDPresent", "rayservices.ray.io installed"))
+        conds.append(
+            Condition.of(COND_KUBERAY, "True", "CRDPresent", "rayservices.ray.io installed")
+        )
     else:
         msg = "KubeRay is not installed (CRD rayservices.ray.io not found)"
-        conds.append(Condition(COND_KUBERAY, "False", "CRDNotFound", msg))
+        conds.append(Condition.of(COND_KUBERAY, "False", "CRDNotFound", msg))
         blocking.append(msg)
 
     if cluster_policies is None:
-        gpu_op = Condition(
+        gpu_op = Condition.of(
             COND_GPU_OPERATOR,
             "False",
             "NotInstalled",
             "GPU Operator not installed (CRD clusterpolicies.nvidia.com not found)",
         )
     elif not cluster_policies:
-        gpu_op = Condition(COND_GPU_OPERATOR, "False", "NoClusterPolicy", "no ClusterPolicy found")
+        gpu_op = Condition.of(
+            COND_GPU_OPERATOR, "False", "NoClusterPolicy", "no ClusterPolicy found"
+        )
     else:
         states = {
             (p.get("metadata") or {}).get("name", "?"): (p.get("status") or {}).get("state")
@@ -182,12 +187,12 @@ def evaluate(
         }
         ready = [n for n, s in states.items() if s == "ready"]
         if ready:
-            gpu_op = Condition(
+            gpu_op = Condition.of(
                 COND_GPU_OPERATOR, "True", "ClusterPolicyReady", f"ClusterPolicy {ready[0]} ready"
             )
         else:
             desc = ", ".join(f"{n}: {s or 'no state'}" for n, s in sorted(states.items()))
-            gpu_op = Condition(
+            gpu_op = Condition.of(
                 COND_GPU_OPERATOR, "False", "ClusterPolicyNotReady", f"ClusterPolicy {desc}"
             )
     conds.append(gpu_op)

@@ -35,7 +35,7 @@ from .restart import (
     Restart,
     decide,
 )
-from .spec import DeepSpeedInferenceSpec, RestartPolicySpec, parse_spec
+from .spec import ConditionType, DeepSpeedInferenceSpec, Phase, RestartPolicySpec, parse_spec
 from .status import (
     RayServiceView,
     StatusInputs,
@@ -52,6 +52,13 @@ EVENT_BACKOFF = "GroupRestartBackoff"
 EVENT_INVALID = "InvalidSpec"
 EVENT_PREFLIGHT = "Preflight"
 EVENT_PHASE = "PhaseChanged"
+
+#: The conditions preflight reports; each change of one is also an Event.
+PREFLIGHT_CONDITIONS = (
+    ConditionType.GPUOperatorReady,
+    ConditionType.GPUCapacity,
+    ConditionType.KubeRayAvailable,
+)
 
 
 @dataclass(frozen=True)
@@ -386,7 +393,7 @@ def plan_deletions(
 def _phase_events(current: Mapping[str, Any], desired: Mapping[str, Any]) -> list[EventSpec]:
     if current.get("phase") == desired.get("phase") or desired.get("phase") is None:
         return []
-    etype = "Warning" if desired["phase"] in ("Failed", "Degraded") else "Normal"
+    etype = "Warning" if desired["phase"] in (Phase.Failed, Phase.Degraded) else "Normal"
     message = f"phase {desired['phase']}: {desired.get('message', '')}"
     return [EventSpec(etype, EVENT_PHASE, message)]
 
@@ -400,7 +407,7 @@ def _preflight_events(current: Mapping[str, Any], desired: Mapping[str, Any]) ->
     }
     out = []
     for c in desired.get("conditions") or []:
-        if c["type"] not in ("GPUOperatorReady", "GPUCapacity", "KubeRayAvailable"):
+        if c["type"] not in PREFLIGHT_CONDITIONS:
             continue
         if prev.get(c["type"]) != c["status"]:
             out.append(

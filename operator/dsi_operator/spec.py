@@ -702,6 +702,13 @@ class Condition(BaseModel):
         default=None, ge=0, description="metadata.generation the condition was computed for."
     )
 
+    @classmethod
+    def of(cls, type_: str, status: str, reason: str, message: str = "") -> Condition:
+        """A condition before it is merged into status (no transition time yet)."""
+        return cls.model_validate(
+            {"type": type_, "status": status, "reason": reason, "message": message}
+        )
+
 
 class GroupStatus(BaseModel):
     """Observed state of one TP group, including the controller's restart bookkeeping."""

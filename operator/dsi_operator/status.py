@@ -40,7 +40,7 @@ from .restart import (
     live_pods,
     recent_restarts,
 )
-from .spec import ConditionType, DeepSpeedInferenceStatus, Phase, RestartPolicySpec
+from .spec import Condition, ConditionType, DeepSpeedInferenceStatus, Phase, RestartPolicySpec
 
 # The vocabulary is the status model's (spec.Phase, spec.ConditionType); short names here.
 PHASE_PENDING = Phase.Pending
@@ -236,16 +236,6 @@ def group_status_dict(
 
 
 # --- conditions --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Condition:
-    """A status condition without its transition time (added by :func:`merge_conditions`)."""
-
-    type: str
-    status: str  # "True" | "False" | "Unknown"
-    reason: str
-    message: str = ""
 
 
 def merge_conditions(
@@ -444,15 +434,15 @@ def _serving_conditions(inp: StatusInputs, gs: _Groups) -> list[Condition]:
     rs, n_ready, n = inp.rayservice, len(gs.ready), inp.replicas
     if rs.ready:
         message = rs.message or "Ray Serve ready"
-        serving = Condition(COND_RAYSERVICE, "True", "RayServiceReady", message)
+        serving = Condition.of(COND_RAYSERVICE, "True", "RayServiceReady", message)
     else:
-        serving = Condition(
+        serving = Condition.of(
             COND_RAYSERVICE,
             "False",
             "RayServiceNotReady" if rs.exists else "RayServiceMissing",
             rs.message or ("RayService not ready" if rs.exists else "RayService not created"),
         )
-    formed = Condition(
+    formed = Condition.of(
         COND_GROUPS_FORMED,
         "True" if n_ready == n else "False",
         "AllGroupsFormed" if n_ready == n else "GroupsNotFormed",

@@ -10,9 +10,8 @@ from dsi_localcluster.builders import DSIWrapper
 from dsi_operator.preflight import GPUNeeds, evaluate
 from dsi_operator.reconcile import Observed, declared_shape, plan, safe_parse
 from dsi_operator.restart import GroupState, NodeInfo, PodInfo, Restart
-from dsi_operator.spec import RestartPolicySpec
+from dsi_operator.spec import Condition, RestartPolicySpec
 from dsi_operator.status import (
-    Condition,
     RayServiceView,
     StatusInputs,
     advance_group,
@@ -211,12 +210,12 @@ def test_blocking_preflight_keeps_pending() -> None:
 
 
 def test_condition_transition_time_kept_while_status_same() -> None:
-    c = [Condition("KubeRayAvailable", "True", "CRDPresent", "ok")]
+    c = [Condition.of("KubeRayAvailable", "True", "CRDPresent", "ok")]
     first = merge_conditions(None, c, 1, NOW)
     later = merge_conditions(first, c, 1, NOW + timedelta(hours=1))
     assert later[0]["lastTransitionTime"] == first[0]["lastTransitionTime"]
     flipped = merge_conditions(
-        first, [Condition("KubeRayAvailable", "False", "x", "y")], 1, NOW + timedelta(hours=1)
+        first, [Condition.of("KubeRayAvailable", "False", "x", "y")], 1, NOW + timedelta(hours=1)
     )
     assert flipped[0]["lastTransitionTime"] == iso(NOW + timedelta(hours=1))
 
