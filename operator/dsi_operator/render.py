@@ -1,8 +1,8 @@
 """Pure rendering: a DeepSpeedInference spec -> the manifests of its children.
 
-Nothing here talks to the API server. Inputs are plain data (a spec dict as kopf hands it
-over, or a parsed :class:`~dsi_operator.spec.DeepSpeedInferenceSpec`); outputs are plain dicts
-ready to create/patch. Children of DSI ``<name>``:
+Nothing here talks to the API server. The input is the typed spec (parsed once, at the edge:
+:func:`render_body` parses a whole object); outputs are plain dicts ready to create/patch.
+Children of DSI ``<name>``:
 
 - RayService ``<name>`` (ray.io/v1): head group without GPUs, and one worker group
   ``g<g>-r<r>`` (replicas 1) per rank r of each TP group g, whose pod carries the rank's
@@ -28,7 +28,6 @@ from dsi_operator import labels as L
 from dsi_operator.spec import DeepSpeedInferenceSpec, parse_spec
 
 Manifest = dict[str, Any]
-SpecLike = Mapping[str, Any] | DeepSpeedInferenceSpec
 
 #: Environment variables the operator owns on worker pods; user env cannot override them.
 RANK_ENV_NAMES = frozenset(
@@ -72,15 +71,13 @@ def owner_reference(name: str, uid: str) -> dict[str, Any]:
     }
 
 
-def expected_ranks(spec: SpecLike) -> list[tuple[int, int]]:
+def expected_ranks(s: DeepSpeedInferenceSpec) -> list[tuple[int, int]]:
     """Every (group, rank) the spec asks for, in order."""
-    s = parse_spec(spec)
     return [(g, r) for g in range(s.replicas) for r in range(s.tensor_parallel_size)]
 
 
-def model_location(spec: SpecLike) -> str:
+def model_location(s: DeepSpeedInferenceSpec) -> str:
     """What the worker loads: the hub id, or the model directory inside the mounted PVC."""
-    s = parse_spec(spec)
     if s.model.pvc is not None:
         path = s.model.pvc.path.strip("/")
         return f"{L.MODEL_MOUNT_PATH}/{path}" if path else L.MODEL_MOUNT_PATH
@@ -88,9 +85,8 @@ def model_location(spec: SpecLike) -> str:
     return s.model.name
 
 
-def serve_app_args(spec: SpecLike) -> dict[str, Any]:
+def serve_app_args(s: DeepSpeedInferenceSpec) -> dict[str, Any]:
     """``args`` of the Serve application (snake_case, as ``dsi_worker.config.AppArgs``)."""
-    s = parse_spec(spec)
     args: dict[str, Any] = {
         "model": model_location(s),
         "dtype": s.model.dtype.value,
@@ -113,9 +109,8 @@ def serve_app_args(spec: SpecLike) -> dict[str, Any]:
     return args
 
 
-def serve_config(spec: SpecLike) -> dict[str, Any]:
+def serve_config(s: DeepSpeedInferenceSpec) -> dict[str, Any]:
     """The RayService's serveConfigV2, as a dict (rendered as YAML text into the RayService)."""
-    s = parse_spec(spec)
     config: dict[str, Any] = {
         "applications": [
             {
@@ -174,7 +169,7 @@ def _prefix_hashes(head: dict[str, Any], workers: list[dict[str, Any]]) -> dict[
     return out
 
 
-def spec_hash_by_group(spec: SpecLike) -> dict[int, str]:
+def spec_hash_by_group(s: DeepSpeedInferenceSpec) -> dict[int, str]:
     """Per group g: a hash of the worker pod templates g's pods are created from.
 
     Equal hashes before and after a spec change mean KubeRay leaves g's pods alone; a
@@ -183,7 +178,6 @@ def spec_hash_by_group(spec: SpecLike) -> dict[int, str]:
     the pod templates (serve settings, model name, restartPolicy) keep every hash; adding
     groups keeps the existing groups' hashes.
     """
-    s = parse_spec(spec)
     head = head_group_spec(s, _HASH_NAME)
     workers = [
         _worker_group_spec(s, _HASH_NAME, _HASH_NAMESPACE, g, r)
@@ -193,9 +187,9 @@ def spec_hash_by_group(spec: SpecLike) -> dict[int, str]:
     return _prefix_hashes(head, workers)
 
 
-def spec_hash(spec: SpecLike) -> str:
+def spec_hash(s: DeepSpeedInferenceSpec) -> str:
     """Hash of the whole spec (annotation on the RayService)."""
-    return _hash(parse_spec(spec).model_dump(mode="json", by_alias=True))
+    return _hash(s.model_dump(mode="json", by_alias=True))
 
 
 # --- Pod templates ---------------------------------------------------------------------------
@@ -305,9 +299,8 @@ def raylet_probe(initial_delay: int, failure_threshold: int) -> dict[str, Any]:
     }
 
 
-def head_group_spec(spec: SpecLike, name: str) -> dict[str, Any]:
+def head_group_spec(s: DeepSpeedInferenceSpec, name: str) -> dict[str, Any]:
     """KubeRay headGroupSpec: Ray GCS, Serve controller and proxy; no GPUs, no rank actors."""
-    s = parse_spec(spec)
     volumes, mounts = _model_volume(s)
     container: dict[str, Any] = {
         "name": L.HEAD_CONTAINER,
@@ -352,10 +345,9 @@ def head_group_spec(spec: SpecLike, name: str) -> dict[str, Any]:
 
 
 def worker_env(
-    spec: SpecLike, name: str, namespace: str, group: int, rank: int
+    s: DeepSpeedInferenceSpec, name: str, namespace: str, group: int, rank: int
 ) -> list[dict[str, Any]]:
     """Env of rank ``rank`` of group ``group``: torch.distributed vars, NCCL defaults, user env."""
-    s = parse_spec(spec)
     env: list[dict[str, Any]] = [
         {"name": "RANK", "value": str(rank)},
         {"name": "WORLD_SIZE", "value": str(s.tensor_parallel_size)},
@@ -377,10 +369,9 @@ def worker_env(
 
 
 def _worker_group_spec(
-    spec: SpecLike, name: str, namespace: str, group: int, rank: int
+    s: DeepSpeedInferenceSpec, name: str, namespace: str, group: int, rank: int
 ) -> dict[str, Any]:
     """workerGroupSpec ``g<g>-r<r>`` without the group-hash annotation."""
-    s = parse_spec(spec)
     gpus = s.resources.gpus
     extra = {s.gpu.resource_name: str(gpus)} if gpus > 0 else {}
     volumes, mounts = _model_volume(s)
@@ -435,10 +426,11 @@ def _worker_group_spec(
     }
 
 
-def worker_group_specs(spec: SpecLike, name: str, namespace: str) -> list[dict[str, Any]]:
+def worker_group_specs(
+    s: DeepSpeedInferenceSpec, name: str, namespace: str
+) -> list[dict[str, Any]]:
     """Every workerGroupSpec (``g<g>-r<r>``, one pod each), in (group, rank) order, each pod
     template annotated with its group's ``deepspeed.ai/group-hash``."""
-    s = parse_spec(spec)
     hashes = spec_hash_by_group(s)
     out = []
     for g in range(s.replicas):
@@ -456,9 +448,8 @@ def worker_group_specs(spec: SpecLike, name: str, namespace: str) -> list[dict[s
 # --- Children --------------------------------------------------------------------------------
 
 
-def render_rayservice(name: str, namespace: str, uid: str, spec: SpecLike) -> Manifest:
+def render_rayservice(name: str, namespace: str, uid: str, s: DeepSpeedInferenceSpec) -> Manifest:
     """The RayService ``<name>``."""
-    s = parse_spec(spec)
     workers = worker_group_specs(s, name, namespace)
     ray_cluster: dict[str, Any] = {
         "rayVersion": L.RAY_VERSION,
@@ -488,10 +479,9 @@ def render_rayservice(name: str, namespace: str, uid: str, spec: SpecLike) -> Ma
 
 
 def render_master_service(
-    name: str, namespace: str, uid: str, spec: SpecLike, group: int
+    name: str, namespace: str, uid: str, s: DeepSpeedInferenceSpec, group: int
 ) -> Manifest:
     """Headless Service ``<name>-g<g>-master`` selecting group g's rank-0 pod."""
-    s = parse_spec(spec)
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -524,16 +514,18 @@ def render_master_service(
     }
 
 
-def render_master_services(name: str, namespace: str, uid: str, spec: SpecLike) -> list[Manifest]:
+def render_master_services(
+    name: str, namespace: str, uid: str, s: DeepSpeedInferenceSpec
+) -> list[Manifest]:
     """One headless master Service per group."""
-    s = parse_spec(spec)
     return [render_master_service(name, namespace, uid, s, g) for g in range(s.replicas)]
 
 
-def render_endpoint_service(name: str, namespace: str, uid: str, spec: SpecLike) -> Manifest:
+def render_endpoint_service(
+    name: str, namespace: str, uid: str, s: DeepSpeedInferenceSpec
+) -> Manifest:
     """``<name>-api``: the model endpoint, selecting the head once its Serve proxy is healthy
     (KubeRay keeps the head's ``ray.io/serve`` label in step with the proxy's health)."""
-    s = parse_spec(spec)
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -561,10 +553,11 @@ def render_endpoint_service(name: str, namespace: str, uid: str, spec: SpecLike)
     }
 
 
-def render_children(name: str, namespace: str, uid: str, spec: SpecLike) -> list[Manifest]:
+def render_children(
+    name: str, namespace: str, uid: str, s: DeepSpeedInferenceSpec
+) -> list[Manifest]:
     """Every child of the DSI: the RayService, the master Services in group order, then the
     endpoint Service."""
-    s = parse_spec(spec)
     return [
         render_rayservice(name, namespace, uid, s),
         *render_master_services(name, namespace, uid, s),
@@ -575,4 +568,5 @@ def render_children(name: str, namespace: str, uid: str, spec: SpecLike) -> list
 def render_body(body: Mapping[str, Any]) -> list[Manifest]:
     """:func:`render_children` from a whole DSI object (``metadata`` + ``spec``)."""
     meta = body["metadata"]
-    return render_children(meta["name"], meta["namespace"], meta["uid"], body["spec"])
+    spec = parse_spec(body["spec"])
+    return render_children(meta["name"], meta["namespace"], meta["uid"], spec)

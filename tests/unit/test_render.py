@@ -114,7 +114,7 @@ CASES: dict[str, dict[str, Any]] = {
 
 
 def _render(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    return render_children(NAME, NS, UID, spec)
+    return render_children(NAME, NS, UID, parse_spec(spec))
 
 
 # --- Golden files ------------------------------------------------------------------------------
@@ -185,8 +185,10 @@ def test_children_shape_owners_and_labels(case: str) -> None:
 def test_one_worker_group_per_rank_with_its_env_and_pin(case: str) -> None:
     spec = parse_spec(CASES[case])
     workers = _workers(_render(CASES[case]))
-    assert [(w["groupName"]) for w in workers] == [f"g{g}-r{r}" for g, r in expected_ranks(spec)]
-    for w, (g, r) in zip(workers, expected_ranks(spec), strict=True):
+    assert [(w["groupName"]) for w in workers] == [
+        f"g{g}-r{r}" for g, r in expected_ranks(parse_spec(spec))
+    ]
+    for w, (g, r) in zip(workers, expected_ranks(parse_spec(spec)), strict=True):
         assert (w["replicas"], w["minReplicas"], w["maxReplicas"]) == (1, 1, 1)
         env = _env(w)
         assert env["RANK"] == str(r)
@@ -280,7 +282,7 @@ def test_master_service_selects_exactly_its_groups_rank0(case: str) -> None:
     children = _render(CASES[case])
     pods = {
         (g, r): w["template"]["metadata"]["labels"]
-        for w, (g, r) in zip(_workers(children), expected_ranks(spec), strict=True)
+        for w, (g, r) in zip(_workers(children), expected_ranks(parse_spec(spec)), strict=True)
     }
     for svc in children[1:-1]:
         s = svc["spec"]
@@ -302,7 +304,7 @@ def test_serve_config_is_accepted_by_the_worker_app(case: str) -> None:
     spec = parse_spec(CASES[case])
     rs = _render(CASES[case])[0]
     config = yaml.safe_load(rs["spec"]["serveConfigV2"])
-    assert config == serve_config(spec)
+    assert config == serve_config(parse_spec(spec))
     (app,) = config["applications"]
     assert app["import_path"] == "dsi_worker.app:build_app"
     assert app["route_prefix"] == spec.serve.route_prefix
@@ -316,9 +318,9 @@ def test_serve_config_is_accepted_by_the_worker_app(case: str) -> None:
 
 
 def test_custom_serve_port_sets_http_options() -> None:
-    config = serve_config(CASES["runtime-class-pvc-overrides"])
+    config = serve_config(parse_spec(CASES["runtime-class-pvc-overrides"]))
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8080}
-    assert "http_options" not in serve_config(CASES["tp1-replicas1"])
+    assert "http_options" not in serve_config(parse_spec(CASES["tp1-replicas1"]))
 
 
 # --- Specific behaviours ---------------------------------------------------------------------
@@ -432,7 +434,7 @@ def test_zero_replicas_renders_head_only() -> None:
 
 def test_group_hash_is_on_every_worker_pod_template() -> None:
     spec = CASES["tp2-replicas3"]
-    hashes = spec_hash_by_group(spec)
+    hashes = spec_hash_by_group(parse_spec(spec))
     assert sorted(hashes) == [0, 1, 2]
     for w in _workers(_render(spec)):
         g, _ = L.parse_worker_group_name(w["groupName"]) or (-1, -1)
@@ -440,19 +442,19 @@ def test_group_hash_is_on_every_worker_pod_template() -> None:
 
 
 def test_changes_outside_the_pod_templates_keep_every_group_hash() -> None:
-    base = spec_hash_by_group(CASES["tp2-replicas3"])
+    base = spec_hash_by_group(parse_spec(CASES["tp2-replicas3"]))
     for change in (
         {"restartPolicy": {"maxRestarts": 1, "formationTimeoutSeconds": 60}},
         {"serve": {"maxBatchSize": 32, "maxNewTokens": 64}},
         {"model": {"name": "facebook/opt-30b", "dtype": "float16"}},
     ):
-        assert spec_hash_by_group({**CASES["tp2-replicas3"], **change}) == base, change
+        assert spec_hash_by_group(parse_spec({**CASES["tp2-replicas3"], **change})) == base, change
 
 
 def test_scaling_up_keeps_existing_groups() -> None:
     spec = CASES["tp2-replicas3"]
-    base = spec_hash_by_group(spec)
-    scaled = spec_hash_by_group({**spec, "replicas": 5})
+    base = spec_hash_by_group(parse_spec(spec))
+    scaled = spec_hash_by_group(parse_spec({**spec, "replicas": 5}))
     # KubeRay appends new worker groups in place only when the existing ones are unchanged.
     assert {g: scaled[g] for g in base} == base
     assert set(scaled) == {0, 1, 2, 3, 4}
@@ -474,16 +476,16 @@ def test_scaling_up_keeps_existing_groups() -> None:
     ],
 )
 def test_pod_template_changes_roll_every_group(change: dict[str, Any]) -> None:
-    base = spec_hash_by_group(CASES["tp2-replicas3"])
-    changed = spec_hash_by_group({**CASES["tp2-replicas3"], **change})
+    base = spec_hash_by_group(parse_spec(CASES["tp2-replicas3"]))
+    changed = spec_hash_by_group(parse_spec({**CASES["tp2-replicas3"], **change}))
     assert all(changed[g] != base[g] for g in base)
     assert len(set(base.values())) == len(base)  # groups differ from each other
 
 
 def test_hash_does_not_depend_on_name_or_namespace() -> None:
     spec = CASES["tp2-replicas1"]
-    a = render_children("a", "ns1", UID, spec)
-    b = render_children("bb", "ns2", UID, spec)
+    a = render_children("a", "ns1", UID, parse_spec(spec))
+    b = render_children("bb", "ns2", UID, parse_spec(spec))
     annotations_a = [w["template"]["metadata"]["annotations"] for w in _workers(a)]
     annotations_b = [w["template"]["metadata"]["annotations"] for w in _workers(b)]
     assert annotations_a == annotations_b
@@ -493,7 +495,7 @@ def test_hash_does_not_depend_on_name_or_namespace() -> None:
 
 
 def test_helpers() -> None:
-    assert expected_ranks(_spec(tensorParallelSize=2, replicas=2)) == [
+    assert expected_ranks(parse_spec(_spec(tensorParallelSize=2, replicas=2))) == [
         (0, 0),
         (0, 1),
         (1, 0),
