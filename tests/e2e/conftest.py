@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
+from dsi_localcluster.builders import FAST_RESTART_POLICY
 from e2e_stack import (
-    FAST_RESTART_POLICY,
     MAX_TOKENS,
     NAME,
     PROMPT,

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from dsi_localcluster.harness import (
-    FAST_RESTART_POLICY,
     OperatorProcess,
     get_dsi,
     install_crd,
@@ -21,7 +20,7 @@ from dsi_localcluster.wait import events, wait_for
 
 _HERE = Path(__file__).resolve().parent
 
-__all__ = ["FAST_RESTART_POLICY", "OperatorProcess", "Stack", "install_crd", "post"]
+__all__ = ["OperatorProcess", "Stack", "install_crd", "post"]
 
 ROOT = _HERE.parents[1]
 SAMPLE = ROOT / "examples" / "tiny-local.yaml"
