@@ -216,78 +216,75 @@ def find_triggers(
     restart of the same group.
     """
     found: list[Trigger] = []
-    by_rank: dict[int, list[PodInfo]] = {}
     for p in sorted(pods, key=lambda p: (p.rank, p.name)):
-        by_rank.setdefault(p.rank, []).append(p)
+        if p.uid not in state.abandoned:
+            found.extend(_pod_triggers(p, nodes, policy, now))
+    found.extend(_group_triggers(pods, state, policy, tp, now))
+    return _dedupe(found)
 
-    for p in sorted(pods, key=lambda p: (p.rank, p.name)):
-        if p.uid in state.abandoned:
-            continue
-        if p.deletion_timestamp is not None:
-            # deletionTimestamp is already "request time + grace period": past it plus our
-            # grace, the kubelet (or the node) is not finishing the job.
-            if now - p.deletion_timestamp > timedelta(seconds=policy.terminating_grace_seconds):
-                found.append(
-                    Trigger(
-                        TRIGGER_POD_STUCK_TERMINATING,
-                        p.name,
-                        f"pod {p.name} (rank {p.rank}) stuck Terminating since "
-                        f"{_iso(p.deletion_timestamp)}",
-                    )
-                )
-            # A pod being deleted may still show why it failed (KubeRay deletes Failed
-            # worker pods at once): keep checking so the incident gets its real name.
-        if p.reason == "Evicted":
-            found.append(
-                Trigger(TRIGGER_POD_EVICTED, p.name, f"pod {p.name} (rank {p.rank}) was evicted")
-            )
-        elif p.phase == "Failed":
+
+def _pod_triggers(
+    p: PodInfo, nodes: Mapping[str, NodeInfo], policy: RestartPolicySpec, now: datetime
+) -> list[Trigger]:
+    """What is wrong with one pod: stuck Terminating, evicted, failed, restarted, its node."""
+    found: list[Trigger] = []
+    who = f"pod {p.name} (rank {p.rank})"
+    if p.deletion_timestamp is not None:
+        # deletionTimestamp is already "request time + grace period": past it plus our
+        # grace, the kubelet (or the node) is not finishing the job.
+        if now - p.deletion_timestamp > timedelta(seconds=policy.terminating_grace_seconds):
             found.append(
                 Trigger(
-                    TRIGGER_POD_FAILED,
+                    TRIGGER_POD_STUCK_TERMINATING,
                     p.name,
-                    f"pod {p.name} (rank {p.rank}) phase Failed"
-                    + (f" ({p.reason})" if p.reason else ""),
+                    f"{who} stuck Terminating since {_iso(p.deletion_timestamp)}",
                 )
             )
-        if p.restart_count > 0:
-            found.append(
-                Trigger(
-                    TRIGGER_CONTAINER_RESTART,
-                    p.name,
-                    f"pod {p.name} (rank {p.rank}) container restarted "
-                    f"(restartCount {p.restart_count})",
-                )
+        # A pod being deleted may still show why it failed (KubeRay deletes Failed
+        # worker pods at once): keep checking so the incident gets its real name.
+    if p.reason == "Evicted":
+        found.append(Trigger(TRIGGER_POD_EVICTED, p.name, f"{who} was evicted"))
+    elif p.phase == "Failed":
+        why = f" ({p.reason})" if p.reason else ""
+        found.append(Trigger(TRIGGER_POD_FAILED, p.name, f"{who} phase Failed{why}"))
+    if p.restart_count > 0:
+        found.append(
+            Trigger(
+                TRIGGER_CONTAINER_RESTART,
+                p.name,
+                f"{who} container restarted (restartCount {p.restart_count})",
             )
-        if p.node_name:
-            node = nodes.get(p.node_name)
-            if node is None:
+        )
+    if p.node_name:
+        node = nodes.get(p.node_name)
+        if node is None:
+            found.append(Trigger(TRIGGER_NODE_LOST, p.name, f"node {p.node_name} of {who} is gone"))
+        elif not node.ready:
+            since = node.since or now
+            if now - since > timedelta(seconds=policy.node_not_ready_grace_seconds):
                 found.append(
                     Trigger(
-                        TRIGGER_NODE_LOST,
+                        TRIGGER_NODE_NOT_READY,
                         p.name,
-                        f"node {p.node_name} of pod {p.name} (rank {p.rank}) is gone",
+                        f"node {p.node_name} of {who} NotReady since {_iso(since)}",
                     )
                 )
-            elif not node.ready:
-                since = node.since or now
-                if now - since > timedelta(seconds=policy.node_not_ready_grace_seconds):
-                    found.append(
-                        Trigger(
-                            TRIGGER_NODE_NOT_READY,
-                            p.name,
-                            f"node {p.node_name} of pod {p.name} (rank {p.rank}) NotReady "
-                            f"since {_iso(since)}",
-                        )
-                    )
+    return found
 
+
+def _group_triggers(
+    pods: Sequence[PodInfo], state: GroupState, policy: RestartPolicySpec, tp: int, now: datetime
+) -> list[Trigger]:
+    """What is wrong with the group as a whole: a member gone, or not formed in time."""
     if state.members:
         # The group had formed: every member must still be there. A member that is gone (or
         # was replaced by KubeRay under a new UID) means the process group is broken.
-        live_uids = {p.uid for p in live_pods(pods)}
+        found: list[Trigger] = []
+        live = live_pods(pods)
+        live_uids = {p.uid for p in live}
         for rank, uid in enumerate(state.members):
             if uid not in live_uids:
-                current = [p for p in by_rank.get(rank, []) if p.deletion_timestamp is None]
+                current = sorted((p for p in live if p.rank == rank), key=lambda p: p.name)
                 what = f"replaced by {current[0].name}" if current else "missing"
                 found.append(
                     Trigger(
@@ -296,18 +293,19 @@ def find_triggers(
                         f"rank {rank} pod of the formed group was deleted ({what})",
                     )
                 )
-    elif state.forming_since is not None and not group_pods_ready(pods, tp):
-        if now - state.forming_since > timedelta(seconds=policy.formation_timeout_seconds):
-            found.append(
-                Trigger(
-                    TRIGGER_FORMATION_TIMEOUT,
-                    "",
-                    f"group not formed within {policy.formation_timeout_seconds:g}s "
-                    f"(forming since {_iso(state.forming_since)})",
-                )
-            )
-
-    return _dedupe(found)
+        return found
+    if state.forming_since is None or group_pods_ready(pods, tp):
+        return []
+    if now - state.forming_since <= timedelta(seconds=policy.formation_timeout_seconds):
+        return []
+    return [
+        Trigger(
+            TRIGGER_FORMATION_TIMEOUT,
+            "",
+            f"group not formed within {policy.formation_timeout_seconds:g}s "
+            f"(forming since {_iso(state.forming_since)})",
+        )
+    ]
 
 
 def decide(
