@@ -104,16 +104,43 @@ def binaries(cache_dir: Path) -> dict[str, Path]:
     }
 
 
+#: A component's command line from the config, the paths and the built binaries.
+ArgsFn = Callable[[config.ClusterConfig, "Paths", dict[str, Path]], list[str]]
+
+
 def process_args(
     cfg: config.ClusterConfig, paths: Paths, bins: dict[str, Path]
 ) -> dict[str, list[str]]:
     """The command line of every process, in start order. Pure: no side effects."""
-    h = config.HOST
-    p = cfg.ports
-    pk = paths.pki
-    kc = str(paths.kubeconfig)
-    etcd_url = f"http://{h}:{p['etcd-client']}"
-    api = [
+    return {name: fn(cfg, paths, bins) for name, fn in _ARGS.items()}
+
+
+def _etcd_args(cfg: config.ClusterConfig, paths: Paths, bins: dict[str, Path]) -> list[str]:
+    """Command line of etcd."""
+    h, p = config.HOST, cfg.ports
+    etcd_url = f"http://{config.HOST}:{cfg.ports['etcd-client']}"
+    return [
+        str(bins["etcd"]),
+        "--name=dsi-local",
+        f"--data-dir={paths.etcd_data}",
+        f"--listen-client-urls={etcd_url}",
+        f"--advertise-client-urls={etcd_url}",
+        f"--listen-peer-urls=http://{h}:{p['etcd-peer']}",
+        f"--initial-advertise-peer-urls=http://{h}:{p['etcd-peer']}",
+        f"--initial-cluster=dsi-local=http://{h}:{p['etcd-peer']}",
+        "--listen-metrics-urls=",
+        # A throwaway test database: trade durability for speed on slow disks.
+        "--unsafe-no-fsync=true",
+        "--quota-backend-bytes=4294967296",
+        "--log-level=warn",
+    ]
+
+
+def _api_args(cfg: config.ClusterConfig, paths: Paths, bins: dict[str, Path]) -> list[str]:
+    """Command line of the API server."""
+    h, p, pk = config.HOST, cfg.ports, paths.pki
+    etcd_url = f"http://{config.HOST}:{cfg.ports['etcd-client']}"
+    return [
         str(bins["kube-apiserver"]),
         f"--etcd-servers={etcd_url}",
         f"--bind-address={h}",
@@ -137,7 +164,12 @@ def process_args(
         "--profiling=false",
         "--v=1",
     ]
-    kcm = [
+
+
+def _kcm_args(cfg: config.ClusterConfig, paths: Paths, bins: dict[str, Path]) -> list[str]:
+    """Command line of the controller manager."""
+    h, p, pk, kc = config.HOST, cfg.ports, paths.pki, str(paths.kubeconfig)
+    return [
         str(bins["kube-controller-manager"]),
         f"--kubeconfig={kc}",
         f"--authentication-kubeconfig={kc}",
@@ -158,7 +190,12 @@ def process_args(
         "--profiling=false",
         "--v=1",
     ]
-    sched = [
+
+
+def _sched_args(cfg: config.ClusterConfig, paths: Paths, bins: dict[str, Path]) -> list[str]:
+    """Command line of the scheduler."""
+    h, p, kc = config.HOST, cfg.ports, str(paths.kubeconfig)
+    return [
         str(bins["kube-scheduler"]),
         f"--kubeconfig={kc}",
         f"--authentication-kubeconfig={kc}",
@@ -169,7 +206,12 @@ def process_args(
         "--profiling=false",
         "--v=1",
     ]
-    kwok = [
+
+
+def _kwok_args(cfg: config.ClusterConfig, paths: Paths, bins: dict[str, Path]) -> list[str]:
+    """Command line of kwok (the simulated nodes)."""
+    h, p, kc = config.HOST, cfg.ports, str(paths.kubeconfig)
+    return [
         str(bins["kwok"]),
         f"--kubeconfig={kc}",
         f"--config={paths.kwok_config}",
@@ -180,7 +222,12 @@ def process_args(
         f"--server-address={h}:{p['kwok']}",
         "--node-lease-duration-seconds=40",
     ]
-    kuberay = [
+
+
+def _kuberay_args(cfg: config.ClusterConfig, paths: Paths, bins: dict[str, Path]) -> list[str]:
+    """Command line of the KubeRay operator."""
+    h, p, kc = config.HOST, cfg.ports, str(paths.kubeconfig)
+    return [
         str(bins["kuberay-operator"]),
         f"--kubeconfig={kc}",
         f"--metrics-addr={h}:{p['kuberay-metrics']}",
@@ -188,29 +235,16 @@ def process_args(
         "--enable-leader-election=false",
         "--log-stdout-encoder=console",
     ]
-    etcd = [
-        str(bins["etcd"]),
-        "--name=dsi-local",
-        f"--data-dir={paths.etcd_data}",
-        f"--listen-client-urls={etcd_url}",
-        f"--advertise-client-urls={etcd_url}",
-        f"--listen-peer-urls=http://{h}:{p['etcd-peer']}",
-        f"--initial-advertise-peer-urls=http://{h}:{p['etcd-peer']}",
-        f"--initial-cluster=dsi-local=http://{h}:{p['etcd-peer']}",
-        "--listen-metrics-urls=",
-        # A throwaway test database: trade durability for speed on slow disks.
-        "--unsafe-no-fsync=true",
-        "--quota-backend-bytes=4294967296",
-        "--log-level=warn",
-    ]
-    return {
-        "etcd": etcd,
-        "kube-apiserver": api,
-        "kube-controller-manager": kcm,
-        "kube-scheduler": sched,
-        "kwok": kwok,
-        "kuberay-operator": kuberay,
-    }
+
+
+_ARGS: dict[str, ArgsFn] = {
+    "etcd": _etcd_args,
+    "kube-apiserver": _api_args,
+    "kube-controller-manager": _kcm_args,
+    "kube-scheduler": _sched_args,
+    "kwok": _kwok_args,
+    "kuberay-operator": _kuberay_args,
+}
 
 
 # --- ports --------------------------------------------------------------------------------
