@@ -614,6 +614,31 @@ def up(cfg: config.ClusterConfig) -> bool:
 def _up(cfg: config.ClusterConfig) -> bool:
     paths = Paths(cfg.state_dir)
     started = time.monotonic()
+    if _reuse_running(cfg, paths):
+        return False
+    build.build(build.CLUSTER_COMPONENTS, cfg.cache_dir)
+    check_ports(cfg.ports)
+    try:
+        _start_fresh(cfg, paths, binaries(cfg.cache_dir))
+    except BaseException:
+        log(
+            "start failed; stopping what was started (logs are kept in "
+            f"{cfg.state_dir.parent / '.cluster-logs'})"
+        )
+        down(cfg, quiet=True, keep_logs=True)
+        raise
+    log(
+        f"cluster up in {time.monotonic() - started:.1f}s: {cfg.gpu_nodes} GPU node(s) x "
+        f"{cfg.gpus_per_node} {config.GPU_RESOURCE}, {cfg.cpu_nodes} CPU node(s), KubeRay "
+        f"{config.KUBERAY_VERSION}"
+    )
+    log(f"export KUBECONFIG={paths.kubeconfig}")
+    return True
+
+
+def _reuse_running(cfg: config.ClusterConfig, paths: Paths) -> bool:
+    """True when a healthy cluster already runs (waiting for its nodes); otherwise clear
+    what a half-running or crashed one left behind, and return False."""
     report = status_report(cfg)
     if report["any_running"] and not report["running"]:
         # A slow health answer on a loaded machine is not a broken cluster: look again.
@@ -637,7 +662,7 @@ def _up(cfg: config.ClusterConfig) -> bool:
             log(f"cluster runs but {detail}; waiting")
             _wait("nodes Ready", 90, lambda: _nodes_ready(running, api_client))
         log(f"cluster already running (kubeconfig {paths.kubeconfig}); nothing to do")
-        return False
+        return True
     if report["any_running"]:
         bad = [n for n, p in report["processes"].items() if not p["healthy"]]
         log(
@@ -651,57 +676,37 @@ def _up(cfg: config.ClusterConfig) -> bool:
         _remove_state(paths)
     for what in procnodes.cleanup(cfg.state_dir):
         log(f"removed a crashed run's {what}")
+    return False
 
-    build.build(build.CLUSTER_COMPONENTS, cfg.cache_dir)
-    check_ports(cfg.ports)
-    bins = binaries(cfg.cache_dir)
-    try:
-        paths.root.mkdir(parents=True, exist_ok=True)
-        (paths.root / ".gitignore").write_text("*\n")
-        # Written first: status checks of a starting cluster must use its ports.
-        paths.info.write_text(json.dumps(_info(cfg), indent=2) + "\n")
-        pki.generate(paths.pki, config.SERVICE_CIDR, config.HOST)
-        paths.kubeconfig.write_text(pki.kubeconfig(paths.pki, cfg.server_url))
-        paths.kubeconfig.chmod(0o600)
-        stages = manifests.kwok_stages(build.KWOK.dir(cfg.cache_dir) / "stages")
-        paths.kwok_config.write_text(manifests.kwok_config_yaml(stages))
-        argv = process_args(cfg, paths, bins)
-        starter = _Starter(cfg, paths, argv)
-        starter.start("etcd", 60)
-        starter.start("kube-apiserver", 120)
-        starter.start("kube-controller-manager", 60)
-        starter.start("kube-scheduler", 60)
-        starter.start("kwok", 60)
-        api_client = _api(paths)
-        log(f"creating {cfg.gpu_nodes} GPU and {cfg.cpu_nodes} CPU kwok node(s)")
-        _create_nodes(cfg, api_client)
-        log(f"installing KubeRay {config.KUBERAY_VERSION} CRDs")
-        _install_kuberay_crds(cfg)
-        _wait(
-            "KubeRay CRDs Established",
-            60,
-            lambda: _crds_established(
-                api_client, [f"{p}.ray.io" for p in ("rayclusters", "rayjobs", "rayservices")]
-            ),
-        )
-        starter.start("kuberay-operator", 60)
-        _wait("nodes Ready", 90, lambda: _nodes_ready(cfg, api_client))
-        procnodes.start_all(cfg, api_client, log)
-        _wait("the default ServiceAccount", 60, lambda: _default_sa(api_client))
-    except BaseException:
-        log(
-            "start failed; stopping what was started (logs are kept in "
-            f"{cfg.state_dir.parent / '.cluster-logs'})"
-        )
-        down(cfg, quiet=True, keep_logs=True)
-        raise
-    log(
-        f"cluster up in {time.monotonic() - started:.1f}s: {cfg.gpu_nodes} GPU node(s) x "
-        f"{cfg.gpus_per_node} {config.GPU_RESOURCE}, {cfg.cpu_nodes} CPU node(s), KubeRay "
-        f"{config.KUBERAY_VERSION}"
-    )
-    log(f"export KUBECONFIG={paths.kubeconfig}")
-    return True
+
+def _start_fresh(cfg: config.ClusterConfig, paths: Paths, bins: dict[str, Path]) -> None:
+    """Write the state (info, PKI, kubeconfig, kwok config) and start every component."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    (paths.root / ".gitignore").write_text("*\n")
+    # Written first: status checks of a starting cluster must use its ports.
+    paths.info.write_text(json.dumps(_info(cfg), indent=2) + "\n")
+    pki.generate(paths.pki, config.SERVICE_CIDR, config.HOST)
+    paths.kubeconfig.write_text(pki.kubeconfig(paths.pki, cfg.server_url))
+    paths.kubeconfig.chmod(0o600)
+    stages = manifests.kwok_stages(build.KWOK.dir(cfg.cache_dir) / "stages")
+    paths.kwok_config.write_text(manifests.kwok_config_yaml(stages))
+    starter = _Starter(cfg, paths, process_args(cfg, paths, bins))
+    starter.start("etcd", 60)
+    starter.start("kube-apiserver", 120)
+    starter.start("kube-controller-manager", 60)
+    starter.start("kube-scheduler", 60)
+    starter.start("kwok", 60)
+    api_client = _api(paths)
+    log(f"creating {cfg.gpu_nodes} GPU and {cfg.cpu_nodes} CPU kwok node(s)")
+    _create_nodes(cfg, api_client)
+    log(f"installing KubeRay {config.KUBERAY_VERSION} CRDs")
+    _install_kuberay_crds(cfg)
+    crds = [f"{p}.ray.io" for p in ("rayclusters", "rayjobs", "rayservices")]
+    _wait("KubeRay CRDs Established", 60, lambda: _crds_established(api_client, crds))
+    starter.start("kuberay-operator", 60)
+    _wait("nodes Ready", 90, lambda: _nodes_ready(cfg, api_client))
+    procnodes.start_all(cfg, api_client, log)
+    _wait("the default ServiceAccount", 60, lambda: _default_sa(api_client))
 
 
 def _default_sa(api_client: Any) -> tuple[bool, str]:
