@@ -274,7 +274,8 @@ class RankEngine:
                     step[i] = item
                 yield step
 
-    def _stream_same_params(self, reqs: list[GenRequest]) -> Iterator[list[StepItem]]:
+    def _generate_kwargs(self, reqs: list[GenRequest]) -> tuple[Any, Any, dict[str, Any], set[int]]:
+        """(input ids, attention mask, generate() kwargs, EOS ids) of one same-params batch."""
         import torch
 
         p0 = reqs[0].params
@@ -306,7 +307,12 @@ class RankEngine:
             )
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return ids, mask, kwargs, eos_ids
 
+    def _stream_same_params(self, reqs: list[GenRequest]) -> Iterator[list[StepItem]]:
+        import torch
+
+        ids, mask, kwargs, eos_ids = self._generate_kwargs(reqs)
         steps: queue.Queue[Any] = queue.Queue()
         streamer = _StepStreamer(steps)
 
@@ -314,7 +320,7 @@ class RankEngine:
             try:
                 # Same seed on every rank: after the all-reduce every rank has the same
                 # logits, so they draw the same tokens and stay in lock step.
-                torch.manual_seed(p0.seed or 0)
+                torch.manual_seed(reqs[0].params.seed or 0)
                 with torch.inference_mode():
                     self.model.generate(
                         input_ids=ids.to(self.device),
@@ -329,8 +335,7 @@ class RankEngine:
 
         worker = threading.Thread(target=run, name="dsi-generate", daemon=True)
         worker.start()
-        count = [0] * len(reqs)
-        done = [False] * len(reqs)
+        rows = _Rows(reqs, eos_ids)
         error: BaseException | None = None
         while True:
             item = steps.get()
@@ -339,27 +344,41 @@ class RankEngine:
             if isinstance(item, BaseException):
                 error = item
                 continue
-            out: list[StepItem] = []
-            for row, tok in enumerate(item):
-                if done[row]:
-                    out.append(([], None))
-                elif tok in eos_ids:
-                    done[row] = True
-                    out.append(([], "stop"))
-                else:
-                    count[row] += 1
-                    if count[row] >= reqs[row].params.max_new_tokens:
-                        done[row] = True
-                        out.append(([tok], "length"))
-                    else:
-                        out.append(([tok], None))
-            yield out
+            yield rows.step(item)
         worker.join()
         if error is not None:
             raise error
         # generate() ended (all rows hit EOS or the longest budget): close open rows.
-        if not all(done):
-            yield [([], None) if d else ([], "length") for d in done]
+        if not all(rows.done):
+            yield [([], None) if d else ([], "length") for d in rows.done]
+
+
+class _Rows:
+    """Per-row progress of a streamed batch: which rows finished, and why."""
+
+    def __init__(self, reqs: list[GenRequest], eos_ids: set[int]) -> None:
+        self.reqs = reqs
+        self.eos_ids = eos_ids
+        self.count = [0] * len(reqs)
+        self.done = [False] * len(reqs)
+
+    def step(self, tokens: list[int]) -> list[StepItem]:
+        """One decoding step (a token per row) -> (new tokens, finish reason) per row."""
+        out: list[StepItem] = []
+        for row, tok in enumerate(tokens):
+            if self.done[row]:
+                out.append(([], None))
+            elif tok in self.eos_ids:
+                self.done[row] = True
+                out.append(([], "stop"))
+            else:
+                self.count[row] += 1
+                if self.count[row] >= self.reqs[row].params.max_new_tokens:
+                    self.done[row] = True
+                    out.append(([tok], "length"))
+                else:
+                    out.append(([tok], None))
+        return out
 
 
 _END = object()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 DEFAULT_DIR = Path(os.environ.get("DSI_TINY_MODEL_DIR", "~/.cache/dsi-worker/tiny-llama"))
 _MARKER = "dsi_tiny_model.ok"
@@ -49,8 +50,7 @@ def build(
     fp16 activations stay finite.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(path if path is not None else DEFAULT_DIR).expanduser()
     if (out / _MARKER).exists():
@@ -59,26 +59,7 @@ def build(
     # Build in a temp dir and rename, so concurrent builders never see half a checkpoint.
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    hf_tok = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        model_max_length=max_position_embeddings,
-    )
-    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok = _tokenizer(vocab_size, max_position_embeddings)
     hf_tok.save_pretrained(tmp)
 
     config = LlamaConfig(
@@ -113,3 +94,31 @@ def build(
 
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _tokenizer(vocab_size: int, max_len: int) -> Any:
+    """A byte-level BPE tokenizer trained on a small built-in corpus, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    hf_tok = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        model_max_length=max_len,
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    return hf_tok
