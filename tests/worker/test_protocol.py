@@ -17,13 +17,31 @@ LIMITS = P.Limits(served_model_name="m", max_new_tokens=32, max_model_len=100)
     ("model", "body", "param"),
     [
         (P.CompletionRequest, {"prompt": ""}, "prompt"),
-        (P.CompletionRequest, {"prompt": ["a", "b"]}, "prompt"),
+        (P.CompletionRequest, {"prompt": ["a", ""]}, "prompt"),
+        (P.CompletionRequest, {"prompt": []}, "prompt"),
+        (P.CompletionRequest, {"prompt": ["x"] * 33}, "prompt"),
         (P.CompletionRequest, {"prompt": "x", "temperature": 2.5}, "temperature"),
         (P.CompletionRequest, {"prompt": "x", "temperature": -0.1}, "temperature"),
         (P.CompletionRequest, {"prompt": "x", "top_p": 0}, "top_p"),
         (P.CompletionRequest, {"prompt": "x", "top_p": 1.5}, "top_p"),
         (P.CompletionRequest, {"prompt": "x", "top_k": -2}, "top_k"),
-        (P.CompletionRequest, {"prompt": "x", "n": 2}, "n"),
+        (P.CompletionRequest, {"prompt": "x", "n": 0}, "n"),
+        (P.CompletionRequest, {"prompt": "x", "n": 33}, "n"),
+        (P.CompletionRequest, {"prompt": "x", "logprobs": 5}, "logprobs"),
+        (P.CompletionRequest, {"prompt": "x", "echo": True}, "echo"),
+        (
+            P.ChatRequest,
+            {"messages": [{"role": "user", "content": "x"}], "logprobs": True},
+            "logprobs",
+        ),
+        (
+            P.ChatRequest,
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_object"},
+            },
+            "response_format",
+        ),
         (P.CompletionRequest, {"prompt": "x", "max_tokens": 0}, "max_tokens"),
         (P.CompletionRequest, {}, "prompt"),
         (P.ChatRequest, {"messages": []}, "messages"),
@@ -81,10 +99,15 @@ def test_stop_and_increments() -> None:
 
 
 def test_shapes_and_sse() -> None:
-    r = P.completion_response("id", "m", "t", "length", 3, 2)
-    assert r["choices"][0]["text"] == "t" and r["usage"]["total_tokens"] == 5
-    c = P.chat_response("id", "m", "t", "stop", 3, 2)
+    r = P.completion_response("id", "m", [("t", "length"), ("u", "stop")], 3, 2)
+    assert [c["index"] for c in r["choices"]] == [0, 1] and r["choices"][1]["text"] == "u"
+    assert r["usage"]["total_tokens"] == 5
+    c = P.chat_response("id", "m", [("t", "stop")], 3, 2)
     assert c["choices"][0]["message"] == {"role": "assistant", "content": "t"}
+    u = P.usage_chunk("id", "m", "chat.completion.chunk", 3, 2)
+    assert u["choices"] == [] and u["usage"]["completion_tokens"] == 2
+    m = P.models_response("m", 0, 256)["data"][0]
+    assert m["max_model_len"] == 256 and m["root"] == "m"
     frame = P.sse(P.chat_chunk("id", "m", {"content": "x"}, None))
     assert frame.startswith("data: ") and frame.endswith("\n\n")
     assert json.loads(frame[6:])["object"] == "chat.completion.chunk"
@@ -107,3 +130,31 @@ def test_app_args_errors_name_fields() -> None:
         parse_args({"bogus": 1})
     a = parse_args({"model": "facebook/opt-1.3b", "num_groups": 2})
     assert a.model_name() == "facebook/opt-1.3b" and a.num_groups == 2
+
+
+def test_prompt_forms_and_choices() -> None:
+    def req(**body: object) -> P.CompletionRequest:
+        out: P.CompletionRequest = P.parse_request(P.CompletionRequest, body)
+        return out
+
+    assert req(prompt="a").prompts() == ["a"]
+    assert req(prompt=["a", "b"]).prompts() == ["a", "b"]
+    assert req(prompt=[5, 6, 7]).prompts() == [[5, 6, 7]]
+    assert req(prompt=[[5], [6, 7]]).prompts() == [[5], [6, 7]]
+    assert req(prompt="a", logprobs=0, echo=False, response_format={"type": "text"})
+    # choices: prompts x n; best_of must equal n; a stream has one choice
+    assert P.check_choices(req(prompt=["a", "b"], n=3), 2) == 6
+    with pytest.raises(P.ApiError) as ei:
+        P.check_choices(req(prompt="a", n=2, best_of=4), 1, 4)
+    assert ei.value.param == "best_of"
+    with pytest.raises(P.ApiError) as ei:
+        P.check_choices(req(prompt=["a"] * 20, n=2), 20)
+    assert ei.value.param == "n"
+    with pytest.raises(P.ApiError) as ei:
+        P.check_choices(req(prompt="a", n=2, stream=True), 1)
+    assert ei.value.param == "stream"
+    # n > 1: a distinct, reproducible seed per choice
+    assert req(prompt="a", n=3, seed=7).choice_seeds() == [7, 8, 9]
+    assert len(set(req(prompt="a", n=3).choice_seeds())) == 3
+    assert req(prompt="a", seed=7).choice_seeds() == [7]
+    assert req(prompt="a", stream=True, stream_options={"include_usage": True}).include_usage()

@@ -173,6 +173,57 @@ def test_streaming(server: str, path: str) -> None:
     assert len(chunks) >= 2
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_stream_options_include_usage(server: str, path: str) -> None:
+    body: dict[str, Any] = {"max_tokens": 6, "temperature": 0}
+    if "chat" in path:
+        body["messages"] = [{"role": "user", "content": "hi"}]
+    else:
+        body["prompt"] = "Hello"
+    want = _post(server, path, body).json()["usage"]
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    events = _sse_events(_post(server, path, streamed))
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert last["choices"] == [] and last["usage"] == want  # same greedy answer, same counts
+    assert all("usage" not in json.loads(e) for e in events[:-2])
+    plain = _sse_events(_post(server, path, {**body, "stream": True}))
+    assert all("usage" not in json.loads(e) for e in plain[:-1])
+
+
+def test_several_prompts_token_ids_and_n_choices(server: str) -> None:
+    greedy = {"max_tokens": 8, "temperature": 0}
+
+    def one(prompt: Any) -> str:
+        r = _post(server, "/v1/completions", {**greedy, "prompt": prompt})
+        assert r.status_code == 200, r.text
+        return str(r.json()["choices"][0]["text"])
+
+    both = _post(server, "/v1/completions", {**greedy, "prompt": ["Hello", "Ray Serve"]}).json()
+    assert [c["index"] for c in both["choices"]] == [0, 1]
+    assert [c["text"] for c in both["choices"]] == [one("Hello"), one("Ray Serve")]
+    ids = _post(server, "/tokenize", {"prompt": "Hello"}).json()["tokens"]
+    assert one(ids) == one("Hello")  # a token-id prompt is the same prompt
+    sampled = {"prompt": "Hello", "max_tokens": 8, "temperature": 1.0, "n": 3, "seed": 11}
+    a = _post(server, "/v1/completions", sampled).json()
+    assert [c["index"] for c in a["choices"]] == [0, 1, 2]
+    b = _post(server, "/v1/completions", sampled).json()
+    assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]  # seeded
+    chat = {"messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 4}
+    assert len(_post(server, "/v1/chat/completions", chat).json()["choices"]) == 2
+
+
+def test_tokenize_detokenize_and_context_length(server: str) -> None:
+    t = _post(server, "/tokenize", {"prompt": "Hello world"}).json()
+    assert t["count"] == len(t["tokens"]) > 0 and t["max_model_len"] == 256
+    back = _post(server, "/detokenize", {"tokens": t["tokens"]}).json()["prompt"]
+    assert back == "Hello world"
+    chat = _post(server, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > t["count"] - 2  # the chat template wraps the message
+    model = httpx.get(f"{server}/v1/models").json()["data"][0]
+    assert model["max_model_len"] == 256
+
+
 def test_streaming_is_incremental_and_matches_non_streaming(server: str) -> None:
     body = {"model": "tiny", "prompt": "Ray Serve", "max_tokens": 24, "temperature": 0}
     whole = _post(server, "/v1/completions", body).json()["choices"][0]
@@ -221,7 +272,21 @@ ERRORS = [
     ("/v1/completions", {"prompt": "x", "temperature": 3}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p"),
     ("/v1/completions", {"prompt": "x", "top_k": -5}, 400, "top_k"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 2, "stream": True}, 400, "stream"),
+    ("/v1/completions", {"prompt": "x", "n": 2, "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"prompt": [1, 999999]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema"},
+        },
+        400,
+        "response_format",
+    ),
+    ("/tokenize", {}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ("/generate", {"prompt": ""}, 400, "prompt"),
 ]

@@ -102,14 +102,15 @@ class _Job:
     """A validated completions or chat request, reduced to what generation and the answer's
     shape need; both endpoints then go through one path (``Ingress._respond``)."""
 
-    prompt_ids: list[int]
+    prompts: list[list[int]]  # token ids of each prompt
+    max_new: list[int]  # per prompt
     body: P._Sampling
-    max_new: int
-    stream: bool
-    #: (text, finish_reason, prompt tokens, completion tokens) -> the JSON answer
-    answer: Callable[[str, str, int, int], dict[str, Any]] | None = None
+    #: (choices as (text, finish_reason), prompt tokens, completion tokens) -> the JSON answer
+    answer: Callable[[list[tuple[str, str]], int, int], dict[str, Any]] | None = None
     #: (text delta, finish_reason) -> one SSE chunk
     chunk: Callable[[str, str | None], dict[str, Any]] | None = None
+    #: (prompt tokens, completion tokens) -> the usage chunk ``include_usage`` asks for
+    usage_chunk: Callable[[int, int], dict[str, Any]] | None = None
     #: SSE frames sent before the first delta
     head: list[dict[str, Any]] = field(default_factory=list)
 
@@ -282,38 +283,51 @@ class Ingress:
                 self.inflight[g] -= 1
             return _Run(g, call if stream else None, reply, deadline)
 
-    def _params(self, body: P._Sampling, max_new: int) -> SamplingParams:
+    def _params(self, body: P._Sampling, max_new: int, seed: int | None) -> SamplingParams:
         return SamplingParams(
             max_new_tokens=max_new,
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=max(body.top_k, 0),
-            seed=body.seed,
+            seed=seed,
         )
 
     def _decode(self, ids: list[int]) -> str:
         text: str = self.tokenizer.decode(ids, skip_special_tokens=True)
         return text
 
-    async def _complete(self, job: _Job) -> tuple[str, str, Generated]:
+    async def _complete(
+        self, ids: list[int], max_new: int, body: P._Sampling, seed: int | None
+    ) -> tuple[str, str, Generated]:
         """Generate a whole answer: (text after stop sequences, finish reason, raw reply)."""
-        run = await self._dispatch(job.prompt_ids, self._params(job.body, job.max_new), False)
+        run = await self._dispatch(ids, self._params(body, max_new, seed), False)
         out = run.first
-        text, stopped = P.apply_stop(self._decode(out.token_ids), job.body.stops())
+        text, stopped = P.apply_stop(self._decode(out.token_ids), body.stops())
         finish = "stop" if stopped else (out.finish_reason or "length")
-        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        self.metrics.prompt_tokens.inc(len(ids))
         self.metrics.generated_tokens.inc(len(out.token_ids))
         return text, finish, out
 
     async def _respond(self, job: _Job) -> Response:
-        """The one answer path of completions and chat: JSON, or an SSE stream."""
+        """The one answer path of completions and chat: JSON with every choice (prompts x n,
+        generated concurrently so they batch), or an SSE stream of the single choice."""
         assert job.answer is not None and job.chunk is not None
-        if not job.stream:
-            text, finish, out = await self._complete(job)
-            answer = job.answer(text, finish, len(job.prompt_ids), len(out.token_ids))
-            return JSONResponse(answer)
-        run = await self._dispatch(job.prompt_ids, self._params(job.body, job.max_new), True)
-        frames = self._sse(run, len(job.prompt_ids), job.body.stops(), job.head, job.chunk)
+        body, seeds = job.body, job.body.choice_seeds()
+        if not body.stream:
+            outs = await asyncio.gather(
+                *[
+                    self._complete(ids, mx, body, seed)
+                    for ids, mx in zip(job.prompts, job.max_new, strict=True)
+                    for seed in seeds
+                ]
+            )
+            prompt_tokens = sum(len(ids) for ids in job.prompts)
+            done = sum(len(out.token_ids) for _, _, out in outs)
+            return JSONResponse(job.answer([(t, f) for t, f, _ in outs], prompt_tokens, done))
+        ids = job.prompts[0]
+        run = await self._dispatch(ids, self._params(body, job.max_new[0], seeds[0]), True)
+        usage = job.usage_chunk if body.include_usage() else None
+        frames = self._sse(run, len(ids), body.stops(), job.head, job.chunk, usage)
         return StreamingResponse(frames, media_type="text/event-stream")
 
     async def _sse(
@@ -323,6 +337,7 @@ class Ingress:
         stops: list[str],
         head: list[dict[str, Any]],
         chunk: Any,
+        usage: Callable[[int, int], dict[str, Any]] | None = None,
     ) -> AsyncIterator[str]:
         """SSE frames as tokens arrive: text deltas, a final chunk, then ``[DONE]``."""
         tokens: list[int] = []
@@ -368,6 +383,8 @@ class Ingress:
                     item = GroupUnavailable("unreachable", str(e)[:200])
             if finish is not None:
                 yield P.sse(chunk("", finish))
+                if usage is not None:
+                    yield P.sse(usage(prompt_tokens, len(tokens)))
             yield P.SSE_DONE
         finally:
             self.inflight[stream.group] -= 1
@@ -401,23 +418,36 @@ class Ingress:
 
     # -- routes --------------------------------------------------------------------------
 
+    def _prompt_ids(self, prompt: P.Prompt) -> list[int]:
+        """Token ids of a text prompt, or the given ids after a range check."""
+        if isinstance(prompt, str):
+            return self._encode(prompt)
+        vocab = len(self.tokenizer)
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            msg = f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})"
+            raise P.ApiError(400, msg, param="prompt")
+        return list(prompt)
+
     @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        """OpenAI completions (single prompt; ``stream`` supported)."""
+        """OpenAI completions: one or more prompts (text or token ids), ``n`` choices each,
+        ``stream`` for a single choice."""
 
         async def run(raw: Any) -> Response:
             body: P.CompletionRequest = P.parse_request(P.CompletionRequest, raw)
             P.check_model(body.model, self.limits)
-            prompt_ids = self._encode(body.text())
-            max_new = P.check_lengths(len(prompt_ids), body.max_tokens, self.limits)
+            prompts = [self._prompt_ids(p) for p in body.prompts()]
+            P.check_choices(body, len(prompts), body.best_of)
+            max_new = [P.check_lengths(len(ids), body.max_tokens, self.limits) for ids in prompts]
             rid, name = P.new_id("cmpl"), self.limits.served_model_name
             job = _Job(
-                prompt_ids,
-                body,
+                prompts,
                 max_new,
-                body.stream,
-                answer=lambda t, f, np, nc: P.completion_response(rid, name, t, f, np, nc),
+                body,
+                answer=lambda cs, np, nc: P.completion_response(rid, name, cs, np, nc),
                 chunk=lambda d, f: P.completion_chunk(rid, name, d, f),
+                usage_chunk=lambda np, nc: P.usage_chunk(rid, name, "text_completion", np, nc),
             )
             return await self._respond(job)
 
@@ -425,34 +455,38 @@ class Ingress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        """OpenAI chat completions (``stream`` supported)."""
+        """OpenAI chat completions (``n`` choices; ``stream`` for a single choice)."""
 
         async def run(raw: Any) -> Response:
             body: P.ChatRequest = P.parse_request(P.ChatRequest, raw)
             P.check_model(body.model, self.limits)
-            prompt_ids = self._chat_prompt(body)
+            P.check_choices(body, 1)
+            prompt_ids = self._chat_prompt(body.messages)
             param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
             max_new = P.check_lengths(len(prompt_ids), body.max_new(), self.limits, param=param)
             rid, name = P.new_id("chatcmpl"), self.limits.served_model_name
+            obj = "chat.completion.chunk"
             job = _Job(
-                prompt_ids,
+                [prompt_ids],
+                [max_new],
                 body,
-                max_new,
-                body.stream,
-                answer=lambda t, f, np, nc: P.chat_response(rid, name, t, f, np, nc),
+                answer=lambda cs, np, nc: P.chat_response(rid, name, cs, np, nc),
                 chunk=lambda d, f: P.chat_chunk(rid, name, {"content": d} if d else {}, f),
+                usage_chunk=lambda np, nc: P.usage_chunk(rid, name, obj, np, nc),
                 head=[P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None)],
             )
             return await self._respond(job)
 
         return await self._handle("chat", request, run)
 
-    def _chat_prompt(self, body: P.ChatRequest) -> list[int]:
+    def _chat_prompt(
+        self, messages: list[P.ChatMessage], generation_prompt: bool = True
+    ) -> list[int]:
         """Token ids of a chat: the tokenizer's chat template, else a plain transcript."""
-        msgs = [{"role": m.role, "content": m.text()} for m in body.messages]
+        msgs = [{"role": m.role, "content": m.text()} for m in messages]
         if getattr(self.tokenizer, "chat_template", None):
             prompt = self.tokenizer.apply_chat_template(
-                msgs, tokenize=False, add_generation_prompt=True
+                msgs, tokenize=False, add_generation_prompt=generation_prompt
             )
             return self._encode(prompt, special=False)
         return self._encode(P.simple_chat_prompt([(m["role"], m["content"]) for m in msgs]))
@@ -467,8 +501,7 @@ class Ingress:
             prompt_ids = self._encode(body.prompt)
             max_new = P.check_lengths(len(prompt_ids), body.max_tokens, self.limits)
             t0 = time.monotonic()
-            job = _Job(prompt_ids, body, max_new, stream=False)
-            text, finish, out = await self._complete(job)
+            text, finish, out = await self._complete(prompt_ids, max_new, body, body.seed)
             return JSONResponse(
                 {
                     "text": text,
@@ -485,10 +518,43 @@ class Ingress:
 
         return await self._handle("generate", request, run)
 
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's ``/tokenize``: a prompt or chat messages -> token ids, their count and the
+        model's context length."""
+
+        async def run(raw: Any) -> Response:
+            body: P.TokenizeRequest = P.parse_request(P.TokenizeRequest, raw)
+            P.check_model(body.model, self.limits)
+            if (body.prompt is None) == (body.messages is None):
+                raise P.ApiError(400, "prompt: give either prompt or messages", param="prompt")
+            if body.messages is not None:
+                ids = self._chat_prompt(body.messages, body.add_generation_prompt)
+            else:
+                ids = self._encode(body.prompt or "", special=body.add_special_tokens)
+            limit = self.limits.max_model_len
+            return JSONResponse({"count": len(ids), "max_model_len": limit, "tokens": ids})
+
+        return await self._handle("tokenize", request, run)
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's ``/detokenize``: token ids -> text."""
+
+        async def run(raw: Any) -> Response:
+            body: P.DetokenizeRequest = P.parse_request(P.DetokenizeRequest, raw)
+            P.check_model(body.model, self.limits)
+            return JSONResponse({"prompt": self._decode(self._prompt_ids(body.tokens))})
+
+        return await self._handle("detokenize", request, run)
+
     @api.get("/v1/models")
     async def models(self) -> Response:
         """The one served model."""
-        return JSONResponse(P.models_response(self.limits.served_model_name, self.created))
+        limits = self.limits
+        return JSONResponse(
+            P.models_response(limits.served_model_name, self.created, limits.max_model_len)
+        )
 
     @api.get("/healthz")
     async def healthz(self) -> Response:

@@ -47,6 +47,18 @@ class ApiError(Exception):
         }
 
 
+#: Most choices one request may ask for (prompts x n).
+MAX_CHOICES = 32
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -56,18 +68,17 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     # Not in OpenAI's schema but common (vLLM): 0 or -1 = off.
     top_k: int = Field(0, ge=-1)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     user: str | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _only_one(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
+    # Accepted only in their "off" form until the engine returns log-probabilities; any
+    # other value is rejected by name rather than silently ignored.
+    logprobs: bool | int | None = None
+    echo: bool = False
+    response_format: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -76,33 +87,91 @@ class _Sampling(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return v
 
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool | int | None) -> bool | int | None:
+        if v:
+            raise ValueError("log-probabilities are not supported by this server yet")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported by this server yet")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v.get("type", "text") != "text":
+            raise ValueError(f"type {v.get('type')!r} is not supported; only 'text'")
+        return v
+
     def stops(self) -> list[str]:
         """Stop sequences as a list (empty strings dropped)."""
         if self.stop is None:
             return []
         return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]
 
+    def include_usage(self) -> bool:
+        """A streamed answer ends with a usage chunk."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def choice_seeds(self) -> list[int | None]:
+        """A seed per choice: with n > 1 each choice samples differently but reproducibly
+        (``seed + i``); a batch would otherwise give every unseeded choice the same seed."""
+        if self.n == 1:
+            return [self.seed]
+        base = self.seed if self.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4])
+        return [(base + i) % 2**63 for i in range(self.n)]
+
+
+Prompt = str | list[int]
+
 
 class CompletionRequest(_Sampling):
-    """POST /v1/completions body (single prompt)."""
+    """POST /v1/completions body: one prompt or a list of them, as text or token ids."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
+    best_of: int | None = Field(None, ge=1)
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("exactly one prompt is supported per request")
-            v = v[0]
-        if not v:
+    def _prompts(
+        cls, v: str | list[str] | list[int] | list[list[int]]
+    ) -> str | list[str] | list[int] | list[list[int]]:
+        prompts = _as_prompts(v)
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        if any(not p for p in prompts):
             raise ValueError("prompt must not be empty")
+        if len(prompts) > MAX_CHOICES:
+            raise ValueError(f"at most {MAX_CHOICES} prompts per request")
         return v
 
+    def prompts(self) -> list[Prompt]:
+        """Every prompt: text, or token ids."""
+        return _as_prompts(self.prompt)
+
     def text(self) -> str:
-        """The prompt string."""
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        """The first prompt as text (token-id prompts: empty)."""
+        first = self.prompts()[0]
+        return first if isinstance(first, str) else ""
+
+
+def _as_prompts(v: str | list[str] | list[int] | list[list[int]]) -> list[Prompt]:
+    if isinstance(v, str):
+        return [v]
+    out: list[Prompt] = []
+    ids: list[int] = []
+    for x in v:
+        if isinstance(x, int):
+            ids.append(x)  # a flat list of token ids is one prompt
+        else:
+            out.append(x if isinstance(x, str) else list(x))
+    return [ids] if ids else out
 
 
 class ChatMessage(BaseModel):
@@ -155,6 +224,23 @@ class GenerateRequest(_Sampling):
         if not v:
             raise ValueError("prompt must not be empty")
         return v
+
+
+def check_choices(body: _Sampling, prompts: int, best_of: int | None = None) -> int:
+    """The number of choices (prompts x n), or a 400 naming the field that cannot be met."""
+    if best_of is not None and best_of != body.n:
+        # best_of > n ranks candidates by log-probability, which the engine does not return.
+        raise ApiError(400, f"best_of: must equal n ({body.n}) on this server", param="best_of")
+    total = prompts * body.n
+    if total > MAX_CHOICES:
+        raise ApiError(
+            400, f"n: {prompts} prompt(s) x n={body.n} is over {MAX_CHOICES} choices", param="n"
+        )
+    if body.stream and total > 1:
+        raise ApiError(
+            400, "stream: streaming supports one choice (one prompt, n=1)", param="stream"
+        )
+    return total
 
 
 def parse_request(model: type[BaseModel], body: Any) -> Any:
@@ -264,15 +350,22 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion_response(
-    rid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int
+    rid: str,
+    model: str,
+    choices: Sequence[tuple[str, str]],
+    prompt_tokens: int,
+    completion_tokens: int,
 ) -> dict[str, Any]:
-    """``text_completion`` object."""
+    """``text_completion`` object with one choice per (text, finish_reason)."""
     return {
         "id": rid,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": [
+            {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+            for i, (text, finish) in enumerate(choices)
+        ],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
@@ -289,9 +382,13 @@ def completion_chunk(rid: str, model: str, text: str, finish: str | None) -> dic
 
 
 def chat_response(
-    rid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int
+    rid: str,
+    model: str,
+    choices: Sequence[tuple[str, str]],
+    prompt_tokens: int,
+    completion_tokens: int,
 ) -> dict[str, Any]:
-    """``chat.completion`` object."""
+    """``chat.completion`` object with one choice per (text, finish_reason)."""
     return {
         "id": rid,
         "object": "chat.completion",
@@ -299,11 +396,12 @@ def chat_response(
         "model": model,
         "choices": [
             {
-                "index": 0,
+                "index": i,
                 "message": {"role": "assistant", "content": text},
                 "logprobs": None,
                 "finish_reason": finish,
             }
+            for i, (text, finish) in enumerate(choices)
         ],
         "usage": usage(prompt_tokens, completion_tokens),
     }
@@ -320,12 +418,64 @@ def chat_chunk(rid: str, model: str, delta: dict[str, str], finish: str | None) 
     }
 
 
-def models_response(model: str, created: int) -> dict[str, Any]:
-    """GET /v1/models body."""
+def usage_chunk(
+    rid: str, model: str, obj: str, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    """The last streamed chunk with ``stream_options.include_usage``: no choices, usage."""
+    return {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def models_response(model: str, created: int, max_model_len: int) -> dict[str, Any]:
+    """GET /v1/models body (with the context length, as vLLM's model card has it)."""
     return {
         "object": "list",
-        "data": [{"id": model, "object": "model", "created": created, "owned_by": "dsi"}],
+        "data": [
+            {
+                "id": model,
+                "object": "model",
+                "created": created,
+                "owned_by": "dsi",
+                "root": model,
+                "max_model_len": max_model_len,
+            }
+        ],
     }
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's shape): a ``prompt``, or chat ``messages`` (then the chat
+    template is applied)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @field_validator("messages")
+    @classmethod
+    def _some(cls, v: list[ChatMessage] | None) -> list[ChatMessage] | None:
+        if v is not None and not v:
+            raise ValueError("messages must not be empty")
+        return v
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's shape): token ids -> text."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
 
 
 def sse(obj: dict[str, Any]) -> str:
