@@ -44,10 +44,12 @@ def _rank_main(rank: int, world: int, port: int, path: str, batch: list[GenReque
     try:
         eng = RankEngine(path, dtype="float32", device="cpu", torch_threads=1, form_timeout_s=120)
         eng.start()
-        q.put((rank, eng.generate(batch), eng.shard_report(), eng.info()))
+        out = eng.generate(batch)
+        scores = eng.score([r.prompt_ids for r in batch], top_k=3)
+        q.put((rank, out, eng.shard_report(), eng.info(), scores))
         eng.close()
     except BaseException as e:  # report instead of hanging the parent
-        q.put((rank, e, None, None))
+        q.put((rank, e, None, None, None))
 
 
 def test_tiny_model_loads_through_real_path(tiny_model_dir: Path) -> None:
@@ -99,15 +101,23 @@ def test_tp2_matches_single_process_token_for_token(tiny_model_dir: Path) -> Non
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    for rank, res, _, _ in got:
+    for rank, res, _, _, _ in got:
         assert not isinstance(res, BaseException), f"rank {rank} failed: {res!r}"
 
     single = RankEngine(str(tiny_model_dir), dtype="float32", device="cpu", dist_env=DistEnv())
     single.start()
     expected = single.generate(batch)
     full = single.shard_report()
+    want_scores = single.score([r.prompt_ids for r in batch], top_k=3)
 
-    for rank, res, shards, info in got:
+    for rank, res, shards, info, scores in got:
+        # Log-probabilities of the TP group equal the unsharded model's (float32, gloo).
+        for seq, want in zip(scores, want_scores, strict=True):
+            assert [t.token_id for t in seq] == [t.token_id for t in want]
+            assert seq[0].logprob is None and want[0].logprob is None
+            got_lp = [t.logprob for t in seq[1:]]
+            assert got_lp == pytest.approx([t.logprob for t in want[1:]], abs=1e-4), rank
+            assert [[i for i, _ in t.top] for t in seq] == [[i for i, _ in t.top] for t in want]
         assert info["backend"] == "gloo" and info["world_size"] == 2
         # Same tokens, greedy and seeded sampling alike, on both ranks.
         assert [r.token_ids for r in res] == [r.token_ids for r in expected], f"rank {rank}"

@@ -27,12 +27,11 @@ LIMITS = P.Limits(served_model_name="m", max_new_tokens=32, max_model_len=100)
         (P.CompletionRequest, {"prompt": "x", "top_k": -2}, "top_k"),
         (P.CompletionRequest, {"prompt": "x", "n": 0}, "n"),
         (P.CompletionRequest, {"prompt": "x", "n": 33}, "n"),
-        (P.CompletionRequest, {"prompt": "x", "logprobs": 5}, "logprobs"),
-        (P.CompletionRequest, {"prompt": "x", "echo": True}, "echo"),
+        (P.CompletionRequest, {"prompt": "x", "logprobs": 21}, "logprobs"),
         (
             P.ChatRequest,
-            {"messages": [{"role": "user", "content": "x"}], "logprobs": True},
-            "logprobs",
+            {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 21},
+            "top_logprobs",
         ),
         (
             P.ChatRequest,
@@ -42,7 +41,7 @@ LIMITS = P.Limits(served_model_name="m", max_new_tokens=32, max_model_len=100)
             },
             "response_format",
         ),
-        (P.CompletionRequest, {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        (P.CompletionRequest, {"prompt": "x", "max_tokens": -1}, "max_tokens"),
         (P.CompletionRequest, {}, "prompt"),
         (P.ChatRequest, {"messages": []}, "messages"),
         (P.ChatRequest, {"messages": [{"role": "user", "content": ""}]}, "messages"),
@@ -99,10 +98,10 @@ def test_stop_and_increments() -> None:
 
 
 def test_shapes_and_sse() -> None:
-    r = P.completion_response("id", "m", [("t", "length"), ("u", "stop")], 3, 2)
+    r = P.completion_response("id", "m", [P.Choice("t", "length"), P.Choice("u", "stop")], 3, 2)
     assert [c["index"] for c in r["choices"]] == [0, 1] and r["choices"][1]["text"] == "u"
     assert r["usage"]["total_tokens"] == 5
-    c = P.chat_response("id", "m", [("t", "stop")], 3, 2)
+    c = P.chat_response("id", "m", [P.Choice("t", "stop")], 3, 2)
     assert c["choices"][0]["message"] == {"role": "assistant", "content": "t"}
     u = P.usage_chunk("id", "m", "chat.completion.chunk", 3, 2)
     assert u["choices"] == [] and u["usage"]["completion_tokens"] == 2
@@ -141,7 +140,7 @@ def test_prompt_forms_and_choices() -> None:
     assert req(prompt=["a", "b"]).prompts() == ["a", "b"]
     assert req(prompt=[5, 6, 7]).prompts() == [[5, 6, 7]]
     assert req(prompt=[[5], [6, 7]]).prompts() == [[5], [6, 7]]
-    assert req(prompt="a", logprobs=0, echo=False, response_format={"type": "text"})
+    assert req(prompt="a", logprobs=0, echo=True, response_format={"type": "text"})
     # choices: prompts x n; best_of must equal n; a stream has one choice
     assert P.check_choices(req(prompt=["a", "b"], n=3), 2) == 6
     with pytest.raises(P.ApiError) as ei:
@@ -158,3 +157,39 @@ def test_prompt_forms_and_choices() -> None:
     assert len(set(req(prompt="a", n=3).choice_seeds())) == 3
     assert req(prompt="a", seed=7).choice_seeds() == [7]
     assert req(prompt="a", stream=True, stream_options={"include_usage": True}).include_usage()
+
+
+def test_scoring_requests_and_logprob_shapes() -> None:
+    def comp(**body: object) -> P.CompletionRequest:
+        out: P.CompletionRequest = P.parse_request(P.CompletionRequest, body)
+        return out
+
+    def chat(**body: object) -> P.ChatRequest:
+        out: P.ChatRequest = P.parse_request(
+            P.ChatRequest, {"messages": [{"role": "user", "content": "x"}], **body}
+        )
+        return out
+
+    assert P.check_scoring(comp(prompt="a")) is None
+    assert P.check_scoring(comp(prompt="a", logprobs=3)) == 3
+    assert P.check_scoring(comp(prompt="a", echo=True, max_tokens=0, logprobs=1)) == 1
+    assert P.check_scoring(chat(logprobs=True, top_logprobs=2)) == 2
+    assert P.check_scoring(chat(logprobs=True)) == 0
+    assert P.check_scoring(chat()) is None
+    for bad, param in [
+        (comp(prompt="a", max_tokens=0), "max_tokens"),
+        (comp(prompt="a", logprobs=1, stream=True), "logprobs"),
+        (comp(prompt="a", echo=True, stream=True), "echo"),
+        (chat(top_logprobs=2), "top_logprobs"),
+    ]:
+        with pytest.raises(P.ApiError) as ei:
+            P.check_scoring(bad)
+        assert ei.value.param == param
+
+    toks: list[P.ScoredToken] = [("He", None, []), ("llo", -0.5, [("llo", -0.5), ("y", -2.0)])]
+    lp = P.completion_logprobs(toks)
+    assert lp["tokens"] == ["He", "llo"] and lp["token_logprobs"] == [None, -0.5]
+    assert lp["top_logprobs"] == [None, {"llo": -0.5, "y": -2.0}]
+    assert lp["text_offset"] == [0, 2]
+    c = P.chat_logprobs(toks[1:])["content"][0]
+    assert c["token"] == "llo" and c["bytes"] == list(b"llo") and len(c["top_logprobs"]) == 2

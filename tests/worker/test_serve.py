@@ -213,6 +213,46 @@ def test_several_prompts_token_ids_and_n_choices(server: str) -> None:
     assert len(_post(server, "/v1/chat/completions", chat).json()["choices"]) == 2
 
 
+def test_logprobs_echo_and_greedy_agree(server: str) -> None:
+    ids = _post(server, "/tokenize", {"prompt": "Ray Serve runs"}).json()["tokens"]
+    # What evaluation harnesses send: token ids, echo, no new tokens, logprobs.
+    scored = _post(
+        server, "/v1/completions", {"prompt": ids, "echo": True, "max_tokens": 0, "logprobs": 1}
+    )
+    assert scored.status_code == 200, scored.text
+    lp = scored.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None
+    assert all(x is not None and x <= 0 for x in lp["token_logprobs"][1:])
+    assert all(lp["tokens"][i] in lp["top_logprobs"][i] for i in range(1, len(ids)))
+
+    # Greedy generation with logprobs: every generated token is the most likely one.
+    body = {"prompt": ids, "max_tokens": 6, "temperature": 0, "logprobs": 3}
+    gen = _post(server, "/v1/completions", body).json()["choices"][0]
+    glp = gen["logprobs"]
+    assert len(glp["tokens"]) == len(glp["token_logprobs"]) > 0
+    for tok, lp_, top in zip(
+        glp["tokens"], glp["token_logprobs"], glp["top_logprobs"], strict=True
+    ):
+        assert len(top) >= 3 and lp_ == pytest.approx(max(top.values()), abs=1e-5), (tok, top)
+    # Scoring the generated sequence again (echo) gives the same log-probabilities.
+    full = (
+        ids
+        + _post(server, "/tokenize", {"prompt": gen["text"], "add_special_tokens": False}).json()[
+            "tokens"
+        ]
+    )
+    again = _post(
+        server, "/v1/completions", {"prompt": full, "echo": True, "max_tokens": 0, "logprobs": 0}
+    ).json()["choices"][0]["logprobs"]["token_logprobs"][len(ids) :]
+    if len(again) == len(glp["token_logprobs"]):  # text round-trips to the same tokens
+        assert again == pytest.approx(glp["token_logprobs"], abs=1e-4)
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    c = _post(server, "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 2})
+    content = c.json()["choices"][0]["logprobs"]["content"]
+    assert content and all(len(e["top_logprobs"]) == 2 for e in content)
+
+
 def test_tokenize_detokenize_and_context_length(server: str) -> None:
     t = _post(server, "/tokenize", {"prompt": "Hello world"}).json()
     assert t["count"] == len(t["tokens"]) > 0 and t["max_model_len"] == 256
@@ -275,8 +315,8 @@ ERRORS = [
     ("/v1/completions", {"prompt": "x", "n": 2, "stream": True}, 400, "stream"),
     ("/v1/completions", {"prompt": "x", "n": 2, "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {"prompt": [1, 999999]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2, "stream": True}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
     (
         "/v1/chat/completions",
         {

@@ -31,9 +31,15 @@ from ray.serve.handle import DeploymentHandle
 
 from dsi_worker import protocol as P
 from dsi_worker.config import AppArgs, parse_args
-from dsi_worker.engine import GenRequest, SamplingParams, load_tokenizer, resolve_model_path
+from dsi_worker.engine import (
+    GenRequest,
+    SamplingParams,
+    TokenScore,
+    load_tokenizer,
+    resolve_model_path,
+)
 from dsi_worker.group import Group
-from dsi_worker.results import Generated, GroupReply, GroupUnavailable
+from dsi_worker.results import Generated, GroupReply, GroupUnavailable, Scored
 
 log = logging.getLogger("ray.serve")
 
@@ -105,14 +111,20 @@ class _Job:
     prompts: list[list[int]]  # token ids of each prompt
     max_new: list[int]  # per prompt
     body: P._Sampling
-    #: (choices as (text, finish_reason), prompt tokens, completion tokens) -> the JSON answer
-    answer: Callable[[list[tuple[str, str]], int, int], dict[str, Any]] | None = None
+    #: (choices, prompt tokens, completion tokens) -> the JSON answer
+    answer: Callable[[list[P.Choice], int, int], dict[str, Any]] | None = None
     #: (text delta, finish_reason) -> one SSE chunk
     chunk: Callable[[str, str | None], dict[str, Any]] | None = None
     #: (prompt tokens, completion tokens) -> the usage chunk ``include_usage`` asks for
     usage_chunk: Callable[[int, int], dict[str, Any]] | None = None
     #: SSE frames sent before the first delta
     head: list[dict[str, Any]] = field(default_factory=list)
+    #: alternatives per token for log-probabilities (None: no log-probabilities)
+    top_k: int | None = None
+    #: the prompt is part of the answer's text (and of its log-probabilities)
+    echo: bool = False
+    #: scored tokens -> the endpoint's ``logprobs`` object
+    shape: Callable[[list[P.ScoredToken]], dict[str, Any]] | None = None
 
 
 def _unavailable(why: str) -> P.ApiError:
@@ -239,15 +251,36 @@ class Ingress:
 
     async def _dispatch(self, prompt_ids: list[int], params: SamplingParams, stream: bool) -> _Run:
         """Start a generation on a ready group and wait for its answer (or, streaming, its
-        first step); a group that turns out unavailable is marked and another one tried.
+        first step). 503 when no group is ready, 504 past the request timeout: before the
+        first token these are proper HTTP answers; later stream errors become SSE events."""
+        req = GenRequest(tuple(prompt_ids), params)
 
-        Raises 503 when no group is ready and 504 past the request timeout: before the first
-        token these are proper HTTP answers; later stream errors become SSE error events.
-        """
+        def start(h: Any) -> Any:
+            if stream:
+                return h.options(stream=True).generate_stream.remote(req)
+            return h.generate.remote(req)
+
+        g, call, reply, deadline = await self._on_a_group(start, stream)
+        assert isinstance(reply, Generated)
+        self.metrics.batch_size.observe(reply.batch_size)
+        return _Run(g, call if stream else None, reply, deadline)
+
+    async def _score(self, seqs: list[list[int]], top_k: int) -> Scored:
+        """Log-probabilities of every token of each sequence, from any ready group."""
+        seqs_t = [tuple(ids) for ids in seqs]
+        _, _, reply, _ = await self._on_a_group(lambda h: h.score.remote(seqs_t, top_k), False)
+        assert isinstance(reply, Scored)
+        return reply
+
+    async def _on_a_group(
+        self, start: Callable[[Any], Any], stream: bool
+    ) -> tuple[int, Any, Any, float]:
+        """Run ``start(handle)`` on a ready group and await its reply (streaming: the first
+        item); a group that turns out unavailable is marked and another one tried.
+        Returns (group, the call, reply, deadline); a stream's group stays counted in flight."""
         await self._ensure_polling()
         deadline = time.monotonic() + self.args.request_timeout_s
         tried: set[int] = set()
-        req = GenRequest(tuple(prompt_ids), params)
         while True:
             ready = [g for g in self._ready_groups() if g not in tried]
             g = P.choose_group(ready, self.inflight, self.counter)
@@ -257,16 +290,11 @@ class Ingress:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise _timeout(self.args.request_timeout_s)
-            call: Any
-            if stream:
-                call = self.groups[g].options(stream=True).generate_stream.remote(req)
-                first = call.__anext__()
-            else:
-                call = self.groups[g].generate.remote(req)
-                first = _await(call)
+            call = start(self.groups[g])
+            first = call.__anext__() if stream else _await(call)
             self.inflight[g] += 1
             try:
-                reply: GroupReply = await asyncio.wait_for(first, left)
+                reply = await asyncio.wait_for(first, left)
             except TimeoutError:
                 self.inflight[g] -= 1
                 call.cancel()
@@ -278,10 +306,9 @@ class Ingress:
                 self.states[g] = {**self.states.get(g, {}), "state": reply.state}
                 tried.add(g)
                 continue
-            self.metrics.batch_size.observe(reply.batch_size)
             if not stream:
                 self.inflight[g] -= 1
-            return _Run(g, call if stream else None, reply, deadline)
+            return g, call, reply, deadline
 
     def _params(self, body: P._Sampling, max_new: int, seed: int | None) -> SamplingParams:
         return SamplingParams(
@@ -300,6 +327,8 @@ class Ingress:
         self, ids: list[int], max_new: int, body: P._Sampling, seed: int | None
     ) -> tuple[str, str, Generated]:
         """Generate a whole answer: (text after stop sequences, finish reason, raw reply)."""
+        if max_new == 0:  # echo of the prompt only: nothing to generate
+            return "", "length", Generated([], "length", 0, -1, "")
         run = await self._dispatch(ids, self._params(body, max_new, seed), False)
         out = run.first
         text, stopped = P.apply_stop(self._decode(out.token_ids), body.stops())
@@ -307,6 +336,29 @@ class Ingress:
         self.metrics.prompt_tokens.inc(len(ids))
         self.metrics.generated_tokens.inc(len(out.token_ids))
         return text, finish, out
+
+    async def _choices(
+        self, job: _Job, prompts: list[list[int]], outs: list[tuple[str, str, Generated]]
+    ) -> list[P.Choice]:
+        """The answer's choices, with the prompt echoed and log-probabilities when asked."""
+        scored = None
+        if job.top_k is not None:
+            seqs = [ids + out.token_ids for ids, (_, _, out) in zip(prompts, outs, strict=True)]
+            scored = (await self._score(seqs, job.top_k)).sequences
+        choices = []
+        for i, (ids, (text, finish, _)) in enumerate(zip(prompts, outs, strict=True)):
+            logprobs = None
+            if scored is not None and job.shape is not None:
+                first = 0 if job.echo else len(ids)
+                logprobs = job.shape([self._scored_token(t) for t in scored[i][first:]])
+            choices.append(
+                P.Choice(self._decode(ids) + text if job.echo else text, finish, logprobs)
+            )
+        return choices
+
+    def _scored_token(self, t: TokenScore) -> P.ScoredToken:
+        top = [(self._decode([tid]), lp) for tid, lp in t.top]
+        return self._decode([t.token_id]), t.logprob, top
 
     async def _respond(self, job: _Job) -> Response:
         """The one answer path of completions and chat: JSON with every choice (prompts x n,
@@ -323,7 +375,9 @@ class Ingress:
             )
             prompt_tokens = sum(len(ids) for ids in job.prompts)
             done = sum(len(out.token_ids) for _, _, out in outs)
-            return JSONResponse(job.answer([(t, f) for t, f, _ in outs], prompt_tokens, done))
+            prompts = [ids for ids in job.prompts for _ in seeds]  # aligned with outs
+            choices = await self._choices(job, prompts, list(outs))
+            return JSONResponse(job.answer(choices, prompt_tokens, done))
         ids = job.prompts[0]
         run = await self._dispatch(ids, self._params(body, job.max_new[0], seeds[0]), True)
         usage = job.usage_chunk if body.include_usage() else None
@@ -439,6 +493,7 @@ class Ingress:
             P.check_model(body.model, self.limits)
             prompts = [self._prompt_ids(p) for p in body.prompts()]
             P.check_choices(body, len(prompts), body.best_of)
+            top_k = P.check_scoring(body)
             max_new = [P.check_lengths(len(ids), body.max_tokens, self.limits) for ids in prompts]
             rid, name = P.new_id("cmpl"), self.limits.served_model_name
             job = _Job(
@@ -448,6 +503,9 @@ class Ingress:
                 answer=lambda cs, np, nc: P.completion_response(rid, name, cs, np, nc),
                 chunk=lambda d, f: P.completion_chunk(rid, name, d, f),
                 usage_chunk=lambda np, nc: P.usage_chunk(rid, name, "text_completion", np, nc),
+                top_k=top_k,
+                echo=body.echo,
+                shape=P.completion_logprobs,
             )
             return await self._respond(job)
 
@@ -461,6 +519,7 @@ class Ingress:
             body: P.ChatRequest = P.parse_request(P.ChatRequest, raw)
             P.check_model(body.model, self.limits)
             P.check_choices(body, 1)
+            top_k = P.check_scoring(body)
             prompt_ids = self._chat_prompt(body.messages)
             param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
             max_new = P.check_lengths(len(prompt_ids), body.max_new(), self.limits, param=param)
@@ -474,6 +533,8 @@ class Ingress:
                 chunk=lambda d, f: P.chat_chunk(rid, name, {"content": d} if d else {}, f),
                 usage_chunk=lambda np, nc: P.usage_chunk(rid, name, obj, np, nc),
                 head=[P.chat_chunk(rid, name, {"role": "assistant", "content": ""}, None)],
+                top_k=top_k,
+                shape=P.chat_logprobs,
             )
             return await self._respond(job)
 

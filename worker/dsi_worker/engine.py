@@ -58,6 +58,16 @@ class GenResult:
 
 
 @dataclass(frozen=True)
+class TokenScore:
+    """One token of a scored sequence: its log-probability given everything before it
+    (None for the first token) and the ``top`` most likely tokens at its position."""
+
+    token_id: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class DistEnv:
     """The torch.distributed coordinates the operator puts in each rank's environment."""
 
@@ -254,6 +264,31 @@ class RankEngine:
                 if fin is not None:
                     finish[i] = fin
         return [GenResult(tuple(t), f) for t, f in zip(tokens, finish, strict=True)]
+
+    def score(self, seqs: list[tuple[int, ...]], top_k: int = 0) -> list[list[TokenScore]]:
+        """Log-probabilities of every token of each sequence under the model (log-softmax of
+        the raw logits, temperature 1), with the ``top_k`` alternatives per position.
+
+        One forward pass per sequence, in order: every rank of a TP group must make the same
+        calls (the forward pass runs the group's all-reduces)."""
+        import torch
+
+        out: list[list[TokenScore]] = []
+        for ids in seqs:
+            x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+            with torch.inference_mode():
+                logits = self.model(input_ids=x).logits[0].float()
+            lp = torch.log_softmax(logits, dim=-1)
+            scores = [TokenScore(ids[0], None)]
+            for pos in range(1, len(ids)):
+                row = lp[pos - 1]
+                top: tuple[tuple[int, float], ...] = ()
+                if top_k > 0:
+                    vals, idx = row.topk(min(top_k, row.shape[-1]))
+                    top = tuple(zip(idx.tolist(), vals.tolist(), strict=True))
+                scores.append(TokenScore(ids[pos], float(row[ids[pos]]), top))
+            out.append(scores)
+        return out
 
     def generate_stream(self, batch: list[GenRequest]) -> Iterator[list[StepItem]]:
         """Like ``generate`` but yields after every decoding step.

@@ -23,7 +23,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from dsi_worker.config import AppArgs, parse_args
 from dsi_worker.engine import GenRequest, GenResult
 from dsi_worker.rank_actor import RankActor, rank_resource
-from dsi_worker.results import Generated, GroupReply, GroupUnavailable
+from dsi_worker.results import Generated, GroupReply, GroupUnavailable, Scored, ScoreReply
 
 log = logging.getLogger("ray.serve")
 
@@ -97,6 +97,7 @@ class Group:
         self.state = "forming"
         self.error: str | None = None
         self.batches = 0
+        self._seq = 0
         self.max_batch_seen = 0
         self.slow_pings = 0
         tp = self.args.tensor_parallel_size
@@ -230,6 +231,26 @@ class Group:
             self._fail(f"rank failed during generate: {_short(e)}")
             yield self._unavailable()
 
+    def _next_seq(self) -> int:
+        # Numbered where the calls are submitted (no await in between), so every rank sees
+        # the collective calls in the same order (see RankActor._in_turn).
+        seq = self._seq
+        self._seq += 1
+        return seq
+
+    async def score(self, seqs: list[tuple[int, ...]], top_k: int) -> ScoreReply:
+        """Log-probabilities of every token of each sequence (rank 0's answer)."""
+        self._poll_forming()
+        if self.state != "ready":
+            return self._unavailable()
+        seq = self._next_seq()
+        try:
+            outs = await asyncio.gather(*[a.score.remote(seq, seqs, top_k) for a in self.actors])
+        except (RayActorError, RayTaskError) as e:
+            self._fail(f"rank failed during score: {_short(e)}")
+            return self._unavailable()
+        return Scored(outs[0])
+
     def _seeded(self, reqs: list[GenRequest]) -> list[GenRequest]:
         # One seed per batch for requests that gave none; all ranks get this same list.
         seed = random.randrange(2**31)
@@ -246,8 +267,9 @@ class Group:
         batch = self._seeded(reqs)
         # Rank 0 streams its steps back; the other ranks run the identical call (their
         # outputs are the same) and are awaited at the end so errors surface.
-        head = self.actors[0].generate_stream.options(num_returns="streaming").remote(batch)
-        rest = [a.generate.remote(batch) for a in self.actors[1:]]
+        seq = self._next_seq()
+        head = self.actors[0].generate_stream.options(num_returns="streaming").remote(seq, batch)
+        rest = [a.generate.remote(seq, batch) for a in self.actors[1:]]
         finished = [False] * len(batch)
         async for ref in head:
             step = await ref
@@ -264,9 +286,10 @@ class Group:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _generate_batch(self, reqs: list[GenRequest]) -> list[Generated]:
         batch = self._seeded(reqs)
+        seq = self._next_seq()
         t0 = time.monotonic()
         outs: list[list[GenResult]] = await asyncio.gather(
-            *[a.generate.remote(batch) for a in self.actors]
+            *[a.generate.remote(seq, batch) for a in self.actors]
         )
         elapsed = time.monotonic() - t0
         return [

@@ -49,6 +49,8 @@ class ApiError(Exception):
 
 #: Most choices one request may ask for (prompts x n).
 MAX_CHOICES = 32
+#: Most alternatives per token ``logprobs`` / ``top_logprobs`` may ask for (vLLM's default).
+MAX_LOGPROBS = 20
 
 
 class StreamOptions(BaseModel):
@@ -74,10 +76,6 @@ class _Sampling(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     user: str | None = None
-    # Accepted only in their "off" form until the engine returns log-probabilities; any
-    # other value is rejected by name rather than silently ignored.
-    logprobs: bool | int | None = None
-    echo: bool = False
     response_format: dict[str, Any] | None = None
 
     @field_validator("stop")
@@ -85,20 +83,6 @@ class _Sampling(BaseModel):
     def _stops(cls, v: str | list[str] | None) -> str | list[str] | None:
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: bool | int | None) -> bool | int | None:
-        if v:
-            raise ValueError("log-probabilities are not supported by this server yet")
-        return v
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported by this server yet")
         return v
 
     @field_validator("response_format")
@@ -134,8 +118,11 @@ class CompletionRequest(_Sampling):
     """POST /v1/completions body: one prompt or a list of them, as text or token ids."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    # 0 is allowed with echo: score the prompt only (what evaluation harnesses send).
+    max_tokens: int | None = Field(16, ge=0)
     best_of: int | None = Field(None, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
 
     @field_validator("prompt")
     @classmethod
@@ -196,6 +183,8 @@ class ChatRequest(_Sampling):
 
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("messages")
     @classmethod
@@ -241,6 +230,24 @@ def check_choices(body: _Sampling, prompts: int, best_of: int | None = None) -> 
             400, "stream: streaming supports one choice (one prompt, n=1)", param="stream"
         )
     return total
+
+
+def check_scoring(body: CompletionRequest | ChatRequest) -> int | None:
+    """How many alternatives per token to return (None: no log-probabilities), or a 400
+    naming the field whose combination this server cannot serve."""
+    if isinstance(body, ChatRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+        k = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens: 0 is allowed only with echo", param="max_tokens")
+        k = body.logprobs
+    if k is not None and body.stream:
+        raise ApiError(400, "logprobs: not available with stream yet", param="logprobs")
+    if isinstance(body, CompletionRequest) and body.echo and body.stream:
+        raise ApiError(400, "echo: not available with stream yet", param="echo")
+    return k
 
 
 def parse_request(model: type[BaseModel], body: Any) -> Any:
@@ -349,22 +356,31 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+@dataclass(frozen=True)
+class Choice:
+    """One answer: its text, why it ended, and its log-probabilities in the endpoint's shape."""
+
+    text: str
+    finish_reason: str
+    logprobs: dict[str, Any] | None = None
+
+
 def completion_response(
     rid: str,
     model: str,
-    choices: Sequence[tuple[str, str]],
+    choices: Sequence[Choice],
     prompt_tokens: int,
     completion_tokens: int,
 ) -> dict[str, Any]:
-    """``text_completion`` object with one choice per (text, finish_reason)."""
+    """``text_completion`` object with one entry per choice."""
     return {
         "id": rid,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-            for i, (text, finish) in enumerate(choices)
+            {"index": i, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+            for i, c in enumerate(choices)
         ],
         "usage": usage(prompt_tokens, completion_tokens),
     }
@@ -384,11 +400,11 @@ def completion_chunk(rid: str, model: str, text: str, finish: str | None) -> dic
 def chat_response(
     rid: str,
     model: str,
-    choices: Sequence[tuple[str, str]],
+    choices: Sequence[Choice],
     prompt_tokens: int,
     completion_tokens: int,
 ) -> dict[str, Any]:
-    """``chat.completion`` object with one choice per (text, finish_reason)."""
+    """``chat.completion`` object with one entry per choice."""
     return {
         "id": rid,
         "object": "chat.completion",
@@ -397,11 +413,11 @@ def chat_response(
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": c.logprobs,
+                "finish_reason": c.finish_reason,
             }
-            for i, (text, finish) in enumerate(choices)
+            for i, c in enumerate(choices)
         ],
         "usage": usage(prompt_tokens, completion_tokens),
     }
@@ -415,6 +431,44 @@ def chat_chunk(rid: str, model: str, delta: dict[str, str], finish: str | None) 
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+
+
+#: A scored token: (its text, its log-probability or None, the top alternatives as
+#: (text, log-probability), most likely first).
+ScoredToken = tuple[str, float | None, Sequence[tuple[str, float]]]
+
+
+def completion_logprobs(tokens: Sequence[ScoredToken], offset: int = 0) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object: tokens, their log-probabilities, the top
+    alternatives per token (the token itself included, as vLLM does) and text offsets."""
+    offsets: list[int] = []
+    for piece, _, _ in tokens:
+        offsets.append(offset)
+        offset += len(piece)
+    tops: list[dict[str, float] | None] = []
+    for piece, lp, top in tokens:
+        tops.append(None if lp is None else {**dict(top), piece: lp})
+    return {
+        "tokens": [piece for piece, _, _ in tokens],
+        "token_logprobs": [lp for _, lp, _ in tokens],
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tokens: Sequence[ScoredToken]) -> dict[str, Any]:
+    """The chat ``logprobs`` object: ``content`` with each generated token, its bytes and
+    its top alternatives."""
+
+    def entry(piece: str, lp: float) -> dict[str, Any]:
+        return {"token": piece, "logprob": lp, "bytes": list(piece.encode())}
+
+    return {
+        "content": [
+            {**entry(piece, lp or 0.0), "top_logprobs": [entry(t, v) for t, v in top]}
+            for piece, lp, top in tokens
+        ]
     }
 
 

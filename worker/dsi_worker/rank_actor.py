@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from typing import Any
 
 import ray
 
-from dsi_worker.engine import DistEnv, GenRequest, GenResult, RankEngine, StepItem
+from dsi_worker.engine import DistEnv, GenRequest, GenResult, RankEngine, StepItem, TokenScore
 
 
 def rank_resource(group: int, rank: int) -> str:
@@ -18,8 +19,11 @@ def rank_resource(group: int, rank: int) -> str:
 
 
 # Threaded actor: ping() must answer while generate() runs, so health checks see a busy
-# rank as alive; a lock keeps generate() calls in order.
-@ray.remote(max_concurrency=4, max_restarts=0)  # type: ignore[call-overload]
+# rank as alive. Calls that run collectives (generate, generate_stream, score) carry a
+# sequence number from the group and run strictly in that order: two threads racing for a
+# lock could run a streamed and a plain batch in different orders on different ranks, and
+# their all-reduces would then pair up wrongly.
+@ray.remote(max_concurrency=8, max_restarts=0)  # type: ignore[call-overload]
 class RankActor:
     """One rank: reads RANK/WORLD_SIZE/MASTER_* from its environment (the pod's)."""
 
@@ -28,6 +32,8 @@ class RankActor:
         self.engine = RankEngine(dist_env=self.env, **engine_kwargs)
         self._lock = threading.Lock()
         self._started = False
+        self._turn = threading.Condition()
+        self._next = 0
 
     def start(self) -> dict[str, Any]:
         """Join the process group and load the model (blocks until the group has formed)."""
@@ -37,15 +43,36 @@ class RankActor:
                 self._started = True
         return self.info()
 
-    def generate(self, batch: list[GenRequest]) -> list[GenResult]:
+    @contextlib.contextmanager
+    def _in_turn(self, seq: int) -> Iterator[None]:
+        """Run the body as collective call number ``seq`` (0, 1, 2, ... per group epoch)."""
+        with self._turn:
+            # Bounded like the group's collectives: a call that never arrives (cancelled
+            # before it ran) fails this one instead of hanging the rank forever.
+            if not self._turn.wait_for(lambda: self._next == seq, self.engine.form_timeout_s):
+                raise RuntimeError(f"collective call {self._next} never arrived (waiting {seq})")
+        try:
+            with self._lock:
+                yield
+        finally:
+            with self._turn:
+                self._next = seq + 1
+                self._turn.notify_all()
+
+    def generate(self, seq: int, batch: list[GenRequest]) -> list[GenResult]:
         """Run the batch; every rank of the group gets the same call."""
-        with self._lock:
+        with self._in_turn(seq):
             return self.engine.generate(batch)
 
-    def generate_stream(self, batch: list[GenRequest]) -> Iterator[list[StepItem]]:
+    def generate_stream(self, seq: int, batch: list[GenRequest]) -> Iterator[list[StepItem]]:
         """Streaming form (call with ``num_returns="streaming"``): one item per step."""
-        with self._lock:
+        with self._in_turn(seq):
             yield from self.engine.generate_stream(batch)
+
+    def score(self, seq: int, seqs: list[tuple[int, ...]], top_k: int) -> list[list[TokenScore]]:
+        """Log-probabilities of each sequence's tokens (see ``RankEngine.score``)."""
+        with self._in_turn(seq):
+            return self.engine.score(seqs, top_k)
 
     def ping(self) -> bool:
         """Liveness probe for the group's health check."""

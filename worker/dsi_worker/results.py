@@ -1,12 +1,14 @@
 """What a group deployment answers the ingress: generated tokens, or "not available".
 
 These cross Ray Serve handles (pickled), so they are plain frozen dataclasses with no Ray or
-torch imports.
+torch imports (``dsi_worker.engine`` imports torch only inside its functions).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from dsi_worker.engine import TokenScore
 
 
 @dataclass(frozen=True)
@@ -34,5 +36,14 @@ class GroupUnavailable:
         return self.detail or self.state
 
 
-#: A group's answer to one call (or one streamed item).
+@dataclass(frozen=True)
+class Scored:
+    """Per sequence, per token: (token id, log-probability or None, top alternatives)."""
+
+    sequences: list[list[TokenScore]]
+
+
+#: A group's answer to one generate call (or one streamed item).
 GroupReply = Generated | GroupUnavailable
+#: A group's answer to a score call.
+ScoreReply = Scored | GroupUnavailable
