@@ -30,6 +30,7 @@ import psutil
 import yaml
 from dsi_localcluster import cluster, config, faults
 from dsi_localcluster import run as localrun
+from dsi_localcluster.wait import wait_for
 from kubernetes import client
 from kubernetes import config as kconfig
 
@@ -147,12 +148,7 @@ class Bench:
         return st
 
     def wait(self, pred: Any, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if pred():
-                return
-            time.sleep(0.5)
-        raise SystemExit(f"timed out waiting for {what}: {json.dumps(self.status())[:2000]}")
+        wait_for(pred, timeout, what, dump=lambda: json.dumps(self.status())[:2000], interval=0.5)
 
     def apply(self) -> tuple[float, float]:
         """Apply the sample; seconds to Ready and to the first answer."""
@@ -221,6 +217,7 @@ def main() -> int:
     mem = MemorySampler(cfg.state_dir)
     threading.Thread(target=mem.run, daemon=True).start()
     b = Bench(cfg, args.namespace)
+    localrun.install_crd(cfg)  # a fresh `make cluster-up` has no DSI CRD yet
     localrun.start_operator(cfg)
     b.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=b.ns)))
     try:

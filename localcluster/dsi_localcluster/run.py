@@ -49,6 +49,13 @@ def _kubectl(cfg: config.ClusterConfig, *args: str) -> str:
     return str(out.stdout)
 
 
+def install_crd(cfg: config.ClusterConfig) -> str:
+    """Apply the DeepSpeedInference CRD (idempotent) and wait until it is served."""
+    out = _kubectl(cfg, "apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR))
+    _kubectl(cfg, "wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD_DIR))
+    return out
+
+
 def start_operator(cfg: config.ClusterConfig) -> tuple[int, Path]:
     """Start ``python -m dsi_operator`` detached, unless this cluster's operator already runs."""
     paths = cluster.Paths(cfg.state_dir)
@@ -213,8 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("the local cluster is not up: run `make cluster-up` first")
     real = bool(process_nodes(cfg))
     sample = args.file or (PROCESS_SAMPLE if real else KWOK_SAMPLE)
-    print(_kubectl(cfg, "apply", "--server-side", "--force-conflicts", "-f", str(CRD_DIR)), end="")
-    _kubectl(cfg, "wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD_DIR))
+    print(install_crd(cfg), end="")
     pid, log = start_operator(cfg)
     print(f"operator running (pid {pid}); log: {log}")
     applied = _kubectl(cfg, "apply", "-f", str(sample), "-o", "name")
