@@ -112,8 +112,9 @@ def kill_node_pods(state_dir: Path, node: str) -> list[int]:
     killed: list[int] = []
     pods = state_dir / "process-nodes" / "nodes" / node / "pods"
     for d in pods.glob("*") if pods.is_dir() else []:
-        killed += runtime.kill_recorded(d)
-        _kill_netns("dsi-" + d.name.replace("-", "")[:12])
+        netns = "dsi-" + d.name.replace("-", "")[:12]
+        killed += runtime.kill_recorded(d, netns)
+        _kill_netns(netns)
     return killed
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dsi_localcluster.kubelet import dns, podspec, state
+from dsi_localcluster.kubelet import dns, podspec, runtime, state
 from dsi_localcluster.kubelet.agent import node_manifest
 
 DATA = {
@@ -232,3 +232,10 @@ def test_node_is_tainted_and_labelled() -> None:
         {"key": "dsi.local/process-node", "value": "true", "effect": "NoSchedule"}
     ]
     assert n["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"] == 20310
+
+
+def test_only_process_groups_still_in_the_pod_are_killed() -> None:
+    # 101 exited long ago and its number now belongs to another pod's process: not ours.
+    recorded = [101, 202, 303]
+    assert runtime.pgids_to_kill(recorded, [202, 202, 999]) == [202]
+    assert runtime.pgids_to_kill(recorded, []) == []

@@ -303,9 +303,9 @@ def clean_leftovers(state_dir: Path, node: str) -> None:
         return
     net = Network(state_dir)
     for d in pods_dir.iterdir():
-        runtime.kill_recorded(d)
         name = NETNS_PREFIX + d.name.replace("-", "")[:12]
         if (NETNS_ETC / name).exists() or Path("/var/run/netns", name).exists():
+            runtime.kill_recorded(d, name)
             _kill_netns(name)
         net.delete(d.name)
         runtime.unmount_all(d)

@@ -208,8 +208,8 @@ class PodWorker(threading.Thread):
             grace = 0.0
         for proc in self.procs.values():
             runtime.stop(proc, grace)
-        runtime.kill_recorded(self.dir)
         if self.net is not None:
+            runtime.kill_recorded(self.dir, self.net.netns)
             _kill_netns(self.net.netns)
             self.agent.network.delete(self.uid)
         runtime.unmount_all(self.dir)

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,20 +185,43 @@ def exec_in(
     return out.returncode, (out.stdout + out.stderr).decode(errors="replace")[-500:]
 
 
-def kill_recorded(pod_dir: Path) -> list[int]:
-    """SIGKILL every process group ever started for this pod that is still alive."""
-    killed: list[int] = []
+def pgids_to_kill(recorded: Iterable[int], member_pgids: Iterable[int]) -> list[int]:
+    """The recorded process groups that still have a member in the pod's namespace.
+
+    A recorded group whose processes all exited may have its number reused by anyone on the
+    host (pid_max is often 32768, and Ray spawns many processes): killing it by number alone
+    killed other pods' processes. Only groups seen inside the pod's network namespace are
+    the pod's.
+    """
+    members = set(member_pgids)
+    return sorted({pgid for pgid in recorded if pgid in members})
+
+
+def netns_pgids(netns: str) -> list[int]:
+    """Process groups of the processes living in network namespace ``netns``."""
+    out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
+    pgids = []
+    for pid in out.stdout.split():
+        try:
+            pgids.append(os.getpgid(int(pid)))
+        except (ProcessLookupError, ValueError):
+            continue
+    return pgids
+
+
+def kill_recorded(pod_dir: Path, netns: str) -> list[int]:
+    """SIGKILL every process group started for this pod that still lives in its namespace."""
     pids = pod_dir / "pids"
     if not pids.exists():
-        return killed
-    for line in pids.read_text().split():
-        pgid = int(line)
-        if _group_alive(pgid):
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-                killed.append(pgid)
-            except ProcessLookupError:
-                pass
+        return []
+    recorded = [int(line) for line in pids.read_text().split()]
+    killed: list[int] = []
+    for pgid in pgids_to_kill(recorded, netns_pgids(netns)):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+            killed.append(pgid)
+        except ProcessLookupError:
+            pass
     return killed
 
 
