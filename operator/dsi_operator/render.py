@@ -39,6 +39,7 @@ RANK_ENV_NAMES = frozenset(
         "MASTER_PORT",
         "DSI_GROUP",
         "DSI_INFERENCE",
+        "DSI_READY_FILE",
     }
 )
 #: NCCL/torch defaults for worker pods; spec.env may override any of them.
@@ -54,6 +55,13 @@ NCCL_DEFAULTS: dict[str, str] = {
 _HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001))
 # Ray's dashboard agent (the raylet health endpoint), the same port on every Ray node.
 RAY_AGENT_PORT = 52365
+#: The rank actor holds an exclusive flock on this file once its group has formed (see
+#: dsi_worker.readiness); on the shared-memory emptyDir, so it is fresh per pod and writable
+#: under a read-only root filesystem.
+READY_FILE = "/dev/shm/dsi-rank-formed.lock"
+#: flock's exit code when the lock is taken (``-E``): distinct from "flock not found" (127)
+#: and from an error, so only a held lock reads as ready.
+_LOCK_HELD_EXIT = 75
 
 
 # --- Small pure helpers (also used by the controller) ----------------------------------------
@@ -279,12 +287,30 @@ def _place_head(s: DeepSpeedInferenceSpec, pod_spec: dict[str, Any]) -> None:
         ]
 
 
-def raylet_probe(initial_delay: int, failure_threshold: int) -> dict[str, Any]:
-    """Probe of a worker container: its raylet is healthy (via the Ray dashboard agent).
+def formed_probe() -> dict[str, Any]:
+    """Readiness of a rank pod: its rank actor has formed the group and loaded its shard.
 
-    Rendered by the operator so KubeRay does not add its RayService worker probe, which
-    also requires a Serve proxy on the node: Serve runs proxies only where a replica lives,
-    so a pod holding only a rank actor would never become Ready.
+    True while a process holds the lock on :data:`READY_FILE`. The raylet is implied: Ray's
+    workers exit with their raylet, and the lock with them. Cheap and local, so it runs
+    every 2 s and one miss turns the pod unready: the group leaves READY within seconds of a
+    rank dying or Serve re-forming it, instead of when KubeRay next reports Serve health.
+    """
+    check = f"flock -n -E {_LOCK_HELD_EXIT} {READY_FILE} true; test $? -eq {_LOCK_HELD_EXIT}"
+    return {
+        "exec": {"command": ["bash", "-c", check]},
+        "periodSeconds": 2,
+        "timeoutSeconds": 2,
+        "failureThreshold": 1,
+    }
+
+
+def raylet_probe(initial_delay: int, failure_threshold: int) -> dict[str, Any]:
+    """Liveness of a worker container: its raylet is healthy (via the Ray dashboard agent).
+
+    Rendered by the operator (with :func:`formed_probe` for readiness) so KubeRay does not add
+    its RayService worker probes, which also require a Serve proxy on the node: Serve runs
+    proxies only where a replica lives, so a pod holding only a rank actor would never
+    become Ready.
     """
     check = (
         f"wget --tries 1 -T 2 -q -O- http://localhost:{RAY_AGENT_PORT}/api/local_raylet_healthz"
@@ -362,6 +388,7 @@ def worker_env(
     # scale-up change every existing group, and KubeRay would then replace the whole RayCluster
     # instead of appending groups. The worker gets num_groups from the serve args.
     env.append({"name": "DSI_INFERENCE", "value": name})
+    env.append({"name": "DSI_READY_FILE", "value": READY_FILE})
     user = _user_env(s, reserved=RANK_ENV_NAMES)
     user_names = {v["name"] for v in user}
     env += [{"name": k, "value": v} for k, v in NCCL_DEFAULTS.items() if k not in user_names]
@@ -381,7 +408,7 @@ def _worker_group_spec(
         "env": worker_env(s, name, namespace, group, rank),
         "resources": _quantity_resources(s.resources.cpu, s.resources.memory, extra),
         "volumeMounts": [{"name": L.SHM_VOLUME, "mountPath": "/dev/shm"}, *mounts],
-        "readinessProbe": raylet_probe(initial_delay=10, failure_threshold=10),
+        "readinessProbe": formed_probe(),
         # KubeRay's own default: a raylet silent for 10 minutes is dead.
         "livenessProbe": raylet_probe(initial_delay=30, failure_threshold=120),
     }

@@ -3,7 +3,8 @@
 How readiness is judged (documented for users in the README):
 
 * a group's **pods are ready** when every rank 0..tp-1 has one live pod that is Running and
-  Ready (``status.groups[g].readyRanks == ranks``);
+  Ready (``status.groups[g].readyRanks == ranks``); a rank pod's readiness probe passes only
+  while its rank actor has formed the group (see ``render.formed_probe``);
 * a group is **ready** (counted in ``status.readyReplicas`` and the READY column) when its pods
   are ready *and* KubeRay reports the RayService ready, i.e. Ray Serve runs the application that
   drives the group, *and* (where KubeRay reports per-deployment status) the group's own

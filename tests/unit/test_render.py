@@ -19,6 +19,7 @@ import pytest
 import yaml
 from dsi_localcluster.builders import DSIWrapper
 from dsi_operator import labels as L
+from dsi_operator import render
 from dsi_operator.crd import dump_yaml
 from dsi_operator.render import (
     NCCL_DEFAULTS,
@@ -400,12 +401,15 @@ def test_endpoint_service_selects_only_the_serving_head() -> None:
         assert w["template"]["metadata"]["labels"].get("ray.io/node-type") != "head"
 
 
-def test_worker_probes_check_the_raylet_not_the_serve_proxy() -> None:
+def test_worker_probes_check_the_rank_and_the_raylet_not_the_serve_proxy() -> None:
     for w in _workers(_render(_spec())):
         c = w["template"]["spec"]["containers"][0]
-        for kind in ("readinessProbe", "livenessProbe"):
-            cmd = " ".join(c[kind]["exec"]["command"])
-            assert "local_raylet_healthz" in cmd and ":8000" not in cmd
+        live = " ".join(c["livenessProbe"]["exec"]["command"])
+        assert "local_raylet_healthz" in live and ":8000" not in live
+        # Ready = this pod's rank formed its group (the worker's lock on READY_FILE).
+        ready = " ".join(c["readinessProbe"]["exec"]["command"])
+        assert "flock" in ready and render.READY_FILE in ready and ":8000" not in ready
+        assert {"name": "DSI_READY_FILE", "value": render.READY_FILE} in c["env"]
 
 
 def test_head_prefers_nodes_without_gpus_unless_placed() -> None:

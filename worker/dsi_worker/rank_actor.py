@@ -11,6 +11,7 @@ from typing import Any
 import ray
 
 from dsi_worker.engine import DistEnv, GenRequest, GenResult, RankEngine, StepItem, TokenScore
+from dsi_worker.readiness import mark_formed_from_env
 
 
 def rank_resource(group: int, rank: int) -> str:
@@ -41,6 +42,8 @@ class RankActor:
             if not self._started:
                 self.engine.start()
                 self._started = True
+                # From here the pod's readiness probe passes, until this process dies.
+                mark_formed_from_env()
         return self.info()
 
     @contextlib.contextmanager
