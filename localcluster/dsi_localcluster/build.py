@@ -20,6 +20,8 @@ from pathlib import Path
 from . import config
 
 GOBUILD_DIR = Path(__file__).resolve().parent.parent / "gobuild"
+# Written next to the binaries: Component.build_key() of the build that made them.
+BUILD_KEY_FILE = ".build-key"
 
 
 class BuildError(RuntimeError):
@@ -51,9 +53,29 @@ class Component:
         """Path of one of this component's binaries (the first by default)."""
         return self.dir(cache_dir) / (name or self.binaries[0])
 
+    def build_key(self) -> str:
+        """What the binaries were built from and with, beyond the version: a build whose
+        recorded key differs (new ldflags, packages or data) is stale and is rebuilt."""
+        return json.dumps(
+            {
+                "module_dir": self.module_dir,
+                "packages": list(self.packages),
+                "ldflags": self.ldflags,
+                "data": [list(d) for d in self.data],
+                "source_module": self.source_module,
+            },
+            sort_keys=True,
+        )
+
     def is_built(self, cache_dir: Path) -> bool:
-        """True when every binary exists and is executable."""
+        """True when every binary exists and is executable and was built with this key."""
         if not all(os.access(self.binary(cache_dir, b), os.X_OK) for b in self.binaries):
+            return False
+        try:
+            recorded = (self.dir(cache_dir) / BUILD_KEY_FILE).read_text()
+        except OSError:
+            return False
+        if recorded != self.build_key():
             return False
         return all(any((self.dir(cache_dir) / sub).glob("*")) for sub, _ in self.data)
 
@@ -88,6 +110,17 @@ def _k8s_ldflags(version: str) -> str:
             f"-X {pkg}.gitMinor={minor}",
         ]
     parts.append("-X k8s.io/component-base/version.gitTreeState=clean")
+    return " ".join(parts)
+
+
+def _helm_ldflags(helm_version: str, kube_version: str) -> str:
+    """helm's version, and the Kubernetes version `helm template`/`helm lint` assume without
+    --kube-version. helm's release builds set the latter from its Makefile; unset, helm says
+    v1.20 and refuses the chart (kubeVersion >=1.29)."""
+    major, minor = kube_version.lstrip("v").split(".")[:2]
+    parts = ["-s", "-w", f"-X helm.sh/helm/v3/internal/version.version={helm_version}"]
+    for pkg in ("helm.sh/helm/v3/pkg/lint/rules", "helm.sh/helm/v3/pkg/chartutil"):
+        parts += [f"-X {pkg}.k8sVersionMajor={major}", f"-X {pkg}.k8sVersionMinor={minor}"]
     return " ".join(parts)
 
 
@@ -145,12 +178,33 @@ HELM = Component(
     binaries=("helm",),
     module_dir=None,
     packages=(f"helm.sh/helm/v3/cmd/helm@{config.HELM_VERSION}",),
-    ldflags=f"-s -w -X helm.sh/helm/v3/internal/version.version={config.HELM_VERSION}",
+    ldflags=_helm_ldflags(config.HELM_VERSION, config.KUBERNETES_VERSION),
     minutes="3-6",
 )
+# Manifest linters (tests/unit/test_linters.py, docs/linters.md); not needed by `up`.
+KUBECONFORM = Component(
+    name="kubeconform",
+    version=config.KUBECONFORM_VERSION,
+    binaries=("kubeconform",),
+    module_dir=None,
+    packages=(f"github.com/yannh/kubeconform/cmd/kubeconform@{config.KUBECONFORM_VERSION}",),
+    ldflags=f"-s -w -X main.version={config.KUBECONFORM_VERSION}",
+    minutes="1-2",
+)
+KUBE_SCORE = Component(
+    name="kube-score",
+    version=config.KUBE_SCORE_VERSION,
+    binaries=("kube-score",),
+    module_dir=None,
+    packages=(f"github.com/zegl/kube-score/cmd/kube-score@{config.KUBE_SCORE_VERSION}",),
+    ldflags=f"-s -w -X main.version={config.KUBE_SCORE_VERSION}",
+    minutes="1-3",
+)
 
-COMPONENTS: dict[str, Component] = {c.name: c for c in (ETCD, KUBERNETES, KWOK, KUBERAY, HELM)}
-# What `up` needs; helm is only for the chart tests and users.
+COMPONENTS: dict[str, Component] = {
+    c.name: c for c in (ETCD, KUBERNETES, KWOK, KUBERAY, HELM, KUBECONFORM, KUBE_SCORE)
+}
+# What `up` needs; helm is only for the chart tests and users, the linters only for tests.
 CLUSTER_COMPONENTS = ("etcd", "kubernetes", "kwok", "kuberay")
 
 
@@ -224,6 +278,7 @@ def build_component(comp: Component, cache_dir: Path, force: bool = False) -> bo
         raise BuildError(f"building {comp.name} produced no {', '.join(missing)}; log: {logfile}")
     if comp.data:
         _copy_module_data(comp, scratch, env)
+    (scratch / BUILD_KEY_FILE).write_text(comp.build_key())
     if target.exists():
         shutil.rmtree(target)
     scratch.rename(target)
@@ -311,8 +366,14 @@ def build(
         build_component(comp, cache_dir, force=force)
 
 
+def tool_path(name: str, cache_dir: Path | None = None) -> Path:
+    """The pinned binary of component `name` (helm, kubeconform, kube-score), built into the
+    cache first if it is not there yet."""
+    cache_dir = cache_dir or config.default_cache_dir()
+    build([name], cache_dir)
+    return COMPONENTS[name].binary(cache_dir)
+
+
 def helm_path(cache_dir: Path | None = None) -> Path:
     """The pinned helm binary, built into the cache first if it is not there yet."""
-    cache_dir = cache_dir or config.default_cache_dir()
-    build(["helm"], cache_dir)
-    return HELM.binary(cache_dir)
+    return tool_path("helm", cache_dir)

@@ -1,8 +1,9 @@
 """Thin I/O helpers over the official kubernetes client (sync, run in worker threads).
 
 Every call is counted in :mod:`metrics` by verb and resource, so an idle operator can be shown
-to make no writes. Children are written with server-side apply (field manager
-``dsi-operator``, force) so create and update are the same idempotent call.
+to make no writes, and every failed call again by HTTP status. Children are written with
+server-side apply (field manager ``dsi-operator``, force) so create and update are the same
+idempotent call.
 """
 
 from __future__ import annotations
@@ -56,7 +57,16 @@ class Kube:
 
     async def _call(self, verb: str, resource: str, fn: Callable[..., T], *a: Any, **kw: Any) -> T:
         metrics.API_REQUESTS.labels(verb=verb, resource=resource).inc()
-        return await asyncio.to_thread(fn, *a, **kw)
+        try:
+            return await asyncio.to_thread(fn, *a, **kw)
+        except ApiException as e:
+            # Counted here, not by callers: some answers (404 on get) are expected and handled
+            # above, so the code label lets a dashboard tell those from real failures.
+            metrics.API_ERRORS.labels(verb=verb, resource=resource, code=str(e.status)).inc()
+            raise
+        except Exception:
+            metrics.API_ERRORS.labels(verb=verb, resource=resource, code="none").inc()
+            raise
 
     # --- the DSI ---------------------------------------------------------------------------
 

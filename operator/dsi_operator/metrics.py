@@ -47,6 +47,12 @@ API_REQUESTS = Counter(
     "API requests made by the operator's own client (kopf's watches not included).",
     ["verb", "resource"],
 )
+API_ERRORS = Counter(
+    "dsi_operator_api_errors_total",
+    "API requests of the operator's own client that failed, by HTTP status code "
+    '(code "none": no HTTP answer, e.g. connection refused or timed out).',
+    ["verb", "resource", "code"],
+)
 PHASE = Gauge(
     "dsi_operator_resource_phase",
     "1 for the current phase of each DeepSpeedInference, 0 for the others.",

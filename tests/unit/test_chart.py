@@ -164,10 +164,17 @@ def test_deployment_defaults(helm: str) -> None:
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["runAsNonRoot"] is True
     assert sc["capabilities"] == {"drop": ["ALL"]}
-    assert ctr["resources"]["requests"] == {"cpu": "100m", "memory": "128Mi"}
-    assert "memory" in ctr["resources"]["limits"]
+    assert ctr["resources"]["requests"] == {
+        "cpu": "100m",
+        "memory": "128Mi",
+        "ephemeral-storage": "128Mi",
+    }
+    assert {"cpu", "memory", "ephemeral-storage"} <= ctr["resources"]["limits"].keys()
+    assert ctr["imagePullPolicy"] == "Always"
     probe = ctr["livenessProbe"]["httpGet"]
     assert probe == {"path": "/healthz", "port": "health"}
+    # Readiness is not the liveness probe again: the metrics endpoint the Service sends to.
+    assert ctr["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
     ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
     assert ports == {"health": 8080, "metrics": 9090}
     args = ctr["args"]

@@ -255,6 +255,8 @@ def test_is_built_needs_binaries_and_data(tmp_path: Path) -> None:
     assert not comp.is_built(tmp_path), "CRDs missing"
     (d / "crds").mkdir()
     (d / "crds" / "x.yaml").write_text("{}")
+    assert not comp.is_built(tmp_path), "no build key: built by an older build.py"
+    (d / build.BUILD_KEY_FILE).write_text(comp.build_key())
     assert comp.is_built(tmp_path)
 
 

@@ -17,14 +17,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -39,6 +32,7 @@ from dsi_worker.engine import (
     resolve_model_path,
 )
 from dsi_worker.group import Group
+from dsi_worker.metrics import Metrics
 from dsi_worker.results import Generated, GroupReply, GroupUnavailable, Scored
 
 log = logging.getLogger("ray.serve")
@@ -50,36 +44,6 @@ STATUS_PERIOD_S = 1.0
 STATUS_STALE_S = 30.0
 
 api = FastAPI(title="dsi-worker", description="DeepSpeed tensor-parallel inference")
-
-
-class _Metrics:
-    """Prometheus metrics of this ingress replica (own registry: no clashes on re-init)."""
-
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("dsi_requests", "HTTP requests", ["endpoint", "status"], registry=r)
-        self.prompt_tokens = Counter("dsi_prompt_tokens", "Prompt tokens", registry=r)
-        self.generated_tokens = Counter(
-            "dsi_generated_tokens", "Generated (completion) tokens", registry=r
-        )
-        self.latency = Histogram(
-            "dsi_request_latency_seconds",
-            "End-to-end latency of generation requests",
-            ["endpoint"],
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "dsi_batch_size",
-            "Size of the batch each request ran in",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-            registry=r,
-        )
-        self.group_restarts = Counter(
-            "dsi_group_restarts", "Times a group re-formed (new epoch seen)", ["group"], registry=r
-        )
-        self.groups_ready = Gauge("dsi_groups_ready", "Groups currently ready", registry=r)
-        self.groups_total = Gauge("dsi_groups", "Groups configured", registry=r)
 
 
 def _error(e: P.ApiError) -> JSONResponse:
@@ -183,11 +147,12 @@ class Ingress:
             max_model_len=self.args.max_model_len or _context_len(model_path, self.args),
         )
         self.created = int(time.time())
-        self.metrics = _Metrics()
+        self.metrics = Metrics()
         self.metrics.groups_total.set(len(self.groups))
         self.states: dict[int, dict[str, Any]] = {}
         self.epochs: dict[int, str] = {}
         self.inflight: dict[int, int] = {g: 0 for g in range(len(self.groups))}
+        self.metrics.track_inflight(self.inflight)
         self.counter = 0
         self._poller: asyncio.Task[None] | None = None
         self._status_lock = asyncio.Lock()
