@@ -7,7 +7,8 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 UV      := $(VENV)/bin/uv
 # torch/ray/deepspeed are only needed by the worker; `make EXTRAS=dev venv` skips them.
-EXTRAS  ?= worker,dev
+# eval: lm-evaluation-harness and locust, the client tools the worker tests and bench use.
+EXTRAS  ?= worker,dev,eval
 PYTEST_ARGS ?=
 export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
 
