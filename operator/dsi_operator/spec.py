@@ -339,7 +339,9 @@ class ServeSpec(_Model):
     kernel_inject: bool = Field(
         default=False,
         description="Use DeepSpeed's fused inference kernels (replace_with_kernel_inject) "
-        "instead of AutoTP. GPU only, and only for architectures DeepSpeed has kernels for.",
+        "instead of AutoTP. GPU only, and only for architectures DeepSpeed has kernels for; "
+        "refused for Llama-family models (model_type llama), whose fused kernels fail with "
+        "the pinned DeepSpeed and transformers (docs/gpu.md).",
     )
 
 

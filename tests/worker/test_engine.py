@@ -159,3 +159,13 @@ def test_stream_steps_add_up_to_generate(tiny_model_dir: Path) -> None:
     assert [tuple(t) for t in tokens] == [r.token_ids for r in whole]
     assert [f for f in finishes] == [[r.finish_reason] for r in whole]  # exactly once
     assert len(whole[1].token_ids) <= 3
+
+
+def test_kernel_inject_refused_by_name_for_llama() -> None:
+    """Measured on an H200: DeepSpeed's fused Llama kernels fail under transformers 5, so the
+    engine refuses them with the spec field's name instead of crashing in forward()."""
+    from dsi_worker.engine import check_kernel_inject
+
+    with pytest.raises(ValueError, match=r"serve\.kernelInject.*'llama'"):
+        check_kernel_inject("llama")
+    check_kernel_inject("opt")  # not measured broken: left to DeepSpeed

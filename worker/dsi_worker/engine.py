@@ -137,6 +137,26 @@ def _disable_cpu_shm_allreduce() -> None:
     ds_torch.build_shm_op = lambda: None  # type: ignore[attr-defined]
 
 
+#: Model types whose fused-kernel path (``replace_with_kernel_inject``) fails with the pinned
+#: deepspeed and transformers, as measured on an H200 (docs/gpu.md): refused by name at start
+#: instead of failing inside DeepSpeed on the first forward pass.
+KERNEL_INJECT_UNSUPPORTED: dict[str, str] = {
+    "llama": "DeepSpeed 0.19's injected Llama layers do not accept transformers 5's decoder-"
+    "layer call (AttributeError in ds_transformer.forward) and cannot merge grouped-query "
+    "q/k/v",
+}
+
+
+def check_kernel_inject(model_type: str) -> None:
+    """Raise a ValueError naming ``serve.kernelInject`` when the model cannot use it."""
+    why = KERNEL_INJECT_UNSUPPORTED.get(model_type)
+    if why is not None:
+        raise ValueError(
+            f"serve.kernelInject: not supported for model_type {model_type!r} ({why}); "
+            "set serve.kernelInject: false (AutoTP, the default)"
+        )
+
+
 class RankEngine:
     """One rank of a tensor-parallel group.
 
@@ -205,6 +225,8 @@ class RankEngine:
         t0 = time.monotonic()
         model = load_model(self.model_id, revision=self.revision, dtype=dtype)
         self.timings["load_s"] = time.monotonic() - t0
+        if self.kernel_inject:
+            check_kernel_inject(str(getattr(model.config, "model_type", "")))
 
         t0 = time.monotonic()
         if self.use_deepspeed and (self.dist.world_size > 1 or self.device == "cuda"):
