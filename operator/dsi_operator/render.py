@@ -30,6 +30,9 @@ from dsi_operator.spec import DeepSpeedInferenceSpec, parse_spec
 Manifest = dict[str, Any]
 
 #: Environment variables the operator owns on worker pods; user env cannot override them.
+#: Environment variable of the head container that holds the endpoint's API key (from
+#: spec.serve.apiKeySecret); the Serve ingress, which runs on the head, reads it.
+API_KEY_ENV = "DSI_API_KEY"
 RANK_ENV_NAMES = frozenset(
     {
         "RANK",
@@ -40,6 +43,7 @@ RANK_ENV_NAMES = frozenset(
         "DSI_GROUP",
         "DSI_INFERENCE",
         "DSI_READY_FILE",
+        API_KEY_ENV,
     }
 )
 #: NCCL/torch defaults for worker pods; spec.env may override any of them.
@@ -114,6 +118,10 @@ def serve_app_args(s: DeepSpeedInferenceSpec) -> dict[str, Any]:
         args["revision"] = s.model.revision
     if s.serve.max_model_len is not None:
         args["max_model_len"] = s.serve.max_model_len
+    if s.serve.api_key_secret is not None:
+        # The name of the variable, not the key: serveConfigV2 is readable by anyone who can
+        # read the RayService.
+        args["api_key_env"] = API_KEY_ENV
     return args
 
 
@@ -338,6 +346,10 @@ def head_group_spec(s: DeepSpeedInferenceSpec, name: str) -> dict[str, Any]:
     if s.image_pull_policy:
         container["imagePullPolicy"] = s.image_pull_policy
     env = _user_env(s, reserved=RANK_ENV_NAMES)
+    secret = s.serve.api_key_secret
+    if secret is not None:
+        ref = {"name": secret.name, "key": secret.key}
+        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": ref}})
     if env:
         container["env"] = env
     if mounts:

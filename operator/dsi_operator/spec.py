@@ -279,6 +279,24 @@ class GPUSpec(_Model):
     )
 
 
+class SecretKeySelector(_Model):
+    """One key of a Secret in the resource's namespace."""
+
+    name: str = Field(
+        description="Name of the Secret.",
+        min_length=1,
+        max_length=253,
+        pattern=DNS1123_SUBDOMAIN_PATTERN,
+    )
+    key: str = Field(
+        default="api-key",
+        description="Key in the Secret's data whose value is used.",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+    )
+
+
 class ServeSpec(_Model):
     """Ray Serve application settings (the OpenAI-style HTTP endpoint)."""
 
@@ -335,6 +353,12 @@ class ServeSpec(_Model):
         ge=1,
         le=86400,
         description="A request still running after this many seconds fails with 504.",
+    )
+    api_key_secret: SecretKeySelector | None = Field(
+        default=None,
+        description="When set, the endpoint requires 'Authorization: Bearer <key>' with the "
+        "value of this Secret key (401 otherwise); /healthz and /metrics stay open. The key "
+        "reaches only the head pod's environment (DSI_API_KEY), never the RayService spec.",
     )
     kernel_inject: bool = Field(
         default=False,

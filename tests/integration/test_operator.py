@@ -267,6 +267,7 @@ def test_deletion_leaves_nothing_behind(kube: Any, namespace: str, operator: Any
         ({"replicas": -1}, "spec.replicas"),
         ({"model": {"dtype": "float8"}}, "spec.model.dtype"),
         ({"restartPolicy": {"maxRestarts": -2}}, "spec.restartPolicy.maxRestarts"),
+        ({"serve": {"apiKeySecret": {"name": "Bad_Name"}}}, "spec.serve.apiKeySecret.name"),
     ],
 )
 def test_invalid_specs_are_rejected_naming_the_field(

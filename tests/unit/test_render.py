@@ -516,3 +516,36 @@ def test_helpers() -> None:
     assert L.parse_worker_group_name(L.worker_group_name(12, 7)) == (12, 7)
     assert L.parse_worker_group_name("headgroup") is None
     assert L.selector_for("llm") == "deepspeed.ai/inference=llm,deepspeed.ai/role=worker"
+
+
+def test_api_key_secret_reaches_only_the_head_and_never_the_rayservice_text() -> None:
+    spec = _spec(
+        tensorParallelSize=2,
+        replicas=1,
+        serve={"apiKeySecret": {"name": "llm-api-key", "key": "token"}},
+        env=[{"name": "DSI_API_KEY", "value": "user-set-must-not-win"}],
+    )
+    rs = _render(spec)[0]
+    cluster = rs["spec"]["rayClusterConfig"]
+    head_env = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    key_env = [e for e in head_env if e["name"] == render.API_KEY_ENV]
+    assert key_env == [
+        {
+            "name": "DSI_API_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "llm-api-key", "key": "token"}},
+        }
+    ]
+    for w in _workers([rs]):
+        assert render.API_KEY_ENV not in _env(w)
+    app = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]
+    assert app["args"]["api_key_env"] == "DSI_API_KEY"
+    assert "user-set-must-not-win" not in json.dumps(rs)
+
+
+def test_no_api_key_secret_no_key_env_and_no_auth_arg() -> None:
+    rs = _render(_spec(tensorParallelSize=1, replicas=1))[0]
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert render.API_KEY_ENV not in {e["name"] for e in head.get("env", [])}
+    assert (
+        "api_key_env" not in yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
+    )

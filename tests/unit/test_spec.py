@@ -108,6 +108,9 @@ def test_parse_spec_accepts_a_parsed_model_and_read_only_mappings() -> None:
         ({"unknownField": 1}, "unknownField"),
         ({"tensorParallelSize": 64, "replicas": 9}, "replicas * tensorParallelSize"),
         ({"podTemplate": {"labels": {"deepspeed.ai/rank": "0"}}}, "deepspeed.ai/"),
+        ({"serve": {"apiKeySecret": {"name": "Not_A_Secret"}}}, "apiKeySecret.name"),
+        ({"serve": {"apiKeySecret": {"name": "k", "key": "bad key"}}}, "apiKeySecret.key"),
+        ({"serve": {"apiKeySecret": {"key": "token"}}}, "apiKeySecret.name"),
     ],
 )
 def test_invalid_specs_are_rejected_naming_the_field(patch: dict[str, Any], field: str) -> None:

@@ -193,3 +193,36 @@ def test_scoring_requests_and_logprob_shapes() -> None:
     assert lp["text_offset"] == [0, 2]
     c = P.chat_logprobs(toks[1:])["content"][0]
     assert c["token"] == "llo" and c["bytes"] == list(b"llo") and len(c["top_logprobs"]) == 2
+
+
+def test_bearer_key_checked_in_openai_shape_without_echoing_the_secret() -> None:
+    P.check_bearer("Bearer s3cret", "s3cret")
+    P.check_bearer("bearer  s3cret ", "s3cret")  # scheme is case-insensitive
+    for header, message in [
+        (None, "missing API key"),
+        ("", "missing API key"),
+        ("Bearer wrong-guess", "invalid API key"),
+        ("Basic s3cret", "invalid API key"),
+        ("s3cret", "invalid API key"),
+    ]:
+        with pytest.raises(P.ApiError) as err:
+            P.check_bearer(header, "s3cret")
+        e = err.value
+        assert e.status == 401 and message in e.message
+        assert e.body()["error"]["code"] == "invalid_api_key"
+        assert e.headers["WWW-Authenticate"].startswith("Bearer")
+        assert "s3cret" not in json.dumps(e.body()) and "wrong-guess" not in e.message
+
+
+def test_api_key_from_env_fails_closed() -> None:
+    assert P.api_key_from_env(None, {}) is None
+    assert P.api_key_from_env("DSI_API_KEY", {"DSI_API_KEY": " k \n"}) == "k"
+    for env in ({}, {"DSI_API_KEY": ""}, {"DSI_API_KEY": "  "}):
+        with pytest.raises(ValueError, match=r"serve\.apiKeySecret: .*DSI_API_KEY"):
+            P.api_key_from_env("DSI_API_KEY", env)
+
+
+def test_api_key_env_arg_must_be_a_variable_name() -> None:
+    assert parse_args({"api_key_env": "DSI_API_KEY"}).api_key_env == "DSI_API_KEY"
+    with pytest.raises(ValueError, match="api_key_env"):
+        parse_args({"api_key_env": "not a name"})

@@ -9,6 +9,7 @@
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -139,6 +140,7 @@ class Ingress:
         self, args: dict[str, Any], model_path: str, *groups: DeploymentHandle[Any]
     ) -> None:
         self.args: AppArgs = parse_args(args)
+        self.api_key = P.api_key_from_env(self.args.api_key_env, os.environ)
         self.groups = list(groups)
         self.tokenizer = load_tokenizer(model_path, revision=self.args.revision)
         self.limits = P.Limits(
@@ -416,6 +418,7 @@ class Ingress:
         t0 = time.monotonic()
         status = 500
         try:
+            self._authorize(request)
             try:
                 body = await request.json()
             except Exception:
@@ -430,6 +433,10 @@ class Ingress:
             self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
             if status < 400:
                 self.metrics.latency.labels(endpoint=endpoint).observe(time.monotonic() - t0)
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is not None:
+            P.check_bearer(request.headers.get("authorization"), self.api_key)
 
     def _encode(self, text: str, *, special: bool = True) -> list[int]:
         ids: list[int] = self.tokenizer(text, add_special_tokens=special)["input_ids"]
@@ -575,8 +582,12 @@ class Ingress:
         return await self._handle("detokenize", request, run)
 
     @api.get("/v1/models")
-    async def models(self) -> Response:
+    async def models(self, request: Request) -> Response:
         """The one served model."""
+        try:
+            self._authorize(request)
+        except P.ApiError as e:
+            return _error(e)
         limits = self.limits
         return JSONResponse(
             P.models_response(limits.served_model_name, self.created, limits.max_model_len)

@@ -49,6 +49,9 @@ class AppArgs(BaseModel):
     # sliver of, pinning them to the head: a group's replica on another group's rank pod
     # would die with that group. None (local mode, tests): Ray places them anywhere.
     control_resource: str | None = None
+    # Name of the environment variable holding the API key clients must send as a Bearer
+    # token; None: no authentication. The key itself never travels in the args.
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     # Threads per rank (CPU); None leaves torch's default.
     torch_threads: int | None = Field(None, ge=1)
 

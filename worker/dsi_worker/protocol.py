@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -51,6 +52,40 @@ class ApiError(Exception):
 MAX_CHOICES = 32
 #: Most alternatives per token ``logprobs`` / ``top_logprobs`` may ask for (vLLM's default).
 MAX_LOGPROBS = 20
+
+
+def check_bearer(authorization: str | None, key: str) -> None:
+    """Raise a 401 in OpenAI's shape unless ``authorization`` is ``Bearer <key>``.
+
+    Compared in constant time; the message never repeats what the client sent.
+    """
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode()):
+        return
+    msg = (
+        "missing API key: send 'Authorization: Bearer <key>'"
+        if not authorization
+        else "invalid API key"
+    )
+    raise ApiError(
+        401, msg, code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="dsi"'}
+    )
+
+
+def api_key_from_env(name: str | None, environ: Mapping[str, str]) -> str | None:
+    """The API key held in environment variable ``name`` (None: no authentication).
+
+    Fails closed: a configured but empty variable is an error, not an open endpoint.
+    """
+    if name is None:
+        return None
+    key = environ.get(name, "").strip()
+    if not key:
+        raise ValueError(
+            f"serve.apiKeySecret: environment variable {name} is empty or unset; "
+            "the Secret key it comes from must hold a non-empty API key"
+        )
+    return key
 
 
 class StreamOptions(BaseModel):
