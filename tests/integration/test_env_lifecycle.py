@@ -60,6 +60,8 @@ def test_half_started_cluster_is_cleaned_up(tmp_path: Path) -> None:
     kwok_dir.unlink()
     kwok_dir.mkdir()
     os.symlink(build.KWOK.dir(real) / "stages", kwok_dir / "stages")
+    # The build key marks the fake as built with today's flags, so `up` runs it as it is.
+    os.symlink(build.KWOK.dir(real) / build.BUILD_KEY_FILE, kwok_dir / build.BUILD_KEY_FILE)
     broken = kwok_dir / "kwok"
     broken.write_text("#!/bin/sh\necho 'kwok: simulated crash on start' >&2\nexit 3\n")
     broken.chmod(0o755)
