@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from dsi_operator import labels as L
-from dsi_operator.spec import DeepSpeedInferenceSpec, parse_spec
+from dsi_operator.spec import DeepSpeedInferenceSpec, SecurityLevel, parse_spec
 
 Manifest = dict[str, Any]
 
@@ -248,9 +248,28 @@ def _pod_metadata(
     return meta
 
 
+#: PodSecurity "restricted": what every pod and container must set (the rest of the level,
+#: e.g. volume types and no host namespaces, the rendered pods meet anyway).
+_RESTRICTED_POD = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+_RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def _restrict(s: DeepSpeedInferenceSpec, container: dict[str, Any]) -> dict[str, Any]:
+    """The container with the restricted level's settings when the spec asks for them.
+
+    KubeRay copies the ray container's securityContext to the init container it injects, so
+    setting it here covers that one too.
+    """
+    if s.pod_template.security_level == SecurityLevel.restricted:
+        container["securityContext"] = copy.deepcopy(_RESTRICTED_CONTAINER)
+    return container
+
+
 def _pod_spec_common(s: DeepSpeedInferenceSpec) -> dict[str, Any]:
     pod: dict[str, Any] = {}
     pt = s.pod_template
+    if pt.security_level == SecurityLevel.restricted:
+        pod["securityContext"] = copy.deepcopy(_RESTRICTED_POD)
     if pt.service_account_name:
         pod["serviceAccountName"] = pt.service_account_name
     if pt.image_pull_secrets:
@@ -354,7 +373,7 @@ def head_group_spec(s: DeepSpeedInferenceSpec, name: str) -> dict[str, Any]:
         container["env"] = env
     if mounts:
         container["volumeMounts"] = mounts
-    pod_spec: dict[str, Any] = {"containers": [container], **_pod_spec_common(s)}
+    pod_spec: dict[str, Any] = {"containers": [_restrict(s, container)], **_pod_spec_common(s)}
     if volumes:
         pod_spec["volumes"] = volumes
     _place_head(s, pod_spec)
@@ -430,7 +449,7 @@ def _worker_group_spec(
         # The master Service targets this named port on the group's rank 0.
         container["ports"] = [{"name": L.MASTER_PORT_NAME, "containerPort": s.master_port}]
     pod_spec: dict[str, Any] = {
-        "containers": [container],
+        "containers": [_restrict(s, container)],
         "volumes": [
             {
                 "name": L.SHM_VOLUME,

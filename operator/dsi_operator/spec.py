@@ -519,6 +519,13 @@ class LocalObjectReference(_Model):
     )
 
 
+class SecurityLevel(StrEnum):
+    """Pod Security Standard levels the rendered pods can be made to meet."""
+
+    restricted = "restricted"
+    baseline = "baseline"
+
+
 class PodTemplateOverrides(_Model):
     """Extra metadata and settings merged into every pod (head and workers)."""
 
@@ -565,6 +572,13 @@ class PodTemplateOverrides(_Model):
         description="PriorityClass of the pods (none when unset).",
         max_length=253,
         pattern=DNS1123_SUBDOMAIN_PATTERN,
+    )
+    security_level: SecurityLevel = Field(
+        default=SecurityLevel.restricted,
+        description="Pod Security Standard the pods are rendered to meet. restricted: "
+        "runAsNonRoot, RuntimeDefault seccomp, no privilege escalation, all capabilities "
+        "dropped (the worker image runs as uid 1000). baseline: none of these, for an image "
+        "that must run as root or a node setup that needs capabilities.",
     )
 
 

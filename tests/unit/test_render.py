@@ -549,3 +549,23 @@ def test_no_api_key_secret_no_key_env_and_no_auth_arg() -> None:
     assert (
         "api_key_env" not in yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"][0]["args"]
     )
+
+
+def test_pods_meet_restricted_by_default_and_baseline_renders_none_of_it() -> None:
+    strict = _render(_spec(tensorParallelSize=2, replicas=1))[0]["spec"]["rayClusterConfig"]
+    groups = [strict["headGroupSpec"], *strict["workerGroupSpecs"]]
+    for g in groups:
+        pod = g["template"]["spec"]
+        assert pod["securityContext"] == {
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        assert pod["containers"][0]["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        }
+    loose_spec = _spec(tensorParallelSize=2, replicas=1, podTemplate={"securityLevel": "baseline"})
+    loose = _render(loose_spec)[0]["spec"]["rayClusterConfig"]
+    for g in [loose["headGroupSpec"], *loose["workerGroupSpecs"]]:
+        assert "securityContext" not in g["template"]["spec"]
+        assert "securityContext" not in g["template"]["spec"]["containers"][0]
