@@ -348,6 +348,14 @@ class ServeSpec(_Model):
         le=1048576,
         description="Cap on prompt plus generated tokens; the model's own limit when unset.",
     )
+
+    @model_validator(mode="after")
+    def _context_fits_the_token_cap(self) -> ServeSpec:
+        # The same rule as the CRD's CEL validation above (the API server applies that one).
+        if self.max_model_len is not None and self.max_model_len <= self.max_new_tokens:
+            raise ValueError("serve.maxModelLen must be larger than serve.maxNewTokens")
+        return self
+
     request_timeout_seconds: int = Field(
         default=D.REQUEST_TIMEOUT_SECONDS,
         ge=1,
@@ -655,9 +663,23 @@ class DeepSpeedInferenceSpec(_Model):
     env: list[EnvVar] = Field(
         default_factory=list,
         description="Extra environment variables for every container (e.g. HF_TOKEN from a "
-        "Secret). They cannot override the rank variables the operator sets.",
+        "Secret). They cannot override the rank variables the operator sets. Names are "
+        "unique (a pod refuses duplicates).",
         max_length=128,
+        # A list keyed by name: the API server refuses a duplicate name naming spec.env.
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
+
+    @field_validator("env")
+    @classmethod
+    def _unique_env_names(cls, env: list[EnvVar]) -> list[EnvVar]:
+        seen: set[str] = set()
+        for var in env:
+            if var.name in seen:
+                raise ValueError(f"env: duplicate name {var.name!r} (names must be unique)")
+            seen.add(var.name)
+        return env
+
     pod_template: PodTemplateOverrides = Field(
         default_factory=PodTemplateOverrides,
         description="Labels, annotations, service account and pull secrets for every pod.",

@@ -268,6 +268,7 @@ def test_deletion_leaves_nothing_behind(kube: Any, namespace: str, operator: Any
         ({"model": {"dtype": "float8"}}, "spec.model.dtype"),
         ({"restartPolicy": {"maxRestarts": -2}}, "spec.restartPolicy.maxRestarts"),
         ({"serve": {"apiKeySecret": {"name": "Bad_Name"}}}, "spec.serve.apiKeySecret.name"),
+        ({"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}, "spec.env[1]"),
     ],
 )
 def test_invalid_specs_are_rejected_naming_the_field(

@@ -111,6 +111,8 @@ def test_parse_spec_accepts_a_parsed_model_and_read_only_mappings() -> None:
         ({"serve": {"apiKeySecret": {"name": "Not_A_Secret"}}}, "apiKeySecret.name"),
         ({"serve": {"apiKeySecret": {"name": "k", "key": "bad key"}}}, "apiKeySecret.key"),
         ({"serve": {"apiKeySecret": {"key": "token"}}}, "apiKeySecret.name"),
+        ({"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}, "env: duplicate"),
+        ({"serve": {"maxModelLen": 512, "maxNewTokens": 512}}, "serve.maxModelLen"),
     ],
 )
 def test_invalid_specs_are_rejected_naming_the_field(patch: dict[str, Any], field: str) -> None:
