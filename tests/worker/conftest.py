@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+from dsi_localcluster.testing import free_port
+from dsi_localcluster.wait import wait_for
+
+# How long a tiny group may take to form on 2 busy cores.
+FORM_DEADLINE_S = 420
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +30,42 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _quiet_threads() -> None:
     # Two cores shared by several processes: one torch thread per process.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@contextmanager
+def serve_tiny(model_dir: Path, **args: Any) -> Iterator[str]:
+    """One TP 1 group of the tiny model behind Serve on a fresh local Ray; its base URL.
+
+    ``args`` are extra app args (AppArgs names). /healthz needs no API key, so the wait for
+    the group to form works with ``api_key_env`` set too.
+    """
+    import ray
+    from dsi_worker.local import start_ray, start_serve
+    from ray import serve
+
+    start_ray(1, 1, num_cpus=4)
+    try:
+        app = {
+            "model": str(model_dir),
+            "dtype": "float32",
+            "max_new_tokens": 8,
+            "served_model_name": "tiny",
+            "torch_threads": 1,
+            **args,
+        }
+        base = start_serve(app, port=free_port())
+        wait_for(
+            lambda: httpx.get(f"{base}/healthz", timeout=10).status_code == 200,
+            FORM_DEADLINE_S,
+            "the group to form",
+        )
+        yield base
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_server() -> Callable[..., AbstractContextManager[str]]:
+    """:func:`serve_tiny`, for module fixtures: ``with tiny_server(model_dir, **args) as url``."""
+    return serve_tiny

@@ -4,49 +4,27 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from dsi_localcluster.testing import free_port
-from dsi_localcluster.wait import wait_for
 
 pytestmark = pytest.mark.worker
 
 KEY_ENV = "DSI_TEST_API_KEY"
 KEY = "sk-test-0123456789"
-FORM_DEADLINE_S = 420
 
 
 @pytest.fixture(scope="module")
-def url(tiny_model_dir: Path) -> Iterator[str]:
+def url(tiny_model_dir: Path, tiny_server: Callable[..., Any]) -> Iterator[str]:
     """One TP 1 group behind Serve with an API key; Ray's workers inherit the variable."""
-    import ray
-    from dsi_worker.local import start_ray, start_serve
-    from ray import serve
-
     os.environ[KEY_ENV] = KEY
-    start_ray(1, 1, num_cpus=4)
     try:
-        args = {
-            "model": str(tiny_model_dir),
-            "dtype": "float32",
-            "max_new_tokens": 8,
-            "served_model_name": "tiny",
-            "torch_threads": 1,
-            "api_key_env": KEY_ENV,
-        }
-        base = start_serve(args, port=free_port())
-        wait_for(
-            lambda: httpx.get(f"{base}/healthz", timeout=10).status_code == 200,
-            FORM_DEADLINE_S,
-            "the group to form (healthz needs no key)",
-        )
-        yield base
+        with tiny_server(tiny_model_dir, api_key_env=KEY_ENV) as base:
+            yield base
     finally:
-        serve.shutdown()
-        ray.shutdown()
         os.environ.pop(KEY_ENV, None)
 
 

@@ -47,6 +47,21 @@ LIMITS = P.Limits(served_model_name="m", max_new_tokens=32, max_model_len=100)
         (P.ChatRequest, {"messages": [{"role": "user", "content": ""}]}, "messages"),
         (P.ChatRequest, {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
         (P.GenerateRequest, {"prompt": ""}, "prompt"),
+        # Wrong types: the field, never pydantic's union-member tag (prompt.str).
+        (P.CompletionRequest, {"prompt": 123}, "prompt"),
+        (P.CompletionRequest, {"prompt": [[1, "a"]]}, "prompt"),
+        (P.CompletionRequest, {"prompt": "x", "stop": 5}, "stop"),
+        (P.ChatRequest, {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        # Strict booleans: "yes", "no", 1 are not read as true or false.
+        (P.CompletionRequest, {"prompt": "x", "stream": "yes"}, "stream"),
+        (P.CompletionRequest, {"prompt": "x", "echo": "no"}, "echo"),
+        (P.CompletionRequest, {"prompt": "x", "echo": 1}, "echo"),
+        (
+            P.ChatRequest,
+            {"messages": [{"role": "user", "content": "x"}], "logprobs": 1},
+            "logprobs",
+        ),
+        (P.TokenizeRequest, {"prompt": "x", "add_special_tokens": "false"}, "add_special_tokens"),
     ],
 )
 def test_validation_names_the_field(model: type, body: dict, param: str) -> None:
@@ -75,6 +90,9 @@ def test_lengths() -> None:
     with pytest.raises(P.ApiError) as ei:
         P.check_lengths(100, 1, LIMITS)
     assert ei.value.param == "prompt"
+    with pytest.raises(P.ApiError) as ei:
+        P.check_lengths(100, 1, LIMITS, prompt_param="messages")
+    assert ei.value.param == "messages" and ei.value.code == "context_length_exceeded"
 
 
 def test_model_name() -> None:

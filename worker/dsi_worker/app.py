@@ -8,6 +8,7 @@
 # annotation on the routes of the pickled ingress class.
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -22,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 
 from dsi_worker import protocol as P
 from dsi_worker.config import AppArgs, parse_args
@@ -39,6 +41,11 @@ from dsi_worker.results import Generated, GroupReply, GroupUnavailable, Scored
 log = logging.getLogger("ray.serve")
 
 RETRY_AFTER_S = 5
+# Retry-After of a 429: the ingress was full a moment ago, not down.
+BUSY_RETRY_AFTER_S = 1
+# Ingress replica slots beyond the admission limit: probes, /metrics and the 429s themselves
+# must not queue in the proxy behind admitted requests.
+INGRESS_HEADROOM = 64
 STATUS_TIMEOUT_S = 3.0
 STATUS_PERIOD_S = 1.0
 # How long a group keeps its last known state while its status calls time out.
@@ -49,6 +56,46 @@ api = FastAPI(title="dsi-worker", description="DeepSpeed tensor-parallel inferen
 
 def _error(e: P.ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Unknown route (404), wrong method (405): OpenAI's error shape, not FastAPI's."""
+    msg = f"{exc.detail}: {request.method} {request.url.path}"
+    err = P.ApiError(exc.status_code, msg, code=exc.detail.lower().replace(" ", "_"))
+    return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
+
+
+def _too_large(limit: int) -> P.ApiError:
+    return P.ApiError(
+        413, f"request body is over this server's limit of {limit} bytes", code="body_too_large"
+    )
+
+
+def _busy(limit: int) -> P.ApiError:
+    return P.ApiError(
+        429,
+        f"server busy: {limit} requests in flight (max_inflight_requests); retry later",
+        type_="rate_limit_error",
+        code="server_busy",
+        headers={"Retry-After": str(BUSY_RETRY_AFTER_S)},
+    )
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The JSON body, read up to ``limit`` bytes: 413 past it, 400 if not JSON (or UTF-8)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise _too_large(limit)
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise _too_large(limit)
+    try:
+        return json.loads(raw)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise P.ApiError(400, f"request body is not valid JSON: {str(e)[:120]}") from None
 
 
 def _timeout(seconds: float) -> P.ApiError:
@@ -156,6 +203,7 @@ class Ingress:
         self.inflight: dict[int, int] = {g: 0 for g in range(len(self.groups))}
         self.metrics.track_inflight(self.inflight)
         self.counter = 0
+        self.active = 0  # requests in _handle (admission)
         self._poller: asyncio.Task[None] | None = None
         self._status_lock = asyncio.Lock()
         self.status_seen: dict[int, float] = {}
@@ -417,12 +465,14 @@ class Ingress:
     async def _handle(self, endpoint: str, request: Request, fn: Any) -> Response:
         t0 = time.monotonic()
         status = 500
+        admitted = False
         try:
             self._authorize(request)
-            try:
-                body = await request.json()
-            except Exception:
-                raise P.ApiError(400, "request body is not valid JSON") from None
+            if self.active >= self.args.inflight_limit():
+                raise _busy(self.args.inflight_limit())
+            self.active += 1
+            admitted = True
+            body = await _read_json(request, self.args.max_request_bytes)
             resp: Response = await fn(body)
             status = resp.status_code
             return resp
@@ -430,6 +480,8 @@ class Ingress:
             status = e.status
             return _error(e)
         finally:
+            if admitted:
+                self.active -= 1
             self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
             if status < 400:
                 self.metrics.latency.labels(endpoint=endpoint).observe(time.monotonic() - t0)
@@ -494,7 +546,9 @@ class Ingress:
             top_k = P.check_scoring(body)
             prompt_ids = self._chat_prompt(body.messages)
             param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-            max_new = P.check_lengths(len(prompt_ids), body.max_new(), self.limits, param=param)
+            max_new = P.check_lengths(
+                len(prompt_ids), body.max_new(), self.limits, param=param, prompt_param="messages"
+            )
             rid, name = P.new_id("chatcmpl"), self.limits.served_model_name
             obj = "chat.completion.chunk"
             job = _Job(
@@ -634,8 +688,7 @@ def build_app(args: dict[str, Any]) -> Application:
     if a.local_mode and a.local_master_ports is None:
         a = a.model_copy(update={"local_master_ports": [free_port() for _ in range(a.num_groups)]})
     d = a.model_dump()
-    # Room for two full batches queued behind the running ones (streaming + plain).
-    ongoing = max(256, 4 * a.max_batch_size)
+    ongoing = a.group_ongoing()
     actor: dict[str, Any] = {"num_cpus": 0}
     if a.control_resource:
         actor["resources"] = {a.control_resource: 0.001}
@@ -645,4 +698,9 @@ def build_app(args: dict[str, Any]) -> Application:
         ).bind(d, g, model_path)
         for g in range(a.num_groups)
     ]
-    return Ingress.options(name="ingress", ray_actor_options=actor).bind(d, model_path, *groups)  # type: ignore[attr-defined, no-any-return]
+    ingress = Ingress.options(  # type: ignore[attr-defined]
+        name="ingress",
+        ray_actor_options=actor,
+        max_ongoing_requests=a.inflight_limit() + INGRESS_HEADROOM,
+    )
+    return ingress.bind(d, model_path, *groups)  # type: ignore[no-any-return]

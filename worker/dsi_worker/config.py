@@ -54,6 +54,11 @@ class AppArgs(BaseModel):
     api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     # Threads per rank (CPU); None leaves torch's default.
     torch_threads: int | None = Field(None, ge=1)
+    # Largest request body the ingress reads; a larger one is answered 413 unread.
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    # Requests the ingress holds at once (a stream until its first token); past it it
+    # answers 429 + Retry-After instead of queueing. None: what the groups accept together.
+    max_inflight_requests: int | None = Field(None, ge=1)
 
     @field_validator("local_master_ports")
     @classmethod
@@ -61,6 +66,15 @@ class AppArgs(BaseModel):
         if v is not None and any(not 0 < p < 65536 for p in v):
             raise ValueError("ports must be in 1..65535")
         return v
+
+    def group_ongoing(self) -> int:
+        """Requests one group's replica accepts at once: two full batches queued behind the
+        running ones (streaming + plain), at least 256."""
+        return max(256, 4 * self.max_batch_size)
+
+    def inflight_limit(self) -> int:
+        """Requests the ingress admits at once (``max_inflight_requests``)."""
+        return self.max_inflight_requests or self.num_groups * self.group_ongoing()
 
     def model_name(self) -> str:
         """Name clients must send as ``model``."""

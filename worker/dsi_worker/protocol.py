@@ -93,7 +93,7 @@ class StreamOptions(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class _Sampling(BaseModel):
@@ -106,7 +106,8 @@ class _Sampling(BaseModel):
     # Not in OpenAI's schema but common (vLLM): 0 or -1 = off.
     top_k: int = Field(0, ge=-1)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
+    # Booleans are strict: "yes", "no" or 1 are refused, not read as true or false.
+    stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
@@ -157,7 +158,7 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(16, ge=0)
     best_of: int | None = Field(None, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: bool = Field(False, strict=True)
 
     @field_validator("prompt")
     @classmethod
@@ -218,7 +219,7 @@ class ChatRequest(_Sampling):
 
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: bool = Field(False, strict=True)
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @field_validator("messages")
@@ -292,10 +293,28 @@ def parse_request(model: type[BaseModel], body: Any) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        msg = err["msg"].removeprefix("Value error, ")
+        errors = e.errors()
+        param = _param(errors[0]["loc"])
+        # A union (prompt: str | list[...]) fails once per member: say what each wanted.
+        msgs = [err["msg"].removeprefix("Value error, ") for err in errors]
+        same = [m for err, m in zip(errors, msgs, strict=True) if _param(err["loc"]) == param]
+        msg = "; ".join(dict.fromkeys(same[:4]))
         raise ApiError(400, f"{param}: {msg}", param=param) from None
+
+
+#: pydantic's names for a union's members in an error location (``prompt.str``).
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none"})
+
+
+def _param(loc: tuple[int | str, ...]) -> str | None:
+    """The field an error location names, without pydantic's union-member tags:
+    ``('messages', 0, 'content', 'str')`` -> ``messages.0.content``."""
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, str) and (p in _UNION_TAGS or not p.isidentifier()):
+            break
+        parts.append(str(p))
+    return ".".join(parts) or None
 
 
 @dataclass(frozen=True)
@@ -319,14 +338,21 @@ def check_model(requested: str | None, limits: Limits) -> None:
 
 
 def check_lengths(
-    prompt_tokens: int, max_tokens: int | None, limits: Limits, *, param: str = "max_tokens"
+    prompt_tokens: int,
+    max_tokens: int | None,
+    limits: Limits,
+    *,
+    param: str = "max_tokens",
+    prompt_param: str = "prompt",
 ) -> int:
-    """Return the effective max_tokens, or raise 400 naming the field that is too large."""
+    """Return the effective max_tokens, or raise 400 naming the field that is too large
+    (``prompt_param``: the field the prompt came from, ``messages`` for chat)."""
     if prompt_tokens >= limits.max_model_len:
         raise ApiError(
             400,
-            f"prompt is {prompt_tokens} tokens; the model's context is {limits.max_model_len}",
-            param="prompt",
+            f"{prompt_param}: the prompt is {prompt_tokens} tokens; "
+            f"the model's context is {limits.max_model_len}",
+            param=prompt_param,
             code="context_length_exceeded",
         )
     if max_tokens is None:
@@ -547,8 +573,8 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    add_special_tokens: bool = Field(True, strict=True)
+    add_generation_prompt: bool = Field(True, strict=True)
 
     @field_validator("messages")
     @classmethod
