@@ -3,7 +3,7 @@
 The pure path, over 1200 generated specs: every spec the CRD's structure accepts either
 parses and renders, or is refused by pydantic for one of the CRD's rules beyond structure
 (CEL rules, keyed lists), which the API server enforces too; every spec with one leaf made
-invalid is refused naming that field. tests/integration/test_spec_fuzz.py asks the real
+invalid is refused naming that field. tests/integration/test_spec_fuzz_api.py asks the real
 API server the same questions.
 """
 
