@@ -172,6 +172,12 @@ def _bad_value(node: Schema) -> Any:
     return 12345  # a number where a string is required
 
 
+def field_of(path: tuple[str, ...]) -> str:
+    """The innermost named key of a leaf's path (list indexes are not field names): what an
+    error about that leaf must name."""
+    return next(p for p in reversed(path) if not p.isdigit())
+
+
 def _set(obj: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     target: Any = obj
     for key in path[:-1]:

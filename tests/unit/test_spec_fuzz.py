@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from dsi_localcluster.specfuzz import invalid_specs, rule_messages, valid_specs
+from dsi_localcluster.specfuzz import field_of, invalid_specs, rule_messages, valid_specs
 from dsi_operator.render import render_children
 from dsi_operator.spec import parse_spec
 from hypothesis import HealthCheck, given, settings
@@ -25,11 +25,6 @@ FUZZ = settings(
 )
 UID = "00000000-0000-0000-0000-00000000f022"
 Case = tuple[dict[str, Any], tuple[str, ...]]
-
-
-def field_of(path: tuple[str, ...]) -> str:
-    """The innermost named key of a path (list indexes are not field names)."""
-    return next(p for p in reversed(path) if not p.isdigit())
 
 
 @FUZZ
