@@ -206,7 +206,15 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "name": "TP",
         "type": "integer",
         "jsonPath": ".spec.tensorParallelSize",
-        "description": "Ranks (pods) per group",
+        "description": "Ranks per group",
+    },
+    {
+        "name": "Ranks/Pod",
+        "type": "integer",
+        "jsonPath": ".spec.ranksPerPod",
+        "description": "Ranks (GPU processes) in one pod",
+        # -o wide only: the default columns stay as they were.
+        "priority": 1,
     },
     {
         "name": "Replicas",

@@ -37,7 +37,11 @@ RAY_NODE_TYPE_LABEL = "ray.io/node-type"
 LABEL_PREFIX = "deepspeed.ai/"
 LABEL_INFERENCE = "deepspeed.ai/inference"
 LABEL_GROUP = "deepspeed.ai/group"
+#: On a worker pod: its first rank (the only one when ranksPerPod is 1).
 LABEL_RANK = "deepspeed.ai/rank"
+#: On a worker pod holding several ranks (ranksPerPod > 1): its index within the group.
+#: Absent on one-rank pods, whose index is their rank (so their templates stay as before).
+LABEL_POD = "deepspeed.ai/pod"
 LABEL_ROLE = "deepspeed.ai/role"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "dsi-operator"
@@ -104,7 +108,8 @@ HEAD_RAY_RESOURCE = "dsi_head"
 
 
 def worker_group_name(group: int, rank: int) -> str:
-    """KubeRay worker group name of rank ``rank`` of TP group ``group``."""
+    """KubeRay worker group name of the pod whose first rank is ``rank`` in TP group ``group``
+    (the pod of that rank alone when ranksPerPod is 1)."""
     return f"g{group}-r{rank}"
 
 
@@ -125,9 +130,14 @@ def ray_resource_name(group: int, rank: int) -> str:
 
 
 def child_labels(
-    name: str, *, role: str | None = None, group: int | None = None, rank: int | None = None
+    name: str,
+    *,
+    role: str | None = None,
+    group: int | None = None,
+    rank: int | None = None,
+    pod: int | None = None,
 ) -> dict[str, str]:
-    """The labels every child of DSI ``name`` carries (plus group/rank/role when given)."""
+    """The labels every child of DSI ``name`` carries (plus group/rank/pod/role when given)."""
     labels = {LABEL_INFERENCE: name, LABEL_MANAGED_BY: MANAGED_BY}
     if role is not None:
         labels[LABEL_ROLE] = role
@@ -135,6 +145,8 @@ def child_labels(
         labels[LABEL_GROUP] = str(group)
     if rank is not None:
         labels[LABEL_RANK] = str(rank)
+    if pod is not None:
+        labels[LABEL_POD] = str(pod)
     return labels
 
 
@@ -149,6 +161,18 @@ def selector_for(name: str, *, group: int | None = None, rank: int | None = None
 
 
 def group_of_pod(labels: Mapping[str, str] | None) -> tuple[int, int] | None:
+    """(group, pod index within the group) of a worker pod from its labels; ``None`` for the
+    head or foreign pods. The index is the rank on one-rank pods."""
+    gr = _group_and_rank(labels)
+    if gr is None:
+        return None
+    pod = (labels or {}).get(LABEL_POD)
+    if pod is None:
+        return gr
+    return (gr[0], int(pod)) if pod.isdigit() else None
+
+
+def _group_and_rank(labels: Mapping[str, str] | None) -> tuple[int, int] | None:
     """(group, rank) of a worker pod from its labels; ``None`` for the head or foreign pods."""
     if not labels:
         return None

@@ -29,10 +29,21 @@ class GPUNeeds:
 
     tp: int
     gpus_per_rank: int = 1
+    ranks_per_pod: int = 1
     resource_name: str = "nvidia.com/gpu"
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: Sequence[Mapping[str, Any]] = ()
     require_gpu_operator: bool = False
+
+    @property
+    def pods(self) -> int:
+        """Pods of one group."""
+        return max(self.tp // max(self.ranks_per_pod, 1), 1)
+
+    @property
+    def gpus_per_pod(self) -> int:
+        """GPUs one pod requests (all of them on one node)."""
+        return self.gpus_per_rank * self.ranks_per_pod
 
 
 @dataclass(frozen=True)
@@ -89,25 +100,58 @@ def _quantity_int(value: Any) -> int:
         return 0
 
 
-def gpu_capacity(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> tuple[int, int, int]:
-    """(rank pods that fit, matching nodes, allocatable GPUs on them).
-
-    Counted per node: a node with 3 GPUs holds one 2-GPU rank, not 1.5.
-    """
-    per = max(needs.gpus_per_rank, 1)
-    slots = matching = gpus = 0
+def _node_gpus(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> list[int]:
+    """Allocatable GPUs of each node a worker pod may use (nodes without any left out)."""
+    out = []
     for node in nodes:
         if not node_fits(node, needs):
             continue
         alloc = _quantity_int(
             ((node.get("status") or {}).get("allocatable") or {}).get(needs.resource_name, 0)
         )
-        if alloc <= 0:
-            continue
-        matching += 1
-        gpus += alloc
-        slots += alloc // per
-    return slots, matching, gpus
+        if alloc > 0:
+            out.append(alloc)
+    return out
+
+
+def gpu_capacity(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> tuple[int, int, int]:
+    """(worker pods that fit, matching nodes, allocatable GPUs on them).
+
+    Counted per node: a node with 3 GPUs holds one 2-GPU pod, not 1.5; a pod of several ranks
+    needs all its GPUs on one node.
+    """
+    per = max(needs.gpus_per_pod, 1)
+    allocs = _node_gpus(nodes, needs)
+    return sum(a // per for a in allocs), len(allocs), sum(allocs)
+
+
+def _pod_too_large(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> Condition | None:
+    """GPUCapacity False when no matching node holds one whole pod of several ranks."""
+    allocs = _node_gpus(nodes, needs)
+    if needs.ranks_per_pod == 1 or not allocs or max(allocs) >= needs.gpus_per_pod:
+        return None
+    return Condition.of(
+        COND_GPU_CAPACITY,
+        "False",
+        "PodDoesNotFitANode",
+        f"a worker pod needs {needs.gpus_per_pod} {needs.resource_name} on one node "
+        f"(ranksPerPod {needs.ranks_per_pod} x resources.gpus {needs.gpus_per_rank}), but the "
+        f"largest matching node has {max(allocs)}; lower ranksPerPod to at most "
+        f"{max(allocs) // max(needs.gpus_per_rank, 1)}",
+    )
+
+
+def _one_pod_hint(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> str:
+    """Advice when a group spread over one-rank pods would fit on one node."""
+    allocs = _node_gpus(nodes, needs)
+    if needs.ranks_per_pod != 1 or needs.tp == 1 or not allocs:
+        return ""
+    if max(allocs) < needs.tp * needs.gpus_per_rank:
+        return ""
+    return (
+        f"; nodes hold up to {max(allocs)} {needs.resource_name}: ranksPerPod "
+        f"{needs.tp} would keep each group in one pod on one node (NVLink, one Ray node)"
+    )
 
 
 def capacity_condition(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> Condition:
@@ -129,17 +173,20 @@ def capacity_condition(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> C
             "CPU-only ranks (resources.gpus: 0), but no Ready node matches their "
             "nodeSelector and tolerations",
         )
+    too_large = _pod_too_large(nodes, needs)
+    if too_large is not None:
+        return too_large
     slots, matching, gpus = gpu_capacity(nodes, needs)
     need_desc = (
-        f"one group needs {needs.tp} rank pod(s) x {needs.gpus_per_rank} {needs.resource_name}"
+        f"one group needs {needs.pods} rank pod(s) x {needs.gpus_per_pod} {needs.resource_name}"
     )
     found = f"{gpus} allocatable {needs.resource_name} on {matching} matching node(s) fit"
-    if slots >= needs.tp:
+    if slots >= needs.pods:
         return Condition.of(
             COND_GPU_CAPACITY,
             "True",
             "Sufficient",
-            f"{found} {slots // max(needs.tp, 1)} group(s); {need_desc}",
+            f"{found} {slots // needs.pods} group(s); {need_desc}{_one_pod_hint(nodes, needs)}",
         )
     return Condition.of(
         COND_GPU_CAPACITY, "False", "Insufficient", f"{found} {slots} rank pod(s); {need_desc}"

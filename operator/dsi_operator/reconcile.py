@@ -146,6 +146,7 @@ def gpu_needs(spec: DeepSpeedInferenceSpec) -> GPUNeeds:
     return GPUNeeds(
         tp=spec.tensor_parallel_size,
         gpus_per_rank=spec.resources.gpus,
+        ranks_per_pod=spec.ranks_per_pod,
         resource_name=spec.gpu.resource_name,
         node_selector=dict(spec.gpu.node_selector),
         tolerations=[t.model_dump(by_alias=True, exclude_none=True) for t in spec.gpu.tolerations],
@@ -190,6 +191,7 @@ def plan(obs: Observed) -> Plan:
         generation=obs.generation,
         replicas=spec.replicas,
         tp=spec.tensor_parallel_size,
+        ranks_per_pod=spec.ranks_per_pod,
         current=current,
         now=obs.now,
         endpoint=L.endpoint_url(obs.name, obs.namespace, spec.serve.port),
@@ -290,7 +292,7 @@ def _plan_groups(
 ) -> _GroupsPlan:
     """The decision for every group, and each group's bookkeeping after it."""
     assert obs.spec is not None
-    tp = obs.spec.tensor_parallel_size
+    n_pods = obs.spec.pods_per_group
     out = _GroupsPlan(failed_reason=failed_reason)
     for g in range(obs.spec.replicas):
         state = _follow_cluster_switch(states.get(g, GroupState(index=g)), obs.pods.get(g, ()), obs)
@@ -299,7 +301,7 @@ def _plan_groups(
         halted = out.failed_reason is not None or blocking is not None
         if (not halted and obs.children_created) or state.restarting_since is not None:
             # A restart already under way is finished even when newly blocked or failed.
-            dec = decide(pods, obs.nodes, state, policy, tp, obs.now)
+            dec = decide(pods, obs.nodes, state, policy, n_pods, obs.now)
         if isinstance(dec, Fail):
             out.failed_reason = dec.reason
             out.events.append(EventSpec("Warning", EVENT_BUDGET, dec.reason))
@@ -317,7 +319,7 @@ def _plan_groups(
             )
         elif isinstance(dec, ContinueRestart):
             out.continues.append(dec)
-        out.states[g] = advance_group(state, dec, pods, tp, policy, obs.now)
+        out.states[g] = advance_group(state, dec, pods, n_pods, policy, obs.now)
 
     # A failure in one group makes the resource Failed; stop restarting the others too.
     if out.failed_reason is not None and out.restarts:

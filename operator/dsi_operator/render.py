@@ -5,8 +5,9 @@ Nothing here talks to the API server. The input is the typed spec (parsed once, 
 Children of DSI ``<name>``:
 
 - RayService ``<name>`` (ray.io/v1): head group without GPUs, and one worker group
-  ``g<g>-r<r>`` (replicas 1) per rank r of each TP group g, whose pod carries the rank's
-  torch.distributed env and the Ray custom resource ``dsi_g<g>_r<r>`` that pins the rank actor.
+  ``g<g>-r<r>`` (replicas 1) per pod of each TP group g, named by the pod's first rank r.
+  A pod holds ``ranksPerPod`` ranks (one by default); it carries the torch.distributed env and
+  one Ray custom resource ``dsi_g<g>_r<r>`` per rank it holds, which pins that rank's actor.
 - Service ``<name>-g<g>-master`` per group: headless, selects the group's rank-0 pod, so
   MASTER_ADDR survives restarts of that pod.
 
@@ -25,6 +26,7 @@ from typing import Any
 import yaml
 
 from dsi_operator import labels as L
+from dsi_operator.quantity import scale_quantity
 from dsi_operator.spec import DeepSpeedInferenceSpec, SecurityLevel, parse_spec
 
 Manifest = dict[str, Any]
@@ -38,6 +40,9 @@ RANK_ENV_NAMES = frozenset(
         "RANK",
         "WORLD_SIZE",
         "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "LOCAL_SIZE",
+        "NODE_RANK",
         "MASTER_ADDR",
         "MASTER_PORT",
         "DSI_GROUP",
@@ -88,6 +93,11 @@ def expected_ranks(s: DeepSpeedInferenceSpec) -> list[tuple[int, int]]:
     return [(g, r) for g in range(s.replicas) for r in range(s.tensor_parallel_size)]
 
 
+def expected_pods(s: DeepSpeedInferenceSpec) -> list[tuple[int, int]]:
+    """Every (group, pod index) the spec asks for, in order (pod = rank at one rank per pod)."""
+    return [(g, p) for g in range(s.replicas) for p in range(s.pods_per_group)]
+
+
 def model_location(s: DeepSpeedInferenceSpec) -> str:
     """What the worker loads: the hub id, or the model directory inside the mounted PVC."""
     if s.model.pvc is not None:
@@ -114,6 +124,10 @@ def serve_app_args(s: DeepSpeedInferenceSpec) -> dict[str, Any]:
         "device": "cuda" if s.resources.gpus > 0 else "cpu",
         "control_resource": L.HEAD_RAY_RESOURCE,
     }
+    if s.ranks_per_pod > 1:
+        # Only when > 1: args are hashed into Serve's code version, and a new key would make
+        # Serve replace the replicas of every existing resource on an operator upgrade.
+        args["ranks_per_pod"] = s.ranks_per_pod
     if s.model.revision is not None and s.model.pvc is None:
         args["revision"] = s.model.revision
     if s.serve.max_model_len is not None:
@@ -142,15 +156,15 @@ def serve_config(s: DeepSpeedInferenceSpec) -> dict[str, Any]:
     return config
 
 
-def ray_resources_param(group: int, rank: int) -> str:
-    """rayStartParams ``resources`` value pinning rank ``rank`` of group ``group``.
+def ray_resources_param(group: int, ranks: range) -> str:
+    """rayStartParams ``resources`` value pinning ranks ``ranks`` of group ``group`` to a pod.
 
     KubeRay pastes the value verbatim into the ``ray start`` shell command, and (1.6+) also
     parses it as JSON after trimming surrounding quotes. A single-quoted JSON object,
     ``'{"dsi_g0_r1": 1}'``, satisfies both (KubeRay writes this form itself); the older
     ``"{\\"...\\"}"`` form works in the shell but fails KubeRay's JSON parse.
     """
-    return "'" + json.dumps({L.ray_resource_name(group, rank): 1}) + "'"
+    return "'" + json.dumps({L.ray_resource_name(group, r): 1 for r in ranks}) + "'"
 
 
 def _hash(obj: Any) -> str:
@@ -196,9 +210,9 @@ def spec_hash_by_group(s: DeepSpeedInferenceSpec) -> dict[int, str]:
     """
     head = head_group_spec(s, _HASH_NAME)
     workers = [
-        _worker_group_spec(s, _HASH_NAME, _HASH_NAMESPACE, g, r)
+        _worker_group_spec(s, _HASH_NAME, _HASH_NAMESPACE, g, p)
         for g in range(s.replicas)
-        for r in range(s.tensor_parallel_size)
+        for p in range(s.pods_per_group)
     ]
     return _prefix_hashes(head, workers)
 
@@ -314,15 +328,30 @@ def _place_head(s: DeepSpeedInferenceSpec, pod_spec: dict[str, Any]) -> None:
         ]
 
 
-def formed_probe() -> dict[str, Any]:
-    """Readiness of a rank pod: its rank actor has formed the group and loaded its shard.
+def ready_files(ranks_per_pod: int) -> list[str]:
+    """The lock file of each rank a pod holds: :data:`READY_FILE`, or ``READY_FILE.<local
+    rank>`` on a pod of several ranks (dsi_worker.readiness applies the same rule)."""
+    if ranks_per_pod == 1:
+        return [READY_FILE]
+    return [f"{READY_FILE}.{i}" for i in range(ranks_per_pod)]
 
-    True while a process holds the lock on :data:`READY_FILE`. The raylet is implied: Ray's
-    workers exit with their raylet, and the lock with them. Cheap and local, so it runs
-    every 2 s and one miss turns the pod unready: the group leaves READY within seconds of a
-    rank dying or Serve re-forming it, instead of when KubeRay next reports Serve health.
+
+def formed_probe(ranks_per_pod: int = 1) -> dict[str, Any]:
+    """Readiness of a rank pod: each of its rank actors has formed the group and loaded its
+    shard.
+
+    True while a process holds the lock on each of :func:`ready_files`. The raylet is
+    implied: Ray's workers exit with their raylet, and the locks with them. Cheap and local, so
+    it runs every 2 s and one miss turns the pod unready: the group leaves READY within seconds
+    of a rank dying or Serve re-forming it, instead of when KubeRay next reports Serve health.
     """
-    check = f"flock -n -E {_LOCK_HELD_EXIT} {READY_FILE} true; test $? -eq {_LOCK_HELD_EXIT}"
+    checks = [
+        f"flock -n -E {_LOCK_HELD_EXIT} {f} true; test $? -eq {_LOCK_HELD_EXIT}"
+        for f in ready_files(ranks_per_pod)
+    ]
+    # One file keeps the exact command one-rank pods always had, so their templates (and
+    # group hashes) do not change.
+    check = checks[0] if len(checks) == 1 else " && ".join(f"{{ {c}; }}" for c in checks)
     return {
         "exec": {"command": ["bash", "-c", check]},
         "periodSeconds": 2,
@@ -401,16 +430,35 @@ def head_group_spec(s: DeepSpeedInferenceSpec, name: str) -> dict[str, Any]:
     return group
 
 
+def _rank_env(s: DeepSpeedInferenceSpec, pod: int) -> list[dict[str, Any]]:
+    """The rank coordinates of pod ``pod`` of a group.
+
+    One rank per pod: RANK is the pod's, LOCAL_RANK 0 (it sees its GPUs as cuda:0..), and
+    LOCAL_SIZE is not set (see DESIGN: DeepSpeed's CPU shm all-reduce needs every rank on one
+    host). Several: RANK and LOCAL_RANK differ per process, so the pod says where its ranks
+    start, torchrun's way (NODE_RANK x LOCAL_WORLD_SIZE + LOCAL_RANK), and the group
+    deployment gives each rank actor its RANK and LOCAL_RANK (dsi_worker.group.rank_env).
+    """
+    world = {"name": "WORLD_SIZE", "value": str(s.tensor_parallel_size)}
+    k = s.ranks_per_pod
+    if k == 1:
+        return [{"name": "RANK", "value": str(pod)}, world, {"name": "LOCAL_RANK", "value": "0"}]
+    return [
+        world,
+        {"name": "NODE_RANK", "value": str(pod)},
+        {"name": "LOCAL_WORLD_SIZE", "value": str(k)},
+        # DeepSpeed's name for the same: with every rank of the group in this pod it turns
+        # on its shared-memory all-reduce on CPU.
+        {"name": "LOCAL_SIZE", "value": str(k)},
+    ]
+
+
 def worker_env(
-    s: DeepSpeedInferenceSpec, name: str, namespace: str, group: int, rank: int
+    s: DeepSpeedInferenceSpec, name: str, namespace: str, group: int, pod: int
 ) -> list[dict[str, Any]]:
-    """Env of rank ``rank`` of group ``group``: torch.distributed vars, NCCL defaults, user env."""
+    """Env of pod ``pod`` of group ``group``: torch.distributed vars, NCCL defaults, user env."""
     env: list[dict[str, Any]] = [
-        {"name": "RANK", "value": str(rank)},
-        {"name": "WORLD_SIZE", "value": str(s.tensor_parallel_size)},
-        # One rank per pod: every rank is local rank 0 of its own pod (and sees its GPUs
-        # as cuda:0..). LOCAL_SIZE is deliberately not set (see DESIGN: CPU shm all-reduce).
-        {"name": "LOCAL_RANK", "value": "0"},
+        *_rank_env(s, pod),
         {"name": "MASTER_ADDR", "value": L.master_addr(name, namespace, group)},
         {"name": "MASTER_PORT", "value": str(s.master_port)},
         {"name": "DSI_GROUP", "value": str(group)},
@@ -426,34 +474,52 @@ def worker_env(
     return env + user
 
 
-def _worker_group_spec(
-    s: DeepSpeedInferenceSpec, name: str, namespace: str, group: int, rank: int
-) -> dict[str, Any]:
-    """workerGroupSpec ``g<g>-r<r>`` without the group-hash annotation."""
-    gpus = s.resources.gpus
+def _pod_resources(s: DeepSpeedInferenceSpec) -> dict[str, Any]:
+    """requests/limits of one worker pod: ``resources`` per rank, times ranksPerPod."""
+    k = s.ranks_per_pod
+    gpus = s.resources.gpus * k
     extra = {s.gpu.resource_name: str(gpus)} if gpus > 0 else {}
+    cpu, memory = s.resources.cpu, s.resources.memory
+    return _quantity_resources(
+        scale_quantity(cpu, k) if cpu is not None else None,
+        scale_quantity(memory, k) if memory is not None else None,
+        extra,
+    )
+
+
+def _worker_group_spec(
+    s: DeepSpeedInferenceSpec, name: str, namespace: str, group: int, pod: int
+) -> dict[str, Any]:
+    """workerGroupSpec of pod ``pod`` of group ``group`` without the group-hash annotation."""
+    ranks = s.pod_ranks(pod)
+    k = s.ranks_per_pod
     volumes, mounts = _model_volume(s)
     container: dict[str, Any] = {
         "name": L.WORKER_CONTAINER,
         "image": s.image,
-        "env": worker_env(s, name, namespace, group, rank),
-        "resources": _quantity_resources(s.resources.cpu, s.resources.memory, extra),
+        "env": worker_env(s, name, namespace, group, pod),
+        "resources": _pod_resources(s),
         "volumeMounts": [{"name": L.SHM_VOLUME, "mountPath": "/dev/shm"}, *mounts],
-        "readinessProbe": formed_probe(),
+        "readinessProbe": formed_probe(k),
         # KubeRay's own default: a raylet silent for 10 minutes is dead.
         "livenessProbe": raylet_probe(initial_delay=30, failure_threshold=120),
     }
     if s.image_pull_policy:
         container["imagePullPolicy"] = s.image_pull_policy
-    if rank == 0:
-        # The master Service targets this named port on the group's rank 0.
+    if pod == 0:
+        # The master Service targets this named port on the pod of the group's rank 0.
         container["ports"] = [{"name": L.MASTER_PORT_NAME, "containerPort": s.master_port}]
     pod_spec: dict[str, Any] = {
         "containers": [_restrict(s, container)],
         "volumes": [
             {
                 "name": L.SHM_VOLUME,
-                "emptyDir": {"medium": "Memory", "sizeLimit": s.gpu.shared_memory_size},
+                # Sized per rank: NCCL's shared-memory transport and DeepSpeed's CPU all-reduce
+                # keep buffers per local rank.
+                "emptyDir": {
+                    "medium": "Memory",
+                    "sizeLimit": scale_quantity(s.gpu.shared_memory_size, k),
+                },
             },
             *volumes,
         ],
@@ -467,15 +533,17 @@ def _worker_group_spec(
         ]
     if s.gpu.runtime_class_name:
         pod_spec["runtimeClassName"] = s.gpu.runtime_class_name
-    own_labels = L.child_labels(name, role=L.ROLE_WORKER, group=group, rank=rank)
+    own_labels = L.child_labels(
+        name, role=L.ROLE_WORKER, group=group, rank=ranks[0], pod=pod if k > 1 else None
+    )
     return {
-        "groupName": L.worker_group_name(group, rank),
+        "groupName": L.worker_group_name(group, ranks[0]),
         "replicas": 1,
         "minReplicas": 1,
         "maxReplicas": 1,
         "rayStartParams": {
-            "num-gpus": str(gpus),
-            "resources": ray_resources_param(group, rank),
+            "num-gpus": str(s.resources.gpus * k),
+            "resources": ray_resources_param(group, ranks),
         },
         "template": {
             "metadata": _pod_metadata(s, own_labels, {}),
@@ -487,13 +555,13 @@ def _worker_group_spec(
 def worker_group_specs(
     s: DeepSpeedInferenceSpec, name: str, namespace: str
 ) -> list[dict[str, Any]]:
-    """Every workerGroupSpec (``g<g>-r<r>``, one pod each), in (group, rank) order, each pod
-    template annotated with its group's ``deepspeed.ai/group-hash``."""
+    """Every workerGroupSpec (``g<g>-r<first rank>``, one pod each), in (group, pod) order,
+    each pod template annotated with its group's ``deepspeed.ai/group-hash``."""
     hashes = spec_hash_by_group(s)
     out = []
     for g in range(s.replicas):
-        for r in range(s.tensor_parallel_size):
-            w = _worker_group_spec(s, name, namespace, g, r)
+        for p in range(s.pods_per_group):
+            w = _worker_group_spec(s, name, namespace, g, p)
             meta = w["template"]["metadata"]
             meta["annotations"] = {
                 **meta.get("annotations", {}),

@@ -56,6 +56,8 @@ class PodInfo:
 
     name: str
     uid: str
+    # Index of the pod within its group: its rank at one rank per pod (the usual case, and
+    # the name the messages use), else deepspeed.ai/pod.
     rank: int
     phase: str = "Pending"  # Pending | Running | Succeeded | Failed | Unknown
     ready: bool = False
@@ -195,11 +197,12 @@ def live_pods(pods: Sequence[PodInfo]) -> list[PodInfo]:
     return [p for p in pods if p.deletion_timestamp is None]
 
 
-def group_pods_ready(pods: Sequence[PodInfo], tp: int) -> bool:
-    """True when every rank 0..tp-1 has exactly one live pod, Running and Ready."""
+def group_pods_ready(pods: Sequence[PodInfo], n_pods: int) -> bool:
+    """True when every pod index 0..n_pods-1 (the rank, at one rank per pod) has exactly one
+    live pod, Running and Ready."""
     live = live_pods(pods)
     ranks = {p.rank for p in live if p.phase == "Running" and p.ready}
-    return ranks == set(range(tp)) and len(live) == tp
+    return ranks == set(range(n_pods)) and len(live) == n_pods
 
 
 def find_triggers(
@@ -207,7 +210,7 @@ def find_triggers(
     nodes: Mapping[str, NodeInfo],
     state: GroupState,
     policy: RestartPolicySpec,
-    tp: int,
+    n_pods: int,
     now: datetime,
 ) -> list[Trigger]:
     """Every failure currently visible in a group, most specific first.
@@ -219,7 +222,7 @@ def find_triggers(
     for p in sorted(pods, key=lambda p: (p.rank, p.name)):
         if p.uid not in state.abandoned:
             found.extend(_pod_triggers(p, nodes, policy, now))
-    found.extend(_group_triggers(pods, state, policy, tp, now))
+    found.extend(_group_triggers(pods, state, policy, n_pods, now))
     return _dedupe(found)
 
 
@@ -273,7 +276,11 @@ def _pod_triggers(
 
 
 def _group_triggers(
-    pods: Sequence[PodInfo], state: GroupState, policy: RestartPolicySpec, tp: int, now: datetime
+    pods: Sequence[PodInfo],
+    state: GroupState,
+    policy: RestartPolicySpec,
+    n_pods: int,
+    now: datetime,
 ) -> list[Trigger]:
     """What is wrong with the group as a whole: a member gone, or not formed in time."""
     if state.members:
@@ -294,7 +301,7 @@ def _group_triggers(
                     )
                 )
         return found
-    if state.forming_since is None or group_pods_ready(pods, tp):
+    if state.forming_since is None or group_pods_ready(pods, n_pods):
         return []
     if now - state.forming_since <= timedelta(seconds=policy.formation_timeout_seconds):
         return []
@@ -313,14 +320,14 @@ def decide(
     nodes: Mapping[str, NodeInfo],
     state: GroupState,
     policy: RestartPolicySpec,
-    tp: int,
+    n_pods: int,
     now: datetime,
 ) -> Decision:
     """Decide what to do with one group (see the module docstring)."""
     if state.restarting_since is not None:
-        return _continue(pods, state, policy, tp, now)
+        return _continue(pods, state, policy, n_pods, now)
 
-    triggers = find_triggers(pods, nodes, state, policy, tp, now)
+    triggers = find_triggers(pods, nodes, state, policy, n_pods, now)
     if not triggers:
         return NoAction()
     first = triggers[0]
@@ -347,7 +354,11 @@ def decide(
 
 
 def _continue(
-    pods: Sequence[PodInfo], state: GroupState, policy: RestartPolicySpec, tp: int, now: datetime
+    pods: Sequence[PodInfo],
+    state: GroupState,
+    policy: RestartPolicySpec,
+    n_pods: int,
+    now: datetime,
 ) -> Decision:
     old = set(state.restart_pods)
     remaining = [p for p in pods if p.uid in old]
@@ -361,7 +372,7 @@ def _continue(
     blocking = [p for p in remaining if not forced(p)]
     if not blocking:
         new = [p for p in live_pods(pods) if p.uid not in old]
-        if {p.rank for p in new} >= set(range(tp)):
+        if {p.rank for p in new} >= set(range(n_pods)):
             return RestartDone(state.index)
     to_delete = tuple(p.uid for p in remaining if p.deletion_timestamp is None)
     force = tuple(p.uid for p in remaining if forced(p))

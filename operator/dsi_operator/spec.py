@@ -590,6 +590,11 @@ class PodTemplateOverrides(_Model):
     )
 
 
+RANKS_PER_POD_MESSAGE = (
+    "tensorParallelSize must be a multiple of ranksPerPod (a group is "
+    "tensorParallelSize / ranksPerPod pods of ranksPerPod ranks each)"
+)
+
 #: Most ranks (pods) one resource may have: each rank is a KubeRay worker group in one
 #: RayService object (~1.5 KiB each), and objects must stay well under etcd's 1.5 MiB limit.
 MAX_TOTAL_RANKS = 512
@@ -605,7 +610,11 @@ class DeepSpeedInferenceSpec(_Model):
                     "rule": f"self.replicas * self.tensorParallelSize <= {MAX_TOTAL_RANKS}",
                     "message": f"replicas * tensorParallelSize must be at most {MAX_TOTAL_RANKS} "
                     "(each rank is a KubeRay worker group inside one RayService object)",
-                }
+                },
+                {
+                    "rule": "self.tensorParallelSize % self.ranksPerPod == 0",
+                    "message": RANKS_PER_POD_MESSAGE,
+                },
             ]
         }
     )
@@ -615,8 +624,17 @@ class DeepSpeedInferenceSpec(_Model):
         default=1,
         ge=1,
         le=64,
-        description="Ranks (pods, each with resources.gpus GPUs) per group; DeepSpeed shards "
-        "the model over them with tensor parallelism.",
+        description="Ranks per group; DeepSpeed shards the model over them with tensor "
+        "parallelism. Each rank is one process with resources.gpus GPUs.",
+    )
+    ranks_per_pod: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Ranks (processes, each with resources.gpus GPUs) in one pod; "
+        "tensorParallelSize must be a multiple of it. A group is tensorParallelSize / "
+        "ranksPerPod pods, each requesting ranksPerPod x resources.gpus GPUs on one node, so "
+        "its ranks talk over NVLink and shared memory. 1: one pod per rank.",
     )
     replicas: int = Field(
         default=1,
@@ -700,7 +718,22 @@ class DeepSpeedInferenceSpec(_Model):
                 f"replicas * tensorParallelSize must be at most {MAX_TOTAL_RANKS} "
                 "(each rank is a KubeRay worker group inside one RayService object)"
             )
+        if self.tensor_parallel_size % self.ranks_per_pod:
+            raise ValueError(
+                f"{RANKS_PER_POD_MESSAGE}; got tensorParallelSize "
+                f"{self.tensor_parallel_size} and ranksPerPod {self.ranks_per_pod}"
+            )
         return self
+
+    @property
+    def pods_per_group(self) -> int:
+        """Pods of one group: tensorParallelSize / ranksPerPod."""
+        return self.tensor_parallel_size // self.ranks_per_pod
+
+    def pod_ranks(self, pod: int) -> range:
+        """The ranks pod ``pod`` (0-based, within its group) holds."""
+        k = self.ranks_per_pod
+        return range(pod * k, (pod + 1) * k)
 
     @property
     def served_model_name(self) -> str:
@@ -783,6 +816,10 @@ class GroupStatus(BaseModel):
     )
     ranks: int | None = Field(default=None, ge=0, description="Ranks the group should have.")
     ready_ranks: int = Field(default=0, ge=0, description="Ranks whose pods are ready.")
+    pods: int | None = Field(
+        default=None, ge=0, description="Pods the group should have (ranks / ranksPerPod)."
+    )
+    ready_pods: int = Field(default=0, ge=0, description="Pods of the group that are ready.")
     ready: bool | None = Field(default=None, description="Whether every rank is ready.")
     restarts: int = Field(default=0, ge=0, description="Restarts of this group so far.")
     last_restart_reason: str | None = Field(

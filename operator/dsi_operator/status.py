@@ -2,9 +2,10 @@
 
 How readiness is judged (documented for users in the README):
 
-* a group's **pods are ready** when every rank 0..tp-1 has one live pod that is Running and
-  Ready (``status.groups[g].readyRanks == ranks``); a rank pod's readiness probe passes only
-  while its rank actor has formed the group (see ``render.formed_probe``);
+* a group's **pods are ready** when each of its pods (one per rank, or one per ranksPerPod
+  ranks) is live, Running and Ready (``status.groups[g].readyPods == pods``); a rank pod's
+  readiness probe passes only while its rank actors have formed the group (see
+  ``render.formed_probe``);
 * a group is **ready** (counted in ``status.readyReplicas`` and the READY column) when its pods
   are ready *and* KubeRay reports the RayService ready, i.e. Ray Serve runs the application that
   drives the group, *and* (where KubeRay reports per-deployment status) the group's own
@@ -144,7 +145,7 @@ def advance_group(
     state: GroupState,
     decision: Decision,
     pods: Sequence[PodInfo],
-    tp: int,
+    n_pods: int,
     policy: RestartPolicySpec,
     now: datetime,
 ) -> GroupState:
@@ -189,12 +190,12 @@ def advance_group(
         state = replace(state, abandoned=tuple(u for u in state.abandoned if u in present))
     # Trim restart times that left the window so the status does not grow without bound; a
     # write happens only if something else changed too (see compute_status / status_patch).
-    if not state.members and group_pods_ready(pods, tp) and not isinstance(decision, Fail):
+    if not state.members and group_pods_ready(pods, n_pods) and not isinstance(decision, Fail):
         by_rank = {p.rank: p.uid for p in live_pods(pods)}
         clusters = {p.cluster for p in live_pods(pods)}
         return replace(
             state,
-            members=tuple(by_rank[r] for r in range(tp)),
+            members=tuple(by_rank[r] for r in range(n_pods)),
             formed_at=now,
             forming_since=None,
             cluster=clusters.pop() if len(clusters) == 1 else None,
@@ -205,17 +206,24 @@ def advance_group(
 
 
 def group_status_dict(
-    state: GroupState, pods: Sequence[PodInfo], tp: int, ready: bool, phase: str
+    state: GroupState,
+    pods: Sequence[PodInfo],
+    n_pods: int,
+    ready: bool,
+    phase: str,
+    ranks_per_pod: int = 1,
 ) -> dict[str, Any]:
     """One ``status.groups[]`` entry; optional fields are left out when empty."""
-    ready_ranks = len(
-        {p.rank for p in live_pods(pods) if p.phase == "Running" and p.ready and p.rank < tp}
+    ready_pods = len(
+        {p.rank for p in live_pods(pods) if p.phase == "Running" and p.ready and p.rank < n_pods}
     )
     d: dict[str, Any] = {
         "index": state.index,
         "phase": phase,
-        "ranks": tp,
-        "readyRanks": ready_ranks,
+        "ranks": n_pods * ranks_per_pod,
+        "readyRanks": ready_pods * ranks_per_pod,
+        "pods": n_pods,
+        "readyPods": ready_pods,
         "ready": ready,
         "restarts": state.restarts,
     }
@@ -312,6 +320,12 @@ class StatusInputs:
     selector: str | None = None  # label selector of the worker pods (scale subresource)
     new_restarts: int = 0  # restarts started by this evaluation
     group_hashes: Mapping[int, str] = field(default_factory=dict)  # group -> template hash
+    ranks_per_pod: int = 1
+
+    @property
+    def pods_per_group(self) -> int:
+        """Pods one group should have."""
+        return max(self.tp // self.ranks_per_pod, 1)
 
 
 def compute_status(inp: StatusInputs) -> dict[str, Any]:
@@ -380,8 +394,9 @@ def _groups(inp: StatusInputs) -> _Groups:
         state = inp.groups.get(g, GroupState(index=g))
         pods = inp.pods.get(g, ())
         dec = inp.decisions.get(g, NoAction())
-        pready = group_pods_ready(pods, inp.tp)
-        running = {p.rank for p in live_pods(pods) if p.phase == "Running"} >= set(range(inp.tp))
+        n_pods = inp.pods_per_group
+        pready = group_pods_ready(pods, n_pods)
+        running = {p.rank for p in live_pods(pods) if p.phase == "Running"} >= set(range(n_pods))
         out.all_running = out.all_running and running
         gready = (
             pready
@@ -407,7 +422,7 @@ def _groups(inp: StatusInputs) -> _Groups:
             gphase = PHASE_FORMING
         else:
             gphase = PHASE_PROVISIONING
-        gd = group_status_dict(state, pods, inp.tp, gready, gphase)
+        gd = group_status_dict(state, pods, n_pods, gready, gphase, inp.ranks_per_pod)
         if isinstance(dec, Wait):
             gd["backoffUntil"] = iso(dec.until)
         if g in inp.rayservice.serve_groups:
@@ -475,7 +490,7 @@ def _phase(inp: StatusInputs, gs: _Groups) -> tuple[str, str]:
         return PHASE_FORMING, waiting
     if gs.all_running and n > 0:
         return PHASE_FORMING, "all pods running; waiting for pods to become Ready"
-    want = n * inp.tp
+    want = n * inp.pods_per_group
     have = sum(1 for g in range(n) for p in live_pods(inp.pods.get(g, ())) if p.phase == "Running")
     return PHASE_PROVISIONING, f"{have}/{want} worker pods running"
 

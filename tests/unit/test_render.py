@@ -21,8 +21,10 @@ from dsi_localcluster.builders import DSIWrapper
 from dsi_operator import labels as L
 from dsi_operator import render
 from dsi_operator.crd import dump_yaml
+from dsi_operator.quantity import scale_quantity
 from dsi_operator.render import (
     NCCL_DEFAULTS,
+    expected_pods,
     expected_ranks,
     render_body,
     render_children,
@@ -52,6 +54,27 @@ CASES: dict[str, dict[str, Any]] = {
         resources={"gpus": 1, "cpu": "12", "memory": "160Gi"},
     ),
     "tp2-replicas3": _spec(tensorParallelSize=2, replicas=3),
+    # Several ranks per pod: a whole TP-8 group in one 8-GPU pod; TP 16 as two such pods
+    # (ranks 0-7 and 8-15); TP 4 as two pods of two ranks, twice.
+    "tp8-8-per-pod": _spec(
+        tensorParallelSize=8,
+        ranksPerPod=8,
+        replicas=1,
+        resources={"gpus": 1, "cpu": "12", "memory": "160Gi"},
+    ),
+    "tp16-8-per-pod": _spec(
+        tensorParallelSize=16,
+        ranksPerPod=8,
+        replicas=1,
+        resources={"gpus": 1, "cpu": "12", "memory": "160Gi"},
+    ),
+    "tp4-2-per-pod": _spec(
+        tensorParallelSize=4,
+        ranksPerPod=2,
+        replicas=2,
+        resources={"gpus": 1, "cpu": "7500m", "memory": "64Gi"},
+        gpu={"sharedMemorySize": "8Gi"},
+    ),
     # A MIG slice as the GPU resource, 2 per rank, custom placement; still no runtime class.
     "custom-gpu-resource": _spec(
         tensorParallelSize=2,
@@ -182,40 +205,50 @@ def test_children_shape_owners_and_labels(case: str) -> None:
         assert meta["labels"][L.LABEL_MANAGED_BY] == "dsi-operator"
 
 
+def _check_rank_env(env: dict[str, str], spec: Any, pod: int) -> None:
+    k = spec.ranks_per_pod
+    if k == 1:
+        assert (env["RANK"], env["LOCAL_RANK"]) == (str(pod), "0")
+        assert "LOCAL_SIZE" not in env  # see DESIGN: CPU shm all-reduce across pods
+        assert "NODE_RANK" not in env and "LOCAL_WORLD_SIZE" not in env
+    else:
+        # Per process, set by the group deployment: no pod-wide value could be right.
+        assert "RANK" not in env and "LOCAL_RANK" not in env
+        assert env["NODE_RANK"] == str(pod)
+        assert env["LOCAL_WORLD_SIZE"] == env["LOCAL_SIZE"] == str(k)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_one_worker_group_per_rank_with_its_env_and_pin(case: str) -> None:
+def test_one_worker_group_per_pod_with_its_env_and_pin(case: str) -> None:
     spec = parse_spec(CASES[case])
     workers = _workers(_render(CASES[case]))
-    assert [(w["groupName"]) for w in workers] == [
-        f"g{g}-r{r}" for g, r in expected_ranks(parse_spec(spec))
-    ]
-    for w, (g, r) in zip(workers, expected_ranks(parse_spec(spec)), strict=True):
+    k = spec.ranks_per_pod
+    assert [(w["groupName"]) for w in workers] == [f"g{g}-r{p * k}" for g, p in expected_pods(spec)]
+    for w, (g, p) in zip(workers, expected_pods(spec), strict=True):
         assert (w["replicas"], w["minReplicas"], w["maxReplicas"]) == (1, 1, 1)
         env = _env(w)
-        assert env["RANK"] == str(r)
+        _check_rank_env(env, spec, p)
         assert env["WORLD_SIZE"] == str(spec.tensor_parallel_size)
-        assert env["LOCAL_RANK"] == "0"
         assert env["MASTER_ADDR"] == f"{NAME}-g{g}-master.{NS}.svc.cluster.local"
         assert env["MASTER_PORT"] == str(spec.master_port)
         assert env["DSI_GROUP"] == str(g)
         assert "DSI_NUM_GROUPS" not in env  # would roll every group on scale-up
-        assert "LOCAL_SIZE" not in env  # see DESIGN: CPU shm all-reduce across pods
         for key in NCCL_DEFAULTS:
             assert key in env
         params = w["rayStartParams"]
         pinned = json.loads(params["resources"].strip("'"))
-        assert pinned == {f"dsi_g{g}_r{r}": 1}
-        assert params["num-gpus"] == str(spec.resources.gpus)
+        assert pinned == {f"dsi_g{g}_r{r}": 1 for r in range(p * k, (p + 1) * k)}
+        assert params["num-gpus"] == str(spec.resources.gpus * k)
         pod = w["template"]
         assert pod["metadata"]["labels"][L.LABEL_GROUP] == str(g)
-        assert pod["metadata"]["labels"][L.LABEL_RANK] == str(r)
+        assert pod["metadata"]["labels"][L.LABEL_RANK] == str(p * k)
         assert pod["metadata"]["labels"][L.LABEL_ROLE] == "worker"
-        assert L.group_of_pod(pod["metadata"]["labels"]) == (g, r)
+        assert L.group_of_pod(pod["metadata"]["labels"]) == (g, p)
         container = pod["spec"]["containers"][0]
         assert container["name"] == "ray-worker"
         assert container["image"] == spec.image
         ports = container.get("ports", [])
-        if r == 0:
+        if p == 0:
             assert ports == [{"name": "dist", "containerPort": spec.master_port}]
         else:
             assert ports == []
@@ -223,7 +256,10 @@ def test_one_worker_group_per_rank_with_its_env_and_pin(case: str) -> None:
         assert shm == [
             {
                 "name": "dshm",
-                "emptyDir": {"medium": "Memory", "sizeLimit": spec.gpu.shared_memory_size},
+                "emptyDir": {
+                    "medium": "Memory",
+                    "sizeLimit": scale_quantity(spec.gpu.shared_memory_size, k),
+                },
             }
         ]
         assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
@@ -237,7 +273,8 @@ def test_gpu_operator_prerequisites(case: str) -> None:
         res = pod["containers"][0]["resources"]
         if spec.resources.gpus:
             for kind in ("requests", "limits"):
-                assert res[kind][spec.gpu.resource_name] == str(spec.resources.gpus)
+                want = spec.resources.gpus * spec.ranks_per_pod
+                assert res[kind][spec.gpu.resource_name] == str(want)
         else:
             assert spec.gpu.resource_name not in res.get("limits", {})
         if spec.gpu.runtime_class_name:
@@ -282,8 +319,8 @@ def test_master_service_selects_exactly_its_groups_rank0(case: str) -> None:
     spec = parse_spec(CASES[case])
     children = _render(CASES[case])
     pods = {
-        (g, r): w["template"]["metadata"]["labels"]
-        for w, (g, r) in zip(_workers(children), expected_ranks(parse_spec(spec)), strict=True)
+        (g, p): w["template"]["metadata"]["labels"]
+        for w, (g, p) in zip(_workers(children), expected_pods(spec), strict=True)
     }
     for svc in children[1:-1]:
         s = svc["spec"]

@@ -41,7 +41,7 @@ def test_structurally_valid_specs_render_or_break_a_rule_beyond_structure(
     kinds = [c["kind"] for c in children]
     assert kinds == ["RayService", *["Service"] * s.replicas, "Service"]
     workers = children[0]["spec"]["rayClusterConfig"].get("workerGroupSpecs", [])
-    assert len(workers) == s.replicas * s.tensor_parallel_size
+    assert len(workers) == s.replicas * s.pods_per_group
     json.dumps(children)  # plain data all the way down
 
 

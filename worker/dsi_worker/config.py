@@ -11,7 +11,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import dsi_operator.defaults as D
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 
@@ -29,6 +36,9 @@ class AppArgs(BaseModel):
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     dtype: Dtype = "auto"
     tensor_parallel_size: int = Field(1, ge=1, le=256)
+    # Ranks sharing one pod (Ray node); tensor_parallel_size is a multiple of it. Each rank
+    # actor then gets its RANK and LOCAL_RANK from the group, the rest from its pod.
+    ranks_per_pod: int = Field(1, ge=1, le=64)
     num_groups: int = Field(1, ge=1, le=1024)
     max_batch_size: int = Field(D.MAX_BATCH_SIZE, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(D.BATCH_WAIT_TIMEOUT_MS / 1000.0, ge=0.0, le=10.0)
@@ -59,6 +69,15 @@ class AppArgs(BaseModel):
     # Requests the ingress holds at once (a stream until its first token); past it it
     # answers 429 + Retry-After instead of queueing. None: what the groups accept together.
     max_inflight_requests: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _whole_pods(self) -> AppArgs:
+        if self.tensor_parallel_size % self.ranks_per_pod:
+            raise ValueError(
+                f"tensor_parallel_size ({self.tensor_parallel_size}) must be a multiple of "
+                f"ranks_per_pod ({self.ranks_per_pod})"
+            )
+        return self
 
     @field_validator("local_master_ports")
     @classmethod

@@ -96,6 +96,13 @@ class DistEnv:
         return d
 
 
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The CUDA device a rank uses: Ray gives each rank actor its own GPU (CUDA_VISIBLE_DEVICES
+    lists only it), so that one is device 0 whatever LOCAL_RANK says; a process that sees all
+    of its pod's GPUs (started outside Ray) takes the one at its LOCAL_RANK."""
+    return local_rank if visible > local_rank else 0
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
     import torch
@@ -207,7 +214,7 @@ class RankEngine:
             raise ValueError("kernel_inject needs a GPU (DeepSpeed's fused kernels are CUDA-only)")
         self.backend = "nccl" if self.device == "cuda" else "gloo"
         if self.device == "cuda":
-            torch.cuda.set_device(self.dist.local_rank)
+            torch.cuda.set_device(cuda_index(self.dist.local_rank, torch.cuda.device_count()))
 
         t0 = time.monotonic()
         if self.dist.world_size > 1 and not tdist.is_initialized():
@@ -245,7 +252,7 @@ class RankEngine:
             )
             self.model = engine.module
             if self.device == "cuda" and next(self.model.parameters()).device.type != "cuda":
-                self.model = self.model.to(f"cuda:{self.dist.local_rank}")
+                self.model = self.model.to(f"cuda:{torch.cuda.current_device()}")
         else:
             self.model = model.to(self.device)
         self.model.eval()

@@ -35,12 +35,27 @@ PING_MISSES = 3
 RANK_NAMESPACE = "dsi"
 
 
+def process_env(args: AppArgs, rank: int) -> dict[str, str]:
+    """What the group sets in rank ``rank``'s own process on top of its pod's env.
+
+    Nothing with one rank per pod (the pod's env names the rank). With several, the pod says
+    where its ranks start (NODE_RANK, LOCAL_WORLD_SIZE) and each process needs its own RANK
+    and LOCAL_RANK, which no pod-wide variable can give.
+    """
+    k = args.ranks_per_pod
+    if k == 1:
+        return {}
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank % k)}
+
+
 def rank_env(args: AppArgs, group: int, rank: int) -> dict[str, str]:
-    """Local mode's stand-in for the operator's pod env: the rank, world and group variables
-    of ``render.worker_env``, with a loopback master (no NCCL defaults or user env)."""
+    """Local mode's stand-in for the operator's pod env (``render.worker_env``) plus
+    :func:`process_env`: rank, world and group variables with a loopback master (no NCCL
+    defaults or user env)."""
     ports = args.local_master_ports or []
     port = ports[group] if group < len(ports) else 29500 + group
-    return {
+    k = args.ranks_per_pod
+    env = {
         "RANK": str(rank),
         "WORLD_SIZE": str(args.tensor_parallel_size),
         "LOCAL_RANK": "0",
@@ -48,10 +63,14 @@ def rank_env(args: AppArgs, group: int, rank: int) -> dict[str, str]:
         "MASTER_PORT": str(port),
         "DSI_GROUP": str(group),
     }
+    if k > 1:
+        env.update(NODE_RANK=str(rank // k), LOCAL_WORLD_SIZE=str(k), LOCAL_SIZE=str(k))
+    return {**env, **process_env(args, rank)}
 
 
-def pinning_errors(group: int, infos: list[dict[str, Any]]) -> list[str]:
-    """Check each rank actor read the env of its own pod (RANK=r, DSI_GROUP=g)."""
+def pinning_errors(group: int, infos: list[dict[str, Any]], ranks_per_pod: int = 1) -> list[str]:
+    """Check each rank actor read the env of its own pod (RANK=r, DSI_GROUP=g, and on pods of
+    several ranks NODE_RANK = r // ranks_per_pod)."""
     errors = []
     for r, info in enumerate(infos):
         if info.get("rank") != r:
@@ -59,6 +78,11 @@ def pinning_errors(group: int, infos: list[dict[str, Any]]) -> list[str]:
         g = info.get("dsi_group")
         if g is not None and g != str(group):
             errors.append(f"actor for group {group} rank {r} has DSI_GROUP={g}")
+        pod = info.get("pod_index")
+        if ranks_per_pod > 1 and pod is not None and pod != str(r // ranks_per_pod):
+            errors.append(
+                f"actor for rank {r} is on pod {pod} of its group, not {r // ranks_per_pod}"
+            )
     return errors
 
 
@@ -114,6 +138,8 @@ class Group:
             if self.args.local_mode:
                 # Exactly what the operator puts into the pod's env.
                 opts["runtime_env"] = {"env_vars": rank_env(self.args, group, r)}
+            elif self.args.ranks_per_pod > 1:
+                opts["runtime_env"] = {"env_vars": process_env(self.args, r)}
             self.actors.append(
                 RankActor.options(**opts).remote(engine_kwargs(self.args, model_path))  # type: ignore[attr-defined]
             )
@@ -137,7 +163,7 @@ class Group:
             except (RayActorError, RayTaskError) as e:
                 self._fail(f"forming failed: {_short(e)}")
                 return
-            wrong = pinning_errors(self.group, self.rank_info)
+            wrong = pinning_errors(self.group, self.rank_info, self.args.ranks_per_pod)
             if wrong:
                 self._fail("rank actors landed on the wrong pods: " + "; ".join(wrong))
             else:

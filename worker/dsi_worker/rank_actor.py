@@ -86,6 +86,8 @@ class RankActor:
         return {
             **self.engine.info(),
             "dsi_group": os.environ.get("DSI_GROUP"),
+            "pod_index": os.environ.get("NODE_RANK"),
+            "local_rank": self.env.local_rank,
             "node_id": ray.get_runtime_context().get_node_id(),
         }
 

@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
@@ -45,8 +46,20 @@ def hold_ready_lock(path: str | os.PathLike[str]) -> threading.Thread:
     return t
 
 
+def ready_file(env: Mapping[str, str]) -> str | None:
+    """This rank's lock file: ``$DSI_READY_FILE``, or ``$DSI_READY_FILE.<LOCAL_RANK>`` in a pod
+    of several ranks (``LOCAL_WORLD_SIZE`` > 1), whose probe checks one file per rank (the
+    operator's ``render.ready_files``). ``None`` when the pod asked for none."""
+    path = env.get(READY_FILE_ENV)
+    if not path:
+        return None
+    if int(env.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        return f"{path}.{env.get('LOCAL_RANK', '0')}"
+    return path
+
+
 def mark_formed_from_env() -> threading.Thread | None:
     """Take the ready lock when the pod asked for one (``DSI_READY_FILE``); local mode has
     no pods and sets none."""
-    path = os.environ.get(READY_FILE_ENV)
+    path = ready_file(os.environ)
     return hold_ready_lock(path) if path else None
