@@ -10,6 +10,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,6 @@ import yaml
 from dsi_localcluster.builders import FAST_RESTART_POLICY
 from e2e_stack import (
     MAX_TOKENS,
-    NAME,
     PROMPT,
     SAMPLE,
     OperatorProcess,
@@ -54,33 +54,59 @@ def _manifest() -> dict[str, Any]:
     return body
 
 
-@pytest.fixture(scope="module")
-def stack(
-    cluster: Any, kube: Any, kubectl: Any, tmp_path_factory: pytest.TempPathFactory
+@contextmanager
+def served(
+    cluster: Any,
+    kube: Any,
+    kubectl: Any,
+    log_dir: Path,
+    manifest: dict[str, Any],
 ) -> Iterator[Stack]:
-    """The sample resource, Ready and answering, in a namespace of its own."""
+    """``manifest`` applied by a fresh operator in a namespace of its own, Ready and
+    answering; deleted (and the namespace with it) afterwards."""
     from kubernetes import client
 
     _need_process_nodes(kube)
     install_crd(kubectl)
     ns = f"e2e-{uuid.uuid4().hex[:6]}"
     kube.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
-    log_dir = tmp_path_factory.mktemp("e2e")
     op = OperatorProcess(Path(cluster.kubeconfig), [ns], log_dir / "operator.log")
     op.start()
-    st = Stack(kube, kubectl, ns, op, log_dir=log_dir)
+    name = manifest["metadata"]["name"]
+    st = Stack(kube, kubectl, ns, op, name=name, log_dir=log_dir)
     try:
-        kubectl.apply(yaml.safe_dump(_manifest()), namespace=ns)
+        kubectl.apply(yaml.safe_dump(manifest), namespace=ns)
         t0 = time.monotonic()
         st.wait_ready()
         st.endpoint = st.dsi()["status"]["endpoint"].rstrip("/")
         st.wait_answers()
-        print(f"\n[e2e] {NAME} Ready and answering after {time.monotonic() - t0:.0f}s")
+        print(f"\n[e2e] {name} Ready and answering after {time.monotonic() - t0:.0f}s")
         yield st
     finally:
-        kubectl("delete", "dsi", NAME, "-n", ns, "--wait=true", "--timeout=120s", check=False)
+        kubectl("delete", "dsi", name, "-n", ns, "--wait=true", "--timeout=120s", check=False)
         op.stop()
         kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def stack(
+    cluster: Any, kube: Any, kubectl: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """The sample resource (2 groups x 2 one-rank pods), Ready and answering."""
+    with served(cluster, kube, kubectl, tmp_path_factory.mktemp("e2e"), _manifest()) as st:
+        yield st
+
+
+@pytest.fixture(scope="module")
+def multi_rank_stack(
+    cluster: Any, kube: Any, kubectl: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """One group of TP 4 as 2 pods x 2 ranks (ranksPerPod 2), Ready and answering."""
+    body = _manifest()
+    body["metadata"]["name"] = "tiny-x2"
+    body["spec"].update(tensorParallelSize=4, ranksPerPod=2, replicas=1)
+    with served(cluster, kube, kubectl, tmp_path_factory.mktemp("e2e-x2"), body) as st:
+        yield st
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,8 @@ def _quiet_threads() -> None:
 
 @contextmanager
 def serve_tiny(model_dir: Path, **args: Any) -> Iterator[str]:
-    """One TP 1 group of the tiny model behind Serve on a fresh local Ray; its base URL.
+    """Groups of the tiny model behind Serve on a fresh local Ray (one TP 1 group unless
+    ``args`` say otherwise); its base URL.
 
     ``args`` are extra app args (AppArgs names). /healthz needs no API key, so the wait for
     the group to form works with ``api_key_env`` set too.
@@ -43,7 +44,8 @@ def serve_tiny(model_dir: Path, **args: Any) -> Iterator[str]:
     from dsi_worker.local import start_ray, start_serve
     from ray import serve
 
-    start_ray(1, 1, num_cpus=4)
+    # Every rank-pinning resource the app will ask for (as the operator's pods declare them).
+    start_ray(args.get("num_groups", 1), args.get("tensor_parallel_size", 1), num_cpus=4)
     try:
         app = {
             "model": str(model_dir),

@@ -96,6 +96,18 @@ class DistEnv:
         return d
 
 
+def _allreduce_path(world_size: int) -> str:
+    """How the group's all-reduces travel: ``none`` (one rank), ``shm`` (DeepSpeed's CPU
+    shared-memory op: every rank in one pod), else ``process-group`` (gloo or NCCL)."""
+    if world_size == 1:
+        return "none"
+    import sys
+
+    comm = sys.modules.get("deepspeed.comm.comm")
+    cdb = getattr(comm, "cdb", None)
+    return "shm" if getattr(cdb, "shm_comm_op", None) is not None else "process-group"
+
+
 def cuda_index(local_rank: int, visible: int) -> int:
     """The CUDA device a rank uses: Ray gives each rank actor its own GPU (CUDA_VISIBLE_DEVICES
     lists only it), so that one is device 0 whatever LOCAL_RANK says; a process that sees all
@@ -270,6 +282,7 @@ class RankEngine:
             "master": f"{self.dist.master_addr}:{self.dist.master_port}",
             "device": self.device,
             "backend": self.backend,
+            "allreduce": _allreduce_path(self.dist.world_size),
             "pid": os.getpid(),
             "timings": dict(self.timings),
         }
