@@ -85,3 +85,4 @@ run: cluster-up
 bench: binaries
 	$(PY) bench/bench_operator.py
 	$(PY) bench/bench_worker.py
+	$(PY) bench/bench_ranks_per_pod.py

@@ -44,6 +44,7 @@ RANK_ENV_NAMES = frozenset(
         "LOCAL_SIZE",
         "NODE_RANK",
         "MASTER_ADDR",
+        "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES",
         "MASTER_PORT",
         "DSI_GROUP",
         "DSI_INFERENCE",
@@ -443,7 +444,7 @@ def _rank_env(s: DeepSpeedInferenceSpec, pod: int) -> list[dict[str, Any]]:
     k = s.ranks_per_pod
     if k == 1:
         return [{"name": "RANK", "value": str(pod)}, world, {"name": "LOCAL_RANK", "value": "0"}]
-    return [
+    env = [
         world,
         {"name": "NODE_RANK", "value": str(pod)},
         {"name": "LOCAL_WORLD_SIZE", "value": str(k)},
@@ -451,6 +452,13 @@ def _rank_env(s: DeepSpeedInferenceSpec, pod: int) -> list[dict[str, Any]]:
         # on its shared-memory all-reduce on CPU.
         {"name": "LOCAL_SIZE", "value": str(k)},
     ]
+    if s.resources.gpus > 0:
+        # Every rank process sees all of the pod's GPUs and uses cuda:LOCAL_RANK, as under
+        # DeepSpeed's launcher or torchrun: DeepSpeed's InferenceEngine calls
+        # set_device(LOCAL_RANK), which fails for LOCAL_RANK > 0 in a process that Ray has
+        # limited to its one GPU. Ray still counts one GPU per rank actor.
+        env.append({"name": "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES", "value": "1"})
+    return env
 
 
 def worker_env(

@@ -216,6 +216,9 @@ def _check_rank_env(env: dict[str, str], spec: Any, pod: int) -> None:
         assert "RANK" not in env and "LOCAL_RANK" not in env
         assert env["NODE_RANK"] == str(pod)
         assert env["LOCAL_WORLD_SIZE"] == env["LOCAL_SIZE"] == str(k)
+        # Every rank sees the pod's GPUs and picks cuda:LOCAL_RANK (DeepSpeed's set_device).
+        noset = env.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES")
+        assert noset == ("1" if spec.resources.gpus else None)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

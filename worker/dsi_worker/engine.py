@@ -109,9 +109,9 @@ def _allreduce_path(world_size: int) -> str:
 
 
 def cuda_index(local_rank: int, visible: int) -> int:
-    """The CUDA device a rank uses: Ray gives each rank actor its own GPU (CUDA_VISIBLE_DEVICES
-    lists only it), so that one is device 0 whatever LOCAL_RANK says; a process that sees all
-    of its pod's GPUs (started outside Ray) takes the one at its LOCAL_RANK."""
+    """The CUDA device a rank uses: the one at its LOCAL_RANK when the process sees all of its
+    pod's GPUs (pods of several ranks: the operator turns off Ray's per-actor
+    CUDA_VISIBLE_DEVICES); device 0 when it sees fewer (Ray limited it to its own GPU)."""
     return local_rank if visible > local_rank else 0
 
 
