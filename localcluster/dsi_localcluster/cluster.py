@@ -224,15 +224,29 @@ def _kwok_args(cfg: config.ClusterConfig, paths: Paths, bins: dict[str, Path]) -
     ]
 
 
+#: Restarts the command whenever it exits, as KubeRay's Deployment does in a real cluster:
+#: KubeRay exits when it cannot renew its leader Lease (an API outage past its renew deadline).
+_SUPERVISE = (
+    'while true; do "$@"; echo "[supervisor] exited with $?; restarting in 1s"; sleep 1; done'
+)
+
+
 def _kuberay_args(cfg: config.ClusterConfig, paths: Paths, bins: dict[str, Path]) -> list[str]:
-    """Command line of the KubeRay operator."""
+    """Command line of the KubeRay operator, under a restart loop (see :data:`_SUPERVISE`).
+    Stopping the component stops the loop with it (one process group)."""
     h, p, kc = config.HOST, cfg.ports, str(paths.kubeconfig)
     return [
+        "/bin/bash",
+        "-c",
+        _SUPERVISE,
+        "kuberay-operator",
         str(bins["kuberay-operator"]),
         f"--kubeconfig={kc}",
         f"--metrics-addr={h}:{p['kuberay-metrics']}",
         f"--health-probe-bind-address={h}:{p['kuberay-probe']}",
-        "--enable-leader-election=false",
+        # As KubeRay's Helm chart does: its Lease is how the operator tells it runs.
+        "--enable-leader-election=true",
+        "--leader-election-namespace=kube-system",
         "--log-stdout-encoder=console",
     ]
 
@@ -752,6 +766,31 @@ def running_config(cfg: config.ClusterConfig) -> config.ClusterConfig:
         cache_dir=cfg.cache_dir,
         ports=dict(info["ports"]),
     )
+
+
+def stop_component(cfg: config.ClusterConfig, name: str) -> None:
+    """Stop one component of the running cluster (SIGTERM, then SIGKILL), keeping its state
+    (etcd's data, the PKI), so :func:`start_component` brings it back as it was."""
+    if name not in PROCESS_ORDER:
+        raise ValueError(f"unknown component {name!r}; one of {', '.join(PROCESS_ORDER)}")
+    paths = Paths(cfg.state_dir)
+    rec = read_pidfile(paths.pidfile(name))
+    if rec is None:
+        raise ClusterError(f"{name} is not running")
+    stop_process(rec[0], rec[1], name)
+    paths.pidfile(name).unlink(missing_ok=True)
+    log(f"{name} stopped")
+
+
+def start_component(cfg: config.ClusterConfig, name: str, timeout: float = 120.0) -> None:
+    """Start one stopped component of the running cluster with its usual command line, and
+    wait until it is healthy."""
+    running = running_config(cfg)
+    paths = Paths(running.state_dir)
+    if name in running_processes(paths):
+        raise ClusterError(f"{name} is already running")
+    argv = process_args(running, paths, binaries(running.cache_dir))
+    _Starter(running, paths, argv).start(name, timeout)
 
 
 def _remove_state(paths: Paths) -> None:

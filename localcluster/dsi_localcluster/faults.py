@@ -402,3 +402,18 @@ def restore_process_node(node: str, cfg: config.ClusterConfig | None = None) -> 
 
     cfg = cluster.running_config(cfg or config.ClusterConfig.from_env())
     procnodes.restore(cfg, node)
+
+
+def stop_component(name: str, cfg: config.ClusterConfig | None = None) -> None:
+    """A control-plane component goes away: etcd, kube-apiserver, kube-controller-manager,
+    kube-scheduler, kwok or kuberay-operator is stopped (its state kept)."""
+    from . import cluster
+
+    cluster.stop_component(cluster.running_config(cfg or config.ClusterConfig.from_env()), name)
+
+
+def start_component(name: str, cfg: config.ClusterConfig | None = None) -> None:
+    """Bring a component stopped by :func:`stop_component` back, healthy."""
+    from . import cluster
+
+    cluster.start_component(cfg or config.ClusterConfig.from_env(), name)

@@ -50,6 +50,8 @@ WORKERS = int(os.environ.get("DSI_OPERATOR_WORKERS", "8"))
 KUBERAY_GRACE_SECONDS = float(os.environ.get("DSI_OPERATOR_KUBERAY_GRACE", "10"))
 #: Seconds the cluster-wide preflight facts (CRD, ClusterPolicy) are cached.
 FACTS_TTL = float(os.environ.get("DSI_OPERATOR_FACTS_TTL", "30"))
+#: Seconds KubeRay's leader Lease is cached (its liveness; one list call per period).
+LEASE_TTL = float(os.environ.get("DSI_OPERATOR_LEASE_TTL", "10"))
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,8 @@ class Controller:
     kubeconfig: str | None = None
     exact_namespaces: bool = False
     kube: Kube | None = None
-    facts: ClusterFacts | None = None
+    facts: ClusterFacts[tuple[bool, list[dict[str, Any]] | None]] | None = None
+    lease: ClusterFacts[dict[str, Any] | None] | None = None
     scheduler: Scheduler | None = None
     ticker: asyncio.Task[None] | None = None
     dsis: dict[Key, dict[str, Any]] = field(default_factory=dict)
@@ -145,8 +148,9 @@ class Controller:
         if parsed.spec is None or self.facts is None:
             return None
         kuberay, policies = await self.facts.get()
+        lease = await self.lease.get() if self.lease is not None else None
         nodes = list(self.all_nodes().values())
-        return evaluate_preflight(kuberay, policies, nodes, gpu_needs(parsed.spec))
+        return evaluate_preflight(kuberay, policies, nodes, gpu_needs(parsed.spec), lease)
 
     def observe(self, key: Key, body: Mapping[str, Any], pre: PreflightResult | None) -> Observed:
         """Everything a pass plans from, as plain data."""

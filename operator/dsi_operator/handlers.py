@@ -18,7 +18,7 @@ import kopf
 
 from . import labels as L
 from . import metrics
-from .controller import FACTS_TTL, TICK_SECONDS, WORKERS, Controller
+from .controller import FACTS_TTL, LEASE_TTL, TICK_SECONDS, WORKERS, Controller
 from .kube import Kube, default_kubeconfig
 from .observe import node_summary, pod_info
 from .preflight import ClusterFacts
@@ -57,6 +57,7 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -
         settings.scanning.disabled = True
     ctrl.kube = Kube(ctrl.kubeconfig if ctrl.kubeconfig is not None else default_kubeconfig())
     ctrl.facts = ClusterFacts(ctrl.kube.cluster_facts, ttl=FACTS_TTL)
+    ctrl.lease = ClusterFacts(ctrl.kube.kuberay_lease, ttl=LEASE_TTL)
     ctrl.scheduler = Scheduler(ctrl.reconcile_one, WORKERS)
     ctrl.scheduler.start()
     ctrl.ticker = asyncio.create_task(_ticker(ctrl))

@@ -25,6 +25,8 @@ FIELD_MANAGER = "dsi-operator"
 APPLY = "application/apply-patch+yaml"
 MERGE = "application/merge-patch+json"
 T = TypeVar("T")
+#: KubeRay's leader-election Lease (``LeaderElectionID`` in ray-operator/main.go).
+KUBERAY_LEASE = "ray-operator-leader"
 
 
 def default_kubeconfig() -> str | None:
@@ -54,6 +56,7 @@ class Kube:
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
         self.ext = client.ApiextensionsV1Api(self.api)
+        self.coordination = client.CoordinationV1Api(self.api)
 
     async def _call(self, verb: str, resource: str, fn: Callable[..., T], *a: Any, **kw: Any) -> T:
         metrics.API_REQUESTS.labels(verb=verb, resource=resource).inc()
@@ -256,6 +259,29 @@ class Kube:
                 return kuberay, None
             raise
         return kuberay, [_d(x) for x in _d(res).get("items", [])]
+
+    async def kuberay_lease(self) -> dict[str, Any] | None:
+        """KubeRay's leader-election Lease (``ray-operator-leader``, any namespace) as a dict,
+        or None when there is none or it may not be read (liveness then stays unknown)."""
+        try:
+            res = await self._call(
+                "list",
+                "leases",
+                self.coordination.list_lease_for_all_namespaces,
+                field_selector=f"metadata.name={KUBERAY_LEASE}",
+            )
+        except ApiException as e:
+            if e.status in (403, 404):
+                return None
+            raise
+        leases: list[dict[str, Any]] = [
+            _d(self.api.sanitize_for_serialization(x))  # type: ignore[no-untyped-call]
+            for x in res.items
+        ]
+        if not leases:
+            return None
+        # Several (one KubeRay per namespace): the most recently renewed speaks for KubeRay.
+        return max(leases, key=lambda x: str((x.get("spec") or {}).get("renewTime") or ""))
 
 
 def _d(obj: object) -> dict[str, Any]:

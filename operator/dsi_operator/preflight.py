@@ -17,7 +17,8 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
 
 from .spec import Condition
 from .status import COND_GPU_CAPACITY, COND_GPU_OPERATOR, COND_KUBERAY
@@ -193,28 +194,87 @@ def capacity_condition(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> C
     )
 
 
+#: Seconds past a Lease's expiry (renewTime + leaseDurationSeconds) before KubeRay counts as
+#: down: a renewal that is merely late on a loaded API server is not an outage.
+LEASE_SLACK_SECONDS = 10.0
+
+
+def _lease_age(lease: Mapping[str, Any], now: datetime) -> tuple[float, float] | None:
+    """(seconds since the last renewal, lease duration), or None when never held."""
+    spec = lease.get("spec") or {}
+    renew = spec.get("renewTime")
+    if not spec.get("holderIdentity") or not renew:
+        return None
+    if isinstance(renew, str):
+        renew = datetime.fromisoformat(renew.replace("Z", "+00:00"))
+    return (now - renew).total_seconds(), float(spec.get("leaseDurationSeconds") or 15)
+
+
+def _iso(t: Any) -> str:
+    if isinstance(t, datetime):
+        return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return str(t)
+
+
+def kuberay_condition(
+    present: bool, lease: Mapping[str, Any] | None, now: datetime | None = None
+) -> Condition:
+    """KubeRayAvailable: is the CRD installed, and does KubeRay's operator run?
+
+    Liveness comes from KubeRay's leader-election Lease (renewed every few seconds while it
+    runs; its Helm chart enables leader election by default). No Lease: liveness unknown,
+    judged by the CRD alone.
+    """
+    if not present:
+        msg = "KubeRay is not installed (CRD rayservices.ray.io not found)"
+        return Condition.of(COND_KUBERAY, "False", "CRDNotFound", msg)
+    if lease is None:
+        return Condition.of(COND_KUBERAY, "True", "CRDPresent", "rayservices.ray.io installed")
+    now = now or datetime.now(UTC)
+    where = f"Lease {(lease.get('metadata') or {}).get('namespace', '?')}/ray-operator-leader"
+    age = _lease_age(lease, now)
+    if age is not None and age[0] <= age[1] + LEASE_SLACK_SECONDS:
+        return Condition.of(
+            COND_KUBERAY, "True", "Running", f"rayservices.ray.io installed; {where} is held"
+        )
+    # The renewal time, not an age: the message must not change while nothing does, or
+    # every pass would rewrite the status.
+    renewed = (lease.get("spec") or {}).get("renewTime")
+    since = "never held" if age is None else f"last renewed at {_iso(renewed)}"
+    return Condition.of(
+        COND_KUBERAY,
+        "False",
+        "ControllerNotRunning",
+        f"KubeRay's operator is not running ({where} {since}): RayServices are not "
+        "reconciled and deleted pods are not replaced until it is back; restarts resume then",
+    )
+
+
 def evaluate(
     kuberay_present: bool,
     cluster_policies: Sequence[Mapping[str, Any]] | None,
     nodes: Sequence[Mapping[str, Any]],
     needs: GPUNeeds,
+    kuberay_lease: Mapping[str, Any] | None = None,
+    now: datetime | None = None,
 ) -> PreflightResult:
     """Conditions GPUOperatorReady, GPUCapacity and KubeRayAvailable, and what blocks.
 
-    ``cluster_policies`` is ``None`` when the ClusterPolicy CRD itself is absent.
+    ``cluster_policies`` is ``None`` when the ClusterPolicy CRD itself is absent;
+    ``kuberay_lease`` is KubeRay's leader Lease, ``None`` when there is none to read. A KubeRay
+    that is installed but not running is reported, not blocking: children can be written
+    and it acts on them when it is back.
     """
     conds: list[Condition] = []
     blocking: list[str] = []
     warnings: list[str] = []
 
-    if kuberay_present:
-        conds.append(
-            Condition.of(COND_KUBERAY, "True", "CRDPresent", "rayservices.ray.io installed")
-        )
-    else:
-        msg = "KubeRay is not installed (CRD rayservices.ray.io not found)"
-        conds.append(Condition.of(COND_KUBERAY, "False", "CRDNotFound", msg))
-        blocking.append(msg)
+    kuberay = kuberay_condition(kuberay_present, kuberay_lease, now)
+    conds.append(kuberay)
+    if not kuberay_present:
+        blocking.append(kuberay.message)
+    elif kuberay.status != "True":
+        warnings.append(kuberay.message)
 
     if cluster_policies is None:
         gpu_op = Condition.of(
@@ -265,24 +325,30 @@ def evaluate(
 # --- thin I/O: cluster-wide facts, cached ------------------------------------------------------
 
 
-@dataclass
-class ClusterFacts:
-    """Cached answers to "is KubeRay installed?" and "what ClusterPolicies exist?".
+FactT = TypeVar("FactT")
 
-    ``fetch`` is an async callable returning ``(kuberay_present, cluster_policies_or_None)``;
-    it is called at most once per ``ttl`` seconds however many resources ask.
+
+@dataclass
+class ClusterFacts(Generic[FactT]):
+    """A cached cluster-wide answer, e.g. "is KubeRay installed, what ClusterPolicies exist?"
+    (``Kube.cluster_facts``) or "KubeRay's leader Lease" (``Kube.kuberay_lease``).
+
+    ``fetch`` is an async callable returning the answer; it is called at most once per
+    ``ttl`` seconds however many resources ask.
     """
 
-    fetch: Callable[[], Awaitable[tuple[bool, list[dict[str, Any]] | None]]]
+    fetch: Callable[[], Awaitable[FactT]]
     ttl: float = 15.0
-    _value: tuple[bool, list[dict[str, Any]] | None] | None = None
+    _value: FactT | None = None
+    _fetched: bool = False
     _at: float = 0.0
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    async def get(self) -> tuple[bool, list[dict[str, Any]] | None]:
+    async def get(self) -> FactT:
         """The cached facts, refreshed when older than ``ttl``."""
         async with self._lock:
-            if self._value is None or time.monotonic() - self._at > self.ttl:
+            if not self._fetched or time.monotonic() - self._at > self.ttl:
                 self._value = await self.fetch()
+                self._fetched = True
                 self._at = time.monotonic()
-            return self._value
+            return self._value  # type: ignore[return-value]  # set by the first fetch

@@ -77,7 +77,11 @@ def test_processes_listen_on_loopback_only(tmp_path: Path) -> None:
     kwok = args["kwok"]
     assert "--manage-all-nodes=false" in kwok
     assert "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake" in kwok
-    assert args["kuberay-operator"][0].endswith("/ray-operator")
+    kuberay = args["kuberay-operator"]
+    # Under a restart loop, as its Deployment would restart it.
+    assert kuberay[:2] == ["/bin/bash", "-c"] and "while true" in kuberay[2]
+    assert kuberay[4].endswith("/ray-operator")
+    assert "--enable-leader-election=true" in kuberay
 
 
 def test_port_in_use_names_the_port() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dsi_operator.preflight import (
@@ -10,6 +11,7 @@ from dsi_operator.preflight import (
     GPUNeeds,
     evaluate,
     gpu_capacity,
+    kuberay_condition,
     node_fits,
     toleration_matches,
 )
@@ -154,3 +156,68 @@ def test_cpu_only_ranks_need_matching_nodes_not_gpus() -> None:
     c = conds(r)["GPUCapacity"]
     assert (c.status, c.reason) == ("False", "NoMatchingNodes")
     assert r.warnings and r.warnings[0].startswith("insufficient nodes:")
+
+
+# --- KubeRay liveness from its leader Lease ----------------------------------------------------
+
+NOW = datetime(2026, 12, 4, 12, 0, 0, tzinfo=UTC)
+
+
+def lease(holder: str | None, renewed_s_ago: float | None, duration: int = 15) -> dict[str, Any]:
+    spec: dict[str, Any] = {"leaseDurationSeconds": duration}
+    if holder is not None:
+        spec["holderIdentity"] = holder
+    if renewed_s_ago is not None:
+        t = NOW - timedelta(seconds=renewed_s_ago)
+        spec["renewTime"] = t.isoformat().replace("+00:00", "Z")
+    return {"metadata": {"name": "ray-operator-leader", "namespace": "ray-system"}, "spec": spec}
+
+
+def test_kuberay_running_while_its_lease_is_renewed() -> None:
+    c = kuberay_condition(True, lease("kuberay-abc", 3), NOW)
+    assert (c.status, c.reason) == ("True", "Running")
+    # Late by less than the slack still counts as running (a slow API server).
+    assert kuberay_condition(True, lease("kuberay-abc", 15 + 9), NOW).status == "True"
+
+
+def test_kuberay_down_when_its_lease_expired_or_was_released() -> None:
+    stale = kuberay_condition(True, lease("kuberay-abc", 60), NOW)
+    assert (stale.status, stale.reason) == ("False", "ControllerNotRunning")
+    assert "ray-system/ray-operator-leader" in stale.message
+    assert "restarts resume" in stale.message
+    # A stable message (a timestamp, not an age): no status write per pass.
+    assert stale.message == kuberay_condition(True, lease("kuberay-abc", 60), NOW).message
+    assert (
+        kuberay_condition(True, lease("kuberay-abc", 60), NOW + timedelta(seconds=30)).message
+        == stale.message
+    )
+    released = kuberay_condition(True, lease(None, None), NOW)
+    assert (released.status, released.reason) == ("False", "ControllerNotRunning")
+    assert "never held" in released.message
+
+
+def test_kuberay_without_a_lease_is_judged_by_its_crd() -> None:
+    assert kuberay_condition(True, None, NOW).reason == "CRDPresent"
+    assert kuberay_condition(False, lease("x", 1), NOW).reason == "CRDNotFound"
+
+
+def test_kuberay_down_is_reported_not_blocking() -> None:
+    r = evaluate(True, None, [node("a")], needs(1), lease("kuberay-abc", 600), NOW)
+    assert r.blocking is None
+    assert conds(r)["KubeRayAvailable"].status == "False"
+    assert any("not running" in w for w in r.warnings)
+
+
+def test_cluster_facts_cache_a_none_answer() -> None:
+    calls = []
+
+    async def fetch() -> None:
+        calls.append(1)
+
+    async def go() -> None:
+        facts: ClusterFacts[None] = ClusterFacts(fetch, ttl=60)
+        assert await facts.get() is None
+        assert await facts.get() is None
+
+    asyncio.run(go())
+    assert len(calls) == 1

@@ -104,4 +104,7 @@ it watches all namespaces; with exact namespaces the operator turns scanning off
 - apiGroups: ["nvidia.com"]
   resources: ["clusterpolicies"]
   verbs: ["list"]
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["list"]
 {{- end }}
