@@ -57,6 +57,17 @@ def _formed(kube: Any, ns: str, name: str, op: Any) -> dict[tuple[int, int], Any
     return wait_for(ok, 180, "both groups formed", _dump(kube, ns, name, op))
 
 
+def _apply_formed(
+    kube: Any, ns: str, name: str, op: Any
+) -> tuple[Callable[[], str], dict[tuple[int, int], Any], dict[tuple[int, int], str]]:
+    """Create the resource and wait until both groups formed: (dump, pods, their UIDs)."""
+    kube.custom.create_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, dsi_manifest(name, tp=TP, replicas=REPLICAS)
+    )
+    pods = _formed(kube, ns, name, op)
+    return _dump(kube, ns, name, op), pods, {k: p.metadata.uid for k, p in pods.items()}
+
+
 def _replaced(
     kube: Any, ns: str, name: str, before: dict[tuple[int, int], str], group: int
 ) -> Callable[[], dict[tuple[int, int], Any] | None]:
@@ -110,12 +121,7 @@ def test_kuberay_down_is_reported_and_a_restart_finishes_when_it_is_back(
     kube: Any, namespace: str, operator: Any, restore: list[str]
 ) -> None:
     name = "kr"
-    kube.custom.create_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, dsi_manifest(name, tp=TP, replicas=REPLICAS)
-    )
-    dump = _dump(kube, namespace, name, operator)
-    pods = _formed(kube, namespace, name, operator)
-    before = {k: p.metadata.uid for k, p in pods.items()}
+    dump, pods, before = _apply_formed(kube, namespace, name, operator)
     assert _cond(_status(kube, namespace, name), "KubeRayAvailable").get("reason") == "Running"
 
     t0 = time.monotonic()
@@ -162,12 +168,7 @@ def test_api_restart_mid_group_restart_loses_nothing_and_repeats_nothing(
     component: str, kube: Any, namespace: str, operator: Any, restore: list[str]
 ) -> None:
     name = "cp"
-    kube.custom.create_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, dsi_manifest(name, tp=TP, replicas=REPLICAS)
-    )
-    dump = _dump(kube, namespace, name, operator)
-    pods = _formed(kube, namespace, name, operator)
-    before = {k: p.metadata.uid for k, p in pods.items()}
+    dump, pods, before = _apply_formed(kube, namespace, name, operator)
 
     faults.fail_pod(kube.api, namespace, pods[(0, 1)].metadata.name, exit_code=137)
     restore.append(component)
