@@ -93,6 +93,7 @@ class Controller:
     node_index: Mapping[str, Any] | None = None  # node name -> Store of node summary
     node_seen: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     rayservices: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    # Names of the per-group children seen by the watches: master Services and NetworkPolicies.
     services: dict[Key, set[str]] = field(default_factory=dict)
     # (namespace, name) -> (uid, spec hash) of the children last applied by this process.
     applied: dict[Key, tuple[str, str]] = field(default_factory=dict)
@@ -135,6 +136,8 @@ class Controller:
         if parsed.spec is None or parsed.spec_hash is None:
             return False, False
         wanted = {L.master_service_name(key[1], g) for g in range(parsed.spec.replicas)}
+        if parsed.spec.network_policy.enabled:
+            wanted |= {L.network_policy_name(key[1], g) for g in range(parsed.spec.replicas)}
         return children_current(
             self.rayservices.get(key),
             self.services.get(key, set()),

@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dsi_operator")
 
+#: Roles of the per-group children the controller tracks by name (in ``Controller.services``)
+#: and deletes when their group goes away.
+GROUP_CHILD_ROLES = frozenset({L.ROLE_MASTER_SERVICE, L.ROLE_NETWORK_POLICY})
+
 
 async def ensure_children(
     ctrl: Controller, key: Key, body: Mapping[str, Any], parsed: Parsed
@@ -44,13 +48,18 @@ async def ensure_children(
                 "metadata": {"annotations": dict(child["metadata"].get("annotations") or {})},
                 "status": copy.deepcopy(prev.get("status") or {}),
             }
-        elif child["metadata"]["labels"].get(L.LABEL_ROLE) == L.ROLE_MASTER_SERVICE:
+        elif child["metadata"]["labels"].get(L.LABEL_ROLE) in GROUP_CHILD_ROLES:
             ctrl.services.setdefault(key, set()).add(child["metadata"]["name"])
-    wanted = {c["metadata"]["name"] for c in children if c["kind"] == "Service"}
-    for svc in await ctrl.kube.list_master_services(*key):
-        if svc not in wanted:
-            await ctrl.kube.delete_service(key[0], svc)
-            ctrl.services.get(key, set()).discard(svc)
+    wanted = {c["metadata"]["name"] for c in children}
+    # Leftovers of removed groups, or policies of a spec that turned them off.
+    for list_fn, delete_fn in (
+        (ctrl.kube.list_master_services, ctrl.kube.delete_service),
+        (ctrl.kube.list_network_policies, ctrl.kube.delete_network_policy),
+    ):
+        for child_name in await list_fn(*key):
+            if child_name not in wanted:
+                await delete_fn(key[0], child_name)
+                ctrl.services.get(key, set()).discard(child_name)
     ctrl.applied[key] = (uid, parsed.spec_hash)
     log.info("%s/%s: children applied (spec hash %s, existed: %s)", *key, parsed.spec_hash, exists)
 

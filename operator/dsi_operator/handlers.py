@@ -181,7 +181,22 @@ async def _on_rayservice(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> Non
     labels={L.LABEL_INFERENCE: kopf.PRESENT, L.LABEL_ROLE: L.ROLE_MASTER_SERVICE},
 )
 async def _on_service(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    ctrl = _ctrl(memo)
+    _track_group_child(_ctrl(memo), event)
+
+
+@kopf.on.event(
+    "networking.k8s.io",
+    "v1",
+    "networkpolicies",
+    labels={L.LABEL_INFERENCE: kopf.PRESENT, L.LABEL_ROLE: L.ROLE_NETWORK_POLICY},
+)
+async def _on_network_policy(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _track_group_child(_ctrl(memo), event)
+
+
+def _track_group_child(ctrl: Controller, event: kopf.RawEvent) -> None:
+    """A per-group child (master Service, NetworkPolicy) appeared, changed or went away:
+    a deleted one is noticed and applied again."""
     obj = event["object"]
     meta = obj.get("metadata") or {}
     key = (meta.get("namespace", ""), (meta.get("labels") or {}).get(L.LABEL_INFERENCE, ""))

@@ -57,6 +57,7 @@ class Kube:
         self.custom = client.CustomObjectsApi(self.api)
         self.ext = client.ApiextensionsV1Api(self.api)
         self.coordination = client.CoordinationV1Api(self.api)
+        self.networking = client.NetworkingV1Api(self.api)
 
     async def _call(self, verb: str, resource: str, fn: Callable[..., T], *a: Any, **kw: Any) -> T:
         metrics.API_REQUESTS.labels(verb=verb, resource=resource).inc()
@@ -121,16 +122,23 @@ class Kube:
     # --- children --------------------------------------------------------------------------
 
     async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Server-side apply one child (RayService or Service)."""
+        """Server-side apply one child (RayService, Service or NetworkPolicy)."""
         api_version = obj["apiVersion"]
         kind = obj["kind"]
         meta = obj["metadata"]
         ns, name = meta["namespace"], meta["name"]
-        if api_version == "v1" and kind == "Service":
+        typed = {
+            ("v1", "Service"): ("services", self.core.patch_namespaced_service),
+            ("networking.k8s.io/v1", "NetworkPolicy"): (
+                "networkpolicies",
+                self.networking.patch_namespaced_network_policy,
+            ),
+        }.get((api_version, kind))
+        if typed is not None:
             res = await self._call(
                 "apply",
-                "services",
-                self.core.patch_namespaced_service,
+                typed[0],
+                typed[1],
                 name,
                 ns,
                 dict(obj),
@@ -157,16 +165,36 @@ class Kube:
         )
         return _d(out) if isinstance(out, dict) else {}
 
+    async def _names(
+        self, resource: str, fn: Callable[..., Any], namespace: str, name: str, role: str
+    ) -> list[str]:
+        selector = f"{L.LABEL_INFERENCE}={name},{L.LABEL_ROLE}={role}"
+        res = await self._call("list", resource, fn, namespace, label_selector=selector)
+        return [s.metadata.name for s in res.items if s.metadata and s.metadata.name]
+
     async def list_master_services(self, namespace: str, name: str) -> list[str]:
         """Names of the per-group master Services of DSI ``name``."""
-        res = await self._call(
-            "list",
-            "services",
-            self.core.list_namespaced_service,
-            namespace,
-            label_selector=f"{L.LABEL_INFERENCE}={name},{L.LABEL_ROLE}={L.ROLE_MASTER_SERVICE}",
-        )
-        return [s.metadata.name for s in res.items if s.metadata and s.metadata.name]
+        fn = self.core.list_namespaced_service
+        return await self._names("services", fn, namespace, name, L.ROLE_MASTER_SERVICE)
+
+    async def list_network_policies(self, namespace: str, name: str) -> list[str]:
+        """Names of the per-group NetworkPolicies of DSI ``name``."""
+        fn = self.networking.list_namespaced_network_policy
+        return await self._names("networkpolicies", fn, namespace, name, L.ROLE_NETWORK_POLICY)
+
+    async def delete_network_policy(self, namespace: str, name: str) -> None:
+        """Delete a NetworkPolicy; already gone is fine."""
+        try:
+            await self._call(
+                "delete",
+                "networkpolicies",
+                self.networking.delete_namespaced_network_policy,
+                name,
+                namespace,
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
 
     async def delete_service(self, namespace: str, name: str) -> None:
         """Delete a Service; already gone is fine."""

@@ -49,6 +49,7 @@ ROLE_HEAD = "head"
 ROLE_WORKER = "worker"
 ROLE_MASTER_SERVICE = "master"
 ROLE_ENDPOINT = "endpoint"
+ROLE_NETWORK_POLICY = "rank-policy"
 
 #: Annotation on each worker pod template: hash of everything group g's pods are rendered from,
 #: so the controller can tell stale pods after a spec change.
@@ -80,6 +81,11 @@ def rayservice_name(name: str) -> str:
 def master_service_name(name: str, group: int) -> str:
     """Name of group ``group``'s headless master Service."""
     return f"{name}-g{group}-master"
+
+
+def network_policy_name(name: str, group: int) -> str:
+    """Name of group ``group``'s NetworkPolicy (spec.networkPolicy.enabled)."""
+    return f"{name}-g{group}-ranks"
 
 
 def master_addr(name: str, namespace: str, group: int) -> str:

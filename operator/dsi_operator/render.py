@@ -582,6 +582,18 @@ def worker_group_specs(
 # --- Children --------------------------------------------------------------------------------
 
 
+def _child_meta(
+    obj_name: str, namespace: str, labels: dict[str, str], owner: str, uid: str
+) -> dict[str, Any]:
+    """metadata of a child: its name and labels, owned (controller) by DSI ``owner``."""
+    return {
+        "name": obj_name,
+        "namespace": namespace,
+        "labels": labels,
+        "ownerReferences": [owner_reference(owner, uid)],
+    }
+
+
 def render_rayservice(name: str, namespace: str, uid: str, s: DeepSpeedInferenceSpec) -> Manifest:
     """The RayService ``<name>``."""
     workers = worker_group_specs(s, name, namespace)
@@ -619,12 +631,13 @@ def render_master_service(
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {
-            "name": L.master_service_name(name, group),
-            "namespace": namespace,
-            "labels": L.child_labels(name, role=L.ROLE_MASTER_SERVICE, group=group),
-            "ownerReferences": [owner_reference(name, uid)],
-        },
+        "metadata": _child_meta(
+            L.master_service_name(name, group),
+            namespace,
+            L.child_labels(name, role=L.ROLE_MASTER_SERVICE, group=group),
+            name,
+            uid,
+        ),
         "spec": {
             "clusterIP": "None",
             # Rank 0 listens before it is Ready (the group forms before readiness), so its
@@ -687,15 +700,53 @@ def render_endpoint_service(
     }
 
 
+def render_network_policy(name: str, namespace: str, uid: str, group: int) -> Manifest:
+    """NetworkPolicy ``<name>-g<g>-ranks``: group g's rank pods accept connections only from
+    the group's own rank pods (rendezvous, gloo/NCCL) and from the Ray head (GCS, Serve
+    controller, the group deployment calling its rank actors). Ingress only: the ranks must
+    still reach the head, DNS and the model store."""
+    workers = {
+        L.LABEL_INFERENCE: name,
+        L.LABEL_ROLE: L.ROLE_WORKER,
+        L.LABEL_GROUP: str(group),
+    }
+    head = {L.LABEL_INFERENCE: name, L.LABEL_ROLE: L.ROLE_HEAD}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _child_meta(
+            L.network_policy_name(name, group),
+            namespace,
+            L.child_labels(name, role=L.ROLE_NETWORK_POLICY, group=group),
+            name,
+            uid,
+        ),
+        "spec": {
+            "podSelector": {"matchLabels": workers},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": workers}}]},
+                {"from": [{"podSelector": {"matchLabels": head}}]},
+            ],
+        },
+    }
+
+
 def render_children(
     name: str, namespace: str, uid: str, s: DeepSpeedInferenceSpec
 ) -> list[Manifest]:
-    """Every child of the DSI: the RayService, the master Services in group order, then the
-    endpoint Service."""
+    """Every child of the DSI: the RayService, the master Services in group order, the
+    endpoint Service, then (spec.networkPolicy.enabled) the per-group NetworkPolicies."""
+    policies = (
+        [render_network_policy(name, namespace, uid, g) for g in range(s.replicas)]
+        if s.network_policy.enabled
+        else []
+    )
     return [
         render_rayservice(name, namespace, uid, s),
         *render_master_services(name, namespace, uid, s),
         render_endpoint_service(name, namespace, uid, s),
+        *policies,
     ]
 
 

@@ -534,6 +534,18 @@ class SecurityLevel(StrEnum):
     baseline = "baseline"
 
 
+class NetworkPolicySpec(_Model):
+    """A NetworkPolicy per group around its rank pods."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Render one NetworkPolicy per group: its rank pods accept connections "
+        "only from the group's own rank pods and from the Ray head (rendezvous, NCCL/gloo, "
+        "Ray). NetworkPolicies add up, so another policy can let more in (e.g. a metrics "
+        "scraper). Needs a CNI that enforces NetworkPolicy.",
+    )
+
+
 class PodTemplateOverrides(_Model):
     """Extra metadata and settings merged into every pod (head and workers)."""
 
@@ -701,6 +713,11 @@ class DeepSpeedInferenceSpec(_Model):
     pod_template: PodTemplateOverrides = Field(
         default_factory=PodTemplateOverrides,
         description="Labels, annotations, service account and pull secrets for every pod.",
+        json_schema_extra={"default": {}},
+    )
+    network_policy: NetworkPolicySpec = Field(
+        default_factory=NetworkPolicySpec,
+        description="NetworkPolicies that fence each group's rank pods.",
         json_schema_extra={"default": {}},
     )
     master_port: int = Field(

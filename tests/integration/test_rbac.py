@@ -456,8 +456,9 @@ def test_all_namespaces_mode_uses_its_extra_rows(
 
 
 def run_scenario(kube: Any, namespace: str, name: str, log_tail: Callable[[], str]) -> None:
-    """Apply, wait for children and status, restart a group, scale down."""
-    body = dsi_manifest(name, tp=2, replicas=2)
+    """Apply (with per-group NetworkPolicies), wait for children and status, restart a
+    group, scale down."""
+    body = dsi_manifest(name, tp=2, replicas=2, networkPolicy={"enabled": True})
     kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
 
     wait_for(
@@ -520,6 +521,14 @@ def run_scenario(kube: Any, namespace: str, name: str, log_tail: Callable[[], st
         return f"{name}-g1-master" not in names
 
     wait_for(g1_service_gone, 120, "group 1's master Service deleted", dump=log_tail)
+
+    def g1_policy_gone() -> bool:
+        from kubernetes import client
+
+        pols = client.NetworkingV1Api(kube.api).list_namespaced_network_policy(namespace)
+        return f"{name}-g1-ranks" not in {p.metadata.name for p in pols.items}
+
+    wait_for(g1_policy_gone, 120, "group 1's NetworkPolicy deleted", dump=log_tail)
     # Let a few reconcile ticks pass so the periodic reads (preflight facts) are recorded.
     time.sleep(3)
 

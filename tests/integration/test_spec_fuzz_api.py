@@ -51,6 +51,12 @@ def _dry_run_dsi(kube: Any, namespace: str, spec: dict[str, Any]) -> str | None:
 def _dry_run_child(kube: Any, namespace: str, obj: dict[str, Any]) -> None:
     if obj["kind"] == "Service":
         kube.core.create_namespaced_service(namespace, obj, dry_run="All")
+    elif obj["kind"] == "NetworkPolicy":
+        from kubernetes import client
+
+        client.NetworkingV1Api(kube.api).create_namespaced_network_policy(
+            namespace, obj, dry_run="All"
+        )
     else:
         group, version = obj["apiVersion"].split("/")
         kube.custom.create_namespaced_custom_object(

@@ -125,6 +125,7 @@ CASES: dict[str, dict[str, Any]] = {
             "priorityClassName": "inference",
         },
         masterPort=29600,
+        networkPolicy={"enabled": True},
     ),
     # CPU-only ranks (gpus 0) on any node.
     "cpu-only": _spec(
@@ -182,10 +183,13 @@ def _env(group: dict[str, Any]) -> dict[str, Any]:
 def test_children_shape_owners_and_labels(case: str) -> None:
     spec = parse_spec(CASES[case])
     children = _render(CASES[case])
-    assert [c["kind"] for c in children] == ["RayService"] + ["Service"] * (spec.replicas + 1)
+    policies = spec.replicas if spec.network_policy.enabled else 0
+    assert [c["kind"] for c in children] == ["RayService"] + ["Service"] * (spec.replicas + 1) + [
+        "NetworkPolicy"
+    ] * policies
     assert children[0]["apiVersion"] == "ray.io/v1"
     assert children[0]["metadata"]["name"] == NAME
-    assert [c["metadata"]["name"] for c in children[1:]] == [
+    assert [c["metadata"]["name"] for c in children[1 : spec.replicas + 2]] == [
         f"{NAME}-g{g}-master" for g in range(spec.replicas)
     ] + [f"{NAME}-api"]
     for child in children:
@@ -325,7 +329,7 @@ def test_master_service_selects_exactly_its_groups_rank0(case: str) -> None:
         (g, p): w["template"]["metadata"]["labels"]
         for w, (g, p) in zip(_workers(children), expected_pods(spec), strict=True)
     }
-    for svc in children[1:-1]:
+    for svc in children[1 : spec.replicas + 1]:
         s = svc["spec"]
         assert s["clusterIP"] == "None" and s["publishNotReadyAddresses"] is True
         assert s["ports"][0]["port"] == spec.master_port
@@ -609,3 +613,44 @@ def test_pods_meet_restricted_by_default_and_baseline_renders_none_of_it() -> No
     for g in [loose["headGroupSpec"], *loose["workerGroupSpecs"]]:
         assert "securityContext" not in g["template"]["spec"]
         assert "securityContext" not in g["template"]["spec"]["containers"][0]
+
+
+# --- NetworkPolicies (spec.networkPolicy.enabled) ---------------------------------------------
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def test_network_policies_fence_each_groups_ranks() -> None:
+    spec = _spec(tensorParallelSize=2, replicas=2, networkPolicy={"enabled": True})
+    children = _render(spec)
+    policies = [c for c in children if c["kind"] == "NetworkPolicy"]
+    assert [p["metadata"]["name"] for p in policies] == [f"{NAME}-g0-ranks", f"{NAME}-g1-ranks"]
+    rs = children[0]["spec"]["rayClusterConfig"]
+    head = rs["headGroupSpec"]["template"]["metadata"]["labels"]
+    workers = {
+        tuple(map(int, w["groupName"][1:].split("-r"))): w["template"]["metadata"]["labels"]
+        for w in rs["workerGroupSpecs"]
+    }
+    for g, pol in enumerate(policies):
+        assert pol["metadata"]["ownerReferences"][0]["uid"] == UID
+        ps = pol["spec"]
+        assert ps["policyTypes"] == ["Ingress"]  # egress (head, DNS, model store) stays open
+        # Applies to exactly group g's rank pods...
+        assert {k for k, lab in workers.items() if _selects(ps["podSelector"], lab)} == {
+            (g, 0),
+            (g, 1),
+        }
+        assert not _selects(ps["podSelector"], head)
+        # ...and lets in exactly the head and group g's own ranks.
+        peers = [peer["podSelector"] for rule in ps["ingress"] for peer in rule["from"]]
+        allowed = {k for k, lab in workers.items() if any(_selects(p, lab) for p in peers)}
+        assert allowed == {(g, 0), (g, 1)}
+        assert any(_selects(p, head) for p in peers)
+        assert all("ports" not in rule for rule in ps["ingress"])  # NCCL/gloo ports are dynamic
+
+
+def test_no_network_policies_unless_asked() -> None:
+    kinds = [c["kind"] for c in _render(_spec(tensorParallelSize=2, replicas=2))]
+    assert "NetworkPolicy" not in kinds

@@ -39,7 +39,8 @@ def test_structurally_valid_specs_render_or_break_a_rule_beyond_structure(
         return
     children = render_children("fuzz", "ns", UID, s)
     kinds = [c["kind"] for c in children]
-    assert kinds == ["RayService", *["Service"] * s.replicas, "Service"]
+    policies = ["NetworkPolicy"] * s.replicas if s.network_policy.enabled else []
+    assert kinds == ["RayService", *["Service"] * s.replicas, "Service", *policies]
     workers = children[0]["spec"]["rayClusterConfig"].get("workerGroupSpecs", [])
     assert len(workers) == s.replicas * s.pods_per_group
     json.dumps(children)  # plain data all the way down
