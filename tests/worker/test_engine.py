@@ -169,3 +169,17 @@ def test_kernel_inject_refused_by_name_for_llama() -> None:
     with pytest.raises(ValueError, match=r"serve\.kernelInject.*'llama'"):
         check_kernel_inject("llama")
     check_kernel_inject("opt")  # not measured broken: left to DeepSpeed
+
+
+def test_a_denormal_temperature_decodes_greedily_instead_of_failing(tiny_model_dir: Path) -> None:
+    # Found by tests/worker/test_api_fuzz.py: temperature 5e-324 passed validation (> 0),
+    # divided the logits into inf, and the sampling error failed the whole group.
+    tok = load_tokenizer(str(tiny_model_dir))
+    eng = RankEngine(str(tiny_model_dir), dtype="float32", device="cpu", dist_env=DistEnv())
+    eng.start()
+    ids = tuple(tok("Hello")["input_ids"])
+    greedy = eng.generate([GenRequest(ids, SamplingParams(max_new_tokens=6))])
+    for t in (5e-324, 1e-300, 9.9e-6):
+        tiny = eng.generate([GenRequest(ids, SamplingParams(max_new_tokens=6, temperature=t))])
+        assert tiny[0].token_ids == greedy[0].token_ids
+    assert SamplingParams(temperature=1e-5).greedy is False

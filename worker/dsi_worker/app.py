@@ -53,6 +53,41 @@ STATUS_STALE_S = 30.0
 
 api = FastAPI(title="dsi-worker", description="DeepSpeed tensor-parallel inference")
 
+#: The JSON body of each POST route. The routes read the raw request (to bound its size and
+#: word every error OpenAI's way), so FastAPI cannot see these; they are published in
+#: /openapi.json by :func:`_openapi` for clients and schema-driven fuzzers.
+BODY_MODELS: dict[str, type[Any]] = {
+    "/v1/completions": P.CompletionRequest,
+    "/v1/chat/completions": P.ChatRequest,
+    "/generate": P.GenerateRequest,
+    "/tokenize": P.TokenizeRequest,
+    "/detokenize": P.DetokenizeRequest,
+}
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's OpenAPI document plus the request bodies of :data:`BODY_MODELS`."""
+    if api.openapi_schema:
+        return api.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(
+        title=api.title, version=api.version, description=api.description, routes=api.routes
+    )
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in BODY_MODELS.items():
+        js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(js.pop("$defs", {}))
+        schemas[model.__name__] = js
+        ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+        op = doc["paths"][path]["post"]
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
+    api.openapi_schema = doc
+    return doc
+
+
+api.openapi = _openapi  # type: ignore[method-assign]
+
 
 def _error(e: P.ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)

@@ -24,6 +24,10 @@ FinishReason = Literal["stop", "length"]
 StepItem = tuple[list[int], FinishReason | None]
 
 
+#: Temperatures below this decode greedily (see :attr:`SamplingParams.greedy`).
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Generation arguments; every rank of a group must get identical ones (seed included)."""
@@ -34,9 +38,16 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int | None = None  # None: the group picks one seed for the whole batch
 
+    @property
+    def greedy(self) -> bool:
+        """Greedy decoding: temperature 0, or one so small that dividing the logits by it
+        overflows (5e-324 made inf logits and a sampling error that failed the whole group);
+        vLLM draws the line at the same 1e-5."""
+        return self.temperature < GREEDY_BELOW
+
     def batch_key(self) -> tuple[float, float, int, int]:
         """Requests with equal keys can share one ``generate`` call."""
-        if self.temperature == 0.0:
+        if self.greedy:
             return (0.0, 1.0, 0, 0)  # greedy ignores the rest
         return (self.temperature, self.top_p, self.top_k, self.seed or 0)
 
@@ -375,7 +386,7 @@ class RankEngine:
             "pad_token_id": pad_id,
             "eos_token_id": sorted(eos_ids) if eos_ids else None,
         }
-        if p0.temperature > 0:
+        if not p0.greedy:
             kwargs.update(
                 do_sample=True,
                 temperature=p0.temperature,
