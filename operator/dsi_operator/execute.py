@@ -16,7 +16,7 @@ from kubernetes.client.exceptions import ApiException
 
 from . import labels as L
 from . import metrics
-from .reconcile import Plan
+from .reconcile import EVENT_GROUP_RESTART, Plan
 from .render import render_children
 from .workqueue import Key
 
@@ -103,7 +103,11 @@ async def _patch_status(ctrl: Controller, key: Key, body: Mapping[str, Any], p: 
 async def _post_events(ctrl: Controller, key: Key, body: Mapping[str, Any], p: Plan) -> None:
     assert ctrl.kube is not None
     for ev in p.events:
-        if ctrl.last_events.get((key, ev.reason)) == ev.message:
+        # Each GroupRestart is its own incident (the plan makes one per recorded restart),
+        # and two of them can read the same ("rank 1 pod ... deleted (missing)"): never
+        # drop one as a repeat. The chaos soak lost 4 in 148 that way.
+        repeat = ctrl.last_events.get((key, ev.reason)) == ev.message
+        if repeat and ev.reason != EVENT_GROUP_RESTART:
             continue
         ctrl.last_events[(key, ev.reason)] = ev.message
         try:

@@ -154,3 +154,32 @@ def test_cli() -> None:
     )
     assert a.namespace == ["x", "y"] and a.metrics_port == 9090
     assert _exact(["x", "y"]) and not _exact(["team-*"]) and not _exact([])
+
+
+def test_every_group_restart_event_is_posted_even_when_it_reads_like_the_last() -> None:
+    # Two restarts of one group can have the same message ("rank 1 pod of the formed group
+    # was deleted (missing)"); the chaos soak lost 4 of 148 GroupRestart Events to the
+    # repeat filter, which is meant for the same Event planned again on the next pass.
+    from dsi_operator.controller import Controller
+    from dsi_operator.execute import _post_events
+    from dsi_operator.reconcile import EVENT_GROUP_RESTART, EventSpec, Plan
+
+    posted: list[tuple[str, str]] = []
+
+    class FakeKube:
+        async def post_event(self, body: object, etype: str, reason: str, message: str) -> None:
+            posted.append((reason, message))
+
+    ctrl = Controller()
+    ctrl.kube = FakeKube()  # type: ignore[assignment]
+    same = "restarting group 1 (trigger PodDeleted, pod -): rank 1 pod ... (missing)"
+    restart = Plan(status={}, patch=None, events=[EventSpec("Warning", EVENT_GROUP_RESTART, same)])
+    phase = Plan(status={}, patch=None, events=[EventSpec("Normal", "Phase", "phase Ready")])
+    body = {"metadata": {"name": "x", "namespace": "ns"}}
+    for p in (restart, phase, restart, phase):
+        asyncio.run(_post_events(ctrl, ("ns", "x"), body, p))
+    assert posted == [
+        (EVENT_GROUP_RESTART, same),
+        ("Phase", "phase Ready"),
+        (EVENT_GROUP_RESTART, same),
+    ]
