@@ -584,9 +584,24 @@ class PodTemplateOverrides(_Model):
     )
     image_pull_secrets: list[LocalObjectReference] = Field(
         default_factory=list,
-        description="Secrets used to pull the image.",
+        description="Secrets used to pull the image. Names are unique (a pod refuses duplicates).",
         max_length=32,
+        # Keyed by name: the API server refuses a duplicate naming the field (found by the
+        # spec fuzzer: a duplicate was accepted here and the RayService then refused).
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _unique_pull_secrets(cls, refs: list[LocalObjectReference]) -> list[LocalObjectReference]:
+        names = [r.name for r in refs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"imagePullSecrets: duplicate name {dupes[0]!r} (names must be unique)"
+            )
+        return refs
+
     priority_class_name: str | None = Field(
         default=None,
         description="PriorityClass of the pods (none when unset).",
