@@ -121,14 +121,16 @@ def gpu_capacity(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> tuple[i
     Counted per node: a node with 3 GPUs holds one 2-GPU pod, not 1.5; a pod of several ranks
     needs all its GPUs on one node.
     """
+    return _capacity(_node_gpus(nodes, needs), needs)
+
+
+def _capacity(allocs: Sequence[int], needs: GPUNeeds) -> tuple[int, int, int]:
     per = max(needs.gpus_per_pod, 1)
-    allocs = _node_gpus(nodes, needs)
     return sum(a // per for a in allocs), len(allocs), sum(allocs)
 
 
-def _pod_too_large(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> Condition | None:
+def _pod_too_large(allocs: Sequence[int], needs: GPUNeeds) -> Condition | None:
     """GPUCapacity False when no matching node holds one whole pod of several ranks."""
-    allocs = _node_gpus(nodes, needs)
     if needs.ranks_per_pod == 1 or not allocs or max(allocs) >= needs.gpus_per_pod:
         return None
     return Condition.of(
@@ -142,9 +144,8 @@ def _pod_too_large(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> Condi
     )
 
 
-def _one_pod_hint(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> str:
+def _one_pod_hint(allocs: Sequence[int], needs: GPUNeeds) -> str:
     """Advice when a group spread over one-rank pods would fit on one node."""
-    allocs = _node_gpus(nodes, needs)
     if needs.ranks_per_pod != 1 or needs.tp == 1 or not allocs:
         return ""
     if max(allocs) < needs.tp * needs.gpus_per_rank:
@@ -174,10 +175,12 @@ def capacity_condition(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> C
             "CPU-only ranks (resources.gpus: 0), but no Ready node matches their "
             "nodeSelector and tolerations",
         )
-    too_large = _pod_too_large(nodes, needs)
+    # One walk over the nodes per pass: this runs for every resource on every pass.
+    allocs = _node_gpus(nodes, needs)
+    too_large = _pod_too_large(allocs, needs)
     if too_large is not None:
         return too_large
-    slots, matching, gpus = gpu_capacity(nodes, needs)
+    slots, matching, gpus = _capacity(allocs, needs)
     need_desc = (
         f"one group needs {needs.pods} rank pod(s) x {needs.gpus_per_pod} {needs.resource_name}"
     )
@@ -187,7 +190,7 @@ def capacity_condition(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> C
             COND_GPU_CAPACITY,
             "True",
             "Sufficient",
-            f"{found} {slots // needs.pods} group(s); {need_desc}{_one_pod_hint(nodes, needs)}",
+            f"{found} {slots // needs.pods} group(s); {need_desc}{_one_pod_hint(allocs, needs)}",
         )
     return Condition.of(
         COND_GPU_CAPACITY, "False", "Insufficient", f"{found} {slots} rank pod(s); {need_desc}"
