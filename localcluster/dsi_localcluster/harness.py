@@ -157,6 +157,22 @@ def all_running(pods: dict[tuple[int, int], Any], tp: int, replicas: int) -> boo
     return set(pods) == want and all(p.status.phase == "Running" for p in pods.values())
 
 
+def formed_pods(
+    custom: Any, core: Any, namespace: str, name: str, tp: int, replicas: int
+) -> dict[tuple[int, int], Any] | None:
+    """The worker pods once every group has formed, else None.
+
+    Formed means the operator recorded the group's members in ``status.groups[]``, not only
+    that the pods run: a pod lost before its group formed is the formation deadline's business,
+    not a restart trigger, so a test that kills a pod to see a restart must wait for this.
+    """
+    groups = (get_dsi(custom, namespace, name).get("status") or {}).get("groups") or []
+    if len(groups) != replicas or not all(g.get("members") for g in groups):
+        return None
+    pods = worker_pods(core, namespace, name)
+    return pods if all_running(pods, tp, replicas) else None
+
+
 # --- fixture bodies (each test module wraps them in its own fixtures) --------------------------
 
 

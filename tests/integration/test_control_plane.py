@@ -16,7 +16,15 @@ from typing import Any
 
 import pytest
 from dsi_localcluster import faults
-from dsi_localcluster.harness import GROUP, PLURAL, VERSION, dsi_manifest, get_dsi, worker_pods
+from dsi_localcluster.harness import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    dsi_manifest,
+    formed_pods,
+    get_dsi,
+    worker_pods,
+)
 from dsi_localcluster.wait import wait_for
 
 pytestmark = pytest.mark.integration
@@ -44,17 +52,12 @@ def _dump(kube: Any, ns: str, name: str, op: Any) -> Callable[[], str]:
 
 
 def _formed(kube: Any, ns: str, name: str, op: Any) -> dict[tuple[int, int], Any]:
-    def ok() -> dict[tuple[int, int], Any] | None:
-        groups = _status(kube, ns, name).get("groups") or []
-        if len(groups) != REPLICAS or not all(g.get("members") for g in groups):
-            return None
-        pods = worker_pods(kube.core, ns, name)
-        running = len(pods) == TP * REPLICAS and all(
-            p.status.phase == "Running" for p in pods.values()
-        )
-        return pods if running else None
-
-    return wait_for(ok, 180, "both groups formed", _dump(kube, ns, name, op))
+    return wait_for(
+        lambda: formed_pods(kube.custom, kube.core, ns, name, TP, REPLICAS),
+        180,
+        "both groups formed",
+        _dump(kube, ns, name, op),
+    )
 
 
 def _apply_formed(

@@ -18,6 +18,7 @@ from dsi_localcluster.harness import (
     VERSION,
     all_running,
     dsi_manifest,
+    formed_pods,
     get_dsi,
     worker_pods,
 )
@@ -56,16 +57,11 @@ def formed(
 ) -> dict[tuple[int, int], Any]:
     """Wait until every group's membership is recorded; return the pods."""
 
-    def ok() -> dict[tuple[int, int], Any] | None:
-        st = status(kube, namespace, name)
-        groups = st.get("groups") or []
-        if len(groups) != replicas or not all(g.get("members") for g in groups):
-            return None
-        pods = worker_pods(kube.core, namespace, name)
-        return pods if all_running(pods, tp, replicas) else None
-
     return wait_for(
-        ok, 180, "all groups formed (members recorded)", dump(kube, namespace, name, op)
+        lambda: formed_pods(kube.custom, kube.core, namespace, name, tp, replicas),
+        180,
+        "all groups formed (members recorded)",
+        dump(kube, namespace, name, op),
     )
 
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import pytest
 import yaml
-from dsi_localcluster.harness import all_running, dsi_manifest, free_port, get_dsi, worker_pods
+from dsi_localcluster.harness import dsi_manifest, formed_pods, free_port, get_dsi, worker_pods
 from dsi_localcluster.wait import wait_for
 from test_helm import CHART, Helm
 
@@ -483,11 +483,9 @@ def run_scenario(kube: Any, namespace: str, name: str, log_tail: Callable[[], st
         dump=log_tail,
     )
     pods = wait_for(
-        lambda: (lambda p: p if all_running(p, 2, 2) else None)(
-            worker_pods(kube.core, namespace, name)
-        ),
+        lambda: formed_pods(kube.custom, kube.core, namespace, name, 2, 2),
         180,
-        "all worker pods Running",
+        "both groups formed (members recorded)",
         dump=log_tail,
     )
 
