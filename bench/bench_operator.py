@@ -327,6 +327,20 @@ def main() -> int:
                     (w1 - w0) * per_min,
                 )
             )
+            passes = sum(
+                v - b0.get(k, 0.0)
+                for k, v in b1.items()
+                if k.startswith("dsi_operator_reconciles_total{")
+            )
+            rows.append(
+                (
+                    f"idle reconcile passes/s, {size} resources{note}",
+                    "1/s",
+                    size,
+                    passes / args.idle_seconds,
+                    passes / args.idle_seconds,
+                )
+            )
             for k in sorted(b1):
                 if b1[k] != b0.get(k, 0.0):
                     print(f"#   idle {size}: {k} +{b1[k] - b0.get(k, 0.0):g}", file=sys.stderr)

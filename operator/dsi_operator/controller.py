@@ -6,8 +6,10 @@ Design:
   master Services in memory, so a pass needs no API reads unless it is about to write.
 * **One pass at a time per resource, bursts coalesced** (:mod:`workqueue`).
 * **A ticker instead of kopf timers.** Timers would put a kopf finalizer on every DSI (deletion
-  would hang while the operator is down). One loop re-kicks every DSI every few seconds for
-  the time-based triggers (grace periods, deadlines, backoff).
+  would hang while the operator is down). One loop re-kicks, every few seconds, only the DSIs
+  whose last pass had a clock running (grace periods, deadlines, backoff: see
+  :func:`~.reconcile.waits_on_clock`), every DSI when the cluster-wide preflight facts change,
+  and every DSI every few minutes as a safety net; idle cost does not grow with resources.
 * **Parse once.** A DSI's spec is parsed once per (uid, generation), at the edge; everything
   after that takes the typed spec.
 * **Read before write.** When the planner wants to write (status, children, pod deletions)
@@ -32,9 +34,17 @@ from . import metrics
 from .execute import ensure_children, execute
 from .kube import Kube
 from .observe import children_current, node_info, rayservice_view, select_cluster_pods
-from .preflight import ClusterFacts, PreflightResult
+from .preflight import ClusterFacts, PreflightResult, kuberay_condition
 from .preflight import evaluate as evaluate_preflight
-from .reconcile import Observed, Plan, declared_shape, gpu_needs, plan, safe_parse
+from .reconcile import (
+    Observed,
+    Plan,
+    declared_shape,
+    gpu_needs,
+    plan,
+    safe_parse,
+    waits_on_clock,
+)
 from .render import spec_hash, spec_hash_by_group
 from .restart import PodInfo
 from .spec import DeepSpeedInferenceSpec
@@ -42,8 +52,11 @@ from .workqueue import Key, Scheduler
 
 log = logging.getLogger("dsi_operator")
 
-#: Seconds between ticker passes over every DSI (time-based triggers only need this).
+#: Seconds between ticker passes over the DSIs with a clock running (grace periods,
+#: deadlines, backoff): a steady DSI costs nothing between events.
 TICK_SECONDS = float(os.environ.get("DSI_OPERATOR_TICK_SECONDS", "5"))
+#: Seconds between passes over every DSI whatever its state: a safety net, not a mechanism.
+RESYNC_SECONDS = float(os.environ.get("DSI_OPERATOR_RESYNC_SECONDS", "300"))
 #: Concurrent passes (different DSIs).
 WORKERS = int(os.environ.get("DSI_OPERATOR_WORKERS", "8"))
 #: Seconds a restart leaves a Failed pod to KubeRay (which deletes those itself).
@@ -99,6 +112,10 @@ class Controller:
     applied: dict[Key, tuple[str, str]] = field(default_factory=dict)
     # last Event per (key, reason) to avoid repeating identical Events every pass.
     last_events: dict[tuple[Key, str], str] = field(default_factory=dict)
+    # DSIs whose last pass had a clock running (reconcile.waits_on_clock): the ticker's work.
+    clock_waiters: set[Key] = field(default_factory=set)
+    # Incidents (EventSpec.incident) whose Event this process posted or found posted.
+    posted_incidents: dict[Key, set[str]] = field(default_factory=dict)
     parsed_cache: dict[tuple[str, Any], Parsed] = field(default_factory=dict)
 
     # --- reading the in-memory state -----------------------------------------------------------
@@ -194,12 +211,17 @@ class Controller:
         if body is None:
             return
         pre = await self.preflight(self.parsed(body))
-        p = plan(self.observe(key, body, pre))
+        obs = self.observe(key, body, pre)
+        p = plan(obs)
         _, current = self.children(key, self.parsed(body), _uid(body))
         if not p.patch and not p.acts and (current or p.blocked) and not self._new_events(key, p):
+            self._track_clock(key, waits_on_clock(obs, p))
             metrics.RECONCILES.labels(cause=cause, outcome="noop").inc()
             return
 
+        # Ticked until a pass finds nothing to do: a write (or a failed one) is followed by a
+        # watch event or, failing that, the next tick.
+        self._track_clock(key, True)
         started = time.monotonic()
         assert self.kube is not None
         fresh = await self.kube.get_dsi(*key)
@@ -216,8 +238,40 @@ class Controller:
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
         metrics.RECONCILES.labels(cause=cause, outcome="acted").inc()
 
+    def _track_clock(self, key: Key, waiting: bool) -> None:
+        if waiting:
+            self.clock_waiters.add(key)
+        else:
+            self.clock_waiters.discard(key)
+
+    async def cluster_signature(self) -> tuple[Any, ...]:
+        """What every DSI's preflight reads from the cluster besides nodes (watched): a
+        change means every DSI must be planned again. Liveness, not the Lease itself, whose
+        renewTime moves every few seconds."""
+        if self.facts is None:
+            return ()
+        kuberay, policies = await self.facts.get()
+        lease = await self.lease.get() if self.lease is not None else None
+        alive = kuberay_condition(kuberay, lease)
+        return (kuberay, policies, alive.status, alive.reason)
+
+    def forget(self, key: Key) -> None:
+        """Drop what this process keeps about a DSI that was deleted."""
+        self.clock_waiters.discard(key)
+        self.dsis.pop(key, None)
+        self.applied.pop(key, None)
+        self.posted_incidents.pop(key, None)
+        for k in [k for k in self.last_events if k[0] == key]:
+            del self.last_events[k]
+
     def _new_events(self, key: Key, p: Plan) -> bool:
-        return any(self.last_events.get((key, e.reason)) != e.message for e in p.events)
+        posted = self.posted_incidents.get(key, set())
+        return any(
+            e.incident not in posted
+            if e.incident is not None
+            else self.last_events.get((key, e.reason)) != e.message
+            for e in p.events
+        )
 
 
 def _uid(body: Mapping[str, Any]) -> str:

@@ -16,7 +16,7 @@ from kubernetes.client.exceptions import ApiException
 
 from . import labels as L
 from . import metrics
-from .reconcile import EVENT_GROUP_RESTART, Plan
+from .reconcile import EventSpec, Plan
 from .render import render_children
 from .workqueue import Key
 
@@ -103,14 +103,39 @@ async def _patch_status(ctrl: Controller, key: Key, body: Mapping[str, Any], p: 
 async def _post_events(ctrl: Controller, key: Key, body: Mapping[str, Any], p: Plan) -> None:
     assert ctrl.kube is not None
     for ev in p.events:
-        # Each GroupRestart is its own incident (the plan makes one per recorded restart),
-        # and two of them can read the same ("rank 1 pod ... deleted (missing)"): never
-        # drop one as a repeat. The chaos soak lost 4 in 148 that way.
-        repeat = ctrl.last_events.get((key, ev.reason)) == ev.message
-        if repeat and ev.reason != EVENT_GROUP_RESTART:
+        if ev.incident is not None:
+            await _post_incident(ctrl, key, body, ev)
             continue
+        if ctrl.last_events.get((key, ev.reason)) == ev.message:
+            continue  # the same Event planned again on the next pass
         ctrl.last_events[(key, ev.reason)] = ev.message
         try:
             await ctrl.kube.post_event(body, ev.type, ev.reason, ev.message)
         except ApiException as err:  # an Event is best effort
             log.warning("%s/%s: could not post Event %s: %s", *key, ev.reason, err.reason)
+
+
+async def _post_incident(
+    ctrl: Controller, key: Key, body: Mapping[str, Any], ev: EventSpec
+) -> None:
+    """Post an incident's Event under its own name, once: 409 means some process (this one
+    before a restart, or another) already did."""
+    assert ctrl.kube is not None and ev.incident is not None
+    posted = ctrl.posted_incidents.setdefault(key, set())
+    if ev.incident in posted:
+        return
+    meta = body.get("metadata") or {}
+    name = incident_event_name(str(meta.get("name", "")), str(meta.get("uid", "")), ev.incident)
+    try:
+        await ctrl.kube.post_event(body, ev.type, ev.reason, ev.message, name=name)
+    except ApiException as err:
+        if err.status != 409:
+            log.warning("%s/%s: could not post Event %s: %s", *key, ev.reason, err.reason)
+            return  # planned again on the next pass while the incident lasts
+    posted.add(ev.incident)
+
+
+def incident_event_name(dsi: str, uid: str, incident: str) -> str:
+    """The Event name of one incident of one DSI object (the uid part keeps a recreated
+    DSI of the same name from colliding with the old one's Events, kept for an hour)."""
+    return f"{dsi}.{uid[:8]}.{incident}"

@@ -12,18 +12,21 @@ import asyncio
 import contextlib
 import copy
 import logging
+import time
 from typing import Any
 
 import kopf
 
 from . import labels as L
 from . import metrics
-from .controller import FACTS_TTL, LEASE_TTL, TICK_SECONDS, WORKERS, Controller
+from .controller import FACTS_TTL, LEASE_TTL, RESYNC_SECONDS, TICK_SECONDS, WORKERS, Controller
 from .kube import Kube, default_kubeconfig
 from .observe import node_summary, pod_info
 from .preflight import ClusterFacts
 from .restart import PodInfo
 from .workqueue import Key, Scheduler
+
+log = logging.getLogger("dsi_operator")
 
 
 def new_memo(kubeconfig: str | None, *, exact_namespaces: bool = False) -> kopf.Memo:
@@ -84,10 +87,27 @@ async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 async def _ticker(ctrl: Controller) -> None:
+    """Kick the DSIs with a clock running; all of them when the cluster-wide facts change
+    and every RESYNC_SECONDS (see the :mod:`.controller` docstring)."""
+    cluster: tuple[Any, ...] | None = None
+    last_all = time.monotonic()
     while True:
         await asyncio.sleep(TICK_SECONDS)
-        for key in list(ctrl.dsis):
-            ctrl.kick(key, "tick")
+        if not ctrl.dsis:
+            continue
+        try:
+            seen: tuple[Any, ...] | None = await ctrl.cluster_signature()
+        except Exception as e:  # noqa: BLE001 - the ticker must outlive API trouble
+            log.warning("cluster facts unavailable: %s", e)
+            seen = cluster
+        if seen != cluster or time.monotonic() - last_all >= RESYNC_SECONDS:
+            cause = "resync" if seen == cluster else "cluster"
+            cluster, last_all = seen, time.monotonic()
+            keys = list(ctrl.dsis)
+        else:
+            cause, keys = "tick", [k for k in ctrl.clock_waiters if k in ctrl.dsis]
+        for key in keys:
+            ctrl.kick(key, cause)
 
 
 @kopf.on.event(L.GROUP, L.VERSION, L.PLURAL)
@@ -100,8 +120,7 @@ async def _on_dsi(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
     meta = obj.get("metadata") or {}
     key = (meta.get("namespace", ""), meta.get("name", ""))
     if event["type"] == "DELETED":
-        ctrl.dsis.pop(key, None)
-        ctrl.applied.pop(key, None)
+        ctrl.forget(key)
         metrics.forget(*key)
         return
     ctrl.dsis[key] = copy.deepcopy(dict(obj))

@@ -230,13 +230,21 @@ class Kube:
     # --- Events ----------------------------------------------------------------------------
 
     async def post_event(
-        self, involved: Mapping[str, Any], etype: str, reason: str, message: str
+        self,
+        involved: Mapping[str, Any],
+        etype: str,
+        reason: str,
+        message: str,
+        name: str | None = None,
     ) -> None:
-        """Post a core/v1 Event about ``involved`` (a DSI body)."""
+        """Post a core/v1 Event about ``involved`` (a DSI body), named ``name`` (the API
+        server then answers 409 to a second post) or with a generated name."""
         meta = involved.get("metadata", {})
         ns = meta.get("namespace") or "default"
         now = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta.get('name', 'dsi')}."),
+            metadata=client.V1ObjectMeta(
+                name=name, generate_name=None if name else f"{meta.get('name', 'dsi')}."
+            ),
             involved_object=client.V1ObjectReference(
                 api_version=L.API_VERSION,
                 kind=L.KIND,

@@ -33,6 +33,7 @@ from .restart import (
     NodeInfo,
     PodInfo,
     Restart,
+    RestartDone,
     decide,
 )
 from .spec import ConditionType, DeepSpeedInferenceSpec, Phase, RestartPolicySpec, parse_spec
@@ -68,6 +69,10 @@ class EventSpec:
     type: str  # Normal | Warning
     reason: str
     message: str
+    #: Names the incident when the Event must be posted exactly once even across operator
+    #: restarts: the executor derives the Event's object name from it, so whichever process
+    #: posts it first wins and the others get 409. None: a plain, best-effort Event.
+    incident: str | None = None
 
 
 @dataclass
@@ -226,6 +231,30 @@ def plan(obs: Observed) -> Plan:
     )
 
 
+def waits_on_clock(obs: Observed, p: Plan) -> bool:
+    """Whether a later pass may decide differently with time alone (no watch event): a
+    restart, backoff or deferred deletion under way, a grace period or formation deadline
+    running. Only such resources need the ticker; a steady one waits for events.
+    """
+    if obs.spec is None:
+        return False  # only a spec change (an event) helps an invalid spec
+    if p.deletions or any(not isinstance(d, NoAction) for d in p.decisions.values()):
+        return True
+    if any(g.get("restartingSince") for g in p.status.get("groups") or []):
+        return True
+    phase = p.status.get("phase")
+    if phase == Phase.Failed:
+        return False  # sticky until the spec changes
+    if phase != Phase.Ready:
+        return True
+    nodes = {pod.node_name for pods in obs.pods.values() for pod in pods}
+    return any(
+        pod.deletion_timestamp is not None or not pod.ready or pod.phase != "Running"
+        for pods in obs.pods.values()
+        for pod in pods
+    ) or any(n not in obs.nodes or not obs.nodes[n].ready for n in nodes if n is not None)
+
+
 def _plan_invalid(obs: Observed) -> Plan:
     """A spec that does not validate: report it (Failed, naming the fields), create nothing."""
     current = dict(obs.status or {})
@@ -309,26 +338,37 @@ def _plan_groups(
         out.decisions[g] = dec
         if isinstance(dec, Restart):
             out.restarts.append(dec)
-            out.events.append(
-                EventSpec(
-                    "Warning",
-                    EVENT_GROUP_RESTART,
-                    f"restarting group {g} (trigger {dec.trigger}, pod {dec.pod or '-'}): "
-                    f"{dec.reason}",
-                )
-            )
         elif isinstance(dec, ContinueRestart):
             out.continues.append(dec)
         out.states[g] = advance_group(state, dec, pods, n_pods, policy, obs.now)
+        if isinstance(dec, Restart):
+            out.events.append(restart_event(out.states[g]))
+        elif isinstance(dec, ContinueRestart | RestartDone):
+            # Planned again on every pass of a restart in progress: a process killed between
+            # the status write and the Event leaves it to the next one (409 once posted).
+            out.events.append(restart_event(state))
 
     # A failure in one group makes the resource Failed; stop restarting the others too.
     if out.failed_reason is not None and out.restarts:
+        cancelled = {restart_event(out.states[r.group]).incident for r in out.restarts}
         for r in out.restarts:
             out.decisions[r.group] = NoAction()
             out.states[r.group] = states.get(r.group, GroupState(index=r.group))
-        out.events = [e for e in out.events if e.reason != EVENT_GROUP_RESTART]
+        out.events = [e for e in out.events if e.incident not in cancelled]
         out.restarts = []
     return out
+
+
+def restart_event(state: GroupState) -> EventSpec:
+    """The GroupRestart Event of the group's latest recorded restart (built from status
+    bookkeeping alone, so any process can post it and it reads the same)."""
+    g, n = state.index, state.restarts
+    return EventSpec(
+        "Warning",
+        EVENT_GROUP_RESTART,
+        f"restarting group {g} (restart {n}): {state.last_restart_reason or 'unknown trigger'}",
+        incident=f"g{g}-restart-{n}",
+    )
 
 
 def _follow_cluster_switch(state: GroupState, pods: Sequence[PodInfo], obs: Observed) -> GroupState:

@@ -1,8 +1,8 @@
-"""The chaos soak (bench/bench_chaos.py), short: 4 resources x 2 groups, 14 random pod faults
-of every kind, the operator SIGKILLed twice at random moments. Every fault must restart
-exactly the groups it hit, once each, and nothing else; every resource ends steady. (A
-GroupRestart Event lost to a SIGKILL between the status write and the Event is counted apart
-by the soak: a known gap, see issue 11's closing note.)"""
+"""The chaos soak (bench/bench_chaos.py), short: 4 resources x 2 groups, 14 random pod and
+node faults (every kind at least once), the operator SIGKILLed twice at random moments.
+Every fault must restart exactly the groups it hit, once each, with one GroupRestart Event
+each (also when the operator is killed between recording the restart and posting its
+Event), and nothing else; every resource ends steady."""
 
 from __future__ import annotations
 

@@ -156,30 +156,63 @@ def test_cli() -> None:
     assert _exact(["x", "y"]) and not _exact(["team-*"]) and not _exact([])
 
 
-def test_every_group_restart_event_is_posted_even_when_it_reads_like_the_last() -> None:
-    # Two restarts of one group can have the same message ("rank 1 pod of the formed group
-    # was deleted (missing)"); the chaos soak lost 4 of 148 GroupRestart Events to the
-    # repeat filter, which is meant for the same Event planned again on the next pass.
+def test_every_group_restart_event_is_posted_once_per_incident() -> None:
+    # Two restarts of one group can read the same ("rank 1 pod ... deleted (missing)"): both
+    # are posted (the chaos soak once lost 4 of 148 to a repeat filter). The same incident
+    # planned again is posted once; a process that finds it posted (409) does not retry;
+    # another error is retried on the next pass.
     from dsi_operator.controller import Controller
-    from dsi_operator.execute import _post_events
+    from dsi_operator.execute import _post_events, incident_event_name
     from dsi_operator.reconcile import EVENT_GROUP_RESTART, EventSpec, Plan
+    from kubernetes.client.exceptions import ApiException
 
-    posted: list[tuple[str, str]] = []
+    server: dict[str, str] = {}  # the API server's Events by name
+    calls: list[str | None] = []
+    fail_next: list[int] = []
 
     class FakeKube:
-        async def post_event(self, body: object, etype: str, reason: str, message: str) -> None:
-            posted.append((reason, message))
+        async def post_event(
+            self, body: object, etype: str, reason: str, message: str, name: str | None = None
+        ) -> None:
+            calls.append(name)
+            if fail_next:
+                raise ApiException(status=fail_next.pop())
+            if name is not None and name in server:
+                raise ApiException(status=409)
+            server[name or f"gen-{len(server)}"] = message
+
+    same = "restarting group 1 (restart {n}): PodDeleted: rank 1 pod ... (missing)"
+
+    def restart(n: int) -> Plan:
+        ev = EventSpec("Warning", EVENT_GROUP_RESTART, same.format(n=n), incident=f"g1-r{n}")
+        return Plan(status={}, patch=None, events=[ev])
+
+    body = {"metadata": {"name": "x", "namespace": "ns", "uid": "0123456789abcdef"}}
+    key = ("ns", "x")
+
+    def post(ctrl: Controller, p: Plan) -> None:
+        asyncio.run(_post_events(ctrl, key, body, p))
 
     ctrl = Controller()
     ctrl.kube = FakeKube()  # type: ignore[assignment]
-    same = "restarting group 1 (trigger PodDeleted, pod -): rank 1 pod ... (missing)"
-    restart = Plan(status={}, patch=None, events=[EventSpec("Warning", EVENT_GROUP_RESTART, same)])
-    phase = Plan(status={}, patch=None, events=[EventSpec("Normal", "Phase", "phase Ready")])
-    body = {"metadata": {"name": "x", "namespace": "ns"}}
-    for p in (restart, phase, restart, phase):
-        asyncio.run(_post_events(ctrl, ("ns", "x"), body, p))
-    assert posted == [
-        (EVENT_GROUP_RESTART, same),
-        ("Phase", "phase Ready"),
-        (EVENT_GROUP_RESTART, same),
+    for p in (restart(1), restart(1), restart(2), restart(2)):
+        post(ctrl, p)
+    assert sorted(server) == [
+        incident_event_name("x", body["metadata"]["uid"], "g1-r1"),
+        incident_event_name("x", body["metadata"]["uid"], "g1-r2"),
     ]
+    assert len(calls) == 2 and server[calls[0] or ""] != server[calls[1] or ""]
+
+    # A new process (the old one was killed after the status write) plans the incident
+    # again: the API server says it exists, and it is not posted twice.
+    fresh = Controller()
+    fresh.kube = FakeKube()  # type: ignore[assignment]
+    post(fresh, restart(2))
+    post(fresh, restart(2))
+    assert len(server) == 2 and len(calls) == 3
+
+    # A failed post is retried while the incident is planned.
+    fail_next.append(500)
+    post(fresh, restart(3))
+    post(fresh, restart(3))
+    assert len(server) == 3 and calls[-1] == calls[-2]

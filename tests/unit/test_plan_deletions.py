@@ -8,7 +8,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dsi_localcluster.builders import DSIWrapper
-from dsi_operator.reconcile import Observed, Plan, PodDeletion, plan, plan_deletions, safe_parse
+from dsi_operator.reconcile import (
+    EVENT_GROUP_RESTART,
+    Observed,
+    Plan,
+    PodDeletion,
+    plan,
+    plan_deletions,
+    safe_parse,
+    waits_on_clock,
+)
 from dsi_operator.restart import ContinueRestart, NodeInfo, PodInfo, Restart
 from dsi_operator.status import RayServiceView, iso_precise
 
@@ -107,3 +116,68 @@ def test_plan_names_the_deletions_of_a_new_restart() -> None:
     assert [r.group for r in p.restarts] == [0]
     assert [(d.uid, d.grace) for d in p.due()] == [("g0u0", 7), ("g0u1", 7)]
     assert p.acts
+
+
+def test_the_restart_event_is_planned_until_the_restart_is_done() -> None:
+    # The operator can be killed between the status write that records a restart and the
+    # Event: every pass of the restart in progress plans the same incident again, and the
+    # executor posts it once under a name derived from the incident.
+    o = obs({0: [pod(0, 0, restart_count=1), pod(0, 1)], 1: [pod(1, 0), pod(1, 1)]})
+    o.status = {"groups": [{"index": 0, "members": ["g0u0", "g0u1"]}]}
+    first = plan(o)
+    [ev] = [e for e in first.events if e.reason == EVENT_GROUP_RESTART]
+    assert ev.incident == "g0-restart-1" and ev.type == "Warning"
+    assert ev.message.startswith("restarting group 0 (restart 1): ContainerRestarted")
+
+    o.status = first.status  # what the killed process wrote; the old pods are still there
+    again = plan(o)
+    assert isinstance(again.decisions[0], ContinueRestart)
+    assert [e for e in again.events if e.reason == EVENT_GROUP_RESTART] == [ev]
+
+    o.pods = {0: [pod(0, 0, uid="new0"), pod(0, 1, uid="new1")], 1: o.pods[1]}
+    done = plan(o)
+    assert [e for e in done.events if e.reason == EVENT_GROUP_RESTART] == [ev]
+
+    o.status = done.status
+    after = plan(o)
+    assert not [e for e in after.events if e.reason == EVENT_GROUP_RESTART]
+
+
+def _steady() -> Observed:
+    o = obs({0: [pod(0, 0), pod(0, 1)], 1: [pod(1, 0), pod(1, 1)]})
+    o.rayservice = RayServiceView(exists=True, ready=True)
+    o.status = plan(o).status  # members recorded
+    return o
+
+
+def test_only_a_resource_with_a_clock_running_needs_the_ticker() -> None:
+    o = _steady()
+    p = plan(o)
+    assert p.status["phase"] == "Ready" and not waits_on_clock(o, p)
+
+    forming = obs({0: [pod(0, 0), pod(0, 1, ready=False)], 1: [pod(1, 0), pod(1, 1)]})
+    assert waits_on_clock(forming, plan(forming))  # the formation deadline runs
+
+    for changed in (
+        {1: [pod(1, 0), pod(1, 1, ready=False)]},  # a readiness blip
+        {1: [pod(1, 0), pod(1, 1, deletion_timestamp=NOW)]},  # terminating: grace runs
+        {1: [pod(1, 0), pod(1, 1, node_name="n1")]},  # on a node not (yet) seen
+    ):
+        o2 = _steady()
+        o2.pods = {**o2.pods, **changed}
+        assert waits_on_clock(o2, plan(o2)), changed
+
+    o3 = _steady()
+    o3.nodes = {"n0": NodeInfo("n0", ready=False, since=NOW)}  # NodeNotReady grace runs
+    assert waits_on_clock(o3, plan(o3))
+
+    o4 = _steady()
+    o4.pods = {0: [pod(0, 0, phase="Failed", ready=False), pod(0, 1)], 1: o4.pods[1]}
+    restart = plan(o4)
+    assert restart.restarts and waits_on_clock(o4, restart)
+    o4.status = restart.status  # restart in progress until the old pods are gone
+    assert waits_on_clock(o4, plan(o4))
+
+    bad = obs({})
+    bad.spec, bad.invalid = None, "spec.tensorParallelSize: must be >= 1"
+    assert not waits_on_clock(bad, plan(bad))
