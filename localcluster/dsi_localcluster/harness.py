@@ -43,6 +43,8 @@ class OperatorProcess:
         self.facts_ttl = facts_ttl
         self.metrics_port = metrics_port if metrics_port is not None else free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Extra environment for the next start (e.g. DSI_OPERATOR_FAILPOINTS).
+        self.extra_env: dict[str, str] = {}
 
     def start(self) -> None:
         """Start the operator (appending to the same log)."""
@@ -57,6 +59,7 @@ class OperatorProcess:
         env["DSI_OPERATOR_TICK_SECONDS"] = str(self.tick_seconds)
         env["DSI_OPERATOR_FACTS_TTL"] = str(self.facts_ttl)
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
         self.proc = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT)

@@ -210,6 +210,8 @@ class Controller:
         body = self.dsis.get(key)
         if body is None:
             return
+        # Ticked until a pass ends cleanly: one that raises (an API error) is retried.
+        self._track_clock(key, True)
         pre = await self.preflight(self.parsed(body))
         obs = self.observe(key, body, pre)
         p = plan(obs)
@@ -219,9 +221,6 @@ class Controller:
             metrics.RECONCILES.labels(cause=cause, outcome="noop").inc()
             return
 
-        # Ticked until a pass finds nothing to do: a write (or a failed one) is followed by a
-        # watch event or, failing that, the next tick.
-        self._track_clock(key, True)
         started = time.monotonic()
         assert self.kube is not None
         fresh = await self.kube.get_dsi(*key)
@@ -235,6 +234,7 @@ class Controller:
                 await ensure_children(self, key, fresh, parsed)
                 p = plan(self.observe(key, fresh, pre))
         await execute(self, key, fresh, p)
+        # A write is followed by a watch event and a new pass; until then, keep ticking.
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
         metrics.RECONCILES.labels(cause=cause, outcome="acted").inc()
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from kubernetes.client.exceptions import ApiException
 
+from . import failpoints, metrics
 from . import labels as L
-from . import metrics
 from .reconcile import EventSpec, Plan
 from .render import render_children
 from .workqueue import Key
@@ -69,6 +69,8 @@ async def execute(ctrl: Controller, key: Key, body: Mapping[str, Any], p: Plan) 
     ns, name = key
     if p.patch and not await _patch_status(ctrl, key, body, p):
         return
+    if p.restarts:
+        failpoints.hit(failpoints.AFTER_RESTART_RECORDED)
     metrics.set_phase(ns, name, p.status.get("phase"), p.status.get("readyReplicas"))
     await _post_events(ctrl, key, body, p)
     assert ctrl.kube is not None

@@ -40,6 +40,10 @@ def default_kubeconfig() -> str | None:
     return None
 
 
+#: Seconds (connect, read) any one API call may take.
+REQUEST_TIMEOUT = (5.0, 30.0)
+
+
 class Kube:
     """The operator's API client. Construct once; methods are coroutines."""
 
@@ -61,6 +65,9 @@ class Kube:
 
     async def _call(self, verb: str, resource: str, fn: Callable[..., T], *a: Any, **kw: Any) -> T:
         metrics.API_REQUESTS.labels(verb=verb, resource=resource).inc()
+        # The client waits forever by default: one call stuck on a dead connection would
+        # hold its resource's pass (and a worker) for good.
+        kw.setdefault("_request_timeout", REQUEST_TIMEOUT)
         try:
             return await asyncio.to_thread(fn, *a, **kw)
         except ApiException as e:

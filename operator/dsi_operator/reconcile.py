@@ -233,25 +233,24 @@ def plan(obs: Observed) -> Plan:
 
 def waits_on_clock(obs: Observed, p: Plan) -> bool:
     """Whether a later pass may decide differently with time alone (no watch event): a
-    restart, backoff or deferred deletion under way, a grace period or formation deadline
-    running. Only such resources need the ticker; a steady one waits for events.
+    restart, backoff or deferred deletion under way, or a grace period or the formation
+    deadline running (the clocks of :mod:`.restart`). Only such resources need the ticker;
+    any other waits for events, whatever its phase.
     """
     if obs.spec is None:
         return False  # only a spec change (an event) helps an invalid spec
     if p.deletions or any(not isinstance(d, NoAction) for d in p.decisions.values()):
         return True
-    if any(g.get("restartingSince") for g in p.status.get("groups") or []):
+    groups = p.status.get("groups") or []
+    if any(g.get("restartingSince") for g in groups):
         return True
-    phase = p.status.get("phase")
-    if phase == Phase.Failed:
-        return False  # sticky until the spec changes
-    if phase != Phase.Ready:
-        return True
+    if p.status.get("phase") == Phase.Failed or p.blocked or not obs.children_created:
+        return False  # nothing is decided until the spec, the cluster or the children change
+    if any(not g.get("members") for g in groups) or len(groups) < obs.spec.replicas:
+        return True  # the formation deadline runs
     nodes = {pod.node_name for pods in obs.pods.values() for pod in pods}
     return any(
-        pod.deletion_timestamp is not None or not pod.ready or pod.phase != "Running"
-        for pods in obs.pods.values()
-        for pod in pods
+        pod.deletion_timestamp is not None for pods in obs.pods.values() for pod in pods
     ) or any(n not in obs.nodes or not obs.nodes[n].ready for n in nodes if n is not None)
 
 

@@ -182,3 +182,39 @@ def test_api_restart_mid_group_restart_loses_nothing_and_repeats_nothing(
     after = wait_for(_replaced(kube, namespace, name, before, 0), 180, "group 0 replaced", dump)
     print(f"\n[control-plane] {component} back -> group replaced: {time.monotonic() - t_back:.1f}s")
     _exactly_one_restart_of(kube, namespace, name, 0, before, after)
+
+
+def test_operator_killed_right_after_recording_a_restart_posts_its_event_when_back(
+    kube: Any, namespace: str, operator: Any
+) -> None:
+    # The worst moment for a crash: the restart is in status, its Event and pod deletions
+    # are not done. A failpoint makes the operator exit exactly there.
+    name = "fp"
+    dump, pods, before = _apply_formed(kube, namespace, name, operator)
+    operator.stop()
+    operator.extra_env = {"DSI_OPERATOR_FAILPOINTS": "after-restart-recorded"}
+    operator.start()
+
+    faults.fail_pod(kube.api, namespace, pods[(1, 0)].metadata.name, exit_code=137)
+    wait_for(lambda: operator.proc.poll() is not None, 120, "the operator at its failpoint", dump)
+    assert operator.proc.returncode == 137, dump()
+    g1 = _status(kube, namespace, name)["groups"][1]
+    assert g1["restarts"] == 1 and g1.get("restartingSince"), g1
+    evs = kube.core.list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name},reason=GroupRestart"
+    ).items
+    assert evs == [], [e.message for e in evs]
+
+    operator.extra_env = {}
+    t0 = time.monotonic()
+    operator.start()
+    after = wait_for(_replaced(kube, namespace, name, before, 1), 180, "group 1 replaced", dump)
+    print(
+        f"\n[control-plane] operator back after its failpoint -> group replaced: "
+        f"{time.monotonic() - t0:.1f}s"
+    )
+    _exactly_one_restart_of(kube, namespace, name, 1, before, after)
+    [ev] = kube.core.list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name},reason=GroupRestart"
+    ).items
+    assert ev.metadata.name.endswith(".g1-restart-1") and "restart 1" in ev.message, ev

@@ -154,12 +154,16 @@ def test_only_a_resource_with_a_clock_running_needs_the_ticker() -> None:
     o = _steady()
     p = plan(o)
     assert p.status["phase"] == "Ready" and not waits_on_clock(o, p)
+    o.rayservice = RayServiceView(exists=True, ready=False)
+    p = plan(o)  # Serve not ready: an event (the RayService's status) will say when it is
+    assert p.status["phase"] != "Ready" and not waits_on_clock(o, p)
+    o.pods = {**o.pods, 1: [pod(1, 0), pod(1, 1, ready=False)]}
+    assert not waits_on_clock(o, plan(o))  # a readiness blip of a formed group: no clock
 
     forming = obs({0: [pod(0, 0), pod(0, 1, ready=False)], 1: [pod(1, 0), pod(1, 1)]})
     assert waits_on_clock(forming, plan(forming))  # the formation deadline runs
 
     for changed in (
-        {1: [pod(1, 0), pod(1, 1, ready=False)]},  # a readiness blip
         {1: [pod(1, 0), pod(1, 1, deletion_timestamp=NOW)]},  # terminating: grace runs
         {1: [pod(1, 0), pod(1, 1, node_name="n1")]},  # on a node not (yet) seen
     ):
