@@ -334,7 +334,10 @@ class ServeSpec(_Model):
         default=D.BATCH_WAIT_TIMEOUT_MS,
         ge=0,
         le=10000,
-        description="How long the ingress waits to fill a batch before generating.",
+        description=(
+            "How long a group waits, from the oldest queued request's arrival, to fill a batch; "
+            "requests that queued while the previous batch ran go at once."
+        ),
     )
     max_new_tokens: int = Field(
         default=D.MAX_NEW_TOKENS,

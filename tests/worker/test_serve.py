@@ -381,6 +381,33 @@ def test_concurrent_streams(server: str) -> None:
         assert last["choices"][0]["finish_reason"] in ("length", "stop")
 
 
+def test_dropped_streams_leave_their_batch_serving(server: str) -> None:
+    """Clients that hang up after the first chunk (their rows still run to the end of the
+    batch) do not disturb the streams batched with them, nor later requests."""
+
+    async def one(c: httpx.AsyncClient, i: int, drop: bool) -> list[str]:
+        body = {"model": "tiny", "prompt": f"drop {i}", "max_tokens": MAX_NEW, "stream": True}
+        lines = []
+        async with c.stream("POST", f"{server}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    lines.append(line)
+                    if drop:
+                        break
+        return lines
+
+    async def burst() -> list[list[str]]:
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*[one(c, i, drop=i % 2 == 0) for i in range(8)])
+
+    for i, lines in enumerate(asyncio.run(burst())):
+        if i % 2:
+            assert lines[-1] == "data: [DONE]", lines
+    r = _post(server, "/generate", {"prompt": "after the drops", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+
+
 def test_openai_client(server: str) -> None:
     import openai
 

@@ -20,6 +20,7 @@ import ray
 from ray import serve
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from dsi_worker.batcher import DONE, Batcher, Waiter
 from dsi_worker.config import AppArgs, parse_args
 from dsi_worker.engine import GenRequest, GenResult
 from dsi_worker.rank_actor import RankActor, rank_resource
@@ -99,9 +100,8 @@ def engine_kwargs(args: AppArgs, model_path: str) -> dict[str, Any]:
     }
 
 
-# mypy cannot see through Ray's decorators (``.options``/``.remote`` on decorated classes,
-# ``serve.batch``'s setters and its async-generator form); the ``type: ignore`` comments in
-# this package are at that boundary only.
+# mypy cannot see through Ray's decorators (``.options``/``.remote`` on decorated classes);
+# the ``type: ignore`` comments in this package are at that boundary only.
 @serve.deployment(
     num_replicas=1,
     ray_actor_options={"num_cpus": 0},
@@ -146,10 +146,10 @@ class Group:
         # Forming runs in the rank actors; this replica answers status() meanwhile.
         self._start_refs = [a.start.remote() for a in self.actors]
         self.rank_info: list[dict[str, Any]] = []
-        self._generate_batch.set_max_batch_size(self.args.max_batch_size)  # type: ignore[attr-defined]
-        self._generate_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)  # type: ignore[attr-defined]
-        self._stream_batch.set_max_batch_size(self.args.max_batch_size)  # type: ignore[attr-defined, misc]
-        self._stream_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)  # type: ignore[attr-defined, misc]
+        # One batch of each kind at a time; the ranks run them in ``seq`` order.
+        size, wait = self.args.max_batch_size, self.args.batch_wait_timeout_s
+        self._plain: Batcher[GenRequest] = Batcher(self._run_plain, size, wait)
+        self._streams: Batcher[GenRequest] = Batcher(self._run_stream, size, wait)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -232,11 +232,17 @@ class Group:
         self._poll_forming()
         if self.state != "ready":
             return self._unavailable()
+        w = self._plain.submit(req)
         try:
-            result: Generated = await self._generate_batch(req)
+            result = await w.out.get()
+            if isinstance(result, BaseException):
+                raise result
         except (RayActorError, RayTaskError) as e:
             self._fail(f"rank failed during generate: {_short(e)}")
             return self._unavailable()
+        finally:
+            w.abandoned = True  # cancelled while queued: it stays out of the batch
+        assert isinstance(result, Generated)
         return result
 
     async def generate_stream(self, req: GenRequest) -> AsyncIterator[GroupReply]:
@@ -249,13 +255,19 @@ class Group:
         if self.state != "ready":
             yield self._unavailable()
             return
+        w = self._streams.submit(req)
         try:
-            async for item in self._stream_batch(req):  # type: ignore[call-arg, misc]
-                if item.token_ids or item.finish_reason:
-                    yield item
+            while (item := await w.out.get()) is not DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
         except (RayActorError, RayTaskError) as e:
             self._fail(f"rank failed during generate: {_short(e)}")
             yield self._unavailable()
+        finally:
+            # Client gone: a queued request stays out of the batch; a running row finishes
+            # (a batch cannot drop a row mid-generate) and its steps are dropped.
+            w.abandoned = True
 
     def _next_seq(self) -> int:
         # Numbered where the calls are submitted (no await in between), so every rank sees
@@ -288,42 +300,45 @@ class Group:
         self.max_batch_seen = max(self.max_batch_seen, len(batch))
         return batch
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # type: ignore[arg-type]
-    async def _stream_batch(self, reqs: list[GenRequest]) -> AsyncIterator[list[Any]]:  # type: ignore[misc]
-        batch = self._seeded(reqs)
+    async def _run_stream(self, waiters: list[Waiter[GenRequest]]) -> None:
+        """Run one streamed batch, delivering each row's steps to its waiter."""
+        batch = self._seeded([w.item for w in waiters])
         # Rank 0 streams its steps back; the other ranks run the identical call (their
         # outputs are the same) and are awaited at the end so errors surface.
         seq = self._next_seq()
         head = self.actors[0].generate_stream.options(num_returns="streaming").remote(seq, batch)
         rest = [a.generate.remote(seq, batch) for a in self.actors[1:]]
-        finished = [False] * len(batch)
         async for ref in head:
             step = await ref
-            out: list[Any] = []
-            for i, (toks, fin) in enumerate(step):
-                if finished[i]:
-                    out.append(StopIteration)  # Serve ends that caller's stream
-                    continue
-                finished[i] = fin is not None
-                out.append(Generated(list(toks), fin, len(batch), self.group, self.epoch))
-            yield out
+            for w, (toks, fin) in zip(waiters, step, strict=True):
+                if toks or fin:
+                    w.put(Generated(list(toks), fin, len(batch), self.group, self.epoch))
+                if fin is not None:
+                    w.put(DONE)
         await asyncio.gather(*rest)
+        for w in waiters:  # every row got a finish reason; this only guards against hangs
+            w.put(DONE)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _generate_batch(self, reqs: list[GenRequest]) -> list[Generated]:
-        batch = self._seeded(reqs)
+    async def _run_plain(self, waiters: list[Waiter[GenRequest]]) -> None:
+        """Run one batch on every rank; rank 0's results go to the waiters."""
+        batch = self._seeded([w.item for w in waiters])
         seq = self._next_seq()
         t0 = time.monotonic()
         outs: list[list[GenResult]] = await asyncio.gather(
             *[a.generate.remote(seq, batch) for a in self.actors]
         )
         elapsed = time.monotonic() - t0
-        return [
-            Generated(
-                list(res.token_ids), res.finish_reason, len(batch), self.group, self.epoch, elapsed
+        for w, res in zip(waiters, outs[0], strict=True):
+            w.put(
+                Generated(
+                    list(res.token_ids),
+                    res.finish_reason,
+                    len(batch),
+                    self.group,
+                    self.epoch,
+                    elapsed,
+                )
             )
-            for res in outs[0]
-        ]
 
 
 def _rank_wants_gpu(device: str, group: int, rank: int) -> bool:
