@@ -123,7 +123,9 @@ class Controller:
     def kick(self, key: Key, cause: str) -> None:
         """Queue a pass over a known DSI."""
         if self.scheduler is not None and key in self.dsis:
-            self.scheduler.kick(key, cause)
+            # A resource whose children this process never applied goes first: its pods
+            # cannot start before its RayService exists.
+            self.scheduler.kick(key, cause, urgent=key not in self.applied)
 
     def pods_of(self, key: Key) -> list[tuple[int, PodInfo]]:
         """(group, PodInfo) of every worker pod of a DSI, from the index."""
@@ -231,7 +233,14 @@ class Controller:
         parsed = self.parsed(fresh)
         if not p.blocked and parsed.spec is not None:
             if not self.children(key, parsed, _uid(fresh))[1]:
+                new = key not in self.applied
                 await ensure_children(self, key, fresh, parsed)
+                if new:
+                    # Status and Events on a later, non-urgent pass: in a burst of new
+                    # resources every RayService comes first (its pods take longest).
+                    self.kick(key, "children")
+                    metrics.RECONCILES.labels(cause=cause, outcome="acted").inc()
+                    return
                 p = plan(self.observe(key, fresh, pre))
         await execute(self, key, fresh, p)
         # A write is followed by a watch event and a new pass; until then, keep ticking.

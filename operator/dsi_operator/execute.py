@@ -51,11 +51,16 @@ async def ensure_children(
         elif child["metadata"]["labels"].get(L.LABEL_ROLE) in GROUP_CHILD_ROLES:
             ctrl.services.setdefault(key, set()).add(child["metadata"]["name"])
     wanted = {c["metadata"]["name"] for c in children}
-    # Leftovers of removed groups, or policies of a spec that turned them off.
-    for list_fn, delete_fn in (
+    # Leftovers of removed groups, or policies of a spec that turned them off. A resource
+    # with no status and no RayService is new (a same-named predecessor's children belong
+    # to its uid and go with it): nothing to list, two calls saved per resource in a burst.
+    # (No RayService alone is not enough: right after a start, the watch may not have
+    # shown it yet.)
+    cleanups = (
         (ctrl.kube.list_master_services, ctrl.kube.delete_service),
         (ctrl.kube.list_network_policies, ctrl.kube.delete_network_policy),
-    ):
+    )
+    for list_fn, delete_fn in cleanups if exists or body.get("status") else ():
         for child_name in await list_fn(*key):
             if child_name not in wanted:
                 await delete_fn(key[0], child_name)

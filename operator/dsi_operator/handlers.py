@@ -9,6 +9,7 @@ kopf's per-resource memos are shallow copies of it, so every handler sees the sa
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import copy
 import logging
@@ -58,6 +59,11 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -
     ctrl = _ctrl(memo)
     if ctrl.exact_namespaces:
         settings.scanning.disabled = True
+    # The API client is blocking and runs in threads; asyncio's default pool (cores + 4)
+    # would cap in-flight calls below the number of passes that may wait on one.
+    asyncio.get_running_loop().set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(max_workers=2 * WORKERS, thread_name_prefix="api")
+    )
     ctrl.kube = Kube(ctrl.kubeconfig if ctrl.kubeconfig is not None else default_kubeconfig())
     ctrl.facts = ClusterFacts(ctrl.kube.cluster_facts, ttl=FACTS_TTL)
     ctrl.lease = ClusterFacts(ctrl.kube.kuberay_lease, ttl=LEASE_TTL)

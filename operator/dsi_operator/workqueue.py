@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -25,17 +26,31 @@ class Scheduler:
         self._fn = fn
         self._workers = workers
         self._pending: dict[Key, str] = {}
+        self._urgent: set[Key] = set()
         self._running: set[Key] = set()
-        self._queue: asyncio.Queue[Key] = asyncio.Queue()
+        # (0 urgent | 1 normal, arrival) -> key; a key may be queued twice (urgent after
+        # normal): the second entry finds nothing pending and is skipped.
+        self._queue: asyncio.PriorityQueue[tuple[int, int, Key]] = asyncio.PriorityQueue()
+        self._seq = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
 
-    def kick(self, key: Key, cause: str) -> None:
-        """Ask for a pass over ``key`` (no-op if one is already queued)."""
-        if key in self._pending:
+    def kick(self, key: Key, cause: str, urgent: bool = False) -> None:
+        """Ask for a pass over ``key`` (no-op if one is already queued at that urgency).
+
+        Urgent passes go before the others: a burst of new resources gets its children
+        before the status passes that the first of them set off.
+        """
+        queued = key in self._pending
+        if queued and (not urgent or key in self._urgent):
             return
         self._pending[key] = cause
+        if urgent:
+            self._urgent.add(key)
         if key not in self._running:
-            self._queue.put_nowait(key)
+            self._put(key)
+
+    def _put(self, key: Key) -> None:
+        self._queue.put_nowait((0 if key in self._urgent else 1, next(self._seq), key))
 
     def start(self) -> None:
         """Start the worker tasks in the running loop."""
@@ -51,12 +66,13 @@ class Scheduler:
 
     async def _worker(self) -> None:
         while True:
-            key = await self._queue.get()
+            _, _, key = await self._queue.get()
             if key in self._running:
                 continue  # re-queued when the running pass ends
             cause = self._pending.pop(key, None)
             if cause is None:
                 continue
+            self._urgent.discard(key)
             self._running.add(key)
             try:
                 await self._fn(key, cause)
@@ -68,4 +84,4 @@ class Scheduler:
             finally:
                 self._running.discard(key)
                 if key in self._pending:
-                    self._queue.put_nowait(key)
+                    self._put(key)

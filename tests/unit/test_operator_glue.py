@@ -137,6 +137,32 @@ def test_scheduler_coalesces_and_serialises() -> None:
     assert calls.count(("ns", "b")) == 1
 
 
+def test_scheduler_runs_urgent_passes_first() -> None:
+    # One worker, busy: 3 normal kicks queue up, then 2 urgent ones (new resources) and an
+    # urgent kick of an already queued normal key: the urgent ones run first, once each.
+    order: list[str] = []
+
+    async def fn(key: tuple[str, str], cause: str) -> None:
+        order.append(key[1])
+        await asyncio.sleep(0.01)
+
+    async def go() -> None:
+        s = Scheduler(fn, workers=1)
+        s.kick(("ns", "busy"), "dsi")
+        s.start()
+        await asyncio.sleep(0)
+        for k in ("n1", "n2", "n3"):
+            s.kick(("ns", k), "status")
+        s.kick(("ns", "new1"), "dsi", urgent=True)
+        s.kick(("ns", "n3"), "dsi", urgent=True)
+        s.kick(("ns", "new2"), "dsi", urgent=True)
+        await asyncio.sleep(0.3)
+        await s.stop()
+
+    asyncio.run(go())
+    assert order == ["busy", "new1", "n3", "new2", "n1", "n2"]
+
+
 def test_cli() -> None:
     a = parse_args([])
     assert a.namespace == [] and a.standalone and a.metrics_port == 0
