@@ -224,6 +224,15 @@ class Controller:
             return
 
         started = time.monotonic()
+        parsed = self.parsed(body)
+        if key not in self.applied and not current and not p.blocked and parsed.spec is not None:
+            # Children this process never applied: apply them from the watched object (a
+            # newer spec brings its own event) and leave status and Events to a later,
+            # non-urgent pass, so in a burst of new resources every RayService comes first.
+            await ensure_children(self, key, body, parsed)
+            self.kick(key, "children")
+            metrics.RECONCILES.labels(cause=cause, outcome="acted").inc()
+            return
         assert self.kube is not None
         fresh = await self.kube.get_dsi(*key)
         if fresh is None:
@@ -233,14 +242,7 @@ class Controller:
         parsed = self.parsed(fresh)
         if not p.blocked and parsed.spec is not None:
             if not self.children(key, parsed, _uid(fresh))[1]:
-                new = key not in self.applied
                 await ensure_children(self, key, fresh, parsed)
-                if new:
-                    # Status and Events on a later, non-urgent pass: in a burst of new
-                    # resources every RayService comes first (its pods take longest).
-                    self.kick(key, "children")
-                    metrics.RECONCILES.labels(cause=cause, outcome="acted").inc()
-                    return
                 p = plan(self.observe(key, fresh, pre))
         await execute(self, key, fresh, p)
         # A write is followed by a watch event and a new pass; until then, keep ticking.
