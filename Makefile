@@ -84,5 +84,6 @@ run: cluster-up
 
 bench: binaries
 	$(PY) bench/bench_operator.py
+	$(PY) bench/bench_side_by_side.py
 	$(PY) bench/bench_worker.py
 	$(PY) bench/bench_ranks_per_pod.py
