@@ -4,19 +4,97 @@
 
 Prints tables of medians (and p99) from one run; nothing is asserted.  Numbers on a
 2-core machine with a tiny model measure the serving path's overheads, not model speed.
+
+The HTTP overhead table puts our path next to a bare Ray Serve path of the same shape on the
+same Serve proxy (HTTP -> FastAPI ingress -> one deployment -> N actors gathered, no model),
+one request at a time, interleaved, over one reused connection, and prints our overhead over
+a direct engine call as a multiple of the bare path. Run it with
+``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` in the environment to measure Serve's fast mode (the
+local Ray processes inherit it).
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: FastAPI must see the real ``Request``
+# annotation of the bare ingress route (pickled by value with this script).
 
 import argparse
 import asyncio
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
+import ray
 from dsi_localcluster.testing import free_port
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+# -- the bare Serve path ------------------------------------------------------------------
+# Defined in this script (pickled by value): HTTP -> FastAPI ingress -> one deployment ->
+# ``n`` actors, gathered, echoing the request body; our path's hops with none of its work.
+
+bare_api = FastAPI()
+
+
+@ray.remote(num_cpus=0)
+class _EchoActor:
+    def run(self, x: Any) -> Any:
+        return x
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class _BareGroup:
+    def __init__(self, n: int) -> None:
+        self.actors = [_EchoActor.remote() for _ in range(n)]  # type: ignore[attr-defined]
+
+    async def generate(self, x: Any) -> Any:
+        outs = await asyncio.gather(*[a.run.remote(x) for a in self.actors])
+        return outs[0]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(bare_api)
+class _BareIngress:
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    @bare_api.post("/generate")
+    async def generate(self, request: Request) -> JSONResponse:
+        out = await self.group.generate.remote(await request.json())
+        return JSONResponse({"echo": out})
+
+
+def _deploy_bare(n: int) -> str:
+    """Deploy the bare path with ``n`` actors at ``/bare<n>``; returns its route prefix."""
+    name = f"bare{n}"
+    app = _BareIngress.bind(_BareGroup.bind(n))  # type: ignore[attr-defined]
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    return f"/{name}"
+
+
+def _single(
+    direct: Callable[[], Any], url: str, paths: list[str], runs: int, max_tokens: int
+) -> list[list[float]]:
+    """Seconds of ``runs`` rounds of: a direct engine call (``direct``), then a POST to each
+    of ``paths`` under ``url``; one at a time, interleaved so that load drift on a shared
+    machine hits all alike, over one reused connection. One list per kind, direct first."""
+    body = {"prompt": "request 0 says hello", "max_tokens": max_tokens}
+    lat: list[list[float]] = [[] for _ in range(len(paths) + 1)]
+    with httpx.Client(timeout=600) as c:
+
+        def post(path: str) -> None:
+            c.post(f"{url}{path}", json=body).raise_for_status()
+
+        calls = [direct] + [lambda p=p: post(p) for p in paths]
+        for i in range(runs + 3):  # 3 warm-up rounds
+            for k, call in enumerate(calls):
+                t0 = time.perf_counter()
+                call()
+                if i >= 3:
+                    lat[k].append(time.perf_counter() - t0)
+    return lat
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -60,7 +138,6 @@ async def _load(url: str, conc: int, n: int, max_tokens: int) -> dict[str, float
 
 def _deploy(args: dict[str, Any], port: int) -> str:
     from dsi_worker.app import build_app
-    from ray import serve
 
     serve.run(build_app({**args, "local_mode": True}), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
@@ -76,8 +153,6 @@ def _deploy(args: dict[str, Any], port: int) -> str:
 
 
 def _undeploy() -> None:
-    from ray import serve
-
     serve.delete("bench")
     time.sleep(2)  # let rank actors and their MASTER_PORT go
 
@@ -98,100 +173,46 @@ def _table(title: str, head: list[str], rows: list[list[str]]) -> None:
     sys.stdout.flush()
 
 
-def main() -> None:
-    """Run all measurements and print the tables."""
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--model", default=None, help="model dir or hub id (default: tiny model)")
-    ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--quick", action="store_true", help="fewer requests")
-    ns = ap.parse_args()
+def _ms(xs: list[float]) -> tuple[float, float]:
+    """(p50, p99) in milliseconds."""
+    return statistics.median(xs) * 1000, _pct(xs, 99) * 1000
 
-    import ray
-    from dsi_worker.engine import (
-        DistEnv,
-        GenRequest,
-        RankEngine,
-        SamplingParams,
-        load_tokenizer,
-        resolve_model_path,
+
+def _overhead_table(single: list[list[float]]) -> None:
+    """The direct engine call, our path and the bare Serve paths (``single``: direct, ours,
+    bare 1 actor, bare 2 actors), and our overhead over the direct call as a multiple of the
+    same-shape bare path (TP=1: one rank actor, so the 1-actor bare path)."""
+    (d50, d99), (h50, h99) = _ms(single[0]), _ms(single[1])
+    (b50, b99), (c50, c99) = _ms(single[2]), _ms(single[3])
+    _table(
+        f"HTTP path overhead (one request at a time, {len(single[0])} runs, interleaved)",
+        ["path", "p50 ms", "p99 ms"],
+        [
+            ["direct engine.generate", f"{d50:.1f}", f"{d99:.1f}"],
+            ["HTTP -> ingress -> group -> rank (TP=1)", f"{h50:.1f}", f"{h99:.1f}"],
+            ["overhead (ours - direct)", f"{h50 - d50:.1f}", ""],
+            ["bare Serve: HTTP -> ingress -> deployment -> 1 actor", f"{b50:.1f}", f"{b99:.1f}"],
+            ["bare Serve: HTTP -> ingress -> deployment -> 2 actors", f"{c50:.1f}", f"{c99:.1f}"],
+            ["ratio overhead / bare (1 actor)", f"{(h50 - d50) / b50:.2f}x", ""],
+        ],
     )
-    from dsi_worker.local import start_ray
-    from ray import serve
 
-    model = resolve_model_path(ns.model)
-    base = {
-        "model": model,
-        "dtype": "float32",
-        "num_groups": 1,
-        "max_new_tokens": max(64, ns.max_tokens),
-        "request_timeout_s": 600,
-        "torch_threads": 1,
-        "batch_wait_timeout_s": 0.01,
-    }
-    levels = [1, 8, 32]
-    n_for = (lambda c: max(8, 2 * c)) if ns.quick else (lambda c: max(16, 4 * c))
 
-    # Direct engine call: the floor the HTTP path is compared with.
+def _direct(model: str, max_tokens: int) -> Callable[[], Any]:
+    """A direct ``RankEngine.generate`` call (in this process): the floor the HTTP path is
+    compared with."""
+    from dsi_worker.engine import DistEnv, GenRequest, RankEngine, SamplingParams, load_tokenizer
+
     tok = load_tokenizer(model)
     prompt = tuple(tok("request 0 says hello")["input_ids"])
     eng = RankEngine(model, dtype="float32", device="cpu", dist_env=DistEnv(), torch_threads=1)
     eng.start()
-    req = GenRequest(prompt, SamplingParams(max_new_tokens=ns.max_tokens))
-    eng.generate([req])  # warm-up
-    direct = []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        eng.generate([req])
-        direct.append(time.perf_counter() - t0)
-    del eng
+    req = GenRequest(prompt, SamplingParams(max_new_tokens=max_tokens))
+    return lambda: eng.generate([req])
 
-    start_ray(1, 2)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    results: dict[tuple[int, bool], dict[str, float]] = {}
-    http_single: list[float] = []
-    tp_rows: list[list[str]] = []
-    try:
-        for batching in (True, False):
-            url = _deploy(
-                {**base, "tensor_parallel_size": 1, "max_batch_size": 32 if batching else 1},
-                port,
-            )
-            asyncio.run(_load(url, 1, 4, ns.max_tokens))  # warm-up
-            for c in levels:
-                results[(c, batching)] = asyncio.run(_load(url, c, n_for(c), ns.max_tokens))
-            if batching:
-                for _ in range(20):
-                    t0 = time.perf_counter()
-                    httpx.post(
-                        f"{url}/generate",
-                        json={"prompt": "request 0 says hello", "max_tokens": ns.max_tokens},
-                        timeout=600,
-                    ).raise_for_status()
-                    http_single.append(time.perf_counter() - t0)
-                tp1 = {c: results[(c, True)] for c in (1, 8)}
-            _undeploy()
 
-        url = _deploy({**base, "tensor_parallel_size": 2, "max_batch_size": 32}, port)
-        asyncio.run(_load(url, 1, 4, ns.max_tokens))
-        for c in (1, 8):
-            r2 = asyncio.run(_load(url, c, n_for(c), ns.max_tokens))
-            r1 = tp1[c]
-            tp_rows.append(
-                [
-                    str(c),
-                    f"{r1['tok_s']:.1f}",
-                    f"{r2['tok_s']:.1f}",
-                    f"{r1['p50_ms']:.0f}",
-                    f"{r2['p50_ms']:.0f}",
-                ]
-            )
-        _undeploy()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-    print(f"\nmodel={model} max_tokens={ns.max_tokens} (medians of one run)")
+def _throughput_table(results: dict[tuple[int, bool], dict[str, float]]) -> None:
+    """The table of ``_load`` results per (concurrency, batching)."""
     _table(
         "Throughput via HTTP /generate, TP=1, 1 group",
         ["concurrency", "batching", "req/s", "tok/s", "p50 ms", "p99 ms", "median batch"],
@@ -208,25 +229,98 @@ def main() -> None:
             for (c, b), r in sorted(results.items(), key=lambda kv: (kv[0][0], not kv[0][1]))
         ],
     )
-    d50, h50 = statistics.median(direct) * 1000, statistics.median(http_single) * 1000
-    _table(
-        "HTTP path overhead (one request at a time, 20 runs)",
-        ["path", "p50 ms", "p99 ms"],
-        [
-            ["direct engine.generate", f"{d50:.1f}", f"{_pct(direct, 99) * 1000:.1f}"],
+
+
+def main() -> None:
+    """Run all measurements and print the tables."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=None, help="model dir or hub id (default: tiny model)")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--quick", action="store_true", help="fewer requests")
+    ap.add_argument("--overhead-only", action="store_true", help="only the HTTP overhead table")
+    ns = ap.parse_args()
+
+    from dsi_worker.engine import resolve_model_path
+    from dsi_worker.local import start_ray
+
+    model = resolve_model_path(ns.model)
+    base = {
+        "model": model,
+        "dtype": "float32",
+        "num_groups": 1,
+        "max_new_tokens": max(64, ns.max_tokens),
+        "request_timeout_s": 600,
+        "torch_threads": 1,
+        "batch_wait_timeout_s": 0.01,
+    }
+    levels = [] if ns.overhead_only else [1, 8, 32]
+    n_for = (lambda c: max(8, 2 * c)) if ns.quick else (lambda c: max(16, 4 * c))
+    single_runs = 20 if ns.quick else 40
+    direct = _direct(model, ns.max_tokens)  # before Ray starts: like a rank, one thread
+
+    start_ray(1, 2)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    results: dict[tuple[int, bool], dict[str, float]] = {}
+    single: list[list[float]] = []
+    tp_rows: list[list[str]] = []
+    try:
+        bare_paths = [_deploy_bare(1), _deploy_bare(2)]
+        for batching in (True,) if ns.overhead_only else (True, False):
+            url = _deploy(
+                {**base, "tensor_parallel_size": 1, "max_batch_size": 32 if batching else 1},
+                port,
+            )
+            asyncio.run(_load(url, 1, 4, ns.max_tokens))  # warm-up
+            for c in levels:
+                results[(c, batching)] = asyncio.run(_load(url, c, n_for(c), ns.max_tokens))
+            if batching:
+                paths = ["/generate"] + [f"{p}/generate" for p in bare_paths]
+                single = _single(direct, url, paths, single_runs, ns.max_tokens)
+            _undeploy()
+        if not ns.overhead_only:
+            tp_rows = _tp_rows(base, port, results, n_for, ns.max_tokens)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    print(f"\nmodel={model} max_tokens={ns.max_tokens} (medians of one run)")
+    if results:
+        _throughput_table(results)
+    _overhead_table(single)
+    if tp_rows:
+        _table(
+            "TP=2 vs TP=1 on CPU (gloo), batching on",
+            ["concurrency", "TP=1 tok/s", "TP=2 tok/s", "TP=1 p50 ms", "TP=2 p50 ms"],
+            tp_rows,
+        )
+
+
+def _tp_rows(
+    base: dict[str, Any],
+    port: int,
+    results: dict[tuple[int, bool], dict[str, float]],
+    n_for: Callable[[int], int],
+    max_tokens: int,
+) -> list[list[str]]:
+    """Deploy TP=2 and put its tok/s and p50 next to TP=1's (from ``results``)."""
+    url = _deploy({**base, "tensor_parallel_size": 2, "max_batch_size": 32}, port)
+    asyncio.run(_load(url, 1, 4, max_tokens))
+    rows = []
+    for c in (1, 8):
+        r2 = asyncio.run(_load(url, c, n_for(c), max_tokens))
+        r1 = results[(c, True)]
+        rows.append(
             [
-                "HTTP -> ingress -> group -> rank",
-                f"{h50:.1f}",
-                f"{_pct(http_single, 99) * 1000:.1f}",
-            ],
-            ["overhead", f"{h50 - d50:.1f}", ""],
-        ],
-    )
-    _table(
-        "TP=2 vs TP=1 on CPU (gloo), batching on",
-        ["concurrency", "TP=1 tok/s", "TP=2 tok/s", "TP=1 p50 ms", "TP=2 p50 ms"],
-        tp_rows,
-    )
+                str(c),
+                f"{r1['tok_s']:.1f}",
+                f"{r2['tok_s']:.1f}",
+                f"{r1['p50_ms']:.0f}",
+                f"{r2['p50_ms']:.0f}",
+            ]
+        )
+    _undeploy()
+    return rows
 
 
 if __name__ == "__main__":

@@ -54,7 +54,12 @@ class OperatorProcess:
                 args += ["--namespace", ns]
         else:
             args += ["--all-namespaces"]
-        args += ["--metrics-port", str(self.metrics_port), "--log-level", "info"]
+        args += [
+            "--metrics-port",
+            str(self.metrics_port),
+            "--log-level",
+            os.environ.get("DSI_TEST_OPERATOR_LOG_LEVEL", "info"),
+        ]
         env = dict(os.environ)
         env["DSI_OPERATOR_TICK_SECONDS"] = str(self.tick_seconds)
         env["DSI_OPERATOR_FACTS_TTL"] = str(self.facts_ttl)

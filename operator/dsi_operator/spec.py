@@ -336,7 +336,8 @@ class ServeSpec(_Model):
         le=10000,
         description=(
             "How long a group waits, from the oldest queued request's arrival, to fill a batch; "
-            "requests that queued while the previous batch ran go at once."
+            "requests that queued while the previous batch ran go at once, and so does a "
+            "request sent while nothing else is under way."
         ),
     )
     max_new_tokens: int = Field(

@@ -100,3 +100,20 @@ def test_a_lone_request_waits_for_company_up_to_wait_s() -> None:
         assert rec.batches == [[1, 2]]
 
     asyncio.run(main())
+
+
+def test_a_request_sent_alone_does_not_wait_for_company() -> None:
+    """The ingress marks a request ``alone`` when nothing else is under way: its batch starts
+    at once, so one that arrives just after it goes into the next batch."""
+
+    async def main() -> None:
+        rec = _Recorder()
+        rec.release.set()
+        b: Batcher[int] = Batcher(rec.run, max_batch_size=8, wait_s=60.0)
+        a = b.submit(1, alone=True)
+        await asyncio.sleep(0)
+        c = b.submit(2, alone=True)
+        assert [await _result(a), await _result(c)] == [10, 20]
+        assert rec.batches == [[1], [2]]
+
+    asyncio.run(main())

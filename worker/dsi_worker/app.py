@@ -299,16 +299,25 @@ class Ingress:
         text = ", ".join(f"group-{k}: {st.get('state')}" for k, st in sorted(self.states.items()))
         return text or "no status yet"
 
-    async def _dispatch(self, prompt_ids: list[int], params: SamplingParams, stream: bool) -> _Run:
+    def _alone(self, calls: int) -> bool:
+        """Whether a request about to make ``calls`` generate calls is the only one under
+        way here: then the group starts its batch at once instead of waiting
+        ``batch_wait_timeout_s`` for requests that are not coming."""
+        return calls == 1 and self.active == 1
+
+    async def _dispatch(
+        self, prompt_ids: list[int], params: SamplingParams, stream: bool, alone: bool = False
+    ) -> _Run:
         """Start a generation on a ready group and wait for its answer (or, streaming, its
         first step). 503 when no group is ready, 504 past the request timeout: before the
-        first token these are proper HTTP answers; later stream errors become SSE events."""
+        first token these are proper HTTP answers; later stream errors become SSE events.
+        ``alone``: see :meth:`_alone`."""
         req = GenRequest(tuple(prompt_ids), params)
 
         def start(h: Any) -> Any:
             if stream:
-                return h.options(stream=True).generate_stream.remote(req)
-            return h.generate.remote(req)
+                return h.options(stream=True).generate_stream.remote(req, alone)
+            return h.generate.remote(req, alone)
 
         g, call, reply, deadline = await self._on_a_group(start, stream)
         assert isinstance(reply, Generated)
@@ -374,12 +383,12 @@ class Ingress:
         return text
 
     async def _complete(
-        self, ids: list[int], max_new: int, body: P._Sampling, seed: int | None
+        self, ids: list[int], max_new: int, body: P._Sampling, seed: int | None, alone: bool
     ) -> tuple[str, str, Generated]:
         """Generate a whole answer: (text after stop sequences, finish reason, raw reply)."""
         if max_new == 0:  # echo of the prompt only: nothing to generate
             return "", "length", Generated([], "length", 0, -1, "")
-        run = await self._dispatch(ids, self._params(body, max_new, seed), False)
+        run = await self._dispatch(ids, self._params(body, max_new, seed), False, alone)
         out = run.first
         text, stopped = P.apply_stop(self._decode(out.token_ids), body.stops())
         finish = "stop" if stopped else (out.finish_reason or "length")
@@ -416,9 +425,10 @@ class Ingress:
         assert job.answer is not None and job.chunk is not None
         body, seeds = job.body, job.body.choice_seeds()
         if not body.stream:
+            alone = self._alone(len(job.prompts) * len(seeds))
             outs = await asyncio.gather(
                 *[
-                    self._complete(ids, mx, body, seed)
+                    self._complete(ids, mx, body, seed, alone)
                     for ids, mx in zip(job.prompts, job.max_new, strict=True)
                     for seed in seeds
                 ]
@@ -429,7 +439,8 @@ class Ingress:
             choices = await self._choices(job, prompts, list(outs))
             return JSONResponse(job.answer(choices, prompt_tokens, done))
         ids = job.prompts[0]
-        run = await self._dispatch(ids, self._params(body, job.max_new[0], seeds[0]), True)
+        params = self._params(body, job.max_new[0], seeds[0])
+        run = await self._dispatch(ids, params, True, self._alone(1))
         usage = job.usage_chunk if body.include_usage() else None
         frames = self._sse(run, len(ids), body.stops(), job.head, job.chunk, usage)
         return StreamingResponse(frames, media_type="text/event-stream")
@@ -623,7 +634,8 @@ class Ingress:
             prompt_ids = self._encode(body.prompt)
             max_new = P.check_lengths(len(prompt_ids), body.max_tokens, self.limits)
             t0 = time.monotonic()
-            text, finish, out = await self._complete(prompt_ids, max_new, body, body.seed)
+            alone = self._alone(1)
+            text, finish, out = await self._complete(prompt_ids, max_new, body, body.seed, alone)
             return JSONResponse(
                 {
                     "text": text,

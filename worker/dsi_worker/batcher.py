@@ -31,6 +31,9 @@ class Waiter(Generic[T]):
     out: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     #: The caller went away (cancelled, client disconnected): leave it out of batches.
     abandoned: bool = False
+    #: No other request was on its way when this one was sent: waiting ``wait_s`` for
+    #: company would only add latency, so its batch starts at once.
+    alone: bool = False
 
     def put(self, value: Any) -> None:
         """Deliver a result, an exception or :data:`DONE` (dropped once abandoned)."""
@@ -46,9 +49,9 @@ class Batcher(Generic[T]):
     """Collects :class:`Waiter` s and hands them to ``run`` in batches, one batch at a time.
 
     A batch starts when ``max_batch_size`` requests wait or the oldest has waited
-    ``wait_s``; requests that queued while the previous batch ran have waited already, so
-    they go at once. ``run`` must deliver every waiter's results; an exception it raises is
-    delivered to each waiter of its batch.
+    ``wait_s`` (at once if the oldest was sent ``alone``); requests that queued while the
+    previous batch ran have waited already, so they go at once. ``run`` must deliver every
+    waiter's results; an exception it raises is delivered to each waiter of its batch.
     """
 
     def __init__(
@@ -64,9 +67,12 @@ class Batcher(Generic[T]):
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def submit(self, item: T) -> Waiter[T]:
-        """Queue ``item``; read its results from the returned waiter's ``out`` queue."""
-        w: Waiter[T] = Waiter(item)
+    def submit(self, item: T, *, alone: bool = False) -> Waiter[T]:
+        """Queue ``item``; read its results from the returned waiter's ``out`` queue.
+
+        ``alone``: the sender knows no other request is coming now, so the batch it heads
+        starts without the ``wait_s`` wait (it still waits for a running batch to end)."""
+        w: Waiter[T] = Waiter(item, alone=alone)
         self._pending.append(w)
         self._arrived.set()
         # Started here, not in __init__: it needs the replica's running event loop.
@@ -92,12 +98,14 @@ class Batcher(Generic[T]):
                 raise
 
     async def _next_batch(self) -> list[Waiter[T]]:
-        """Wait for a batch: full, or its oldest request ``wait_s`` old."""
+        """Wait for a batch: full, its oldest request ``wait_s`` old, or headed by a request
+        sent ``alone``."""
         while True:
             while not self._pending:
                 self._arrived.clear()
                 await self._arrived.wait()
-            deadline = self._pending[0].since + self.wait_s
+            head = self._pending[0]
+            deadline = head.since + (0.0 if head.alone else self.wait_s)
             while len(self._pending) < self.max_batch_size:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -227,12 +227,13 @@ class Group:
     def _unavailable(self) -> GroupUnavailable:
         return GroupUnavailable(self.state, self.error)
 
-    async def generate(self, req: GenRequest) -> GroupReply:
-        """Generate for one request (batched with concurrent ones)."""
+    async def generate(self, req: GenRequest, alone: bool = False) -> GroupReply:
+        """Generate for one request (batched with concurrent ones). ``alone``: the ingress
+        has no other request under way, so its batch need not wait for company."""
         self._poll_forming()
         if self.state != "ready":
             return self._unavailable()
-        w = self._plain.submit(req)
+        w = self._plain.submit(req, alone=alone)
         try:
             result = await w.out.get()
             if isinstance(result, BaseException):
@@ -245,17 +246,20 @@ class Group:
         assert isinstance(result, Generated)
         return result
 
-    async def generate_stream(self, req: GenRequest) -> AsyncIterator[GroupReply]:
+    async def generate_stream(
+        self, req: GenRequest, alone: bool = False
+    ) -> AsyncIterator[GroupReply]:
         """Streaming generate: yields one :class:`Generated` step at a time.
 
         Call through a handle with ``.options(stream=True)``. The first item is a
-        :class:`GroupUnavailable` when the group is not ready.
+        :class:`GroupUnavailable` when the group is not ready. ``alone`` as in
+        :meth:`generate`.
         """
         self._poll_forming()
         if self.state != "ready":
             yield self._unavailable()
             return
-        w = self._streams.submit(req)
+        w = self._streams.submit(req, alone=alone)
         try:
             while (item := await w.out.get()) is not DONE:
                 if isinstance(item, BaseException):
