@@ -37,6 +37,7 @@ from .observe import children_current, node_info, rayservice_view, select_cluste
 from .preflight import ClusterFacts, PreflightResult, kuberay_condition
 from .preflight import evaluate as evaluate_preflight
 from .reconcile import (
+    EventSpec,
     Observed,
     Plan,
     declared_shape,
@@ -275,14 +276,15 @@ class Controller:
         for k in [k for k in self.last_events if k[0] == key]:
             del self.last_events[k]
 
+    def event_posted(self, key: Key, ev: EventSpec) -> bool:
+        """Whether this process already posted ``ev`` (an incident by name, any other Event
+        when it repeats the last one of its reason)."""
+        if ev.incident is not None:
+            return ev.incident in self.posted_incidents.get(key, ())
+        return self.last_events.get((key, ev.reason)) == ev.message
+
     def _new_events(self, key: Key, p: Plan) -> bool:
-        posted = self.posted_incidents.get(key, set())
-        return any(
-            e.incident not in posted
-            if e.incident is not None
-            else self.last_events.get((key, e.reason)) != e.message
-            for e in p.events
-        )
+        return not all(self.event_posted(key, e) for e in p.events)
 
 
 def _uid(body: Mapping[str, Any]) -> str:

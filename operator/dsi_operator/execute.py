@@ -110,11 +110,11 @@ async def _patch_status(ctrl: Controller, key: Key, body: Mapping[str, Any], p: 
 async def _post_events(ctrl: Controller, key: Key, body: Mapping[str, Any], p: Plan) -> None:
     assert ctrl.kube is not None
     for ev in p.events:
+        if ctrl.event_posted(key, ev):
+            continue  # the same Event planned again on the next pass
         if ev.incident is not None:
             await _post_incident(ctrl, key, body, ev)
             continue
-        if ctrl.last_events.get((key, ev.reason)) == ev.message:
-            continue  # the same Event planned again on the next pass
         ctrl.last_events[(key, ev.reason)] = ev.message
         try:
             await ctrl.kube.post_event(body, ev.type, ev.reason, ev.message)
@@ -128,9 +128,6 @@ async def _post_incident(
     """Post an incident's Event under its own name, once: 409 means some process (this one
     before a restart, or another) already did."""
     assert ctrl.kube is not None and ev.incident is not None
-    posted = ctrl.posted_incidents.setdefault(key, set())
-    if ev.incident in posted:
-        return
     meta = body.get("metadata") or {}
     name = incident_event_name(str(meta.get("name", "")), str(meta.get("uid", "")), ev.incident)
     try:
@@ -139,7 +136,7 @@ async def _post_incident(
         if err.status != 409:
             log.warning("%s/%s: could not post Event %s: %s", *key, ev.reason, err.reason)
             return  # planned again on the next pass while the incident lasts
-    posted.add(ev.incident)
+    ctrl.posted_incidents.setdefault(key, set()).add(ev.incident)
 
 
 def incident_event_name(dsi: str, uid: str, incident: str) -> str:

@@ -239,11 +239,10 @@ def waits_on_clock(obs: Observed, p: Plan) -> bool:
     """
     if obs.spec is None:
         return False  # only a spec change (an event) helps an invalid spec
+    # A restart in progress always decides ContinueRestart or RestartDone, so it is here too.
     if p.deletions or any(not isinstance(d, NoAction) for d in p.decisions.values()):
         return True
     groups = p.status.get("groups") or []
-    if any(g.get("restartingSince") for g in groups):
-        return True
     if p.status.get("phase") == Phase.Failed or p.blocked or not obs.children_created:
         return False  # nothing is decided until the spec, the cluster or the children change
     if any(not g.get("members") for g in groups) or len(groups) < obs.spec.replicas:
