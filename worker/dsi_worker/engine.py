@@ -17,6 +17,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from dsi_worker.rendezvous import remaining_timeout, wait_for_master
+
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
@@ -243,12 +245,22 @@ class RankEngine:
         if self.dist.world_size > 1 and not tdist.is_initialized():
             if self.device == "cpu" and os.environ.get("LOCAL_SIZE") != str(self.dist.world_size):
                 _disable_cpu_shm_allreduce()
+            # Ranks may start before their master: wait (bounded, logged) until its name
+            # resolves and it listens, then give forming what is left of the timeout.
+            waited = wait_for_master(
+                self.dist.master_addr,
+                self.dist.master_port,
+                timeout_s=self.form_timeout_s,
+                rank=self.dist.rank,
+            )
+            self.timings["master_wait_s"] = waited
+            t0 = time.monotonic()
             tdist.init_process_group(
                 backend=self.backend,
                 init_method=f"tcp://{self.dist.master_addr}:{self.dist.master_port}",
                 rank=self.dist.rank,
                 world_size=self.dist.world_size,
-                timeout=timedelta(seconds=self.form_timeout_s),
+                timeout=timedelta(seconds=remaining_timeout(self.form_timeout_s, waited)),
             )
         self.timings["init_process_group_s"] = time.monotonic() - t0
 

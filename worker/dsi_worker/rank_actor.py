@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -12,6 +13,20 @@ import ray
 
 from dsi_worker.engine import DistEnv, GenRequest, GenResult, RankEngine, StepItem, TokenScore
 from dsi_worker.readiness import mark_formed_from_env
+
+
+def log_info_to_stderr() -> None:
+    """Show this package's INFO lines (e.g. a rank waiting for its master) in the actor's
+    log: a Ray actor's root logger has no handler and drops INFO. Leaves a process whose
+    logging is already configured alone."""
+    pkg = logging.getLogger("dsi_worker")
+    if logging.getLogger().handlers or pkg.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO)
+    pkg.propagate = False
 
 
 def rank_resource(group: int, rank: int) -> str:
@@ -29,6 +44,7 @@ class RankActor:
     """One rank: reads RANK/WORLD_SIZE/MASTER_* from its environment (the pod's)."""
 
     def __init__(self, engine_kwargs: dict[str, Any]) -> None:
+        log_info_to_stderr()
         self.env = DistEnv.from_env()
         self.engine = RankEngine(dist_env=self.env, **engine_kwargs)
         self._lock = threading.Lock()
