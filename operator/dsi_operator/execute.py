@@ -18,6 +18,7 @@ from . import failpoints, metrics
 from . import labels as L
 from .reconcile import EventSpec, Plan
 from .render import render_children
+from .scaling import cluster_names, previous_capacity, replica_patch
 from .workqueue import Key
 
 if TYPE_CHECKING:
@@ -37,10 +38,13 @@ async def ensure_children(
     assert ctrl.kube is not None and parsed.spec is not None and parsed.spec_hash is not None
     uid = (body.get("metadata") or {}).get("uid", "")
     exists = key in ctrl.rayservices
-    children = render_children(key[1], key[0], uid, parsed.spec)
+    current = ctrl.rayservices.get(key)
+    capacity = previous_capacity(current, body.get("status") or {})
+    children = render_children(key[1], key[0], uid, parsed.spec, capacity)
     for child in children:
         await ctrl.kube.apply(child)
         if child["kind"] == L.RAYSERVICE_KIND:
+            await _sync_cluster_replicas(ctrl, key, current, child)
             # Record our own write so the pass does not wait for the watch to catch up; the
             # watch event that follows overwrites this with the real object.
             prev = ctrl.rayservices.get(key) or {}
@@ -67,6 +71,24 @@ async def ensure_children(
                 ctrl.services.get(key, set()).discard(child_name)
     ctrl.applied[key] = (uid, parsed.spec_hash)
     log.info("%s/%s: children applied (spec hash %s, existed: %s)", *key, parsed.spec_hash, exists)
+
+
+async def _sync_cluster_replicas(
+    ctrl: Controller, key: Key, current: Mapping[str, Any] | None, rayservice: Mapping[str, Any]
+) -> None:
+    """Set the running RayClusters' worker-group replica counts to the RayService's: KubeRay
+    does not carry a replicas-only change over (see :mod:`dsi_operator.scaling`). Only for a
+    RayService that carries groups scaled away (the others never differ in counts)."""
+    annotations = rayservice["metadata"].get("annotations") or {}
+    if L.ANNOTATION_GROUP_CAPACITY not in annotations or ctrl.kube is None:
+        return
+    workers = rayservice["spec"]["rayClusterConfig"].get("workerGroupSpecs") or []
+    for cluster in cluster_names(current):
+        rc = await ctrl.kube.get_raycluster(key[0], cluster)
+        ops = replica_patch(rc, workers) if rc is not None else []
+        if ops:
+            await ctrl.kube.patch_raycluster(key[0], cluster, ops)
+            log.info("%s/%s: RayCluster %s worker replicas set (%d op(s))", *key, cluster, len(ops))
 
 
 async def execute(ctrl: Controller, key: Key, body: Mapping[str, Any], p: Plan) -> None:

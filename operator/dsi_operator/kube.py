@@ -81,17 +81,19 @@ class Kube:
 
     # --- the DSI ---------------------------------------------------------------------------
 
-    async def get_dsi(self, namespace: str, name: str) -> dict[str, Any] | None:
-        """The DSI as a dict, or None when it is gone."""
+    async def _get_custom(
+        self, group: str, version: str, plural: str, namespace: str, name: str
+    ) -> dict[str, Any] | None:
+        """A namespaced custom object as a dict, or None when it is gone."""
         try:
             obj = await self._call(
                 "get",
-                L.PLURAL,
+                plural,
                 self.custom.get_namespaced_custom_object,
-                L.GROUP,
-                L.VERSION,
+                group,
+                version,
                 namespace,
-                L.PLURAL,
+                plural,
                 name,
             )
         except ApiException as e:
@@ -99,6 +101,10 @@ class Kube:
                 return None
             raise
         return _d(obj)
+
+    async def get_dsi(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The DSI as a dict, or None when it is gone."""
+        return await self._get_custom(L.GROUP, L.VERSION, L.PLURAL, namespace, name)
 
     async def patch_dsi_status(
         self,
@@ -171,6 +177,27 @@ class Kube:
             _content_type=APPLY,
         )
         return _d(out) if isinstance(out, dict) else {}
+
+    async def get_raycluster(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A RayCluster (KubeRay's, made for our RayService) as a dict; None when gone."""
+        return await self._get_custom(
+            L.RAY_GROUP, L.RAY_VERSION_API, "rayclusters", namespace, name
+        )
+
+    async def patch_raycluster(self, namespace: str, name: str, ops: list[dict[str, Any]]) -> None:
+        """Apply a JSON patch (with its ``test`` ops) to a RayCluster."""
+        await self._call(
+            "patch",
+            "rayclusters",
+            self.custom.patch_namespaced_custom_object,
+            L.RAY_GROUP,
+            L.RAY_VERSION_API,
+            namespace,
+            "rayclusters",
+            name,
+            ops,
+            _content_type="application/json-patch+json",
+        )
 
     async def _names(
         self, resource: str, fn: Callable[..., Any], namespace: str, name: str, role: str

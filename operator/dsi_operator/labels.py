@@ -56,6 +56,8 @@ ROLE_NETWORK_POLICY = "rank-policy"
 ANNOTATION_GROUP_HASH = "deepspeed.ai/group-hash"
 #: Annotation on the RayService: hash of the whole rendered spec.
 ANNOTATION_SPEC_HASH = "deepspeed.ai/spec-hash"
+#: On the RayService once it carries groups scaled away: how many groups it carries.
+ANNOTATION_GROUP_CAPACITY = "deepspeed.ai/group-capacity"
 
 # --- Worker pod contents ---------------------------------------------------------------------
 WORKER_CONTAINER = "ray-worker"
@@ -71,6 +73,24 @@ DEFAULT_MASTER_PORT = 29500
 #: The Serve application every RayService runs.
 SERVE_APP_NAME = "dsi"
 SERVE_IMPORT_PATH = "dsi_worker.app:build_app"
+SERVE_INGRESS_DEPLOYMENT = "ingress"
+
+
+# Kueue's plain-pod group integration (kueue.x-k8s.io, pod integration).
+KUEUE_QUEUE_NAME = "kueue.x-k8s.io/queue-name"
+KUEUE_POD_GROUP_NAME = "kueue.x-k8s.io/pod-group-name"
+KUEUE_POD_GROUP_TOTAL_COUNT = "kueue.x-k8s.io/pod-group-total-count"
+KUEUE_POD_GROUP_SERVING = "kueue.x-k8s.io/pod-group-serving"
+
+
+def kueue_pod_group_name(name: str, group: int) -> str:
+    """Kueue pod group (and Workload) name of group ``group``: ``<name>-g<g>``."""
+    return f"{name}-g{group}"
+
+
+def serve_group_deployment(group: int) -> str:
+    """The Serve deployment of TP group ``group`` (built by ``dsi_worker.app``)."""
+    return f"group-{group}"
 
 
 def rayservice_name(name: str) -> str:

@@ -35,6 +35,8 @@ class GPUNeeds:
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: Sequence[Mapping[str, Any]] = ()
     require_gpu_operator: bool = False
+    #: Node label key a group must stay within (spec.placement.groupDomain, Required only).
+    group_domain_key: str | None = None
 
     @property
     def pods(self) -> int:
@@ -124,6 +126,49 @@ def gpu_capacity(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> tuple[i
     return _capacity(_node_gpus(nodes, needs), needs)
 
 
+def _domain_groups(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> dict[str, int]:
+    """Whole groups each topology domain holds (domains named by the group-domain label).
+
+    Nodes without the label are no domain: a required pod affinity can never place a
+    group's pods there.
+    """
+    assert needs.group_domain_key is not None
+    per_domain: dict[str, int] = {}
+    per = max(needs.gpus_per_pod, 1)
+    for node in nodes:
+        labels = (node.get("metadata") or {}).get("labels") or {}
+        domain = labels.get(needs.group_domain_key)
+        if domain is None or not node_fits(node, needs):
+            continue
+        alloc = _quantity_int(
+            ((node.get("status") or {}).get("allocatable") or {}).get(needs.resource_name, 0)
+        )
+        per_domain[domain] = per_domain.get(domain, 0) + alloc // per
+    return {d: slots // needs.pods for d, slots in per_domain.items()}
+
+
+def _domain_condition(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> Condition | None:
+    """GPUCapacity False when no topology domain holds one whole group (None: one does)."""
+    if needs.group_domain_key is None or needs.gpus_per_rank == 0:
+        return None
+    groups = _domain_groups(nodes, needs)
+    if any(groups.values()):
+        return None
+    key = needs.group_domain_key
+    where = (
+        f"{len(groups)} domain(s) of {key} hold none"
+        if groups
+        else f"no matching node carries the label {key}"
+    )
+    return Condition.of(
+        COND_GPU_CAPACITY,
+        "False",
+        "GroupDoesNotFitADomain",
+        f"placement.groupDomain (Required) keeps a group's {needs.pods} pod(s) x "
+        f"{needs.gpus_per_pod} {needs.resource_name} inside one {key} domain, but {where}",
+    )
+
+
 def _capacity(allocs: Sequence[int], needs: GPUNeeds) -> tuple[int, int, int]:
     per = max(needs.gpus_per_pod, 1)
     return sum(a // per for a in allocs), len(allocs), sum(allocs)
@@ -177,7 +222,7 @@ def capacity_condition(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> C
         )
     # One walk over the nodes per pass: this runs for every resource on every pass.
     allocs = _node_gpus(nodes, needs)
-    too_large = _pod_too_large(allocs, needs)
+    too_large = _pod_too_large(allocs, needs) or _domain_condition(nodes, needs)
     if too_large is not None:
         return too_large
     slots, matching, gpus = _capacity(allocs, needs)

@@ -156,6 +156,11 @@ def gpu_needs(spec: DeepSpeedInferenceSpec) -> GPUNeeds:
         node_selector=dict(spec.gpu.node_selector),
         tolerations=[t.model_dump(by_alias=True, exclude_none=True) for t in spec.gpu.tolerations],
         require_gpu_operator=spec.gpu.require_gpu_operator,
+        group_domain_key=(
+            domain.topology_key
+            if (domain := spec.placement.group_domain) is not None and domain.mode == "Required"
+            else None
+        ),
     )
 
 

@@ -108,13 +108,25 @@ def model_location(s: DeepSpeedInferenceSpec) -> str:
     return s.model.name
 
 
-def serve_app_args(s: DeepSpeedInferenceSpec) -> dict[str, Any]:
+def group_capacity(s: DeepSpeedInferenceSpec, previous: int = 0) -> int:
+    """Groups the RayService carries: ``replicas``, or more after a scale-down.
+
+    Capacity only grows: a removed group stays as worker groups at 0 replicas and a switched
+    off Serve deployment, because removing either is not in place (KubeRay makes a new
+    RayCluster when worker groups disappear; Serve replaces every replica when the app's
+    ``num_groups`` arg changes). ``previous`` is what the current RayService carries.
+    """
+    return max(s.replicas, previous)
+
+
+def serve_app_args(s: DeepSpeedInferenceSpec, capacity: int = 0) -> dict[str, Any]:
     """``args`` of the Serve application (snake_case, as ``dsi_worker.config.AppArgs``)."""
     args: dict[str, Any] = {
         "model": model_location(s),
         "dtype": s.model.dtype.value,
         "tensor_parallel_size": s.tensor_parallel_size,
-        "num_groups": max(s.replicas, 1),
+        # Deployments built; which of them serve is user_config (see serve_config).
+        "num_groups": max(group_capacity(s, capacity), 1),
         "max_batch_size": s.serve.max_batch_size,
         "batch_wait_timeout_s": s.serve.batch_wait_timeout_ms / 1000.0,
         "max_new_tokens": s.serve.max_new_tokens,
@@ -140,18 +152,38 @@ def serve_app_args(s: DeepSpeedInferenceSpec) -> dict[str, Any]:
     return args
 
 
-def serve_config(s: DeepSpeedInferenceSpec) -> dict[str, Any]:
-    """The RayService's serveConfigV2, as a dict (rendered as YAML text into the RayService)."""
-    config: dict[str, Any] = {
-        "applications": [
-            {
-                "name": L.SERVE_APP_NAME,
-                "import_path": L.SERVE_IMPORT_PATH,
-                "route_prefix": s.serve.route_prefix,
-                "args": serve_app_args(s),
-            }
-        ]
+def serve_deployment_overrides(s: DeepSpeedInferenceSpec, capacity: int) -> list[dict[str, Any]]:
+    """Per-deployment ``user_config`` switching groups on and off without replacing replicas.
+
+    Serve applies a changed ``user_config`` by calling the replica's ``reconfigure`` (the
+    app's code version hashes only import path, runtime_env and args), so the groups that stay
+    keep their rank actors and loaded model. Rendered only once a resource has carried more
+    groups than it serves (``capacity > replicas`` at some point): a resource never scaled down
+    renders exactly what it did before.
+    """
+    out: list[dict[str, Any]] = [
+        {"name": L.serve_group_deployment(g), "user_config": {"active": g < s.replicas}}
+        for g in range(capacity)
+    ]
+    out.append({"name": L.SERVE_INGRESS_DEPLOYMENT, "user_config": {"active_groups": s.replicas}})
+    return out
+
+
+def serve_config(s: DeepSpeedInferenceSpec, capacity: int = 0) -> dict[str, Any]:
+    """The RayService's serveConfigV2, as a dict (rendered as YAML text into the RayService).
+
+    ``capacity``: the group capacity recorded on the current RayService (0: none recorded).
+    """
+    app: dict[str, Any] = {
+        "name": L.SERVE_APP_NAME,
+        "import_path": L.SERVE_IMPORT_PATH,
+        "route_prefix": s.serve.route_prefix,
+        "args": serve_app_args(s, capacity),
     }
+    cap = group_capacity(s, capacity)
+    if cap > s.replicas or capacity:
+        app["deployments"] = serve_deployment_overrides(s, cap)
+    config: dict[str, Any] = {"applications": [app]}
     if s.serve.port != L.DEFAULT_SERVE_PORT:
         config["http_options"] = {"host": "0.0.0.0", "port": s.serve.port}
     return config
@@ -495,6 +527,73 @@ def _pod_resources(s: DeepSpeedInferenceSpec) -> dict[str, Any]:
     )
 
 
+def group_affinity(s: DeepSpeedInferenceSpec, name: str, group: int) -> dict[str, Any]:
+    """Pod (anti-)affinity of group ``group``'s pods from ``spec.placement`` ({} when unset).
+
+    The group's own pods attract each other within ``groupDomain.topologyKey`` (the first
+    pod of a group may go anywhere: the scheduler lets a pod that matches its own required
+    term start a domain), and pods of other groups of the same resource repel them across
+    ``spreadGroups.topologyKey`` (preferred only: spreading must never leave a group Pending).
+    """
+    pl = s.placement
+    same_group = {L.LABEL_INFERENCE: name, L.LABEL_GROUP: str(group)}
+    out: dict[str, Any] = {}
+    if pl.group_domain is not None:
+        term = {
+            "labelSelector": {"matchLabels": same_group},
+            "topologyKey": pl.group_domain.topology_key,
+        }
+        if pl.group_domain.mode == "Required":
+            out["podAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": [term]}
+        else:
+            out["podAffinity"] = {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 100, "podAffinityTerm": term}
+                ]
+            }
+    if pl.spread_groups is not None:
+        other_groups = {
+            "matchLabels": {L.LABEL_INFERENCE: name, L.LABEL_ROLE: L.ROLE_WORKER},
+            "matchExpressions": [
+                {"key": L.LABEL_GROUP, "operator": "NotIn", "values": [str(group)]}
+            ],
+        }
+        out["podAntiAffinity"] = {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 50,
+                    "podAffinityTerm": {
+                        "labelSelector": other_groups,
+                        "topologyKey": pl.spread_groups.topology_key,
+                    },
+                }
+            ]
+        }
+    return out
+
+
+def kueue_metadata(
+    s: DeepSpeedInferenceSpec, name: str, group: int
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(labels, annotations) that make group ``group`` one Kueue pod group ({} when unset).
+
+    ``pod-group-serving``: a serving group never finishes, so Kueue keeps its Workload (and
+    quota) across pod replacements instead of treating exited pods as a completed job.
+    """
+    kq = s.placement.kueue
+    if kq is None:
+        return {}, {}
+    labels = {
+        L.KUEUE_QUEUE_NAME: kq.queue_name,
+        L.KUEUE_POD_GROUP_NAME: L.kueue_pod_group_name(name, group),
+    }
+    annotations = {
+        L.KUEUE_POD_GROUP_TOTAL_COUNT: str(s.pods_per_group),
+        L.KUEUE_POD_GROUP_SERVING: "true",
+    }
+    return labels, annotations
+
+
 def _worker_group_spec(
     s: DeepSpeedInferenceSpec, name: str, namespace: str, group: int, pod: int
 ) -> dict[str, Any]:
@@ -541,9 +640,13 @@ def _worker_group_spec(
         ]
     if s.gpu.runtime_class_name:
         pod_spec["runtimeClassName"] = s.gpu.runtime_class_name
+    affinity = group_affinity(s, name, group)
+    if affinity:
+        pod_spec["affinity"] = affinity
     own_labels = L.child_labels(
         name, role=L.ROLE_WORKER, group=group, rank=ranks[0], pod=pod if k > 1 else None
     )
+    kueue_labels, kueue_annotations = kueue_metadata(s, name, group)
     return {
         "groupName": L.worker_group_name(group, ranks[0]),
         "replicas": 1,
@@ -554,20 +657,29 @@ def _worker_group_spec(
             "resources": ray_resources_param(group, ranks),
         },
         "template": {
-            "metadata": _pod_metadata(s, own_labels, {}),
+            "metadata": _pod_metadata(s, {**kueue_labels, **own_labels}, kueue_annotations),
             "spec": pod_spec,
         },
     }
 
 
 def worker_group_specs(
-    s: DeepSpeedInferenceSpec, name: str, namespace: str
+    s: DeepSpeedInferenceSpec, name: str, namespace: str, capacity: int = 0
 ) -> list[dict[str, Any]]:
     """Every workerGroupSpec (``g<g>-r<first rank>``, one pod each), in (group, pod) order,
-    each pod template annotated with its group's ``deepspeed.ai/group-hash``."""
-    hashes = spec_hash_by_group(s)
+    each pod template annotated with its group's ``deepspeed.ai/group-hash``; groups past
+    ``replicas`` (up to the capacity, see :func:`group_capacity`) at 0 replicas."""
+    cap = group_capacity(s, capacity)
+    hashes = _prefix_hashes(
+        head_group_spec(s, _HASH_NAME),
+        [
+            _worker_group_spec(s, _HASH_NAME, _HASH_NAMESPACE, g, p)
+            for g in range(cap)
+            for p in range(s.pods_per_group)
+        ],
+    )
     out = []
-    for g in range(s.replicas):
+    for g in range(cap):
         for p in range(s.pods_per_group):
             w = _worker_group_spec(s, name, namespace, g, p)
             meta = w["template"]["metadata"]
@@ -575,6 +687,10 @@ def worker_group_specs(
                 **meta.get("annotations", {}),
                 L.ANNOTATION_GROUP_HASH: hashes[g],
             }
+            if g >= s.replicas:
+                # A group scaled away: its template stays (so scaling back is in place for
+                # KubeRay, which ignores replica counts when comparing specs), no pods.
+                w.update(replicas=0, minReplicas=0, maxReplicas=0)
             out.append(w)
     return out
 
@@ -594,9 +710,15 @@ def _child_meta(
     }
 
 
-def render_rayservice(name: str, namespace: str, uid: str, s: DeepSpeedInferenceSpec) -> Manifest:
-    """The RayService ``<name>``."""
-    workers = worker_group_specs(s, name, namespace)
+def render_rayservice(
+    name: str, namespace: str, uid: str, s: DeepSpeedInferenceSpec, capacity: int = 0
+) -> Manifest:
+    """The RayService ``<name>`` (``capacity``: see :func:`group_capacity`)."""
+    workers = worker_group_specs(s, name, namespace, capacity)
+    annotations = {L.ANNOTATION_SPEC_HASH: spec_hash(s)}
+    cap = group_capacity(s, capacity)
+    if cap > s.replicas or capacity:
+        annotations[L.ANNOTATION_GROUP_CAPACITY] = str(cap)
     ray_cluster: dict[str, Any] = {
         "rayVersion": L.RAY_VERSION,
         "headGroupSpec": head_group_spec(s, name),
@@ -610,7 +732,7 @@ def render_rayservice(name: str, namespace: str, uid: str, s: DeepSpeedInference
             "name": L.rayservice_name(name),
             "namespace": namespace,
             "labels": L.child_labels(name),
-            "annotations": {L.ANNOTATION_SPEC_HASH: spec_hash(s)},
+            "annotations": annotations,
             "ownerReferences": [owner_reference(name, uid)],
         },
         "spec": {
@@ -618,7 +740,7 @@ def render_rayservice(name: str, namespace: str, uid: str, s: DeepSpeedInference
             # pods when the worker template changes (the controller relies on that to roll
             # groups after a spec change).
             "upgradeStrategy": {"type": "NewCluster"},
-            "serveConfigV2": yaml.safe_dump(serve_config(s), sort_keys=False),
+            "serveConfigV2": yaml.safe_dump(serve_config(s, capacity), sort_keys=False),
             "rayClusterConfig": ray_cluster,
         },
     }
@@ -733,17 +855,21 @@ def render_network_policy(name: str, namespace: str, uid: str, group: int) -> Ma
 
 
 def render_children(
-    name: str, namespace: str, uid: str, s: DeepSpeedInferenceSpec
+    name: str, namespace: str, uid: str, s: DeepSpeedInferenceSpec, capacity: int = 0
 ) -> list[Manifest]:
     """Every child of the DSI: the RayService, the master Services in group order, the
-    endpoint Service, then (spec.networkPolicy.enabled) the per-group NetworkPolicies."""
+    endpoint Service, then (spec.networkPolicy.enabled) the per-group NetworkPolicies.
+
+    ``capacity``: groups the current RayService carries (its ``deepspeed.ai/group-capacity``
+    annotation, or its group count; 0 for a new resource), see :func:`group_capacity`.
+    """
     policies = (
         [render_network_policy(name, namespace, uid, g) for g in range(s.replicas)]
         if s.network_policy.enabled
         else []
     )
     return [
-        render_rayservice(name, namespace, uid, s),
+        render_rayservice(name, namespace, uid, s, capacity),
         *render_master_services(name, namespace, uid, s),
         render_endpoint_service(name, namespace, uid, s),
         *policies,

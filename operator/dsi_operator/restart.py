@@ -205,6 +205,14 @@ def group_pods_ready(pods: Sequence[PodInfo], n_pods: int) -> bool:
     return ranks == set(range(n_pods)) and len(live) == n_pods
 
 
+def group_pods_started(pods: Sequence[PodInfo], n_pods: int) -> bool:
+    """True when every pod index 0..n_pods-1 has exactly one live pod that is Running: bound
+    to a node, images pulled and containers started (Ready or not)."""
+    live = live_pods(pods)
+    started = {p.rank for p in live if p.phase == "Running" and p.node_name}
+    return started == set(range(n_pods)) and len(live) == n_pods
+
+
 def find_triggers(
     pods: Sequence[PodInfo],
     nodes: Mapping[str, NodeInfo],

@@ -550,6 +550,68 @@ class NetworkPolicySpec(_Model):
     )
 
 
+class GroupDomainSpec(_Model):
+    """Keep each group's pods inside one topology domain (a node label's value)."""
+
+    topology_key: str = Field(
+        description="Node label key whose value names the domain, e.g. a rack, zone or "
+        "NVLink-domain label (topology.kubernetes.io/zone, kubernetes.io/hostname).",
+        min_length=1,
+        max_length=317,
+        pattern=QUALIFIED_NAME_PATTERN,
+    )
+    mode: Literal["Required", "Preferred"] = Field(
+        default="Required",
+        description="Required: a group's pods are only placed in the domain of its other "
+        "pods (pods wait Pending when it is full). Preferred: the scheduler tries to.",
+    )
+
+
+class SpreadGroupsSpec(_Model):
+    """Spread groups across topology domains (preferred), so one domain's loss hits few."""
+
+    topology_key: str = Field(
+        description="Node label key whose value names the domain the groups spread over.",
+        min_length=1,
+        max_length=317,
+        pattern=QUALIFIED_NAME_PATTERN,
+    )
+
+
+class KueueSpec(_Model):
+    """Admission of each group as one Kueue pod group (all its pods or none)."""
+
+    queue_name: str = Field(
+        description="Kueue LocalQueue of the rank pods (label kueue.x-k8s.io/queue-name). "
+        "Each group is a pod group (kueue.x-k8s.io/pod-group-name <name>-g<g>, "
+        "pod-group-total-count its pods, pod-group-serving true); the head is not queued.",
+        min_length=1,
+        max_length=63,
+        # A label value and a DNS subdomain; written without "](" so the generated
+        # reference's Markdown does not read it as a link.
+        pattern=r"^[a-z0-9]$|^[a-z0-9][-a-z0-9.]{0,61}[a-z0-9]$",
+    )
+
+
+class PlacementSpec(_Model):
+    """Where groups' pods go: together inside a domain, groups spread, Kueue admission."""
+
+    group_domain: GroupDomainSpec | None = Field(
+        default=None,
+        description="Keep each group's pods in one topology domain (pod affinity per group).",
+    )
+    spread_groups: SpreadGroupsSpec | None = Field(
+        default=None,
+        description="Prefer placing different groups in different domains (pod "
+        "anti-affinity between groups, preferred).",
+    )
+    kueue: KueueSpec | None = Field(
+        default=None,
+        description="Gang admission through Kueue's plain-pod groups: a group is admitted "
+        "whole or not at all. Needs Kueue with the pod integration enabled.",
+    )
+
+
 class PodTemplateOverrides(_Model):
     """Extra metadata and settings merged into every pod (head and workers)."""
 
@@ -737,6 +799,12 @@ class DeepSpeedInferenceSpec(_Model):
     network_policy: NetworkPolicySpec = Field(
         default_factory=NetworkPolicySpec,
         description="NetworkPolicies that fence each group's rank pods.",
+        json_schema_extra={"default": {}},
+    )
+    placement: PlacementSpec = Field(
+        default_factory=PlacementSpec,
+        description="Group placement: one topology domain per group, groups spread across "
+        "domains, and Kueue gang admission.",
         json_schema_extra={"default": {}},
     )
     master_port: int = Field(

@@ -39,6 +39,7 @@ from .restart import (
     RestartDone,
     Wait,
     group_pods_ready,
+    group_pods_started,
     live_pods,
     recent_restarts,
 )
@@ -152,9 +153,9 @@ def advance_group(
     """The group's bookkeeping after ``decision`` (and after observing ``pods``).
 
     * Restart: counted, marked in progress with the UIDs to replace, membership cleared.
-    * RestartDone: in-progress marker cleared; the formation clock starts.
+    * RestartDone: in-progress marker cleared; the formation clock waits for the new pods.
     * otherwise: record membership when the group's pods become ready; start the formation
-      clock for a group seen for the first time.
+      clock once every pod of the group is Running (scheduled, containers started).
     """
     if isinstance(decision, Restart):
         kept = tuple(recent_restarts(state, policy, now)) + (now,)
@@ -181,7 +182,7 @@ def advance_group(
             restart_pods=(),
             members=(),
             formed_at=None,
-            forming_since=now,
+            forming_since=None,
         )
     if state.restarting_since is not None:
         return state
@@ -200,7 +201,9 @@ def advance_group(
             forming_since=None,
             cluster=clusters.pop() if len(clusters) == 1 else None,
         )
-    if not state.members and state.forming_since is None:
+    if not state.members and state.forming_since is None and group_pods_started(pods, n_pods):
+        # The formation clock starts only once every pod is scheduled and its containers
+        # started: image pulls, Kueue admission and a full cluster must not use it up.
         return replace(state, forming_since=now)
     return state
 
