@@ -18,7 +18,6 @@ from dsi_localcluster.testing import free_port
 from dsi_worker.rendezvous import (
     BACKOFF_CAP_S,
     CONNECT_TIMEOUT_S,
-    remaining_timeout,
     wait_for_master,
 )
 
@@ -213,15 +212,6 @@ def test_the_default_log_goes_to_the_module_logger_at_info(
     )
 
 
-def test_remaining_timeout_keeps_a_floor() -> None:
-    assert remaining_timeout(900, 100) == 800
-    assert remaining_timeout(900, 890) == 30
-    assert remaining_timeout(900, 5000) == 30
-    assert remaining_timeout(100, 30) == 70
-    assert remaining_timeout(10, 3) == 10  # the floor never exceeds the bound itself
-
-
-@pytest.mark.parametrize("use_libuv", [True, False])
 def test_real_tcpstore_survives_the_probe(use_libuv: bool) -> None:
     """Rank 1 waits on loopback; the master's TCPStore starts listening only after rank 1
     said it waits; then a real store client still works after the probe's connect+close."""

@@ -17,7 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from dsi_worker.rendezvous import remaining_timeout, wait_for_master
+from dsi_worker.rendezvous import wait_for_master
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ class RankEngine:
             if self.device == "cpu" and os.environ.get("LOCAL_SIZE") != str(self.dist.world_size):
                 _disable_cpu_shm_allreduce()
             # Ranks may start before their master: wait (bounded, logged) until its name
-            # resolves and it listens, then give forming what is left of the timeout.
+            # resolves and it listens. The group replica's own deadline bounds the total.
             waited = wait_for_master(
                 self.dist.master_addr,
                 self.dist.master_port,
@@ -260,7 +260,9 @@ class RankEngine:
                 init_method=f"tcp://{self.dist.master_addr}:{self.dist.master_port}",
                 rank=self.dist.rank,
                 world_size=self.dist.world_size,
-                timeout=timedelta(seconds=remaining_timeout(self.form_timeout_s, waited)),
+                # The whole bound, not what the wait left: this timeout also bounds every
+                # later collective of the group (NCCL/gloo), for the group's whole life.
+                timeout=timedelta(seconds=self.form_timeout_s),
             )
         self.timings["init_process_group_s"] = time.monotonic() - t0
 

@@ -128,9 +128,3 @@ def wait_for_master(
             last_log = now
         sleep(min(delay, timeout_s - waited))
         delay = min(delay * 2, BACKOFF_CAP_S)
-
-
-def remaining_timeout(timeout_s: float, waited_s: float, floor_s: float = 30.0) -> float:
-    """What is left of ``timeout_s`` after ``waited_s``, but at least ``floor_s`` (itself
-    no more than ``timeout_s``): forming after the wait still gets a fair chance."""
-    return max(timeout_s - waited_s, min(floor_s, timeout_s))
