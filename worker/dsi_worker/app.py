@@ -26,7 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from dsi_worker import protocol as P
-from dsi_worker.config import AppArgs, parse_args
+from dsi_worker.config import AppArgs, parse_args, parse_ingress_config
 from dsi_worker.engine import (
     GenRequest,
     SamplingParams,
@@ -224,6 +224,8 @@ class Ingress:
         self.args: AppArgs = parse_args(args)
         self.api_key = P.api_key_from_env(self.args.api_key_env, os.environ)
         self.groups = list(groups)
+        #: Groups 0..n-1 are switched on (``user_config``); without one, all of them.
+        self.active_groups = len(self.groups)
         self.tokenizer = load_tokenizer(model_path, revision=self.args.revision)
         self.limits = P.Limits(
             served_model_name=self.args.model_name(),
@@ -242,6 +244,28 @@ class Ingress:
         self._poller: asyncio.Task[None] | None = None
         self._status_lock = asyncio.Lock()
         self.status_seen: dict[int, float] = {}
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's ``user_config`` hook: ``{"active_groups": n}`` routes to groups 0..n-1
+        only and counts only them for readiness (/healthz, metrics); the others are switched
+        off (their pods gone). Without a ``user_config`` every group counts. A bad config
+        raises ``ValueError`` naming the key, before anything changes."""
+        n = parse_ingress_config(user_config, len(self.groups)).active_groups
+        if n != self.active_groups:
+            log.info("ingress: groups 0..%d active (of %d)", n - 1, len(self.groups))
+        self.active_groups = n
+        self.states = {g: st for g, st in self.states.items() if g < n}
+        for g in [g for g in self.epochs if g >= n]:
+            del self.epochs[g]  # switched back on later: a new epoch, not a restart
+        self.metrics.groups_total.set(n)
+        self.metrics.groups_ready.set(len(self._ready_groups()))
+
+    def _inflight_limit(self) -> int:
+        """Requests admitted at once: ``max_inflight_requests``, else what the active groups
+        accept together."""
+        return self.args.max_inflight_requests or (
+            max(self.active_groups, 1) * self.args.group_ongoing()
+        )
 
     # -- group state ---------------------------------------------------------------------
 
@@ -263,7 +287,9 @@ class Ingress:
         except Exception as e:  # replica restarting or dead: not ready
             st = {"group": g, "state": "unreachable", "error": type(e).__name__}
         epoch = st.get("epoch")
-        if epoch:
+        if st.get("state") == "inactive":
+            self.epochs.pop(g, None)  # switched on again later: a new epoch, not a restart
+        elif epoch:
             old = self.epochs.get(g)
             if old is not None and old != epoch:
                 self.metrics.group_restarts.labels(group=str(g)).inc()
@@ -272,9 +298,10 @@ class Ingress:
 
     async def _refresh(self) -> None:
         async with self._status_lock:
-            sts = await asyncio.gather(*[self._status_of(g) for g in range(len(self.groups))])
-            self.states = {g: st for g, st in enumerate(sts)}
-            self.metrics.groups_ready.set(sum(1 for st in sts if st.get("state") == "ready"))
+            sts = await asyncio.gather(*[self._status_of(g) for g in range(self.active_groups)])
+            # reconfigure() may have switched groups off meanwhile.
+            self.states = {g: st for g, st in enumerate(sts) if g < self.active_groups}
+            self.metrics.groups_ready.set(len(self._ready_groups()))
 
     async def _poll(self) -> None:
         while True:
@@ -362,7 +389,8 @@ class Ingress:
                 reply = GroupUnavailable("unreachable", str(e)[:200])
             if isinstance(reply, GroupUnavailable):
                 self.inflight[g] -= 1
-                self.states[g] = {**self.states.get(g, {}), "state": reply.state}
+                if g < self.active_groups:
+                    self.states[g] = {**self.states.get(g, {}), "state": reply.state}
                 tried.add(g)
                 continue
             if not stream:
@@ -514,8 +542,8 @@ class Ingress:
         admitted = False
         try:
             self._authorize(request)
-            if self.active >= self.args.inflight_limit():
-                raise _busy(self.args.inflight_limit())
+            if self.active >= self._inflight_limit():
+                raise _busy(self._inflight_limit())
             self.active += 1
             admitted = True
             body = await _read_json(request, self.args.max_request_bytes)
@@ -696,7 +724,7 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self) -> Response:
-        """200 only when every group has formed; else 503 with Retry-After."""
+        """200 only when every active group has formed; else 503 with Retry-After."""
         await self._ensure_polling()
         await self._refresh()
         groups = [
@@ -729,6 +757,9 @@ def build_app(args: dict[str, Any]) -> Application:
     """Serve app builder: ``import_path: dsi_worker.app:build_app`` with ``args``.
 
     Creates one ``group-<g>`` deployment per TP group and the ``ingress`` deployment.
+    ``num_groups`` is the capacity: the serve config's per-deployment ``user_config``
+    switches groups off and on without replacing any replica (see
+    :class:`dsi_worker.config.GroupUserConfig` and :class:`~dsi_worker.config.IngressUserConfig`).
     """
     a = parse_args(args)
     model_path = resolve_model_path(a.model)

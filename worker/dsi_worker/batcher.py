@@ -80,6 +80,15 @@ class Batcher(Generic[T]):
             self._task = asyncio.get_running_loop().create_task(self._loop())
         return w
 
+    def close(self, error: BaseException) -> None:
+        """Stop batching: the running batch is cancelled (its callers get an error from the
+        loop), every queued request gets ``error``, and a later :meth:`submit` starts over."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._task = None
+        while self._pending:
+            self._pending.popleft().put(error)
+
     def pending(self) -> int:
         """Requests queued for a batch (not yet running)."""
         return len(self._pending)

@@ -8,7 +8,7 @@ kubernetes client.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import dsi_operator.defaults as D
 from pydantic import (
@@ -102,6 +102,13 @@ class AppArgs(BaseModel):
         return self.model or "dsi-tiny-llama"
 
 
+def _problems(e: ValidationError, whole: str) -> str:
+    """Each error of ``e`` as ``key: message`` (``whole`` when it is about the whole input)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or whole}: {err['msg']}" for err in e.errors()
+    )
+
+
 def parse_args(args: dict[str, Any] | AppArgs | None) -> AppArgs:
     """Validate app args, raising ``ValueError`` whose message names each bad field."""
     if isinstance(args, AppArgs):
@@ -109,8 +116,60 @@ def parse_args(args: dict[str, Any] | AppArgs | None) -> AppArgs:
     try:
         return AppArgs.model_validate(args or {})
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<args>'}: {err['msg']}"
-            for err in e.errors()
+        raise ValueError(f"invalid dsi_worker app args: {_problems(e, '<args>')}") from None
+
+
+# -- user_config ---------------------------------------------------------------------------
+#
+# The operator switches groups on and off with per-deployment ``user_config`` in the serve
+# config's ``deployments:`` overrides. Serve hashes the app ``args`` into the code version,
+# so changing them replaces every replica (every group re-forms); a changed ``user_config``
+# only calls the running replicas' ``reconfigure``. ``num_groups`` is therefore a capacity:
+# ``group-<g>`` deployments exist for all of them, and ``user_config`` says which are on.
+
+
+class GroupUserConfig(BaseModel):
+    """``user_config`` of a ``group-<g>`` deployment: ``{"active": true|false}``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    #: false: the group's pods are gone (its KubeRay worker groups are at 0 replicas); the
+    #: replica kills its rank actors and stays up, healthy, answering "inactive".
+    active: bool
+
+
+class IngressUserConfig(BaseModel):
+    """``user_config`` of the ``ingress`` deployment: ``{"active_groups": n}``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    #: Groups 0..n-1 are routed to and counted for readiness; n <= num_groups.
+    active_groups: int = Field(ge=0)
+
+
+UserConfig = TypeVar("UserConfig", GroupUserConfig, IngressUserConfig)
+
+
+def parse_user_config(model: type[UserConfig], config: Any, deployment: str) -> UserConfig:
+    """Validate ``config`` (a deployment's ``user_config``) as ``model``, raising
+    ``ValueError`` whose message names the deployment and each bad key: Serve then fails the
+    replica's start or update, and reports the message in the deployment's status."""
+    where = f"invalid user_config of deployment {deployment}"
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(config).__name__}")
+    try:
+        return model.model_validate(config)
+    except ValidationError as e:
+        raise ValueError(f"{where}: {_problems(e, '<user_config>')}") from None
+
+
+def parse_ingress_config(config: Any, num_groups: int) -> IngressUserConfig:
+    """The ingress's ``user_config``: :func:`parse_user_config`, and ``active_groups`` at
+    most ``num_groups`` (the capacity: there is no ``group-<g>`` deployment beyond it)."""
+    cfg = parse_user_config(IngressUserConfig, config, "ingress")
+    if cfg.active_groups > num_groups:
+        raise ValueError(
+            "invalid user_config of deployment ingress: active_groups: "
+            f"{cfg.active_groups} is more than num_groups ({num_groups})"
         )
-        raise ValueError(f"invalid dsi_worker app args: {problems}") from None
+    return cfg

@@ -3,6 +3,10 @@
 The rank actors are owned by this replica, so when Serve replaces the replica (its health
 check failed because a rank died, or the group never formed) the surviving ranks die with
 it and the new replica forms the whole group again; other groups keep serving.
+
+The operator switches a group off (its pods scaled away) and on again through the
+deployment's ``user_config`` (:meth:`Group.reconfigure`), which Serve applies to the running
+replica without replacing it, so scaling never re-forms the groups that stay.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from ray import serve
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from dsi_worker.batcher import DONE, Batcher, Waiter
-from dsi_worker.config import AppArgs, parse_args
+from dsi_worker.config import AppArgs, GroupUserConfig, parse_args, parse_user_config
 from dsi_worker.engine import GenRequest, GenResult
 from dsi_worker.rank_actor import RankActor, rank_resource
 from dsi_worker.results import Generated, GroupReply, GroupUnavailable, Scored, ScoreReply
@@ -111,11 +115,21 @@ def engine_kwargs(args: AppArgs, model_path: str) -> dict[str, Any]:
     graceful_shutdown_timeout_s=5,
 )
 class Group:
-    """One tensor-parallel group: ``tensor_parallel_size`` rank actors run every batch."""
+    """One tensor-parallel group: ``tensor_parallel_size`` rank actors run every batch.
+
+    Switched on and off by ``user_config`` (:meth:`reconfigure`). The rank actors are
+    created when the group first needs them (its first health check, status call or
+    request), so a replica whose ``user_config`` starts it switched off never creates any.
+    """
 
     def __init__(self, args: dict[str, Any], group: int, model_path: str) -> None:
         self.args = parse_args(args)
         self.group = group
+        self.model_path = model_path
+        #: What the operator wants (``user_config``); without one, always on.
+        self.active = True
+        #: Whether this epoch's rank actors were created (False: none, or torn down).
+        self.launched = False
         self.epoch = uuid.uuid4().hex[:8]
         self.created = time.time()
         self.state = "forming"
@@ -124,7 +138,27 @@ class Group:
         self._seq = 0
         self.max_batch_seen = 0
         self.slow_pings = 0
-        tp = self.args.tensor_parallel_size
+        self.names: list[str] = []
+        self.actors: list[Any] = []
+        self._start_refs: list[Any] = []
+        self.rank_info: list[dict[str, Any]] = []
+        self._new_batchers()
+
+    def _new_batchers(self) -> None:
+        # One batch of each kind at a time; the ranks run them in ``seq`` order.
+        size, wait = self.args.max_batch_size, self.args.batch_wait_timeout_s
+        self._plain: Batcher[GenRequest] = Batcher(self._run_plain, size, wait)
+        self._streams: Batcher[GenRequest] = Batcher(self._run_stream, size, wait)
+
+    def _launch(self) -> None:
+        """Create this epoch's rank actors and start forming (forming runs in the actors;
+        this replica answers status() meanwhile)."""
+        tp, group = self.args.tensor_parallel_size, self.group
+        self.launched = True
+        self.epoch = uuid.uuid4().hex[:8]
+        self.created = time.time()
+        self.state, self.error = "forming", None
+        self.slow_pings, self._seq = 0, 0
         self.names = [f"dsi-g{group}-r{r}-{self.epoch}" for r in range(tp)]
         self.actors = []
         for r in range(tp):
@@ -141,19 +175,49 @@ class Group:
             elif self.args.ranks_per_pod > 1:
                 opts["runtime_env"] = {"env_vars": process_env(self.args, r)}
             self.actors.append(
-                RankActor.options(**opts).remote(engine_kwargs(self.args, model_path))  # type: ignore[attr-defined]
+                RankActor.options(**opts).remote(engine_kwargs(self.args, self.model_path))  # type: ignore[attr-defined]
             )
-        # Forming runs in the rank actors; this replica answers status() meanwhile.
         self._start_refs = [a.start.remote() for a in self.actors]
-        self.rank_info: list[dict[str, Any]] = []
-        # One batch of each kind at a time; the ranks run them in ``seq`` order.
-        size, wait = self.args.max_batch_size, self.args.batch_wait_timeout_s
-        self._plain: Batcher[GenRequest] = Batcher(self._run_plain, size, wait)
-        self._streams: Batcher[GenRequest] = Batcher(self._run_stream, size, wait)
+
+    def _stop(self) -> None:
+        """Switch off: kill the rank actors (pending ones, whose pods are gone, are just
+        cancelled), fail queued and running requests as unavailable, and stay inactive.
+        A later switch-on forms a new epoch."""
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception as e:  # already dead
+                log.debug("group %d: kill of a rank actor: %s", self.group, _short(e))
+        if self.actors:
+            log.info(
+                "group %d switched off: rank actors of epoch %s killed", self.group, self.epoch
+            )
+        self._plain.close(RuntimeError("group switched off"))
+        self._streams.close(RuntimeError("group switched off"))
+        self._new_batchers()
+        self.actors, self._start_refs, self.rank_info, self.names = [], [], [], []
+        self.launched, self.state, self.error = False, "inactive", None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's ``user_config`` hook: ``{"active": false}`` switches the group off (see
+        :meth:`_stop`), ``{"active": true}`` switches an inactive one on (it forms as a new
+        replica's would); anything else is a no-op, so a running group never re-forms here.
+        A bad config raises ``ValueError`` naming the key, before anything changes."""
+        active = parse_user_config(GroupUserConfig, user_config, f"group-{self.group}").active
+        if active == self.active:
+            return
+        self.active = active
+        if active:
+            log.info("group %d switched on", self.group)
+            self._launch()
+        else:
+            self._stop()
 
     # -- state ---------------------------------------------------------------------------
 
     def _poll_forming(self) -> None:
+        if self.active and not self.launched:
+            self._launch()
         if self.state != "forming":
             return
         done, _ = ray.wait(self._start_refs, num_returns=len(self._start_refs), timeout=0)
@@ -180,22 +244,28 @@ class Group:
                     self._fail(f"forming failed: {_short(e)}")
                     return
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, epoch: str | None = None) -> None:
+        """Mark the group failed (its health check then fails and Serve replaces it); not
+        when it was switched off, nor for an error of an earlier ``epoch``'s actors."""
+        if self.state == "inactive" or (epoch is not None and epoch != self.epoch):
+            return
         if self.state != "failed":
             log.error("group %d (epoch %s) failed: %s", self.group, self.epoch, why)
         self.state, self.error = "failed", why
 
     async def check_health(self) -> None:
-        """Serve health check: fails when the group failed or any rank actor is gone."""
+        """Serve health check: fails when the group failed or any rank actor is gone; an
+        inactive group is healthy (it has nothing to lose)."""
         self._poll_forming()
         if self.state == "ready":
+            epoch = self.epoch
             try:
                 await asyncio.wait_for(
                     asyncio.gather(*[a.ping.remote() for a in self.actors]), PING_TIMEOUT_S
                 )
                 self.slow_pings = 0
             except RayActorError as e:
-                self._fail(f"rank actor lost: {_short(e)}")
+                self._fail(f"rank actor lost: {_short(e)}", epoch)
             except (TimeoutError, GetTimeoutError) as e:
                 # Slow is not dead: on a loaded machine (another group loading its model on the
                 # same CPUs) a ping can take many seconds, and failing here would re-form a
@@ -203,17 +273,18 @@ class Group:
                 # misses several pings in a row.
                 self.slow_pings += 1
                 if self.slow_pings >= PING_MISSES:
-                    self._fail(f"rank actors missed {self.slow_pings} pings: {_short(e)}")
+                    self._fail(f"rank actors missed {self.slow_pings} pings: {_short(e)}", epoch)
         if self.state == "failed":
             raise RuntimeError(f"group {self.group} failed: {self.error}")
 
     async def status(self) -> dict[str, Any]:
-        """Group state for the ingress (ready/forming/failed) and batching counters."""
+        """Group state for the ingress (ready/forming/failed/inactive) and batching counters."""
         self._poll_forming()
         return {
             "group": self.group,
             "epoch": self.epoch,
             "state": self.state,
+            "active": self.active,
             "error": self.error,
             "ranks": self.names,
             "rank_info": self.rank_info,
@@ -227,20 +298,34 @@ class Group:
     def _unavailable(self) -> GroupUnavailable:
         return GroupUnavailable(self.state, self.error)
 
+    def _lost(self, e: Exception, epoch: str, during: str) -> GroupUnavailable | None:
+        """The answer to a call of epoch ``epoch`` that failed with ``e``: unavailable when
+        the group was switched off meanwhile or a rank failed (the group then fails); None
+        for any other error (the caller re-raises it)."""
+        if epoch != self.epoch or self.state == "inactive":
+            return GroupUnavailable("inactive", "the group was switched off during the request")
+        if isinstance(e, (RayActorError, RayTaskError)):
+            self._fail(f"rank failed during {during}: {_short(e)}")
+            return self._unavailable()
+        return None
+
     async def generate(self, req: GenRequest, alone: bool = False) -> GroupReply:
         """Generate for one request (batched with concurrent ones). ``alone``: the ingress
         has no other request under way, so its batch need not wait for company."""
         self._poll_forming()
         if self.state != "ready":
             return self._unavailable()
+        epoch = self.epoch
         w = self._plain.submit(req, alone=alone)
         try:
             result = await w.out.get()
             if isinstance(result, BaseException):
                 raise result
-        except (RayActorError, RayTaskError) as e:
-            self._fail(f"rank failed during generate: {_short(e)}")
-            return self._unavailable()
+        except Exception as e:
+            lost = self._lost(e, epoch, "generate")
+            if lost is None:
+                raise
+            return lost
         finally:
             w.abandoned = True  # cancelled while queued: it stays out of the batch
         assert isinstance(result, Generated)
@@ -259,15 +344,18 @@ class Group:
         if self.state != "ready":
             yield self._unavailable()
             return
+        epoch = self.epoch
         w = self._streams.submit(req, alone=alone)
         try:
             while (item := await w.out.get()) is not DONE:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-        except (RayActorError, RayTaskError) as e:
-            self._fail(f"rank failed during generate: {_short(e)}")
-            yield self._unavailable()
+        except Exception as e:
+            lost = self._lost(e, epoch, "generate")
+            if lost is None:
+                raise
+            yield lost
         finally:
             # Client gone: a queued request stays out of the batch; a running row finishes
             # (a batch cannot drop a row mid-generate) and its steps are dropped.
@@ -285,12 +373,14 @@ class Group:
         self._poll_forming()
         if self.state != "ready":
             return self._unavailable()
-        seq = self._next_seq()
+        epoch, seq = self.epoch, self._next_seq()
         try:
             outs = await asyncio.gather(*[a.score.remote(seq, seqs, top_k) for a in self.actors])
-        except (RayActorError, RayTaskError) as e:
-            self._fail(f"rank failed during score: {_short(e)}")
-            return self._unavailable()
+        except Exception as e:
+            lost = self._lost(e, epoch, "score")
+            if lost is None:
+                raise
+            return lost
         return Scored(outs[0])
 
     def _seeded(self, reqs: list[GenRequest]) -> list[GenRequest]:
