@@ -216,8 +216,9 @@ def test_spec_update_rerenders_and_scale_down_cleans(
     assert [g["hash"] for g in st["groups"]] != hashes_before
     assert st["restarts"] == 0, "a spec change is not a failure restart"
 
-    # Scale down: the operator deletes group 1's master Service and stops reporting it.
-    # (Removing group 1's worker groups from the RayCluster is, again, KubeRay's job.)
+    # Scale down: the operator deletes group 1's master Service and stops reporting it; group
+    # 1's worker groups stay at 0 replicas (removing them would make KubeRay build a second
+    # RayCluster and replace group 0's pods too).
     kube.custom.patch_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, name, {"spec": {"replicas": 1}}
     )
@@ -234,8 +235,11 @@ def test_spec_update_rerenders_and_scale_down_cleans(
 
     wait_for(scaled, 60, "group 1 removed", d)
     rs = _get_rs(kube, namespace, name) or {}
-    groups = [w["groupName"] for w in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
-    assert groups == ["g0-r0", "g0-r1"]
+    groups = {
+        w["groupName"]: w["replicas"] for w in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    }
+    assert groups == {"g0-r0": 1, "g0-r1": 1, "g1-r0": 0, "g1-r1": 0}
+    assert rs["metadata"]["annotations"]["deepspeed.ai/group-capacity"] == "2"
 
 
 def test_deletion_leaves_nothing_behind(kube: Any, namespace: str, operator: Any) -> None:
