@@ -110,6 +110,17 @@ def multi_rank_stack(
 
 
 @pytest.fixture(scope="module")
+def scaled_stack(
+    cluster: Any, kube: Any, kubectl: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """A 2-group resource of its own for scaling (the other stacks must keep their size)."""
+    body = _manifest()
+    body["metadata"]["name"] = "tiny-scaled"
+    with served(cluster, kube, kubectl, tmp_path_factory.mktemp("e2e-scale"), body) as st:
+        yield st
+
+
+@pytest.fixture(scope="module")
 def reference_tokens() -> list[int]:
     """Greedy tokens of the unsharded tiny model for PROMPT, computed in this process."""
     from dsi_worker import tiny_model

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 import urllib.error
 import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +25,7 @@ from dsi_localcluster.wait import events, wait_for
 
 _HERE = Path(__file__).resolve().parent
 
-__all__ = ["OperatorProcess", "Stack", "install_crd", "post"]
+__all__ = ["Load", "OperatorProcess", "Stack", "background_load", "install_crd", "post"]
 
 ROOT = _HERE.parents[1]
 SAMPLE = ROOT / "examples" / "tiny-local.yaml"
@@ -96,3 +101,56 @@ class Stack:
 
         result: dict[str, Any] = wait_for(answer, timeout, "endpoint answers", dump=self.dump)
         return result
+
+
+@dataclass
+class Load:
+    """Sequential /generate requests in a background thread: (time, ok, group or status)."""
+
+    stack: Stack
+    results: list[tuple[float, bool, Any]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            t = time.monotonic()
+            try:
+                out = self.stack.generate(timeout=20)
+                self.results.append((t, True, out["group"]))
+            except urllib.error.HTTPError as e:
+                self.results.append((t, False, e.code))
+                time.sleep(0.2)
+            except (urllib.error.URLError, OSError) as e:
+                self.results.append((t, False, repr(e)))
+                time.sleep(0.2)
+
+    def ok_groups(self) -> set[int]:
+        """Groups that answered."""
+        return {g for _, ok, g in self.results if ok}
+
+    def answered(self, group: int, since: float) -> bool:
+        """Did ``group`` answer a request sent at or after ``since``?"""
+        return any(ok and g == group and t >= since for t, ok, g in self.results)
+
+    def ok_share(self) -> float:
+        """Share of the requests that succeeded."""
+        return sum(1 for _, ok, _ in self.results if ok) / max(len(self.results), 1)
+
+    def summary(self) -> str:
+        """One line: requests, successes, which groups answered, what the failures were."""
+        ok = sum(1 for _, good, _ in self.results if good)
+        bad = Counter(str(what)[:60] for _, good, what in self.results if not good)
+        return f"{ok}/{len(self.results)} ok, groups {sorted(self.ok_groups())}, failed {dict(bad)}"
+
+
+@contextmanager
+def background_load(stack: Stack) -> Iterator[Load]:
+    """Requests running while the body of the with-block injects a fault."""
+    load = Load(stack)
+    thread = threading.Thread(target=load.run, daemon=True)
+    thread.start()
+    try:
+        yield load
+    finally:
+        load.stop.set()
+        thread.join(timeout=30)
