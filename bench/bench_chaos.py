@@ -115,6 +115,25 @@ class Soak:
             for p in pods.values()
         )
 
+    def describe(self, name: str) -> str:
+        """One resource's groups and pods, for a violation message."""
+        keys = ("restarts", "restartingSince", "restartPods", "members", "formingSince")
+        groups = [
+            {k: g[k] for k in ("index", *keys, "abandonedPods") if k in g}
+            for g in self.status(name).get("groups") or []
+        ]
+        pods = [
+            (
+                p.metadata.name[-22:],
+                p.metadata.uid[:8],
+                p.status.phase,
+                p.spec.node_name,
+                bool(p.metadata.deletion_timestamp),
+            )
+            for p in worker_pods(self.core, self.ns, name, live_only=False).values()
+        ]
+        return f"{name} groups {groups} pods {pods}"
+
     def pods_of(self, hit: Hit) -> list[Any]:
         return [p for (g, _), p in worker_pods(self.core, self.ns, hit[0]).items() if g == hit[1]]
 
@@ -202,7 +221,10 @@ def verify(
     hit_set = set(hits)
     while True:
         if time.monotonic() - t0 > timeout:
-            return time.monotonic() - t0, [f"not recovered in {timeout:.0f}s: {sorted(hit_set)}"]
+            why = "; ".join(soak.describe(n) for n in sorted({h[0] for h in hit_set}))
+            return time.monotonic() - t0, [
+                f"not recovered in {timeout:.0f}s: {sorted(hit_set)}; state: {why}"
+            ]
         now = soak.snapshot()
         if soak.stuck and all(now.restarts.get(h, 0) > before.restarts.get(h, 0) for h in hit_set):
             # The restart is recorded and the stuck pod abandoned: let its deletion finish.
