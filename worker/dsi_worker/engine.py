@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from dsi_worker import sharded
 from dsi_worker.rendezvous import wait_for_master
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,8 @@ class RankEngine:
         self.device = "cpu"
         self.backend = "gloo"
         self.timings: dict[str, float] = {}
+        # How the weights were loaded: path "full" or "sharded" (dsi_worker.sharded), files.
+        self.load_info: dict[str, Any] = {}
 
     # -- setup -------------------------------------------------------------------------
 
@@ -266,6 +269,10 @@ class RankEngine:
             )
         self.timings["init_process_group_s"] = time.monotonic() - t0
 
+        rss0 = sharded.reset_peak_rss()
+        if self._start_sharded(dtype):
+            self.load_info.update(sharded.memory_report(rss0))
+            return
         t0 = time.monotonic()
         model = load_model(self.model_id, revision=self.revision, dtype=dtype)
         self.timings["load_s"] = time.monotonic() - t0
@@ -294,6 +301,46 @@ class RankEngine:
             self.model = model.to(self.device)
         self.model.eval()
         self.timings["init_inference_s"] = time.monotonic() - t0
+        self.load_info = {"path": "full", **sharded.memory_report(rss0)}
+
+    def _start_sharded(self, dtype: Any) -> bool:
+        """Load only this rank's shard when the model directory has shards for the group's TP
+        size (``python -m dsi_worker.sharded reshard``); False: load the full model.
+
+        AutoTP groups only (shards are AutoTP's layout).  Shards that exist but cannot be used
+        raise ``sharded.ShardError`` naming the file.  ``DSI_SHARDED_LOAD=0`` turns it off;
+        ``DSI_SHARDED_VERIFY=0`` skips the sha256 check of the shard (its size is still checked).
+        """
+        n = self.dist.world_size
+        if not self.use_deepspeed or self.kernel_inject or n < 2:
+            return False
+        if os.environ.get("DSI_SHARDED_LOAD", "1") == "0":
+            return False
+        manifest = sharded.find_shards(self.model_id, n)
+        if manifest is None:
+            if others := sharded.available_tp_sizes(self.model_id):
+                log.warning("shards exist for TP %s but not %d: loading the full model", others, n)
+            return False
+        import deepspeed
+        import torch
+
+        deepspeed.init_distributed(
+            dist_backend=self.backend, timeout=timedelta(seconds=self.form_timeout_s)
+        )
+        self.model, report = sharded.load_sharded(
+            self.model_id,
+            manifest,
+            rank=self.dist.rank,
+            dtype=dtype,
+            verify=os.environ.get("DSI_SHARDED_VERIFY", "1") != "0",
+        )
+        if self.device == "cuda" and next(self.model.parameters()).device.type != "cuda":
+            self.model = self.model.to(f"cuda:{torch.cuda.current_device()}")
+        self.model.eval()
+        self.timings["init_inference_s"] = report.pop("build_s")
+        self.timings["load_s"] = report.pop("read_s")
+        self.load_info = report
+        return True
 
     def shard_report(self) -> dict[str, list[int]]:
         """Parameter name -> shape on this rank (shows which weights are sharded)."""
@@ -310,6 +357,7 @@ class RankEngine:
             "allreduce": _allreduce_path(self.dist.world_size),
             "pid": os.getpid(),
             "timings": dict(self.timings),
+            "load": dict(self.load_info),
         }
 
     def close(self) -> None:
