@@ -326,6 +326,46 @@ def set_node_ready(api: Any, node: str) -> None:
                 cond["lastHeartbeatTime"] = _now()
 
     _node_status(core, node, mutate)
+    _ready_pods_again(core, node)
+
+
+#: Taints the node lifecycle controller keeps on a node it sees as not ready; while one is
+#: there it also marks pods bound to the node Ready=False, new ones included.
+_NOT_READY_TAINTS = frozenset({"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"})
+
+
+def _ready_pods_again(core: Any, node: str, timeout: float = 30.0) -> None:
+    """What the node's kubelet does once it is back: report its running pods Ready again.
+
+    The node lifecycle controller set them Ready=False while the node was down, and kwok's
+    stages only ready Pending pods, so without this they would stay unready for good. Waits
+    until the controller has seen the node Ready (its not-ready taints gone), so it marks no
+    pod unready after this.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        taints = core.read_node(node).spec.taints or []
+        if not any(t.key in _NOT_READY_TAINTS for t in taints):
+            break
+        time.sleep(0.5)
+    selector = f"spec.nodeName={node},status.phase=Running"
+    for pod in core.list_pod_for_all_namespaces(field_selector=selector).items:
+        ready = [c for c in pod.status.conditions or [] if c.type == "Ready"]
+        if pod.metadata.deletion_timestamp or (ready and ready[0].status == "True"):
+            continue
+
+        def mutate(obj: dict[str, Any]) -> None:
+            conditions = obj.setdefault("status", {}).setdefault("conditions", [])
+            _set_condition(conditions, "Ready", "True")
+            _set_condition(conditions, "ContainersReady", "True")
+
+        try:
+            _pod_status_call(core, pod.metadata.namespace, pod.metadata.name, mutate)
+        except ApiException as exc:
+            if exc.status != 404:  # deleted meanwhile: nothing to ready
+                raise
 
 
 LOST_NODE_HOLDER = "localcluster.deepspeed.ai/lost-node"

@@ -159,3 +159,6 @@ def test_lose_node_goes_unknown(
     # kwok renews the Lease again, so the node stays Ready past the grace period's check.
     time.sleep(SETTLE_S)
     assert _ready(kube.core.read_node(node).status.conditions) == "True"
+    # As its kubelet would once back, the node reports its running pod Ready again (kwok's
+    # stages only ready Pending pods: without this, it would stay unready for good).
+    assert not pod_not_ready(), pod_state(kube.core, namespace, "on-lost-node")
