@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import socket
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -64,3 +65,26 @@ def free_port() -> int:
         _handed_out.add(port)
         return port
     raise RuntimeError(f"no free loopback port in {_PORT_RANGE}")
+
+
+def run_spawned(
+    target: Callable[..., None], args: Sequence[tuple[Any, ...]], timeout: float = 240
+) -> list[Any]:
+    """Run ``target(*a, queue)`` in one spawned process per ``a`` (e.g. one per rank) and
+    return what each put on the queue, sorted (put ``(rank, ...)`` tuples). A process that
+    outlives its result by 30 s is killed, so a hung rank fails the test instead of the run.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, q)) for a in args]
+    for p in procs:
+        p.start()
+    try:
+        return sorted((q.get(timeout=timeout) for _ in procs), key=lambda x: x[0])
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch.multiprocessing as mp
-from dsi_localcluster.testing import free_port
+from dsi_localcluster.testing import free_port, run_spawned
 from dsi_worker.engine import (
     DistEnv,
     GenRequest,
@@ -85,22 +84,8 @@ def test_rank_env_from_operator_vars() -> None:
 def test_tp2_matches_single_process_token_for_token(tiny_model_dir: Path) -> None:
     tok = load_tokenizer(str(tiny_model_dir))
     batch = _batch(tok)
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
     port = free_port()
-    procs = [
-        ctx.Process(target=_rank_main, args=(r, 2, port, str(tiny_model_dir), batch, q))
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        got = sorted((q.get(timeout=240) for _ in procs), key=lambda x: x[0])
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    got = run_spawned(_rank_main, [(r, 2, port, str(tiny_model_dir), batch) for r in range(2)])
     for rank, res, _, _, _ in got:
         assert not isinstance(res, BaseException), f"rank {rank} failed: {res!r}"
 

@@ -146,18 +146,11 @@ def app(tiny_model_dir: Path) -> Iterator[Deployer]:
     """The app on a local Ray with every rank resource, deployed with no ``deployments``
     overrides (as every resource is before its first scale-down), all groups formed."""
     import ray
-    from dsi_worker.local import local_resources
+    from dsi_worker.local import start_ray
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    ray.init(
-        num_cpus=4,
-        resources=local_resources(NUM_GROUPS, TP),
-        object_store_memory=100 * 1024 * 1024,
-        include_dashboard=False,
-        log_to_driver=False,
-        namespace="dsi-tests",
-    )
+    start_ray(NUM_GROUPS, TP, num_cpus=4, namespace="dsi-tests", object_store_mb=100)
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

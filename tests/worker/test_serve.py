@@ -57,19 +57,12 @@ def _health(url: str) -> httpx.Response:
 def server(tiny_model_dir: Path) -> Iterator[str]:
     """A local Ray head with all rank resources, the app deployed, base URL yielded."""
     import ray
-    from dsi_worker.local import local_resources
+    from dsi_worker.local import start_ray
     from ray import serve
     from ray._common.utils import import_attr
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
-    ray.init(
-        num_cpus=4,
-        resources=local_resources(NUM_GROUPS, TP),
-        object_store_memory=100 * 1024 * 1024,
-        include_dashboard=False,
-        log_to_driver=False,
-        namespace="dsi-tests",
-    )
+    start_ray(NUM_GROUPS, TP, num_cpus=4, namespace="dsi-tests", object_store_mb=100)
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch.multiprocessing as mp
-from dsi_localcluster.testing import free_port
+from dsi_localcluster.testing import free_port, run_spawned
 from dsi_worker import sharded
 from dsi_worker.engine import DistEnv, GenRequest, RankEngine, SamplingParams, load_tokenizer
 
@@ -73,19 +72,8 @@ def _rank_main(rank: int, port: int, path: str, batch: list[GenRequest], q: Any)
 
 
 def _run_group(path: Path, batch: list[GenRequest]) -> list[tuple[Any, ...]]:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, str(path), batch, q)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    try:
-        got = sorted((q.get(timeout=240) for _ in procs), key=lambda x: x[0])
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    got = run_spawned(_rank_main, [(r, port, str(path), batch) for r in (0, 1)])
     for rank, res, *_ in got:
         assert not isinstance(res, BaseException), f"rank {rank} failed: {res!r}"
     return got

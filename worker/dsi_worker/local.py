@@ -33,14 +33,22 @@ def local_resources(num_groups: int, tp: int) -> dict[str, float]:
     return {rank_resource(g, r): 1.0 for g in range(num_groups) for r in range(tp)}
 
 
-def start_ray(num_groups: int, tp: int, *, num_cpus: int | None = None) -> None:
+def start_ray(
+    num_groups: int,
+    tp: int,
+    *,
+    num_cpus: int | None = None,
+    namespace: str | None = None,
+    object_store_mb: int = 200,
+) -> None:
     """A small local Ray head: no dashboard, small object store, rank resources."""
     import ray
 
     ray.init(
         num_cpus=num_cpus if num_cpus is not None else max(4, (os.cpu_count() or 2)),
         resources=local_resources(num_groups, tp),
-        object_store_memory=200 * 1024 * 1024,
+        object_store_memory=object_store_mb * 1024 * 1024,
+        namespace=namespace,
         include_dashboard=False,
         logging_level=logging.WARNING,
         configure_logging=True,
