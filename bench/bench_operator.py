@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,105 @@ def api_breakdown(op: OperatorProcess) -> dict[str, float]:
     }
 
 
+def _install_crd(cfg: lcconfig.ClusterConfig) -> None:
+    import subprocess
+
+    kubectl = lc.binaries(cfg.cache_dir)["kubectl"]
+    crd = ROOT / "crds" / "deepspeedinferences.deepspeed.ai.yaml"
+    cmd = [str(kubectl), f"--kubeconfig={cfg.kubeconfig}", "apply", "--server-side"]
+    subprocess.run([*cmd, "--force-conflicts", "-f", str(crd)], check=True, capture_output=True)
+
+
+Row = tuple[str, str, int, float, float]
+
+
+@dataclass
+class Bench:
+    """What every measurement needs: clients, namespace, operator, watcher, the resources."""
+
+    api: Any
+    core: Any
+    custom: Any
+    ns: str
+    op: OperatorProcess
+    watcher: RayServiceWatcher
+    args: argparse.Namespace
+    created: list[str] = field(default_factory=list)
+
+    def grow_to(self, total: int) -> None:
+        """Background resources so that ``total`` exist."""
+        extra = [f"bg-{i}" for i in range(len(self.created), total)]
+        if extra:
+            create_many(self.custom, self.ns, extra)
+            self.created += extra
+
+
+def _latency_rows(b: Bench, size: int) -> list[Row]:
+    """apply -> RayService and pod failure -> group replaced, with ``size`` resources."""
+    b.grow_to(size - 1)
+    lat: list[float] = []
+    for i in range(max(3, min(b.args.failures, 20))):
+        n = f"apply-{size}-{i}"
+        lat += apply_latency(b.custom, b.ns, b.watcher, [n], b.args.timeout)
+        b.custom.delete_namespaced_custom_object(GROUP, VERSION, b.ns, PLURAL, n)
+    fl: list[float] = []
+    names = [f"fail-{size}-{i}" for i in range(b.args.failures)]
+    create_many(b.custom, b.ns, names, tp=2)
+    wait_formed(b.custom, b.ns, names, b.args.timeout)
+    for n in names:
+        fl.append(failure_latency(b.core, b.api, b.ns, n, b.args.timeout))
+    for n in names:
+        b.custom.delete_namespaced_custom_object(GROUP, VERSION, b.ns, PLURAL, n)
+    print(f"# size {size}: done", file=sys.stderr, flush=True)
+    return [
+        ("apply -> RayService exists", "s", size, statistics.median(lat), pct(lat, 99)),
+        ("pod failure -> group replaced", "s", size, statistics.median(fl), pct(fl, 99)),
+    ]
+
+
+def _settled(op: OperatorProcess, api: Any) -> bool:
+    """Wait (up to 3 min) for a 20 s window without operator writes. On an overcommitted
+    simulated cluster KubeRay and the scheduler may still be moving pods, and every real
+    change is rightly written."""
+    for _ in range(9):
+        _, wa = api_counts(op)
+        time.sleep(20)
+        _, wb = api_counts(op)
+        if wb == wa:
+            return True
+    return False
+
+
+def _idle_rows(b: Bench, size: int) -> list[Row]:
+    """Peak RSS, and API calls and passes while nothing changes, with ``size`` resources."""
+    b.grow_to(size)
+    names_now = list(b.created)
+    wait(lambda: all(n in b.watcher.seen for n in names_now), b.args.timeout, "RayServices")
+    time.sleep(20)  # let the status writes settle
+    _, hwm = rss_kib(b.op.pid)
+    note = "" if _settled(b.op, b.api) else " (cluster still converging)"
+    r0, w0 = api_counts(b.op)
+    b0 = api_breakdown(b.op)
+    time.sleep(b.args.idle_seconds)
+    r1, w1 = api_counts(b.op)
+    b1 = api_breakdown(b.op)
+    per_min = 60 / b.args.idle_seconds
+    passes = sum(
+        v - b0.get(k, 0.0) for k, v in b1.items() if k.startswith("dsi_operator_reconciles_total{")
+    )
+    for k in sorted(b1):
+        if b1[k] != b0.get(k, 0.0):
+            print(f"#   idle {size}: {k} +{b1[k] - b0.get(k, 0.0):g}", file=sys.stderr)
+    print(f"# rss {size}: done", file=sys.stderr, flush=True)
+    figures = [
+        (f"operator peak RSS (VmHWM), {size} resources", "MiB", hwm / 1024),
+        (f"idle API reads/min, {size} resources{note}", "req/min", (r1 - r0) * per_min),
+        (f"idle API writes/min, {size} resources{note}", "req/min", (w1 - w0) * per_min),
+        (f"idle reconcile passes/s, {size} resources{note}", "1/s", passes / b.args.idle_seconds),
+    ]
+    return [(metric, unit, size, v, v) for metric, unit, v in figures]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,100")
@@ -212,24 +312,7 @@ def main() -> int:
         return 2
     api = config.new_client_from_config(str(cfg.kubeconfig))
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
-    kubectl = lc.binaries(cfg.cache_dir)["kubectl"]
-    import subprocess
-
-    subprocess.run(
-        [
-            str(kubectl),
-            f"--kubeconfig={cfg.kubeconfig}",
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            str(ROOT / "crds" / "deepspeedinferences.deepspeed.ai.yaml"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-
-    rows: list[tuple[str, str, int, float, float]] = []
+    _install_crd(cfg)
     ns = f"bench-op-{uuid.uuid4().hex[:6]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
     log = Path(f"/tmp/{ns}-operator.log")
@@ -237,116 +320,15 @@ def main() -> int:
     op = OperatorProcess(cfg.kubeconfig, [ns], log, tick_seconds=5, facts_ttl=30)
     op.start()
     op.wait_metrics()
-    watcher = RayServiceWatcher(custom, ns)
-    created: list[str] = []
+    b = Bench(api, core, custom, ns, op, RayServiceWatcher(custom, ns), args)
+    rows: list[Row] = []
     try:
         for size in [int(x) for x in args.sizes.split(",") if x]:
-            # background resources so that `size` exist in total while measuring
-            extra = [f"bg-{i}" for i in range(len(created), size - 1)]
-            if extra:
-                create_many(custom, ns, extra)
-                created += extra
-            samples = max(3, min(args.failures, 20))
-            lat: list[float] = []
-            for i in range(samples):
-                n = f"apply-{size}-{i}"
-                lat += apply_latency(custom, ns, watcher, [n], args.timeout)
-                custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, n)
-            rows.append(
-                ("apply -> RayService exists", "s", size, statistics.median(lat), pct(lat, 99))
-            )
-
-            fl: list[float] = []
-            names = [f"fail-{size}-{i}" for i in range(args.failures)]
-            create_many(custom, ns, names, tp=2)
-            wait_formed(custom, ns, names, args.timeout)
-            for n in names:
-                fl.append(failure_latency(core, api, ns, n, args.timeout))
-            for n in names:
-                custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, n)
-            rows.append(
-                ("pod failure -> group replaced", "s", size, statistics.median(fl), pct(fl, 99))
-            )
-            print(f"# size {size}: done", file=sys.stderr, flush=True)
-
+            rows += _latency_rows(b, size)
         for size in [int(x) for x in args.rss_sizes.split(",") if x]:
-            extra = [f"bg-{i}" for i in range(len(created), size)]
-            if extra:
-                create_many(custom, ns, extra)
-                created += extra
-            names_now = list(created)
-
-            def all_seen(names: list[str] = names_now) -> bool:
-                return all(n in watcher.seen for n in names)
-
-            wait(all_seen, args.timeout, "RayServices")
-            time.sleep(20)  # let the status writes settle
-            rss, hwm = rss_kib(op.pid)
-            rows.append(
-                (
-                    f"operator peak RSS (VmHWM), {size} resources",
-                    "MiB",
-                    size,
-                    hwm / 1024,
-                    hwm / 1024,
-                )
-            )
-            # Idle means nothing changes: wait (up to 3 min) for a 20 s window without
-            # operator writes; on an overcommitted simulated cluster KubeRay and the scheduler
-            # may still be moving pods, and every real change is rightly written.
-            settled = False
-            for _ in range(9):
-                _, wa = api_counts(op)
-                time.sleep(20)
-                _, wb = api_counts(op)
-                if wb == wa:
-                    settled = True
-                    break
-            r0, w0 = api_counts(op)
-            b0 = api_breakdown(op)
-            time.sleep(args.idle_seconds)
-            r1, w1 = api_counts(op)
-            b1 = api_breakdown(op)
-            per_min = 60 / args.idle_seconds
-            note = "" if settled else " (cluster still converging)"
-            rows.append(
-                (
-                    f"idle API reads/min, {size} resources{note}",
-                    "req/min",
-                    size,
-                    (r1 - r0) * per_min,
-                    (r1 - r0) * per_min,
-                )
-            )
-            rows.append(
-                (
-                    f"idle API writes/min, {size} resources{note}",
-                    "req/min",
-                    size,
-                    (w1 - w0) * per_min,
-                    (w1 - w0) * per_min,
-                )
-            )
-            passes = sum(
-                v - b0.get(k, 0.0)
-                for k, v in b1.items()
-                if k.startswith("dsi_operator_reconciles_total{")
-            )
-            rows.append(
-                (
-                    f"idle reconcile passes/s, {size} resources{note}",
-                    "1/s",
-                    size,
-                    passes / args.idle_seconds,
-                    passes / args.idle_seconds,
-                )
-            )
-            for k in sorted(b1):
-                if b1[k] != b0.get(k, 0.0):
-                    print(f"#   idle {size}: {k} +{b1[k] - b0.get(k, 0.0):g}", file=sys.stderr)
-            print(f"# rss {size}: done", file=sys.stderr, flush=True)
+            rows += _idle_rows(b, size)
     finally:
-        watcher.stop()
+        b.watcher.stop()
         op.stop()
         try:
             core.delete_namespace(ns)
