@@ -212,6 +212,7 @@ def test_the_default_log_goes_to_the_module_logger_at_info(
     )
 
 
+@pytest.mark.parametrize("use_libuv", [True, False])
 def test_real_tcpstore_survives_the_probe(use_libuv: bool) -> None:
     """Rank 1 waits on loopback; the master's TCPStore starts listening only after rank 1
     said it waits; then a real store client still works after the probe's connect+close."""
