@@ -232,8 +232,9 @@ def _prefix_hashes(head: dict[str, Any], workers: list[dict[str, Any]]) -> dict[
     return out
 
 
-def spec_hash_by_group(s: DeepSpeedInferenceSpec) -> dict[int, str]:
-    """Per group g: a hash of the worker pod templates g's pods are created from.
+def spec_hash_by_group(s: DeepSpeedInferenceSpec, groups: int | None = None) -> dict[int, str]:
+    """Per group g (of ``groups``, default ``replicas``): a hash of the worker pod templates
+    g's pods are created from.
 
     Equal hashes before and after a spec change mean KubeRay leaves g's pods alone; a
     different hash means KubeRay replaces them (new RayCluster). The value is also on each
@@ -244,7 +245,7 @@ def spec_hash_by_group(s: DeepSpeedInferenceSpec) -> dict[int, str]:
     head = head_group_spec(s, _HASH_NAME)
     workers = [
         _worker_group_spec(s, _HASH_NAME, _HASH_NAMESPACE, g, p)
-        for g in range(s.replicas)
+        for g in range(s.replicas if groups is None else groups)
         for p in range(s.pods_per_group)
     ]
     return _prefix_hashes(head, workers)
@@ -670,14 +671,7 @@ def worker_group_specs(
     each pod template annotated with its group's ``deepspeed.ai/group-hash``; groups past
     ``replicas`` (up to the capacity, see :func:`group_capacity`) at 0 replicas."""
     cap = group_capacity(s, capacity)
-    hashes = _prefix_hashes(
-        head_group_spec(s, _HASH_NAME),
-        [
-            _worker_group_spec(s, _HASH_NAME, _HASH_NAMESPACE, g, p)
-            for g in range(cap)
-            for p in range(s.pods_per_group)
-        ],
-    )
+    hashes = spec_hash_by_group(s, cap)
     out = []
     for g in range(cap):
         for p in range(s.pods_per_group):
