@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import kopf
 
-from . import handlers, metrics
+from . import batch_handlers, handlers, metrics  # noqa: F401 - batch_handlers registers the batch kind
 from ._version import __version__
 from .kube import default_kubeconfig
 

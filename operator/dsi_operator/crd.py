@@ -1,4 +1,5 @@
-"""Generate the DeepSpeedInference CRD from the pydantic models in :mod:`dsi_operator.spec`.
+"""Generate the CRDs (DeepSpeedInference, DeepSpeedBatchInference) from the pydantic models in
+:mod:`dsi_operator.spec` and :mod:`dsi_operator.batch_spec`.
 
 The models are the single source; this module converts pydantic's JSON schema into a
 *structural* OpenAPI v3 schema as the API server requires it: ``$ref``s inlined, ``anyOf``
@@ -8,9 +9,9 @@ bounds and CEL rules kept.
 
 CLI::
 
-    python -m dsi_operator.crd            # print the CRD YAML
-    python -m dsi_operator.crd --write    # write crds/ and the chart's copy
-    python -m dsi_operator.crd --check    # exit 1 if either file differs from the models
+    python -m dsi_operator.crd            # print the DeepSpeedInference CRD YAML
+    python -m dsi_operator.crd --write    # write both CRDs into crds/ and the chart's copy
+    python -m dsi_operator.crd --check    # exit 1 if any file differs from the models
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ import yaml
 from pydantic import BaseModel
 
 from dsi_operator import labels as L
+from dsi_operator.batch_spec import DeepSpeedBatchInferenceSpec, DeepSpeedBatchInferenceStatus
 from dsi_operator.spec import DeepSpeedInferenceSpec, DeepSpeedInferenceStatus
 
-#: Files (relative to the repository root) that hold the generated CRD.
+#: Directories (relative to the repository root) that hold the generated CRDs.
+CRD_DIRS = (Path("crds"), Path("charts/dsi-operator/crds"))
+#: Files that hold the generated DeepSpeedInference CRD.
 CRD_FILENAME = f"{L.CRD_NAME}.yaml"
-CRD_PATHS = (Path("crds") / CRD_FILENAME, Path("charts/dsi-operator/crds") / CRD_FILENAME)
+CRD_PATHS = tuple(d / CRD_FILENAME for d in CRD_DIRS)
+#: Files that hold the generated DeepSpeedBatchInference CRD.
+BATCH_CRD_FILENAME = f"{L.BATCH_CRD_NAME}.yaml"
+BATCH_CRD_PATHS = tuple(d / BATCH_CRD_FILENAME for d in CRD_DIRS)
 
 # Keys of pydantic's JSON schema that OpenAPI v3 in a CRD does not accept or need.
 _DROP_KEYS = {"title", "$defs", "examples", "discriminator"}
@@ -147,28 +154,25 @@ def model_schema(model: type[BaseModel], *, nullable: bool) -> dict[str, Any]:
     return structural(raw, defs, nullable=nullable)
 
 
-def openapi_schema() -> dict[str, Any]:
-    """The whole ``openAPIV3Schema`` of the CRD."""
-    spec = model_schema(DeepSpeedInferenceSpec, nullable=False)
-    status = model_schema(DeepSpeedInferenceStatus, nullable=True)
+#: Child names (<name>-g<g>-master Services, KubeRay's <name>-serve-svc and generated
+#: RayCluster/pod names) must stay valid DNS-1035 labels.
+_NAME_RULE = {
+    "rule": "self.metadata.name.size() <= 40 && "
+    "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+    "message": "metadata.name must be a DNS-1035 label (lowercase letters, "
+    "digits, '-', starting with a letter) of at most 40 characters",
+}
+
+
+def _object_schema(
+    description: str, spec_model: type[BaseModel], status_model: type[BaseModel]
+) -> dict[str, Any]:
     return _ordered(
         {
-            "description": "DeepSpeedInference serves a model with DeepSpeed tensor "
-            "parallelism on KubeRay: spec.replicas independent groups of "
-            "spec.tensorParallelSize GPU pods behind one Ray Serve endpoint. A failure of "
-            "any pod of a group restarts that whole group.",
+            "description": description,
             "type": "object",
             "required": ["spec"],
-            "x-kubernetes-validations": [
-                {
-                    # Child names (<name>-g<g>-master Services, KubeRay's <name>-serve-svc
-                    # and generated RayCluster/pod names) must stay valid DNS-1035 labels.
-                    "rule": "self.metadata.name.size() <= 40 && "
-                    "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
-                    "message": "metadata.name must be a DNS-1035 label (lowercase letters, "
-                    "digits, '-', starting with a letter) of at most 40 characters",
-                }
-            ],
+            "x-kubernetes-validations": [dict(_NAME_RULE)],
             "properties": {
                 "apiVersion": {
                     "description": "APIVersion defines the versioned schema of this "
@@ -182,10 +186,34 @@ def openapi_schema() -> dict[str, Any]:
                 },
                 # The API server forbids anything but the type on metadata.
                 "metadata": {"type": "object"},
-                "spec": spec,
-                "status": status,
+                "spec": model_schema(spec_model, nullable=False),
+                "status": model_schema(status_model, nullable=True),
             },
         }
+    )
+
+
+def openapi_schema() -> dict[str, Any]:
+    """The whole ``openAPIV3Schema`` of the DeepSpeedInference CRD."""
+    return _object_schema(
+        "DeepSpeedInference serves a model with DeepSpeed tensor "
+        "parallelism on KubeRay: spec.replicas independent groups of "
+        "spec.tensorParallelSize GPU pods behind one Ray Serve endpoint. A failure of "
+        "any pod of a group restarts that whole group.",
+        DeepSpeedInferenceSpec,
+        DeepSpeedInferenceStatus,
+    )
+
+
+def batch_openapi_schema() -> dict[str, Any]:
+    """The whole ``openAPIV3Schema`` of the DeepSpeedBatchInference CRD."""
+    return _object_schema(
+        "DeepSpeedBatchInference runs a model with DeepSpeed tensor parallelism over a "
+        "dataset once, as a KubeRay RayJob: spec.replicas TP groups of "
+        "spec.tensorParallelSize GPU ranks share the input rows, and every row is written to "
+        "the output exactly once, also across rank failures and job retries.",
+        DeepSpeedBatchInferenceSpec,
+        DeepSpeedBatchInferenceStatus,
     )
 
 
@@ -252,13 +280,66 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
 ]
 
 
-def crd() -> dict[str, Any]:
-    """The CustomResourceDefinition as a dict."""
+BATCH_PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {
+        "name": "Phase",
+        "type": "string",
+        "jsonPath": ".status.phase",
+        "description": "Pending, Running, Succeeded or Failed",
+    },
+    {
+        "name": "Progress",
+        "type": "string",
+        "jsonPath": ".status.progress",
+        "description": "Rows done / rows in all",
+    },
+    {
+        "name": "Rows/s",
+        "type": "string",
+        "jsonPath": ".status.rowsPerSecond",
+        "description": "Rows finished per second",
+    },
+    {
+        "name": "Groups",
+        "type": "integer",
+        "jsonPath": ".status.groupsAlive",
+        "description": "TP groups working now",
+    },
+    {
+        "name": "TP",
+        "type": "integer",
+        "jsonPath": ".spec.tensorParallelSize",
+        "description": "Ranks per group",
+    },
+    {
+        "name": "Retries",
+        "type": "integer",
+        "jsonPath": ".status.failedAttempts",
+        "description": "Whole-job runs that failed",
+        "priority": 1,
+    },
+    {
+        "name": "Message",
+        "type": "string",
+        "jsonPath": ".status.message",
+        "description": "Status message",
+        "priority": 1,
+    },
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def _crd_doc(
+    names: dict[str, Any],
+    schema: dict[str, Any],
+    subresources: dict[str, Any],
+    columns: list[dict[str, Any]],
+) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": L.CRD_NAME,
+            "name": f"{names['plural']}.{L.GROUP}",
             "labels": {
                 "app.kubernetes.io/name": "dsi-operator",
                 "app.kubernetes.io/part-of": "dsi-operator",
@@ -267,37 +348,59 @@ def crd() -> dict[str, Any]:
         "spec": {
             "group": L.GROUP,
             "scope": "Namespaced",
-            "names": {
-                "kind": L.KIND,
-                "listKind": f"{L.KIND}List",
-                "plural": L.PLURAL,
-                "singular": L.SINGULAR,
-                "shortNames": list(L.SHORT_NAMES),
-                "categories": list(L.CATEGORIES),
-            },
+            "names": names,
             "versions": [
                 {
                     "name": L.VERSION,
                     "served": True,
                     "storage": True,
-                    "schema": {"openAPIV3Schema": openapi_schema()},
-                    "subresources": {
-                        "status": {},
-                        "scale": {
-                            "specReplicasPath": ".spec.replicas",
-                            "statusReplicasPath": ".status.readyReplicas",
-                            "labelSelectorPath": ".status.selector",
-                        },
-                    },
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": schema},
+                    "subresources": subresources,
+                    "additionalPrinterColumns": columns,
                 }
             ],
         },
     }
 
 
+def crd() -> dict[str, Any]:
+    """The DeepSpeedInference CustomResourceDefinition as a dict."""
+    names = {
+        "kind": L.KIND,
+        "listKind": f"{L.KIND}List",
+        "plural": L.PLURAL,
+        "singular": L.SINGULAR,
+        "shortNames": list(L.SHORT_NAMES),
+        "categories": list(L.CATEGORIES),
+    }
+    subresources = {
+        "status": {},
+        "scale": {
+            "specReplicasPath": ".spec.replicas",
+            "statusReplicasPath": ".status.readyReplicas",
+            "labelSelectorPath": ".status.selector",
+        },
+    }
+    return _crd_doc(names, openapi_schema(), subresources, PRINTER_COLUMNS)
+
+
+def batch_crd() -> dict[str, Any]:
+    """The DeepSpeedBatchInference CustomResourceDefinition as a dict (no scale
+    subresource: a run's spec is immutable)."""
+    names = {
+        "kind": L.BATCH_KIND,
+        "listKind": f"{L.BATCH_KIND}List",
+        "plural": L.BATCH_PLURAL,
+        "singular": L.BATCH_SINGULAR,
+        "shortNames": list(L.BATCH_SHORT_NAMES),
+        "categories": list(L.BATCH_CATEGORIES),
+    }
+    return _crd_doc(names, batch_openapi_schema(), {"status": {}}, BATCH_PRINTER_COLUMNS)
+
+
 HEADER = (
-    "# GENERATED by `python -m dsi_operator.crd --write` from operator/dsi_operator/spec.py.\n"
+    "# GENERATED by `python -m dsi_operator.crd --write` from operator/dsi_operator/spec.py\n"
+    "# and batch_spec.py.\n"
     "# Do not edit by hand: change the pydantic models and regenerate.\n"
 )
 
@@ -321,8 +424,19 @@ def dump_yaml(obj: Any) -> str:
 
 
 def crd_yaml() -> str:
-    """The CRD as the YAML text stored in crds/ and the chart."""
+    """The DeepSpeedInference CRD as the YAML text stored in crds/ and the chart."""
     return HEADER + dump_yaml(crd())
+
+
+def batch_crd_yaml() -> str:
+    """The DeepSpeedBatchInference CRD as the YAML text stored in crds/ and the chart."""
+    return HEADER + dump_yaml(batch_crd())
+
+
+def generated_files() -> dict[Path, str]:
+    """Every generated CRD file (relative to the repository root) and its text."""
+    texts = {CRD_FILENAME: crd_yaml(), BATCH_CRD_FILENAME: batch_crd_yaml()}
+    return {d / f: text for d in CRD_DIRS for f, text in texts.items()}
 
 
 def repo_root() -> Path:
@@ -336,9 +450,8 @@ def repo_root() -> Path:
 
 def check(root: Path) -> list[Path]:
     """Paths under ``root`` whose CRD differs from the generated one."""
-    want = crd_yaml()
     stale = []
-    for rel in CRD_PATHS:
+    for rel, want in generated_files().items():
         path = root / rel
         if not path.exists() or path.read_text() != want:
             stale.append(path)
@@ -346,10 +459,9 @@ def check(root: Path) -> list[Path]:
 
 
 def write(root: Path) -> list[Path]:
-    """Write the CRD into every path under ``root``; returns the paths written."""
-    text = crd_yaml()
+    """Write every CRD under ``root``; returns the paths written."""
     written = []
-    for rel in CRD_PATHS:
+    for rel, text in generated_files().items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -20,6 +20,7 @@ import kopf
 
 from . import labels as L
 from . import metrics
+from .batch_controller import BatchController
 from .controller import FACTS_TTL, LEASE_TTL, RESYNC_SECONDS, TICK_SECONDS, WORKERS, Controller
 from .kube import Kube, default_kubeconfig
 from .observe import node_summary, pod_info
@@ -34,7 +35,10 @@ def new_memo(kubeconfig: str | None, *, exact_namespaces: bool = False) -> kopf.
     """The operator memo for ``kopf.run``: the kubeconfig the controller's own client uses
     (None: in-cluster), and whether the namespaces are exact names (then kopf need not
     list/watch namespaces)."""
-    return kopf.Memo(ctrl=Controller(kubeconfig=kubeconfig, exact_namespaces=exact_namespaces))
+    return kopf.Memo(
+        ctrl=Controller(kubeconfig=kubeconfig, exact_namespaces=exact_namespaces),
+        batch=BatchController(),
+    )
 
 
 def _ctrl(memo: Any) -> Controller:
@@ -65,6 +69,7 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -
         concurrent.futures.ThreadPoolExecutor(max_workers=2 * WORKERS, thread_name_prefix="api")
     )
     ctrl.kube = Kube(ctrl.kubeconfig if ctrl.kubeconfig is not None else default_kubeconfig())
+    memo.batch.kube = ctrl.kube
     ctrl.facts = ClusterFacts(ctrl.kube.cluster_facts, ttl=FACTS_TTL)
     ctrl.lease = ClusterFacts(ctrl.kube.kuberay_lease, ttl=LEASE_TTL)
     ctrl.scheduler = Scheduler(ctrl.reconcile_one, WORKERS)

@@ -62,6 +62,7 @@ class Kube:
         self.ext = client.ApiextensionsV1Api(self.api)
         self.coordination = client.CoordinationV1Api(self.api)
         self.networking = client.NetworkingV1Api(self.api)
+        self.rbac = client.RbacAuthorizationV1Api(self.api)
 
     async def _call(self, verb: str, resource: str, fn: Callable[..., T], *a: Any, **kw: Any) -> T:
         metrics.API_REQUESTS.labels(verb=verb, resource=resource).inc()
@@ -132,10 +133,52 @@ class Kube:
         )
         return _d(obj)
 
+    # --- the batch kind ----------------------------------------------------------------------
+
+    async def get_batch(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The DeepSpeedBatchInference as a dict, or None when it is gone."""
+        return await self._get_custom(L.GROUP, L.VERSION, L.BATCH_PLURAL, namespace, name)
+
+    async def patch_batch_status(
+        self, namespace: str, name: str, status_patch: Mapping[str, Any]
+    ) -> None:
+        """Merge-patch a DeepSpeedBatchInference's status subresource."""
+        await self._call(
+            "patch",
+            f"{L.BATCH_PLURAL}/status",
+            self.custom.patch_namespaced_custom_object_status,
+            L.GROUP,
+            L.VERSION,
+            namespace,
+            L.BATCH_PLURAL,
+            name,
+            {"status": dict(status_patch)},
+            _content_type=MERGE,
+        )
+
+    async def get_rayjob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A RayJob as a dict, or None when it is gone."""
+        return await self._get_custom(
+            L.RAY_GROUP, L.RAY_VERSION_API, L.RAYJOB_PLURAL, namespace, name
+        )
+
+    async def get_configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A ConfigMap's data, or None when it is gone."""
+        try:
+            cm = await self._call(
+                "get", "configmaps", self.core.read_namespaced_config_map, name, namespace
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return dict(cm.data or {})
+
     # --- children --------------------------------------------------------------------------
 
     async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Server-side apply one child (RayService, Service or NetworkPolicy)."""
+        """Server-side apply one child (RayService, RayJob, Service, NetworkPolicy, or a batch
+        run's ConfigMap, ServiceAccount, Role and RoleBinding)."""
         api_version = obj["apiVersion"]
         kind = obj["kind"]
         meta = obj["metadata"]
@@ -145,6 +188,16 @@ class Kube:
             ("networking.k8s.io/v1", "NetworkPolicy"): (
                 "networkpolicies",
                 self.networking.patch_namespaced_network_policy,
+            ),
+            ("v1", "ConfigMap"): ("configmaps", self.core.patch_namespaced_config_map),
+            ("v1", "ServiceAccount"): (
+                "serviceaccounts",
+                self.core.patch_namespaced_service_account,
+            ),
+            ("rbac.authorization.k8s.io/v1", "Role"): ("roles", self.rbac.patch_namespaced_role),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding"): (
+                "rolebindings",
+                self.rbac.patch_namespaced_role_binding,
             ),
         }.get((api_version, kind))
         if typed is not None:
@@ -271,7 +324,7 @@ class Kube:
         message: str,
         name: str | None = None,
     ) -> None:
-        """Post a core/v1 Event about ``involved`` (a DSI body), named ``name`` (the API
+        """Post a core/v1 Event about ``involved`` (a DSI or batch body), named ``name`` (the API
         server then answers 409 to a second post) or with a generated name."""
         meta = involved.get("metadata", {})
         ns = meta.get("namespace") or "default"
@@ -281,7 +334,7 @@ class Kube:
             ),
             involved_object=client.V1ObjectReference(
                 api_version=L.API_VERSION,
-                kind=L.KIND,
+                kind=involved.get("kind") or L.KIND,
                 name=meta.get("name"),
                 namespace=ns,
                 uid=meta.get("uid"),

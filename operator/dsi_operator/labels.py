@@ -20,12 +20,24 @@ SHORT_NAMES = ["dsi"]
 CATEGORIES = ["deepspeed", "inference"]
 CRD_NAME = f"{PLURAL}.{GROUP}"
 
+# --- The batch custom resource ---------------------------------------------------------------
+BATCH_KIND = "DeepSpeedBatchInference"
+BATCH_PLURAL = "deepspeedbatchinferences"
+BATCH_SINGULAR = "deepspeedbatchinference"
+BATCH_SHORT_NAMES = ["dsbi"]
+BATCH_CATEGORIES = ["deepspeed", "inference"]
+BATCH_CRD_NAME = f"{BATCH_PLURAL}.{GROUP}"
+#: On every child of a DeepSpeedBatchInference (RayJob, progress ConfigMap, RBAC, pods).
+LABEL_BATCH = "deepspeed.ai/batch"
+
 # --- KubeRay ---------------------------------------------------------------------------------
 RAY_GROUP = "ray.io"
 RAY_VERSION_API = "v1"
 RAY_API_VERSION = f"{RAY_GROUP}/{RAY_VERSION_API}"
 RAYSERVICE_KIND = "RayService"
 RAYSERVICE_PLURAL = "rayservices"
+RAYJOB_KIND = "RayJob"
+RAYJOB_PLURAL = "rayjobs"
 #: Ray version of the worker image; KubeRay uses it to pick ray start flags.
 RAY_VERSION = "2.60.0"
 #: Label KubeRay puts on every pod with the worker group's name.
@@ -208,3 +220,37 @@ def _group_and_rank(labels: Mapping[str, str] | None) -> tuple[int, int] | None:
     if g is None or r is None or not g.isdigit() or not r.isdigit():
         return None
     return int(g), int(r)
+
+
+# --- Batch children ---------------------------------------------------------------------------
+#: Where the batch input / output PVCs are mounted in the head and worker pods.
+BATCH_INPUT_MOUNT_PATH = "/mnt/dsi-input"
+BATCH_OUTPUT_MOUNT_PATH = "/mnt/dsi-output"
+BATCH_INPUT_VOLUME = "dsi-input"
+BATCH_OUTPUT_VOLUME = "dsi-output"
+#: The job's arguments (JSON) in its runtime env; read by ``python -m dsi_worker.batch``.
+BATCH_ARGS_ENV = "DSI_BATCH_ARGS"
+#: The ConfigMap the job driver writes its progress to (name in this env var).
+BATCH_PROGRESS_ENV = "DSI_PROGRESS_CONFIGMAP"
+BATCH_NAMESPACE_ENV = "DSI_NAMESPACE"
+BATCH_ENTRYPOINT = "python -m dsi_worker.batch"
+
+
+def rayjob_name(name: str) -> str:
+    """Name of the RayJob rendered for DeepSpeedBatchInference ``name`` (the same name)."""
+    return name
+
+
+def batch_progress_name(name: str) -> str:
+    """The ConfigMap the job of batch ``name`` writes its progress to."""
+    return f"{name}-progress"
+
+
+def batch_account_name(name: str) -> str:
+    """ServiceAccount, Role and RoleBinding that let batch ``name``'s driver write progress."""
+    return f"{name}-batch"
+
+
+def batch_labels(name: str) -> dict[str, str]:
+    """The labels every child of batch ``name`` carries."""
+    return {LABEL_BATCH: name, LABEL_MANAGED_BY: MANAGED_BY}

@@ -693,8 +693,10 @@ RANKS_PER_POD_MESSAGE = (
 MAX_TOTAL_RANKS = 512
 
 
-class DeepSpeedInferenceSpec(_Model):
-    """Desired state: a model served by replicas groups of tensorParallelSize ranks each."""
+class ClusterSpec(_Model):
+    """The fields every kind that runs TP groups on a Ray cluster shares (the model, group
+    shape, images, resources, GPU prerequisites, head, env, pod settings and placement):
+    one definition, so serving and batch render their pods the same way."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -756,16 +758,6 @@ class DeepSpeedInferenceSpec(_Model):
         description="GPU resource name, placement and GPU Operator requirements.",
         json_schema_extra={"default": {}},
     )
-    serve: ServeSpec = Field(
-        default_factory=ServeSpec,
-        description="Ray Serve application settings.",
-        json_schema_extra={"default": {}},
-    )
-    restart_policy: RestartPolicySpec = Field(
-        default_factory=RestartPolicySpec,
-        description="Whole-group restart triggers, budget and backoff.",
-        json_schema_extra={"default": {}},
-    )
     head: HeadSpec = Field(
         default_factory=HeadSpec,
         description="The Ray head pod.",
@@ -796,11 +788,6 @@ class DeepSpeedInferenceSpec(_Model):
         description="Labels, annotations, service account and pull secrets for every pod.",
         json_schema_extra={"default": {}},
     )
-    network_policy: NetworkPolicySpec = Field(
-        default_factory=NetworkPolicySpec,
-        description="NetworkPolicies that fence each group's rank pods.",
-        json_schema_extra={"default": {}},
-    )
     placement: PlacementSpec = Field(
         default_factory=PlacementSpec,
         description="Group placement: one topology domain per group, groups spread across "
@@ -816,7 +803,7 @@ class DeepSpeedInferenceSpec(_Model):
     )
 
     @model_validator(mode="after")
-    def _bounded_size(self) -> DeepSpeedInferenceSpec:
+    def _bounded_size(self) -> ClusterSpec:
         if self.replicas * self.tensor_parallel_size > MAX_TOTAL_RANKS:
             raise ValueError(
                 f"replicas * tensorParallelSize must be at most {MAX_TOTAL_RANKS} "
@@ -849,6 +836,26 @@ class DeepSpeedInferenceSpec(_Model):
         assert self.model.pvc is not None  # guaranteed by ModelSpec's validator
         tail = self.model.pvc.path.rstrip("/").rsplit("/", 1)[-1]
         return tail or self.model.pvc.claim_name
+
+
+class DeepSpeedInferenceSpec(ClusterSpec):
+    """Desired state: a model served by replicas groups of tensorParallelSize ranks each."""
+
+    serve: ServeSpec = Field(
+        default_factory=ServeSpec,
+        description="Ray Serve application settings.",
+        json_schema_extra={"default": {}},
+    )
+    restart_policy: RestartPolicySpec = Field(
+        default_factory=RestartPolicySpec,
+        description="Whole-group restart triggers, budget and backoff.",
+        json_schema_extra={"default": {}},
+    )
+    network_policy: NetworkPolicySpec = Field(
+        default_factory=NetworkPolicySpec,
+        description="NetworkPolicies that fence each group's rank pods.",
+        json_schema_extra={"default": {}},
+    )
 
 
 # --- Status ----------------------------------------------------------------------------------

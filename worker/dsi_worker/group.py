@@ -104,6 +104,25 @@ def engine_kwargs(args: AppArgs, model_path: str) -> dict[str, Any]:
     }
 
 
+def rank_actor_options(args: AppArgs, group: int, rank: int, name: str) -> dict[str, Any]:
+    """Ray options of the actor of rank ``rank`` of group ``group`` (serving and the batch
+    job): named ``name`` in :data:`RANK_NAMESPACE`, pinned to its pod by
+    :func:`rank_resource`, a GPU when the rank wants one, and the env of its process."""
+    opts: dict[str, Any] = {
+        "name": name,
+        "namespace": RANK_NAMESPACE,
+        "resources": {rank_resource(group, rank): 1},
+        "num_cpus": 0,
+        "num_gpus": 1 if _rank_wants_gpu(args.device, group, rank) else 0,
+    }
+    if args.local_mode:
+        # Exactly what the operator puts into the pod's env.
+        opts["runtime_env"] = {"env_vars": rank_env(args, group, rank)}
+    elif args.ranks_per_pod > 1:
+        opts["runtime_env"] = {"env_vars": process_env(args, rank)}
+    return opts
+
+
 # mypy cannot see through Ray's decorators (``.options``/``.remote`` on decorated classes);
 # the ``type: ignore`` comments in this package are at that boundary only.
 @serve.deployment(
@@ -162,18 +181,7 @@ class Group:
         self.names = [f"dsi-g{group}-r{r}-{self.epoch}" for r in range(tp)]
         self.actors = []
         for r in range(tp):
-            opts: dict[str, Any] = {
-                "name": self.names[r],
-                "namespace": RANK_NAMESPACE,
-                "resources": {rank_resource(group, r): 1},
-                "num_cpus": 0,
-                "num_gpus": 1 if _rank_wants_gpu(self.args.device, group, r) else 0,
-            }
-            if self.args.local_mode:
-                # Exactly what the operator puts into the pod's env.
-                opts["runtime_env"] = {"env_vars": rank_env(self.args, group, r)}
-            elif self.args.ranks_per_pod > 1:
-                opts["runtime_env"] = {"env_vars": process_env(self.args, r)}
+            opts = rank_actor_options(self.args, group, r, self.names[r])
             self.actors.append(
                 RankActor.options(**opts).remote(engine_kwargs(self.args, self.model_path))  # type: ignore[attr-defined]
             )
