@@ -185,9 +185,10 @@ def formed_pods(
 
 
 def install_crd(kubectl: Any) -> None:
-    """Install the DeepSpeedInference CRD from crds/ (idempotent, server-side apply)."""
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    kubectl("wait", "--for=condition=Established", f"crd/{PLURAL}.{GROUP}", "--timeout=60s")
+    """Install the CRDs from crds/ (DeepSpeedInference and DeepSpeedBatchInference;
+    idempotent, server-side apply)."""
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE.parent))
+    kubectl("wait", "--for=condition=Established", "-f", str(CRD_FILE.parent), "--timeout=60s")
 
 
 @contextlib.contextmanager

@@ -119,6 +119,10 @@ def structural(schema: dict[str, Any], defs: dict[str, Any], *, nullable: bool) 
             out["anyOf"] = [structural(s, defs, nullable=nullable) for s in value]
         elif key == "const":
             out["enum"] = [value]  # OpenAPI v3.0 has no const
+        elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            # JSON Schema 2020's numeric bound is OpenAPI v3.0's bound plus a boolean flag.
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
         elif key == "additionalProperties":
             if value is False:
                 continue  # structural schemas prune unknown fields anyway
