@@ -46,6 +46,7 @@ import pytest
 import yaml
 from dsi_localcluster.harness import dsi_manifest, formed_pods, free_port, get_dsi, worker_pods
 from dsi_localcluster.wait import wait_for
+from test_batch_api import batch_manifest
 from test_helm import CHART, Helm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
@@ -352,6 +353,7 @@ def test_operator_runs_with_exactly_the_chart_permissions(
     token = kubectl("create", "token", sa, "-n", namespace, "--duration=3600s").stdout.strip()
     with operator_as(cluster, token, dep, namespace, tmp_path) as op:
         run_scenario(kube, namespace, "rbac", op.log_tail)
+        run_batch_scenario(kube, namespace, "rbac-batch", op.log_tail)
         # The chart's --metrics-port flag serves Prometheus metrics, restart counted.
         with urllib.request.urlopen(f"http://127.0.0.1:{op.metrics}/metrics", timeout=5) as r:
             text = r.read().decode()
@@ -562,3 +564,25 @@ def test_request_attributes(
 ) -> None:
     """The proxy's request -> RBAC attribute mapping the minimality check relies on."""
     assert request_attributes(method, path, query) == want
+
+
+def run_batch_scenario(kube: Any, namespace: str, name: str, log_tail: Callable[[], str]) -> None:
+    """A batch run: its children (RayJob, rendezvous Services, progress ConfigMap, Role,
+    RoleBinding, ServiceAccount) appear, and progress written into the ConfigMap reaches the
+    status (the operator reads the ConfigMap by name)."""
+    body = batch_manifest(name, tp=1, replicas=1)
+    kube.custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "deepspeedbatchinferences", body
+    )
+
+    def status() -> dict[str, Any]:
+        obj = kube.custom.get_namespaced_custom_object(
+            GROUP, VERSION, namespace, "deepspeedbatchinferences", name
+        )
+        return dict(obj.get("status") or {})
+
+    wait_for(lambda: status().get("observedGeneration"), 60, "batch status", dump=log_tail)
+    kube.core.patch_namespaced_config_map(
+        f"{name}-progress", namespace, {"data": {"rowsDone": "5", "rowsTotal": "10"}}
+    )
+    wait_for(lambda: status().get("progress") == "5/10 (50%)", 30, "batch progress", dump=log_tail)
