@@ -4,7 +4,6 @@ arguments, and the properties that keep batch pods apart from serving ones."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,9 @@ from dsi_operator.batch_spec import parse_batch_spec
 from dsi_operator.crd import dump_yaml
 from dsi_operator.render import render_children
 from dsi_operator.spec import parse_spec
+from test_render import check_golden
 
 GOLDEN = Path(__file__).parent / "golden" / "batch"
-UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 NAME, NS, UID = "sweep", "team-a", "uid-1"
 
 BASE: dict[str, Any] = {
@@ -55,12 +54,7 @@ def test_golden(case: str) -> None:
         "tests/unit/test_batch_render.py\n"
         + dump_yaml({"spec": CASES[case], "children": _render(CASES[case])})
     )
-    path = GOLDEN / f"{case}.yaml"
-    if UPDATE:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    assert path.exists(), f"{path} missing: run with UPDATE_GOLDEN=1"
-    assert path.read_text() == text, f"{path.name} differs: review, then UPDATE_GOLDEN=1"
+    check_golden(GOLDEN / f"{case}.yaml", text)
 
 
 def test_no_stale_golden_files() -> None:

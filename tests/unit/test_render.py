@@ -153,7 +153,11 @@ def test_golden(case: str) -> None:
         "tests/unit/test_render.py\n"
         + dump_yaml({"spec": CASES[case], "children": _render(CASES[case])})
     )
-    path = GOLDEN / f"{case}.yaml"
+    check_golden(GOLDEN / f"{case}.yaml", text)
+
+
+def check_golden(path: Path, text: str) -> None:
+    """``path`` holds ``text`` (with UPDATE_GOLDEN=1: write it first)."""
     if UPDATE:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
