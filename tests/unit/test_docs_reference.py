@@ -39,6 +39,14 @@ def test_reference_is_current() -> None:
     assert have == want, "docs/reference.md is stale: run `python docs/gen_reference.py`"
 
 
+def test_batch_reference_is_current() -> None:
+    mod = gen()
+    want = mod.render(mod.load_crd(mod.BATCH_CRD_PATH))
+    have = (ROOT / "docs" / "reference-batch.md").read_text(encoding="utf-8")
+    assert have == want, "docs/reference-batch.md is stale: run `python docs/gen_reference.py`"
+    assert "`kubectl get dsbi`" in have and "| `spec.input.path` |" in have
+
+
 def test_reference_lists_every_spec_and_status_field_with_a_description() -> None:
     crd = yaml.safe_load(CRD.read_text())
     (version,) = crd["spec"]["versions"]
@@ -57,9 +65,10 @@ def test_check_mode_detects_a_stale_page(tmp_path: Path) -> None:
     mod = gen()
     out = tmp_path / "reference.md"
     out.write_text("stale\n")
-    assert mod.main(["--check", "--out", str(out)]) == 1
-    assert mod.main(["--out", str(out)]) == 0
-    assert mod.main(["--check", "--out", str(out)]) == 0
+    mod.PAGES = ((mod.CRD_PATH, out), (mod.BATCH_CRD_PATH, tmp_path / "reference-batch.md"))
+    assert mod.main(["--check"]) == 1
+    assert mod.main([]) == 0
+    assert mod.main(["--check"]) == 0
 
 
 def test_docs_relative_links_resolve() -> None:
