@@ -79,6 +79,12 @@ def _strict(node: Any) -> Any:
         out.pop("type", None)
         out.pop("format", None)
         out.update(copy.deepcopy(_INT_OR_STRING))
+    # OpenAPI v3.0's exclusive bound is the plain bound plus a boolean; draft-07's is a number.
+    for flag, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if out.get(flag) is True and bound in out:
+            out[flag] = out.pop(bound)
+        elif out.get(flag) is False:
+            del out[flag]
     if out.pop("nullable", False) and isinstance(out.get("type"), str):
         out["type"] = [out["type"], "null"]
     open_ended = out.get("x-kubernetes-preserve-unknown-fields") or out.get(

@@ -172,6 +172,11 @@ def render_rayjob(name: str, namespace: str, uid: str, s: DeepSpeedBatchInferenc
     ]
     workers = worker_group_specs(view, name, namespace)
     spec: dict[str, Any] = {
+        # KubeRay submits the job to the head's dashboard itself. The default (a submitter
+        # Job) would add a pod KubeRay renders without the head's node selector,
+        # tolerations or security context: on tainted GPU pools or in a restricted
+        # namespace it would never run.
+        "submissionMode": "HTTPMode",
         "entrypoint": L.BATCH_ENTRYPOINT,
         "runtimeEnvYAML": yaml.safe_dump(runtime_env(s, name, namespace), sort_keys=True),
         "shutdownAfterJobFinishes": True,

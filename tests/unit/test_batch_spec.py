@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
+import yaml
 from dsi_operator import crd
 from dsi_operator.batch_controller import validation_message
 from dsi_operator.batch_spec import DeepSpeedBatchInferenceSpec, parse_batch_spec
@@ -85,3 +87,23 @@ def test_numeric_exclusive_bounds_become_openapi_v3() -> None:
         "properties"
     ]["topP"]
     assert (top_p["minimum"], top_p["exclusiveMinimum"]) == (0.0, True)
+
+
+BATCH_EXAMPLES = sorted(
+    p
+    for p in (ROOT / "examples").glob("*.yaml")
+    if yaml.safe_load(p.read_text()).get("kind") == "DeepSpeedBatchInference"
+)
+
+
+def test_there_is_a_batch_example() -> None:
+    assert [p.name for p in BATCH_EXAMPLES] == ["tiny-batch-local.yaml"]
+
+
+@pytest.mark.parametrize("path", BATCH_EXAMPLES, ids=lambda p: p.name)
+def test_batch_examples_parse_and_match_the_crd(path: Path) -> None:
+    doc = yaml.safe_load(path.read_text())
+    spec = parse_batch_spec(doc["spec"])
+    assert spec.model_dump(mode="json", by_alias=True, exclude_unset=True) == doc["spec"]
+    # OpenAPI v3.0 (boolean exclusiveMinimum) is JSON Schema draft 4 in this respect.
+    jsonschema.Draft4Validator(crd.batch_openapi_schema()).validate(doc)

@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import yaml
 from dsi_localcluster import build, config, jsonschemas, linters
+from dsi_operator import labels as L
+from dsi_operator.batch_render import render_batch_body
 from dsi_operator.render import render_body
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,12 +59,13 @@ def helm_template(*args: str) -> str:
 
 
 def rendered_rayservices() -> list[dict[str, Any]]:
-    """What the operator creates for each example DeepSpeedInference."""
+    """What the operator creates for each example (DeepSpeedInference: the RayService and
+    Services first; DeepSpeedBatchInference: its RayJob, Services, ConfigMap and RBAC)."""
     out: list[dict[str, Any]] = []
     for path in EXAMPLES:
         body = yaml.safe_load(path.read_text(encoding="utf-8"))
         body["metadata"].update(namespace="dsi-demo", uid="00000000-0000-0000-0000-000000000001")
-        out += render_body(body)
+        out += render_batch_body(body) if body["kind"] == L.BATCH_KIND else render_body(body)
     return out
 
 

@@ -22,7 +22,11 @@ from dsi_operator.spec import (
 from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+EXAMPLES = sorted(
+    p
+    for p in (ROOT / "examples").glob("*.yaml")
+    if yaml.safe_load(p.read_text()).get("kind") == "DeepSpeedInference"
+)
 MINIMAL: dict[str, Any] = {
     "model": {"name": "facebook/opt-66b", "dtype": "float16"},
     "tensorParallelSize": 4,
