@@ -36,10 +36,11 @@ class Samples:
         self.points: list[tuple[float, int, int]] = []
 
     def report(self, progress: Progress, final: bool = False) -> None:
+        """Keep the sample."""
         self.points.append((time.monotonic(), progress.rows_done, progress.groups_alive))
 
     def close(self) -> None:
-        pass
+        """Nothing to flush."""
 
     def steady_rate(self, groups: int) -> float:
         """Rows/s from the first report with every group formed to the last report."""

@@ -31,6 +31,8 @@ pytestmark = pytest.mark.worker
 
 TP = 2
 MAX_TOKENS = 4
+#: max_model_len of the Parquet test: some of its prompts fill it, some nearly.
+CONTEXT = 12
 WORDS = "the quick brown fox jumps over lazy dog ray serves deepspeed groups of ranks".split()
 
 
@@ -210,7 +212,7 @@ def test_a_rerun_redoes_only_the_missing_shard(
     assert (out / "_SUCCESS").exists()
 
 
-def test_parquet_in_and_out_with_an_id_column(
+def test_parquet_in_and_out_with_an_id_column_and_a_short_context(
     ray_address: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     import pyarrow as pa
@@ -228,6 +230,7 @@ def test_parquet_in_and_out_with_an_id_column(
         tmp_path / "out",
         num_groups=1,
         rows_per_shard=100,
+        max_model_len=CONTEXT,
         input={"path": str(tmp_path / "in"), "format": "parquet", "prompt_column": "text",
                "id_column": "uid"},
         output={"path": str(tmp_path / "out"), "format": "parquet"},
@@ -237,6 +240,16 @@ def test_parquet_in_and_out_with_an_id_column(
     rows = assert_exactly_once(tmp_path / "out", list(range(240)), 3)
     assert all(isinstance(r["id"], int) for r in rows)
     assert {r["id"]: r["prompt"] for r in rows} == dict(enumerate(texts))
+    # A prompt that fills the context is answered without generating; one close to it
+    # gets the tokens that fit.
+    full = [r for r in rows if r["prompt_tokens"] >= CONTEXT]
+    assert full and all(
+        (r["text"], r["finish_reason"], r["completion_tokens"])
+        == ("", "context_length_exceeded", 0)
+        for r in full
+    )
+    near = [r for r in rows if CONTEXT - MAX_TOKENS < r["prompt_tokens"] < CONTEXT]
+    assert near and all(r["completion_tokens"] <= CONTEXT - r["prompt_tokens"] for r in near)
     schema = pq.read_schema(tmp_path / "out" / "part-00000.parquet")
     assert schema.names == ["id", "prompt", "text", "finish_reason", "prompt_tokens",
                             "completion_tokens"]  # fmt: skip

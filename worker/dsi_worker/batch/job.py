@@ -24,6 +24,11 @@ it (a failed epoch's batches are requeued and its late answers never looked at);
 file is written whole from its rows in file order and renamed, then marked done. A rerun
 skips marked shards whose file exists and rewrites every other shard from scratch, after
 deleting the temporary files a killed run left behind.
+
+Rows are tokenized and decoded here, as the serving ingress does (``add_special_tokens``,
+``skip_special_tokens``). A row whose prompt alone fills the model's context is not sent to
+a group: it is written with empty text and finish_reason ``context_length_exceeded``; a
+row whose prompt plus ``max_tokens`` overflows it gets as many tokens as fit.
 """
 
 from __future__ import annotations

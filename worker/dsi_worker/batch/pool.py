@@ -54,8 +54,6 @@ class Work:
     shard: int
     index: int
     requests: list[GenRequest]
-    #: Times a group failed while running it.
-    tries: int = 0
 
 
 @dataclass(frozen=True)
@@ -210,7 +208,6 @@ class GroupPool:
     def _fail(self, s: _Slot, why: str, queue: deque[Work]) -> None:
         """Group ``s`` failed: requeue its batches, kill its ranks, replace or retire it."""
         for r in reversed(s.running):
-            r.work.tries += 1
             queue.appendleft(r.work)
         requeued, old = len(s.running), s.epoch
         s.running, s.start_refs = [], []
