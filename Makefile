@@ -23,7 +23,7 @@ help:
 	@echo "make operator       run the operator in the foreground against \$$KUBECONFIG"
 	@echo "make serve-local    run the worker's Ray Serve app on this machine (tiny model)"
 	@echo "make generate       regenerate crds/, the chart's CRD copy and docs/reference.md"
-	@echo "make bench          run the benchmarks in bench/"
+	@echo "make bench          run the benchmarks in bench/, write docs/performance.md"
 
 # uv installs from its cache in seconds once torch's multi-GB wheels were fetched once;
 # the cache lives outside the repo (~/.cache/uv), so fresh clones reuse it.
@@ -82,8 +82,15 @@ serve-local: venv
 run: cluster-up
 	$(PY) -m dsi_localcluster.run $(ARGS)
 
+# Each benchmark writes its figures to bench/results/<name>.json (git-ignored, cleared first so
+# that the page shows this run only); bench/report.py renders docs/performance.md and its plots.
+# A failing benchmark stops the target before the page is written.
+BENCH_RESULTS := bench/results
+
 bench: binaries
-	$(PY) bench/bench_operator.py
-	$(PY) bench/bench_side_by_side.py
-	$(PY) bench/bench_worker.py
-	$(PY) bench/bench_ranks_per_pod.py
+	rm -f $(BENCH_RESULTS)/*.json
+	$(PY) bench/bench_operator.py --json $(BENCH_RESULTS)/bench_operator.json
+	$(PY) bench/bench_side_by_side.py --json $(BENCH_RESULTS)/bench_side_by_side.json
+	$(PY) bench/bench_worker.py --json $(BENCH_RESULTS)/bench_worker.json
+	$(PY) bench/bench_ranks_per_pod.py --json $(BENCH_RESULTS)/bench_ranks_per_pod.json
+	$(PY) bench/report.py --results $(BENCH_RESULTS)

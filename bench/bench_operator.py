@@ -46,6 +46,7 @@ from dsi_localcluster.harness import (
 )
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
+from report import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -297,6 +298,18 @@ def _idle_rows(b: Bench, size: int) -> list[Row]:
     return [(metric, unit, size, v, v) for metric, unit, v in figures]
 
 
+def operator_result(rows: list[Row], args: argparse.Namespace) -> dict[str, Any]:
+    """The printed rows and this run's settings, as ``--json`` writes them."""
+    keys = ("metric", "unit", "n", "median", "p99")
+    return {
+        "bench": "bench_operator",
+        "settings": {
+            k: getattr(args, k) for k in ("sizes", "rss_sizes", "failures", "idle_seconds")
+        },
+        "rows": [dict(zip(keys, row, strict=True)) for row in rows],
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1,100")
@@ -304,6 +317,7 @@ def main() -> int:
     ap.add_argument("--failures", type=int, default=10)
     ap.add_argument("--idle-seconds", type=float, default=60)
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     args = ap.parse_args()
 
     cfg = lcconfig.ClusterConfig.from_env()
@@ -340,6 +354,7 @@ def main() -> int:
     for metric, unit, n, med, p99 in rows:
         print(f"{metric:<48} {unit:>8} {n:>5} {med:>10.3f} {p99:>10.3f}")
     print(f"\noperator log: {log}")
+    write_json(args.json, operator_result(rows, args))
     return 0
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch.multiprocessing as mp
 from dsi_localcluster.testing import free_port
+from report import write_json
 
 SIZES: dict[str, dict[str, int]] = {
     # The test model: all-reduce latency dominates.
@@ -120,6 +121,21 @@ def run_layout(layout: str, path: str, args: dict[str, Any]) -> list[dict[str, A
     return [results[r] for r in range(n)]
 
 
+def layout_row(size: str, layout: str, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One table row from the ranks' figures: rank 0's rates and load time, the largest RSS."""
+    r0 = ranks[0]
+    return {
+        "model": size,
+        "layout": layout,
+        "allreduce": r0["allreduce"],
+        "tok_s_b1": r0["tok_s_b1"],
+        "tok_s_b8": r0["tok_s_b8"],
+        "load_s": r0["load_s"],
+        "rss_mib": max(r["rss_loaded"] for r in ranks),
+        "peak_mib": max(r["rss_peak"] for r in ranks),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every layout for every size and print the table."""
     from dsi_worker import tiny_model
@@ -129,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--models", default=str(Path.home() / ".cache" / "dsi-bench-models"))
+    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     ns = ap.parse_args(argv)
     args = {"runs": ns.runs, "tokens": ns.tokens}
     print(f"{os.cpu_count()} CPUs; one torch thread per rank; {ns.runs} runs, {ns.tokens} tokens")
@@ -137,19 +154,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{'load s':>7} {'RSS MiB/rank':>13} {'peak MiB/rank':>14}"
     )
     print(head)
+    rows: list[dict[str, Any]] = []
     for size in ns.sizes.split(","):
         kw = {**SIZES[size], **({"weight_scale": 1.0} if SIZES[size] else {})}
         path = str(tiny_model.build(Path(ns.models) / size, **kw))
         for layout in LAYOUTS:
-            ranks = run_layout(layout, path, args)
-            r0 = ranks[0]
-            rss = max(r["rss_loaded"] for r in ranks)
-            peak = max(r["rss_peak"] for r in ranks)
+            r = layout_row(size, layout, run_layout(layout, path, args))
+            rows.append(r)
             print(
-                f"{size:6} {layout:13} {r0['allreduce']:13} {r0['tok_s_b1']:9.1f} "
-                f"{r0['tok_s_b8']:9.1f} {r0['load_s']:7.1f} {rss:13.0f} {peak:14.0f}"
+                f"{size:6} {layout:13} {r['allreduce']:13} {r['tok_s_b1']:9.1f} "
+                f"{r['tok_s_b8']:9.1f} {r['load_s']:7.1f} {r['rss_mib']:13.0f} "
+                f"{r['peak_mib']:14.0f}"
             )
         sys.stdout.flush()
+    write_json(ns.json, {"bench": "bench_ranks_per_pod", "settings": args, "rows": rows})
     return 0
 
 

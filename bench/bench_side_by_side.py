@@ -33,6 +33,7 @@ from dsi_localcluster import config as lcconfig
 from dsi_localcluster.harness import GROUP, PLURAL, VERSION, OperatorProcess, install_crd
 from dsi_operator.render import render_body
 from kubernetes import client, config, watch
+from report import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,12 +95,38 @@ def timed(
     return [seen.seen[n] - starts[n] for n in names]
 
 
+def side_by_side_result(
+    rows: list[tuple[int, list[float], list[float]]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Median and p99 of each side per size (``rows``: size, ours, KubeRay seconds), the
+    ratios ours / KubeRay, and this run's settings, as ``--json`` writes them."""
+
+    def side(xs: list[float]) -> dict[str, float]:
+        return {"median_s": statistics.median(xs), "p99_s": pct(xs, 99)}
+
+    out = []
+    for size, o, k in rows:
+        ours, kuberay = side(o), side(k)
+        out.append(
+            {
+                "size": size,
+                "ours": ours,
+                "kuberay": kuberay,
+                "ratio_median": ours["median_s"] / kuberay["median_s"],
+                "ratio_p99": ours["p99_s"] / kuberay["p99_s"],
+            }
+        )
+    settings = {"samples": args.samples, "burst": args.burst}
+    return {"bench": "bench_side_by_side", "settings": settings, "rows": out}
+
+
 def main() -> int:
     """Run both sides; print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--burst", type=int, default=100)
     ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     args = ap.parse_args()
     cfg = lcconfig.ClusterConfig.from_env()
     if not lc.is_up(cfg):
@@ -151,6 +178,7 @@ def main() -> int:
             print(f"{size:>5} {side:<34} {statistics.median(xs):9.3f} {pct(xs, 99):9.3f}")
         ratio = (statistics.median(o) / statistics.median(k), pct(o, 99) / pct(k, 99))
         print(f"{size:>5} {'ratio ours / KubeRay':<34} {ratio[0]:9.2f} {ratio[1]:9.2f}")
+    write_json(args.json, side_by_side_result(rows, args))
     return 0
 
 

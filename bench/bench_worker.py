@@ -30,6 +30,7 @@ from dsi_localcluster.testing import free_port
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from report import write_json
 
 # -- the bare Serve path ------------------------------------------------------------------
 # Defined in this script (pickled by value): HTTP -> FastAPI ingress -> one deployment ->
@@ -178,23 +179,40 @@ def _ms(xs: list[float]) -> tuple[float, float]:
     return statistics.median(xs) * 1000, _pct(xs, 99) * 1000
 
 
-def _overhead_table(single: list[list[float]]) -> None:
-    """The direct engine call, our path and the bare Serve paths (``single``: direct, ours,
-    bare 1 actor, bare 2 actors), and our overhead over the direct call as a multiple of the
-    same-shape bare path (TP=1: one rank actor, so the 1-actor bare path)."""
-    (d50, d99), (h50, h99) = _ms(single[0]), _ms(single[1])
-    (b50, b99), (c50, c99) = _ms(single[2]), _ms(single[3])
-    _table(
-        f"HTTP path overhead (one request at a time, {len(single[0])} runs, interleaved)",
-        ["path", "p50 ms", "p99 ms"],
-        [
-            ["direct engine.generate", f"{d50:.1f}", f"{d99:.1f}"],
-            ["HTTP -> ingress -> group -> rank (TP=1)", f"{h50:.1f}", f"{h99:.1f}"],
-            ["overhead (ours - direct)", f"{h50 - d50:.1f}", ""],
-            ["bare Serve: HTTP -> ingress -> deployment -> 1 actor", f"{b50:.1f}", f"{b99:.1f}"],
-            ["bare Serve: HTTP -> ingress -> deployment -> 2 actors", f"{c50:.1f}", f"{c99:.1f}"],
-            ["ratio overhead / bare (1 actor)", f"{(h50 - d50) / b50:.2f}x", ""],
+OVERHEAD_PATHS = (
+    "direct engine.generate",
+    "HTTP -> ingress -> group -> rank (TP=1)",
+    "bare Serve: HTTP -> ingress -> deployment -> 1 actor",
+    "bare Serve: HTTP -> ingress -> deployment -> 2 actors",
+)
+
+
+def overhead_result(single: list[list[float]]) -> dict[str, Any]:
+    """p50 and p99 of each path in ``single`` (direct, ours, bare 1 actor, bare 2 actors), and
+    our overhead over the direct call, in ms and as a multiple of the same-shape bare path
+    (TP=1: one rank actor, so the 1-actor bare path)."""
+    ms = [_ms(xs) for xs in single]
+    overhead = ms[1][0] - ms[0][0]
+    return {
+        "runs": len(single[0]),
+        "paths": [
+            {"path": name, "p50_ms": p50, "p99_ms": p99}
+            for name, (p50, p99) in zip(OVERHEAD_PATHS, ms, strict=True)
         ],
+        "overhead_ms": overhead,
+        "ratio_overhead_bare": overhead / ms[2][0],
+    }
+
+
+def _overhead_table(o: dict[str, Any]) -> None:
+    """The table of ``overhead_result``."""
+    rows = [[p["path"], f"{p['p50_ms']:.1f}", f"{p['p99_ms']:.1f}"] for p in o["paths"]]
+    rows.insert(2, ["overhead (ours - direct)", f"{o['overhead_ms']:.1f}", ""])
+    rows.append(["ratio overhead / bare (1 actor)", f"{o['ratio_overhead_bare']:.2f}x", ""])
+    _table(
+        f"HTTP path overhead (one request at a time, {o['runs']} runs, interleaved)",
+        ["path", "p50 ms", "p99 ms"],
+        rows,
     )
 
 
@@ -211,24 +229,61 @@ def _direct(model: str, max_tokens: int) -> Callable[[], Any]:
     return lambda: eng.generate([req])
 
 
-def _throughput_table(results: dict[tuple[int, bool], dict[str, float]]) -> None:
-    """The table of ``_load`` results per (concurrency, batching)."""
+def throughput_rows(results: dict[tuple[int, bool], dict[str, float]]) -> list[dict[str, Any]]:
+    """``_load`` results per (concurrency, batching) as rows: by concurrency, batching first."""
+    return [
+        {"concurrency": c, "batching": b, **r}
+        for (c, b), r in sorted(results.items(), key=lambda kv: (kv[0][0], not kv[0][1]))
+    ]
+
+
+def _throughput_table(rows: list[dict[str, Any]]) -> None:
+    """The table of ``throughput_rows``."""
     _table(
         "Throughput via HTTP /generate, TP=1, 1 group",
         ["concurrency", "batching", "req/s", "tok/s", "p50 ms", "p99 ms", "median batch"],
         [
             [
-                str(c),
-                "on (max 32)" if b else "off (max 1)",
+                str(r["concurrency"]),
+                "on (max 32)" if r["batching"] else "off (max 1)",
                 f"{r['req_s']:.1f}",
                 f"{r['tok_s']:.1f}",
                 f"{r['p50_ms']:.0f}",
                 f"{r['p99_ms']:.0f}",
                 f"{r['batch']:.0f}",
             ]
-            for (c, b), r in sorted(results.items(), key=lambda kv: (kv[0][0], not kv[0][1]))
+            for r in rows
         ],
     )
+
+
+def _tp_table(rows: list[dict[str, Any]]) -> None:
+    """The table of ``tp_row``s."""
+    _table(
+        "TP=2 vs TP=1 on CPU (gloo), batching on",
+        ["concurrency", "TP=1 tok/s", "TP=2 tok/s", "TP=1 p50 ms", "TP=2 p50 ms"],
+        [
+            [str(r["concurrency"]), f"{r['tp1_tok_s']:.1f}", f"{r['tp2_tok_s']:.1f}"]
+            + [f"{r['tp1_p50_ms']:.0f}", f"{r['tp2_p50_ms']:.0f}"]
+            for r in rows
+        ],
+    )
+
+
+def worker_result(
+    settings: dict[str, Any],
+    results: dict[tuple[int, bool], dict[str, float]],
+    single: list[list[float]],
+    tp: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """All of this run's figures, as ``--json`` writes them."""
+    return {
+        "bench": "bench_worker",
+        "settings": settings,
+        "throughput": throughput_rows(results),
+        "overhead": overhead_result(single),
+        "tp": tp,
+    }
 
 
 def main() -> None:
@@ -238,6 +293,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="fewer requests")
     ap.add_argument("--overhead-only", action="store_true", help="only the HTTP overhead table")
+    ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     ns = ap.parse_args()
 
     from dsi_worker.engine import resolve_model_path
@@ -263,7 +319,7 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     results: dict[tuple[int, bool], dict[str, float]] = {}
     single: list[list[float]] = []
-    tp_rows: list[list[str]] = []
+    tp_rows: list[dict[str, Any]] = []
     try:
         bare_paths = [_deploy_bare(1), _deploy_bare(2)]
         for batching in (True,) if ns.overhead_only else (True, False):
@@ -286,14 +342,23 @@ def main() -> None:
 
     print(f"\nmodel={model} max_tokens={ns.max_tokens} (medians of one run)")
     if results:
-        _throughput_table(results)
-    _overhead_table(single)
+        _throughput_table(throughput_rows(results))
+    _overhead_table(overhead_result(single))
     if tp_rows:
-        _table(
-            "TP=2 vs TP=1 on CPU (gloo), batching on",
-            ["concurrency", "TP=1 tok/s", "TP=2 tok/s", "TP=1 p50 ms", "TP=2 p50 ms"],
-            tp_rows,
-        )
+        _tp_table(tp_rows)
+    settings = {"model": model, "max_tokens": ns.max_tokens, "quick": ns.quick}
+    write_json(ns.json, worker_result(settings, results, single, tp_rows))
+
+
+def tp_row(concurrency: int, tp1: dict[str, float], tp2: dict[str, float]) -> dict[str, Any]:
+    """TP=2's tok/s and p50 next to TP=1's at one concurrency (``_load`` results)."""
+    return {
+        "concurrency": concurrency,
+        "tp1_tok_s": tp1["tok_s"],
+        "tp2_tok_s": tp2["tok_s"],
+        "tp1_p50_ms": tp1["p50_ms"],
+        "tp2_p50_ms": tp2["p50_ms"],
+    }
 
 
 def _tp_rows(
@@ -302,23 +367,14 @@ def _tp_rows(
     results: dict[tuple[int, bool], dict[str, float]],
     n_for: Callable[[int], int],
     max_tokens: int,
-) -> list[list[str]]:
+) -> list[dict[str, Any]]:
     """Deploy TP=2 and put its tok/s and p50 next to TP=1's (from ``results``)."""
     url = _deploy({**base, "tensor_parallel_size": 2, "max_batch_size": 32}, port)
     asyncio.run(_load(url, 1, 4, max_tokens))
     rows = []
     for c in (1, 8):
         r2 = asyncio.run(_load(url, c, n_for(c), max_tokens))
-        r1 = results[(c, True)]
-        rows.append(
-            [
-                str(c),
-                f"{r1['tok_s']:.1f}",
-                f"{r2['tok_s']:.1f}",
-                f"{r1['p50_ms']:.0f}",
-                f"{r2['p50_ms']:.0f}",
-            ]
-        )
+        rows.append(tp_row(c, results[(c, True)], r2))
     _undeploy()
     return rows
 
