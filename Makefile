@@ -93,4 +93,6 @@ bench: binaries
 	$(PY) bench/bench_side_by_side.py --json $(BENCH_RESULTS)/bench_side_by_side.json
 	$(PY) bench/bench_worker.py --json $(BENCH_RESULTS)/bench_worker.json
 	$(PY) bench/bench_ranks_per_pod.py --json $(BENCH_RESULTS)/bench_ranks_per_pod.json
+	$(PY) bench/bench_batch.py
+	$(PY) bench/bench_sharded_load.py
 	$(PY) bench/report.py --results $(BENCH_RESULTS)

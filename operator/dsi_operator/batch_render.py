@@ -26,6 +26,7 @@ from .render import (
     Manifest,
     head_group_spec,
     model_location,
+    raylet_probe,
     render_master_service,
     worker_group_specs,
 )
@@ -148,6 +149,11 @@ def _batch_pod(
                 g = int(meta["labels"][L.LABEL_GROUP])
                 var["value"] = f"{rendezvous_service_name(name, g)}.{namespace}.svc.cluster.local"
     pod["serviceAccountName"] = s.pod_template.service_account_name or L.batch_account_name(name)
+    if L.LABEL_GROUP in meta["labels"]:
+        # Ready = raylet up (KubeRay's own worker probe), not serving's "rank formed": KubeRay
+        # submits the job only once every pod is Ready, and the ranks form inside the job.
+        for c in pod["containers"]:
+            c["readinessProbe"] = raylet_probe(initial_delay=10, failure_threshold=10)
     return group
 
 

@@ -159,3 +159,13 @@ def test_retry_budget_and_cleanup_reach_the_rayjob() -> None:
     assert spec["spec"]["shutdownAfterJobFinishes"] is True
     assert spec["spec"]["ttlSecondsAfterFinished"] == 60
     assert spec["spec"]["entrypoint"] == "python -m dsi_worker.batch"
+
+
+def test_rank_pods_are_ready_when_their_raylet_is() -> None:
+    """KubeRay submits a RayJob only once every pod is Ready, and a batch group forms inside
+    the job: serving's "rank formed" readiness would never turn true."""
+    rayjob = _render(BASE)[-1]
+    for w in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        probe = w["template"]["spec"]["containers"][0]["readinessProbe"]
+        command = " ".join(probe["exec"]["command"])
+        assert "local_raylet_healthz" in command and "flock" not in command
