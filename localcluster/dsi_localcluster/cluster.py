@@ -27,6 +27,7 @@ from typing import Any
 
 from . import build, config, manifests, pki, procnodes
 from .build import log
+from .kubelet import netns
 
 
 class ClusterError(RuntimeError):
@@ -143,7 +144,11 @@ def _api_args(cfg: config.ClusterConfig, paths: Paths, bins: dict[str, Path]) ->
     return [
         str(bins["kube-apiserver"]),
         f"--etcd-servers={etcd_url}",
-        f"--bind-address={h}",
+        # Every address, so pods on process nodes reach it through their gateway (the
+        # bridge's host address, in the serving certificate): in-cluster clients such as a
+        # batch job's driver work as in a real cluster. Clients still need a certificate or
+        # token (--anonymous-auth=false).
+        "--bind-address=0.0.0.0",
         f"--advertise-address={h}",
         f"--secure-port={p['kube-apiserver']}",
         f"--tls-cert-file={pk / 'apiserver.crt'}",
@@ -699,7 +704,7 @@ def _start_fresh(cfg: config.ClusterConfig, paths: Paths, bins: dict[str, Path])
     (paths.root / ".gitignore").write_text("*\n")
     # Written first: status checks of a starting cluster must use its ports.
     paths.info.write_text(json.dumps(_info(cfg), indent=2) + "\n")
-    pki.generate(paths.pki, config.SERVICE_CIDR, config.HOST)
+    pki.generate(paths.pki, config.SERVICE_CIDR, config.HOST, extra_ips=[netns.gateway()])
     paths.kubeconfig.write_text(pki.kubeconfig(paths.pki, cfg.server_url))
     paths.kubeconfig.chmod(0o600)
     stages = manifests.kwok_stages(build.KWOK.dir(cfg.cache_dir) / "stages")

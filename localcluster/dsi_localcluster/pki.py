@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import ipaddress
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -113,8 +114,9 @@ def service_ip(cidr: str) -> str:
     return str(net.network_address + 1)
 
 
-def generate(pki_dir: Path, service_cidr: str, host: str) -> None:
-    """Write ca, apiserver serving, admin client and service-account keys into pki_dir."""
+def generate(pki_dir: Path, service_cidr: str, host: str, extra_ips: Sequence[str] = ()) -> None:
+    """Write ca, apiserver serving, admin client and service-account keys into pki_dir;
+    ``extra_ips`` are further addresses the API server is reached at (the pods' gateway)."""
     pki_dir.mkdir(parents=True, exist_ok=True)
     ca_key = _key()
     ca = _issue(_name("dsi-localcluster-ca"), ca_key, None, ca_key, is_ca=True)
@@ -122,6 +124,7 @@ def generate(pki_dir: Path, service_cidr: str, host: str) -> None:
 
     sans = [
         host,
+        *extra_ips,
         "localhost",
         service_ip(service_cidr),
         "kubernetes",

@@ -249,6 +249,12 @@ class DeepSpeedBatchInferenceStatus(BaseModel):
     )
     shards_done: int | None = Field(default=None, ge=0, description="Output part files written.")
     shards_total: int | None = Field(default=None, ge=0, description="Output part files in all.")
+    group_restarts: int | None = Field(
+        default=None,
+        ge=0,
+        description="TP groups the job replaced whole after a rank failed (this run; the "
+        "budget is spec.restartPolicy.maxGroupRestarts).",
+    )
     job_id: str | None = Field(default=None, description="The Ray job's submission id.")
     job_status: str | None = Field(
         default=None, description="The Ray job's status (PENDING, RUNNING, SUCCEEDED, ...)."

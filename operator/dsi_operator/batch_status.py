@@ -73,6 +73,7 @@ def progress_fields(data: Mapping[str, str] | None) -> dict[str, Any]:
         "groupsAlive": _int(data, "groupsAlive"),
         "shardsDone": _int(data, "shardsDone"),
         "shardsTotal": _int(data, "shardsTotal"),
+        "groupRestarts": _int(data, "groupRestarts"),
         "progressUpdatedAt": data.get("updatedAt") or None,
     }
     if done is not None:
@@ -196,6 +197,7 @@ _PROGRESS_KEYS = (
     "groupsAlive",
     "shardsDone",
     "shardsTotal",
+    "groupRestarts",
     "progressUpdatedAt",
 )
 _DONE = {BatchPhase.Succeeded.value, BatchPhase.Failed.value}

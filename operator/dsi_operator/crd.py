@@ -316,6 +316,13 @@ BATCH_PRINTER_COLUMNS: list[dict[str, Any]] = [
         "description": "Ranks per group",
     },
     {
+        "name": "Group-Restarts",
+        "type": "integer",
+        "jsonPath": ".status.groupRestarts",
+        "description": "TP groups replaced after a rank failed",
+        "priority": 1,
+    },
+    {
         "name": "Retries",
         "type": "integer",
         "jsonPath": ".status.failedAttempts",

@@ -82,12 +82,14 @@ def test_worker_progress_round_trips() -> None:
             groups_alive=2,
             shards_done=1,
             shards_total=3,
+            group_restarts=1,
         ),
         NOW,
     )
     got = progress_fields(data)
     assert got["progress"] == "7/20 (35%)"
     assert (got["groupsAlive"], got["shardsDone"], got["shardsTotal"]) == (2, 1, 3)
+    assert got["groupRestarts"] == 1
     assert got["progressUpdatedAt"] == "2026-12-05T10:00:00Z"
 
 

@@ -207,14 +207,15 @@ def test_down_without_cluster_removes_state(tmp_path: Path) -> None:
 def test_pki_and_kubeconfig(tmp_path: Path) -> None:
     from cryptography import x509
 
-    pki.generate(tmp_path, "10.96.0.0/16", "127.0.0.1")
+    pki.generate(tmp_path, "10.96.0.0/16", "127.0.0.1", extra_ips=["198.18.0.1"])
     admin = x509.load_pem_x509_certificate((tmp_path / "admin.crt").read_bytes())
     assert "O=system:masters" in admin.subject.rfc4514_string()
     serving = x509.load_pem_x509_certificate((tmp_path / "apiserver.crt").read_bytes())
     sans = serving.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "kubernetes.default.svc" in sans.get_values_for_type(x509.DNSName)
     ips = {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
-    assert {"127.0.0.1", "10.96.0.1"} <= ips
+    # 198.18.0.1: the process-node pods' gateway, where in-cluster clients reach the server.
+    assert {"127.0.0.1", "10.96.0.1", "198.18.0.1"} <= ips
     kc = yaml.safe_load(pki.kubeconfig(tmp_path, "https://127.0.0.1:16443"))
     assert kc["clusters"][0]["cluster"]["server"] == "https://127.0.0.1:16443"
     assert kc["users"][0]["user"]["client-certificate-data"]

@@ -285,6 +285,7 @@ def test_configmap_data_is_strings_under_the_contract_keys() -> None:
         "groupsAlive": "2",
         "shardsDone": "3",
         "shardsTotal": "5",
+        "groupRestarts": "0",
         "updatedAt": "2026-01-02T03:04:05Z",
     }
 
@@ -319,6 +320,7 @@ def test_the_log_reporter_prints_at_most_every_2s_and_always_the_last() -> None:
         "groups_alive": 2,
         "shards_done": 3,
         "shards_total": 5,
+        "group_restarts": 0,
     }
 
 

@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +159,19 @@ class NodeAgent:
         status.update(podIP=net.ip, podIPs=[{"ip": net.ip}], hostIP=self.host_ip)
         status["hostIPs"] = [{"ip": self.host_ip}]
         full = {**pod, "status": status}
-        return podspec.container_env(full, c, self.lookup, ALLOCATABLE, image_env())
+        base = {**image_env(), **self.api_env()}
+        return podspec.container_env(full, c, self.lookup, ALLOCATABLE, base)
+
+    def api_env(self) -> dict[str, str]:
+        """What a kubelet tells every container about the API server (the `kubernetes`
+        Service's variables), pointing at the API server through the pods' gateway, so
+        in-cluster clients (``load_incluster_config``) work."""
+        port = str(urllib.parse.urlsplit(self.api.configuration.host).port or 443)
+        return {
+            "KUBERNETES_SERVICE_HOST": self.host_ip,
+            "KUBERNETES_SERVICE_PORT": port,
+            "KUBERNETES_SERVICE_PORT_HTTPS": port,
+        }
 
     def confirm_deleted(self, pod: dict[str, Any]) -> None:
         """The kubelet's last word on a deleted pod: delete it with grace 0 (UID-checked)."""

@@ -60,6 +60,11 @@ def netns_dir(netns: str) -> Path:
     return NETNS_ETC / netns
 
 
+def gateway(cidr: str = POD_CIDR) -> str:
+    """The bridge's host address: the pods' default gateway, and where they reach the host."""
+    return str(ipaddress.ip_network(cidr).network_address + 1)
+
+
 class Network:
     """The bridge, the IP allocations (persisted under state_dir) and the pod namespaces."""
 
@@ -67,7 +72,7 @@ class Network:
         self.state_dir = state_dir
         self.net = ipaddress.ip_network(cidr)
         self.bridge = bridge
-        self.gateway = str(self.net.network_address + 1)
+        self.gateway = gateway(cidr)
         self.alloc_file = state_dir / "pod-ips.json"
 
     @contextlib.contextmanager

@@ -190,6 +190,7 @@ class _Run:
             groups_alive=self.pool.alive(),
             shards_done=self.summary.shards_skipped + self.summary.shards_written,
             shards_total=len(self.plan.shards),
+            group_restarts=self.pool.restarts,
         )
 
     def _open(self, shard: Shard) -> None:

@@ -42,7 +42,8 @@ PATCH_TIMEOUT_S = (3.0, 5.0)
 @dataclass(frozen=True)
 class Progress:
     """Where a batch job stands. ``rows_per_second``: rows generated this run per second
-    of this run; ``groups_alive``: groups formed and serving batches now."""
+    of this run; ``groups_alive``: groups formed and serving batches now;
+    ``group_restarts``: groups replaced whole after a rank failed, this run."""
 
     rows_done: int
     rows_total: int
@@ -50,6 +51,7 @@ class Progress:
     groups_alive: int
     shards_done: int
     shards_total: int
+    group_restarts: int = 0
 
     def to_json(self) -> str:
         """The JSON object of a ``DSI_PROGRESS`` line (snake_case keys)."""
@@ -67,6 +69,7 @@ def configmap_data(progress: Progress, now: datetime | None = None) -> dict[str,
         "groupsAlive": str(progress.groups_alive),
         "shardsDone": str(progress.shards_done),
         "shardsTotal": str(progress.shards_total),
+        "groupRestarts": str(progress.group_restarts),
         "updatedAt": at.strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
