@@ -221,6 +221,18 @@ def batch_openapi_schema() -> dict[str, Any]:
     )
 
 
+#: The columns every kind ends with: the status message (-o wide) and the age.
+_LAST_COLUMNS: list[dict[str, Any]] = [
+    {
+        "name": "Message",
+        "type": "string",
+        "jsonPath": ".status.message",
+        "description": "Status message",
+        "priority": 1,
+    },
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {
         "name": "Phase",
@@ -273,14 +285,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "description": "Hub id of the model",
         "priority": 1,
     },
-    {
-        "name": "Message",
-        "type": "string",
-        "jsonPath": ".status.message",
-        "description": "Status message",
-        "priority": 1,
-    },
-    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    *_LAST_COLUMNS,
 ]
 
 
@@ -329,14 +334,7 @@ BATCH_PRINTER_COLUMNS: list[dict[str, Any]] = [
         "description": "Whole-job runs that failed",
         "priority": 1,
     },
-    {
-        "name": "Message",
-        "type": "string",
-        "jsonPath": ".status.message",
-        "description": "Status message",
-        "priority": 1,
-    },
-    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    *_LAST_COLUMNS,
 ]
 
 
