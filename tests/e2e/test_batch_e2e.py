@@ -137,7 +137,8 @@ def test_batch_run_writes_every_row_once_across_a_rank_pod_loss(batch_run: Run) 
     took = time.monotonic() - t0
     print(
         f"[e2e-batch] {st['phase']} after {took:.0f}s: {st.get('progress')}, "
-        f"{st.get('rowsPerSecond')} rows/s, retries {st.get('failedAttempts')}"
+        f"{st.get('rowsPerSecond')} rows/s, group restarts {st.get('groupRestarts')}, "
+        f"job retries {st.get('failedAttempts')}"
     )
     assert st["phase"] == "Succeeded", r.dump()
     assert killed_at < ROWS, "the pod was deleted after the run was done: nothing tested"
