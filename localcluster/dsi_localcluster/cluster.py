@@ -144,11 +144,7 @@ def _api_args(cfg: config.ClusterConfig, paths: Paths, bins: dict[str, Path]) ->
     return [
         str(bins["kube-apiserver"]),
         f"--etcd-servers={etcd_url}",
-        # Every address, so pods on process nodes reach it through their gateway (the
-        # bridge's host address, in the serving certificate): in-cluster clients such as a
-        # batch job's driver work as in a real cluster. Clients still need a certificate or
-        # token (--anonymous-auth=false).
-        "--bind-address=0.0.0.0",
+        f"--bind-address={h}",
         f"--advertise-address={h}",
         f"--secure-port={p['kube-apiserver']}",
         f"--tls-cert-file={pk / 'apiserver.crt'}",
@@ -704,6 +700,7 @@ def _start_fresh(cfg: config.ClusterConfig, paths: Paths, bins: dict[str, Path])
     (paths.root / ".gitignore").write_text("*\n")
     # Written first: status checks of a starting cluster must use its ports.
     paths.info.write_text(json.dumps(_info(cfg), indent=2) + "\n")
+    # The gateway: process-node pods reach the API server there (kubelet.apirelay).
     pki.generate(paths.pki, config.SERVICE_CIDR, config.HOST, extra_ips=[netns.gateway()])
     paths.kubeconfig.write_text(pki.kubeconfig(paths.pki, cfg.server_url))
     paths.kubeconfig.chmod(0o600)

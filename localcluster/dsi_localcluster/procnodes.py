@@ -20,6 +20,8 @@ from . import config
 
 NODE_PREFIX = "proc-"
 LOG_PORT_BASE = 20310
+#: Node i relays the API server to its pods on <gateway>:API_RELAY_PORT_BASE + i.
+API_RELAY_PORT_BASE = 20330
 
 
 def node_names(count: int) -> list[str]:
@@ -46,6 +48,8 @@ def agent_argv(cfg: config.ClusterConfig, index: int) -> list[str]:
         str(cfg.state_dir),
         "--log-port",
         str(LOG_PORT_BASE + index),
+        "--api-relay-port",
+        str(API_RELAY_PORT_BASE + index),
     ]
 
 

@@ -250,8 +250,12 @@ def waits_on_clock(obs: Observed, p: Plan) -> bool:
     groups = p.status.get("groups") or []
     if p.status.get("phase") == Phase.Failed or p.blocked or not obs.children_created:
         return False  # nothing is decided until the spec, the cluster or the children change
-    if any(not g.get("members") for g in groups) or len(groups) < obs.spec.replicas:
-        return True  # the formation deadline runs
+    if len(groups) < obs.spec.replicas or any(
+        not g.get("members") and g.get("formingSince") for g in groups
+    ):
+        # The formation deadline runs. It starts once all of a group's pods run: a group
+        # whose pods are still Pending (no room, pulling images) waits for pod events.
+        return True
     nodes = {pod.node_name for pods in obs.pods.values() for pod in pods}
     return any(
         pod.deletion_timestamp is not None for pods in obs.pods.values() for pod in pods

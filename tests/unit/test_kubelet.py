@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -239,3 +240,30 @@ def test_only_process_groups_still_in_the_pod_are_killed() -> None:
     recorded = [101, 202, 303]
     assert runtime.pgids_to_kill(recorded, [202, 202, 999]) == [202]
     assert runtime.pgids_to_kill(recorded, []) == []
+
+
+def test_api_relay_pumps_bytes_both_ways() -> None:
+    """The relay a node agent runs for its pods' in-cluster clients (kubelet.apirelay)."""
+    import socket
+    import socketserver
+
+    from dsi_localcluster.kubelet import apirelay
+    from dsi_localcluster.testing import free_port
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            while data := self.request.recv(1024):
+                self.request.sendall(data.upper())
+
+    upstream = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    port = free_port()
+    relay = apirelay.serve("127.0.0.1", port, upstream.server_address)
+    try:
+        for _ in range(2):  # two connections, one after the other
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                c.sendall(b"hello")
+                assert c.recv(1024) == b"HELLO"
+    finally:
+        relay.shutdown()
+        upstream.shutdown()

@@ -162,6 +162,9 @@ def test_only_a_resource_with_a_clock_running_needs_the_ticker() -> None:
 
     forming = obs({0: [pod(0, 0), pod(0, 1, ready=False)], 1: [pod(1, 0), pod(1, 1)]})
     assert waits_on_clock(forming, plan(forming))  # the formation deadline runs
+    unplaced = [pod(0, r, phase="Pending", ready=False) for r in (0, 1)]
+    pending = obs({0: unplaced, 1: [pod(1, 0), pod(1, 1)]})
+    assert not waits_on_clock(pending, plan(pending))  # no deadline before its pods run
 
     for changed in (
         {1: [pod(1, 0), pod(1, 1, deletion_timestamp=NOW)]},  # terminating: grace runs

@@ -8,10 +8,11 @@ import os
 import signal
 import sys
 import threading
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from . import logs
+from . import apirelay, logs
 from .agent import NodeAgent, clean_leftovers, log_resolver
 
 
@@ -22,6 +23,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", type=Path, required=True)
     p.add_argument("--state-dir", type=Path, required=True, help="the cluster's state dir")
     p.add_argument("--log-port", type=int, required=True, help="port of the log endpoint")
+    p.add_argument(
+        "--api-relay-port", type=int, required=True, help="port pods reach the API server on"
+    )
     return p
 
 
@@ -38,10 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     args.state_dir = args.state_dir.resolve()
     root = args.state_dir / "process-nodes"
     clean_leftovers(root, args.node)
-    agent = NodeAgent(api, args.node, root, args.log_port)
+    agent = NodeAgent(api, args.node, root, args.log_port, args.api_relay_port)
     pki = args.state_dir / "pki"
     logs.serve(agent.host_ip, args.log_port, pki / "apiserver.crt", pki / "apiserver.key",
                log_resolver(agent))  # fmt: skip
+    upstream = urllib.parse.urlsplit(api.configuration.host)
+    apirelay.serve(
+        agent.host_ip, args.api_relay_port, (upstream.hostname or "127.0.0.1", upstream.port or 443)
+    )
     agent.register()
     agent.refresh_dns()
     for target in (agent.heartbeat_loop, agent.dns_loop, agent.watch_pods):

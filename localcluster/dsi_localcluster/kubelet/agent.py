@@ -16,7 +16,6 @@ import os
 import sys
 import threading
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +115,9 @@ def image_env() -> dict[str, str]:
 class NodeAgent:
     """Registers one node and runs the pods bound to it."""
 
-    def __init__(self, api: Any, node: str, state_dir: Path, log_port: int) -> None:
+    def __init__(
+        self, api: Any, node: str, state_dir: Path, log_port: int, api_relay_port: int = 0
+    ) -> None:
         from kubernetes import client
 
         self.api = api
@@ -128,6 +129,7 @@ class NodeAgent:
         self.network = Network(state_dir)
         self.host_ip = self.network.ensure_bridge()
         self.log_port = log_port
+        self.api_relay_port = api_relay_port
         self.workers: dict[str, PodWorker] = {}
         self.lock = threading.Lock()
         self.dns_table: dns.Table = {}
@@ -164,9 +166,11 @@ class NodeAgent:
 
     def api_env(self) -> dict[str, str]:
         """What a kubelet tells every container about the API server (the `kubernetes`
-        Service's variables), pointing at the API server through the pods' gateway, so
-        in-cluster clients (``load_incluster_config``) work."""
-        port = str(urllib.parse.urlsplit(self.api.configuration.host).port or 443)
+        Service's variables), pointing at this node's relay to it on the pods' gateway
+        (:mod:`.apirelay`), so in-cluster clients (``load_incluster_config``) work."""
+        if not self.api_relay_port:
+            return {}
+        port = str(self.api_relay_port)
         return {
             "KUBERNETES_SERVICE_HOST": self.host_ip,
             "KUBERNETES_SERVICE_PORT": port,
