@@ -25,6 +25,7 @@ from .batch_render import render_batch_children
 from .batch_spec import BatchPhase, parse_batch_spec
 from .batch_status import BatchInputs, compute_batch_status, status_changed, status_patch
 from .kube import Kube
+from .reconcile import describe_validation_error
 
 log = logging.getLogger("dsi_operator.batch")
 
@@ -35,16 +36,6 @@ PROGRESS_POLL_SECONDS = 5.0
 #: Seconds before a pass that failed on the API is tried again.
 RETRY_SECONDS = 10.0
 _DONE = {BatchPhase.Succeeded.value, BatchPhase.Failed.value}
-
-
-def validation_message(e: ValidationError) -> str:
-    """``spec.<field>: <what is wrong>`` for each error (the API server refuses these too;
-    this is for objects that predate a schema change)."""
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        parts.append(f"spec.{loc}: {err.get('msg', '')}" if loc else f"spec: {err.get('msg')}")
-    return "; ".join(parts)
 
 
 @dataclass
@@ -99,7 +90,7 @@ class BatchController:
         try:
             spec = parse_batch_spec(body.get("spec") or {})
         except ValidationError as e:
-            msg = validation_message(e)
+            msg = describe_validation_error(e)
             await self._write(key, old, {**old, "phase": BatchPhase.Failed.value, "message": msg})
             return BatchPhase.Failed.value
         rayjob = await self.kube.get_rayjob(ns, L.rayjob_name(name))

@@ -26,23 +26,12 @@ from .render import (
     Manifest,
     head_group_spec,
     model_location,
+    owner_reference,
     raylet_probe,
     render_master_service,
     worker_group_specs,
 )
 from .spec import ClusterSpec, DeepSpeedInferenceSpec
-
-
-def batch_owner_reference(name: str, uid: str) -> dict[str, Any]:
-    """ownerReference making batch ``name``/``uid`` the controlling owner of a child."""
-    return {
-        "apiVersion": L.API_VERSION,
-        "kind": L.BATCH_KIND,
-        "name": name,
-        "uid": uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
 
 
 def cluster_view(s: DeepSpeedBatchInferenceSpec) -> DeepSpeedInferenceSpec:
@@ -209,7 +198,7 @@ def _meta(obj_name: str, namespace: str, owner: str, uid: str) -> dict[str, Any]
         "name": obj_name,
         "namespace": namespace,
         "labels": L.batch_labels(owner),
-        "ownerReferences": [batch_owner_reference(owner, uid)],
+        "ownerReferences": [owner_reference(owner, uid, L.BATCH_KIND)],
     }
 
 
@@ -218,8 +207,9 @@ def render_rendezvous_services(
 ) -> list[Manifest]:
     """One headless rendezvous Service per group (serving's master Service, relabelled)."""
     out = []
+    view = cluster_view(s)
     for g in range(s.replicas):
-        svc = _relabel(render_master_service(name, namespace, uid, cluster_view(s), g))
+        svc = _relabel(render_master_service(name, namespace, uid, view, g))
         svc["metadata"] = {**_meta(rendezvous_service_name(name, g), namespace, name, uid)}
         svc["metadata"]["labels"][L.LABEL_GROUP] = str(g)
         out.append(svc)

@@ -77,11 +77,12 @@ _LOCK_HELD_EXIT = 75
 # --- Small pure helpers (also used by the controller) ----------------------------------------
 
 
-def owner_reference(name: str, uid: str) -> dict[str, Any]:
-    """ownerReference making the DSI ``name``/``uid`` the controlling owner of a child."""
+def owner_reference(name: str, uid: str, kind: str = L.KIND) -> dict[str, Any]:
+    """ownerReference making the ``kind`` (default DSI) ``name``/``uid`` the controlling
+    owner of a child."""
     return {
         "apiVersion": L.API_VERSION,
-        "kind": L.KIND,
+        "kind": kind,
         "name": name,
         "uid": uid,
         "controller": True,

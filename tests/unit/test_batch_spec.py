@@ -10,8 +10,8 @@ import jsonschema
 import pytest
 import yaml
 from dsi_operator import crd
-from dsi_operator.batch_controller import validation_message
 from dsi_operator.batch_spec import DeepSpeedBatchInferenceSpec, parse_batch_spec
+from dsi_operator.reconcile import describe_validation_error
 from dsi_operator.spec import ClusterSpec
 from pydantic import ValidationError
 
@@ -26,7 +26,7 @@ MIN: dict[str, Any] = {
 def _error(**changes: Any) -> str:
     with pytest.raises(ValidationError) as info:
         parse_batch_spec({**MIN, **changes})
-    return validation_message(info.value)
+    return describe_validation_error(info.value)
 
 
 def test_defaults() -> None:
