@@ -159,6 +159,26 @@ def worker_pods(
     return out
 
 
+def ray_clusters(custom: Any, namespace: str, name: str) -> list[str]:
+    """Names of the RayClusters KubeRay made for the DSI's RayService."""
+    items = custom.list_namespaced_custom_object(
+        "ray.io",
+        "v1",
+        namespace,
+        "rayclusters",
+        label_selector=f"ray.io/originated-from-cr-name={name}",
+    )["items"]
+    return sorted(c["metadata"]["name"] for c in items)
+
+
+def worker_pod_count(core: Any, namespace: str, name: str) -> tuple[int, int]:
+    """(live, all) worker pods of the DSI: Terminating pods still hold their GPUs."""
+    pods = core.list_namespaced_pod(
+        namespace, label_selector=f"deepspeed.ai/inference={name},deepspeed.ai/role=worker"
+    ).items
+    return sum(1 for p in pods if p.metadata.deletion_timestamp is None), len(pods)
+
+
 def all_running(pods: dict[tuple[int, int], Any], tp: int, replicas: int) -> bool:
     """Every rank of every group has a Running pod."""
     want = {(g, r) for g in range(replicas) for r in range(tp)}

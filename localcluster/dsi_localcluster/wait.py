@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import yaml
@@ -131,3 +133,24 @@ def wait_pod_gone(core: Any, namespace: str, name: str, timeout: float, what: st
         return False
 
     wait_for(gone, timeout, what, dump=lambda: pod_state(core, namespace, name))
+
+
+@contextlib.contextmanager
+def sampling(sample: Callable[[], None], interval: float) -> Iterator[None]:
+    """Call ``sample`` every ``interval`` seconds in a thread while the with-block runs (and
+    once more at its end), e.g. to record peaks while a test changes the cluster."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            sample()
+            stop.wait(interval)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(30)
+        sample()

@@ -33,20 +33,29 @@ from . import labels as L
 from . import metrics
 from .execute import ensure_children, execute
 from .kube import Kube
-from .observe import children_current, node_info, rayservice_view, select_cluster_pods
+from .observe import (
+    HEAD_GROUP,
+    children_current,
+    node_info,
+    rayservice_view,
+    select_cluster_pods,
+)
 from .preflight import ClusterFacts, PreflightResult, kuberay_condition
 from .preflight import evaluate as evaluate_preflight
 from .reconcile import (
     EventSpec,
     Observed,
     Plan,
+    RolloutState,
     declared_shape,
     gpu_needs,
     plan,
+    rollout_sync_needed,
+    rollout_targets,
     safe_parse,
     waits_on_clock,
 )
-from .render import spec_hash, spec_hash_by_group
+from .render import head_hash, parse_group_hashes, serve_shape_hash, spec_hash, spec_hash_by_group
 from .restart import PodInfo
 from .spec import DeepSpeedInferenceSpec
 from .workqueue import Key, Scheduler
@@ -77,6 +86,8 @@ class Parsed:
     spec_hash: str | None = None
     group_hashes: dict[int, str] | None = None
     declared: tuple[int, int] = (0, 1)  # (replicas, tp) as the raw spec says, when invalid
+    head_hash: str = ""
+    serve_shape: str = ""
 
 
 def parse_body(body: Mapping[str, Any]) -> Parsed:
@@ -85,7 +96,26 @@ def parse_body(body: Mapping[str, Any]) -> Parsed:
     spec, err = safe_parse(raw)
     if spec is None:
         return Parsed(None, err, declared=declared_shape(raw))
-    return Parsed(spec, None, spec_hash(spec), spec_hash_by_group(spec))
+    return Parsed(
+        spec,
+        None,
+        spec_hash(spec),
+        spec_hash_by_group(spec),
+        head_hash=head_hash(spec),
+        serve_shape=serve_shape_hash(spec),
+    )
+
+
+def rollout_view(annotations: Mapping[str, str] | None, parsed: Parsed) -> RolloutState:
+    """The hashes the rollout compares: the RayService's annotations against the spec's."""
+    annotations = annotations or {}
+    return RolloutState(
+        carried=parse_group_hashes(annotations.get(L.ANNOTATION_GROUP_HASHES)),
+        carried_head=annotations.get(L.ANNOTATION_RS_HEAD_HASH) or None,
+        head_target=parsed.head_hash,
+        shape_target=parsed.serve_shape,
+        spec_hash=parsed.spec_hash or "",
+    )
 
 
 @dataclass
@@ -115,6 +145,8 @@ class Controller:
     last_events: dict[tuple[Key, str], str] = field(default_factory=dict)
     # DSIs whose last pass had a clock running (reconcile.waits_on_clock): the ticker's work.
     clock_waiters: set[Key] = field(default_factory=set)
+    # The last nudge (reconcile.Plan.nudge) written to each DSI's RayClusters.
+    nudged: dict[Key, str] = field(default_factory=dict)
     # Incidents (EventSpec.incident) whose Event this process posted or found posted.
     posted_incidents: dict[Key, set[str]] = field(default_factory=dict)
     parsed_cache: dict[tuple[str, Any], Parsed] = field(default_factory=dict)
@@ -186,6 +218,8 @@ class Controller:
         for g, p in entries:
             if p.uid in keep:
                 pods_by_group.setdefault(g, []).append(p)
+        head_pods = pods_by_group.pop(HEAD_GROUP, [])
+        annotations = (self.rayservices.get(key) or {}).get("metadata", {}).get("annotations")
         exists, _ = self.children(key, parsed, meta.get("uid", ""))
         return Observed(
             name=key[1],
@@ -200,6 +234,8 @@ class Controller:
             children_created=exists,
             rayservice=rs,
             desired_hashes=parsed.group_hashes,
+            head_pods=head_pods,
+            rollout=rollout_view(annotations, parsed),
             invalid=parsed.error,
             declared_replicas=parsed.declared[0],
             declared_tp=parsed.declared[1],
@@ -219,7 +255,13 @@ class Controller:
         obs = self.observe(key, body, pre)
         p = plan(obs)
         _, current = self.children(key, self.parsed(body), _uid(body))
-        if not p.patch and not p.acts and (current or p.blocked) and not self._new_events(key, p):
+        if (
+            not p.patch
+            and not p.acts
+            and (current or p.blocked)
+            and not self._new_events(key, p)
+            and (p.nudge is None or self.nudged.get(key) == p.nudge)
+        ):
             self._track_clock(key, waits_on_clock(obs, p))
             metrics.RECONCILES.labels(cause=cause, outcome="noop").inc()
             return
@@ -230,7 +272,7 @@ class Controller:
             # Children this process never applied: apply them from the watched object (a
             # newer spec brings its own event) and leave status and Events to a later,
             # non-urgent pass, so in a burst of new resources every RayService comes first.
-            await ensure_children(self, key, body, parsed)
+            await ensure_children(self, key, body, parsed, rollout_targets(obs, p))
             self.kick(key, "children")
             metrics.RECONCILES.labels(cause=cause, outcome="acted").inc()
             return
@@ -239,12 +281,24 @@ class Controller:
         if fresh is None:
             return
         self.dsis[key] = copy.deepcopy(fresh)
-        p = plan(self.observe(key, fresh, pre))
+        obs = self.observe(key, fresh, pre)
+        p = plan(obs)
         parsed = self.parsed(fresh)
         if not p.blocked and parsed.spec is not None:
             if not self.children(key, parsed, _uid(fresh))[1]:
-                await ensure_children(self, key, fresh, parsed)
-                p = plan(self.observe(key, fresh, pre))
+                existed = obs.children_created
+                await ensure_children(self, key, fresh, parsed, rollout_targets(obs, p))
+                if not existed:
+                    p = plan(self.observe(key, fresh, pre))
+                # Else the plan stands: planned again, the rollout would see the templates it
+                # just moved as carried already and could decide differently (e.g. one group
+                # at a time where the Serve shape changed for all).
+            elif rollout_sync_needed(obs, p) or (
+                p.rollout is not None and (p.rollout.rolls or p.rollout.head_pods)
+            ):
+                # The rollout moves groups to the spec: their templates first (RayService
+                # and RayCluster), so the pods deleted next come back from the new ones.
+                await ensure_children(self, key, fresh, parsed, rollout_targets(obs, p))
         await execute(self, key, fresh, p)
         # A write is followed by a watch event and a new pass; until then, keep ticking.
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
@@ -273,6 +327,7 @@ class Controller:
         self.dsis.pop(key, None)
         self.applied.pop(key, None)
         self.posted_incidents.pop(key, None)
+        self.nudged.pop(key, None)
         for k in [k for k in self.last_events if k[0] == key]:
             del self.last_events[k]
 

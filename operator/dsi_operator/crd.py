@@ -247,6 +247,12 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "description": "Groups ready / groups desired",
     },
     {
+        "name": "Updated",
+        "type": "string",
+        "jsonPath": ".status.rollout.updated",
+        "description": "Ready groups running the current spec / groups desired",
+    },
+    {
         "name": "TP",
         "type": "integer",
         "jsonPath": ".spec.tensorParallelSize",

@@ -17,8 +17,8 @@ from kubernetes.client.exceptions import ApiException
 from . import failpoints, metrics
 from . import labels as L
 from .reconcile import EventSpec, Plan
-from .render import render_children
-from .scaling import cluster_names, previous_capacity, replica_patch
+from .render import Kept, parse_group_hashes, render_children
+from .scaling import cluster_names, cluster_patch, previous_capacity
 from .workqueue import Key
 
 if TYPE_CHECKING:
@@ -32,19 +32,29 @@ GROUP_CHILD_ROLES = frozenset({L.ROLE_MASTER_SERVICE, L.ROLE_NETWORK_POLICY})
 
 
 async def ensure_children(
-    ctrl: Controller, key: Key, body: Mapping[str, Any], parsed: Parsed
+    ctrl: Controller,
+    key: Key,
+    body: Mapping[str, Any],
+    parsed: Parsed,
+    targets: tuple[frozenset[int], bool] | None = None,
 ) -> None:
-    """Apply the RayService and Services of a valid spec; delete master Services left over."""
+    """Apply the RayService and Services of a valid spec; delete master Services left over.
+
+    ``targets``: (groups rendered at the spec, head rendered at the spec), from the rollout
+    (:func:`dsi_operator.reconcile.rollout_targets`); the other groups, and the head when
+    False, keep the templates the current RayService carries. None: all at the spec.
+    """
     assert ctrl.kube is not None and parsed.spec is not None and parsed.spec_hash is not None
     uid = (body.get("metadata") or {}).get("uid", "")
     exists = key in ctrl.rayservices
     current = ctrl.rayservices.get(key)
     capacity = previous_capacity(current, body.get("status") or {})
-    children = render_children(key[1], key[0], uid, parsed.spec, capacity)
+    kept = await _kept_templates(ctrl, key, parsed, targets) if exists and targets else None
+    children = render_children(key[1], key[0], uid, parsed.spec, capacity, kept)
     for child in children:
         await ctrl.kube.apply(child)
         if child["kind"] == L.RAYSERVICE_KIND:
-            await _sync_cluster_replicas(ctrl, key, current, child)
+            await _sync_cluster(ctrl, key, current, child)
             # Record our own write so the pass does not wait for the watch to catch up; the
             # watch event that follows overwrites this with the real object.
             prev = ctrl.rayservices.get(key) or {}
@@ -73,22 +83,60 @@ async def ensure_children(
     log.info("%s/%s: children applied (spec hash %s, existed: %s)", *key, parsed.spec_hash, exists)
 
 
-async def _sync_cluster_replicas(
+async def _kept_templates(
+    ctrl: Controller, key: Key, parsed: Parsed, targets: tuple[frozenset[int], bool]
+) -> Kept | None:
+    """The templates of the groups (and head) the rollout has not moved to the spec yet, read
+    from the current RayService (the watch keeps only its annotations and status)."""
+    assert ctrl.kube is not None and parsed.spec is not None
+    groups, head_at_target = targets
+    keep = {g for g in range(parsed.spec.replicas) if g not in groups}
+    if not keep and head_at_target:
+        return None
+    current = await ctrl.kube.get_rayservice(key[0], L.rayservice_name(key[1]))
+    if current is None:
+        return None
+    config = (current.get("spec") or {}).get("rayClusterConfig") or {}
+    by_group: dict[int, list[dict[str, Any]]] = {}
+    for w in config.get("workerGroupSpecs") or []:
+        parsed_name = L.parse_worker_group_name(str(w.get("groupName", "")))
+        if parsed_name is not None and parsed_name[0] in keep:
+            by_group.setdefault(parsed_name[0], []).append(w)
+    annotations = (current.get("metadata") or {}).get("annotations") or {}
+    shapes = {
+        g: shape
+        for g, (_, shape) in parse_group_hashes(annotations.get(L.ANNOTATION_GROUP_HASHES)).items()
+    }
+    head = None if head_at_target else config.get("headGroupSpec")
+    return Kept(head=head, groups=by_group, shapes=shapes)
+
+
+async def _sync_cluster(
     ctrl: Controller, key: Key, current: Mapping[str, Any] | None, rayservice: Mapping[str, Any]
 ) -> None:
-    """Set the running RayClusters' worker-group replica counts to the RayService's: KubeRay
-    does not carry a replicas-only change over (see :mod:`dsi_operator.scaling`). Only for a
-    RayService that carries groups scaled away (the others never differ in counts)."""
-    annotations = rayservice["metadata"].get("annotations") or {}
-    if L.ANNOTATION_GROUP_CAPACITY not in annotations or ctrl.kube is None:
-        return
-    workers = rayservice["spec"]["rayClusterConfig"].get("workerGroupSpecs") or []
+    """Write the RayService's worker groups and head into the running RayClusters: KubeRay
+    carries neither replica counts nor (under upgradeStrategy None) templates over (see
+    :mod:`dsi_operator.scaling`)."""
+    assert ctrl.kube is not None
     for cluster in cluster_names(current):
-        rc = await ctrl.kube.get_raycluster(key[0], cluster)
-        ops = replica_patch(rc, workers) if rc is not None else []
-        if ops:
-            await ctrl.kube.patch_raycluster(key[0], cluster, ops)
-            log.info("%s/%s: RayCluster %s worker replicas set (%d op(s))", *key, cluster, len(ops))
+        for _ in range(3):
+            rc = await ctrl.kube.get_raycluster(key[0], cluster)
+            ops = cluster_patch(rc, rayservice) if rc is not None else []
+            if not ops:
+                break
+            try:
+                await ctrl.kube.patch_raycluster(key[0], cluster, ops)
+            except ApiException as e:
+                if e.status not in (409, 422):
+                    raise
+                # Changed in between (the resourceVersion test failed): compare again. The
+                # pods a rollout deletes next must come back from these templates.
+                log.info("%s/%s: RayCluster %s changed while patching; again", *key, cluster)
+                continue
+            log.info("%s/%s: RayCluster %s brought in step (%d op(s))", *key, cluster, len(ops))
+            break
+        else:
+            raise RuntimeError(f"RayCluster {cluster} kept changing while being patched")
 
 
 async def execute(ctrl: Controller, key: Key, body: Mapping[str, Any], p: Plan) -> None:
@@ -106,6 +154,25 @@ async def execute(ctrl: Controller, key: Key, body: Mapping[str, Any], p: Plan) 
         log.warning("%s/%s: restarting group %d: %s %s", ns, name, r.group, r.trigger, r.reason)
     for d in p.due():
         await ctrl.kube.delete_pod(ns, d.name, d.uid, force=d.force, grace=d.grace)
+    await nudge_kuberay(ctrl, key, p)
+
+
+async def nudge_kuberay(ctrl: Controller, key: Key, p: Plan) -> None:
+    """Write the plan's nudge to the RayClusters' ``deepspeed.ai/nudge`` annotation, once per
+    value: the change makes KubeRay reconcile them (see ``reconcile.NUDGE_AFTER_SECONDS``)."""
+    if p.nudge is None or ctrl.nudged.get(key) == p.nudge or ctrl.kube is None:
+        return
+    path = "/metadata/annotations/" + L.ANNOTATION_NUDGE.replace("/", "~1")
+    for cluster in cluster_names(ctrl.rayservices.get(key)):
+        try:
+            await ctrl.kube.patch_raycluster(
+                key[0], cluster, [{"op": "add", "path": path, "value": p.nudge}]
+            )
+        except ApiException as err:
+            log.warning("%s/%s: could not nudge RayCluster %s: %s", *key, cluster, err.reason)
+            return
+        log.info("%s/%s: nudged KubeRay on RayCluster %s (%s)", *key, cluster, p.nudge)
+    ctrl.nudged[key] = p.nudge
 
 
 async def _patch_status(ctrl: Controller, key: Key, body: Mapping[str, Any], p: Plan) -> bool:

@@ -231,6 +231,12 @@ class Kube:
         )
         return _d(out) if isinstance(out, dict) else {}
 
+    async def get_rayservice(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A RayService as a dict (the templates a rollout keeps); None when gone."""
+        return await self._get_custom(
+            L.RAY_GROUP, L.RAY_VERSION_API, "rayservices", namespace, name
+        )
+
     async def get_raycluster(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A RayCluster (KubeRay's, made for our RayService) as a dict; None when gone."""
         return await self._get_custom(

@@ -70,6 +70,16 @@ ANNOTATION_GROUP_HASH = "deepspeed.ai/group-hash"
 ANNOTATION_SPEC_HASH = "deepspeed.ai/spec-hash"
 #: On the RayService once it carries groups scaled away: how many groups it carries.
 ANNOTATION_GROUP_CAPACITY = "deepspeed.ai/group-capacity"
+#: On the head pod template (and so the head pod): hash of the head's template.
+ANNOTATION_HEAD_HASH = "deepspeed.ai/head-hash"
+#: On the RayService: the template hash each group's worker groups carry now and the Serve
+#: shape (model, TP size...) they were rendered under ("0=<h>/<shape>,1=..."), and the head's
+#: template hash: during a rollout some groups are still at the previous spec.
+ANNOTATION_GROUP_HASHES = "deepspeed.ai/group-hashes"
+ANNOTATION_RS_HEAD_HASH = "deepspeed.ai/head-template"
+#: On a RayCluster: changed when a restart waits too long for KubeRay's pods, so KubeRay
+#: reconciles it again (see dsi_operator.reconcile.NUDGE_AFTER_SECONDS).
+ANNOTATION_NUDGE = "deepspeed.ai/nudge"
 
 # --- Worker pod contents ---------------------------------------------------------------------
 WORKER_CONTAINER = "ray-worker"

@@ -18,13 +18,22 @@ from .status import RayServiceView, parse_time
 RAY_CLUSTER_LABEL = "ray.io/cluster"
 
 
+#: The "group" pod_info gives the head pod: the rollout reads its template hash.
+HEAD_GROUP = -1
+
+
 def pod_info(body: Mapping[str, Any]) -> tuple[int, PodInfo] | None:
-    """(group, PodInfo) of a worker pod; None for the head or foreign pods."""
+    """(group, PodInfo) of a worker pod, (HEAD_GROUP, PodInfo) of the head pod (its
+    ``group_hash`` is the head template's hash); None for foreign pods."""
     meta = body.get("metadata") or {}
-    gr = L.group_of_pod(meta.get("labels"))
+    labels = meta.get("labels") or {}
+    gr = L.group_of_pod(labels)
+    if gr is None and labels.get(L.LABEL_ROLE) == L.ROLE_HEAD:
+        gr = (HEAD_GROUP, 0)
     if gr is None:
         return None
     g, r = gr
+    hash_key = L.ANNOTATION_HEAD_HASH if g == HEAD_GROUP else L.ANNOTATION_GROUP_HASH
     status = body.get("status") or {}
     ready = any(
         c.get("type") == "Ready" and c.get("status") == "True"
@@ -41,7 +50,7 @@ def pod_info(body: Mapping[str, Any]) -> tuple[int, PodInfo] | None:
         reason=status.get("reason"),
         node_name=(body.get("spec") or {}).get("nodeName"),
         deletion_timestamp=parse_time(meta.get("deletionTimestamp")),
-        group_hash=(meta.get("annotations") or {}).get(L.ANNOTATION_GROUP_HASH),
+        group_hash=(meta.get("annotations") or {}).get(hash_key),
         cluster=(meta.get("labels") or {}).get(RAY_CLUSTER_LABEL),
     )
 

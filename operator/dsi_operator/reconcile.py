@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import labels as L
+from .observe import HEAD_GROUP
 from .preflight import GPUNeeds, PreflightResult
 from .restart import (
     ContinueRestart,
@@ -35,8 +36,26 @@ from .restart import (
     Restart,
     RestartDone,
     decide,
+    group_pods_ready,
+    live_pods,
 )
-from .spec import ConditionType, DeepSpeedInferenceSpec, Phase, RestartPolicySpec, parse_spec
+from .rollout import (
+    REASON_COMPLETE,
+    REASON_ROLLING,
+    TRIGGER_ROLLOUT,
+    GroupRollout,
+    RolloutInputs,
+    RolloutPlan,
+    plan_rollout,
+)
+from .spec import (
+    Condition,
+    ConditionType,
+    DeepSpeedInferenceSpec,
+    Phase,
+    RestartPolicySpec,
+    parse_spec,
+)
 from .status import (
     RayServiceView,
     StatusInputs,
@@ -47,12 +66,22 @@ from .status import (
     status_patch,
 )
 
+#: Seconds a restart waits for KubeRay's replacement pods before the operator nudges KubeRay.
+#: KubeRay skips a worker group while its scale expectations are unsatisfied and waits for the
+#: next event; when none comes, for its periodic requeue (RAYCLUSTER_DEFAULT_REQUEUE_SECONDS,
+#: 300 s: the 303 s tail of bench_operator's failure samples). Expectations expire after 30 s,
+#: so an annotation change on the RayCluster after that (its watch passes annotation changes)
+#: gets the pods made.
+NUDGE_AFTER_SECONDS = 35.0
+
 EVENT_GROUP_RESTART = "GroupRestart"
 EVENT_BUDGET = "RestartBudgetExhausted"
 EVENT_BACKOFF = "GroupRestartBackoff"
 EVENT_INVALID = "InvalidSpec"
 EVENT_PREFLIGHT = "Preflight"
 EVENT_PHASE = "PhaseChanged"
+EVENT_ROLLOUT = "GroupRollout"
+EVENT_ROLLOUT_DONE = "RolloutComplete"
 
 #: The conditions preflight reports; each change of one is also an Event.
 PREFLIGHT_CONDITIONS = (
@@ -73,6 +102,17 @@ class EventSpec:
     #: restarts: the executor derives the Event's object name from it, so whichever process
     #: posts it first wins and the others get 409. None: a plain, best-effort Event.
     incident: str | None = None
+
+
+@dataclass(frozen=True)
+class RolloutState:
+    """The hashes the rollout compares: what the RayService carries and what the spec wants."""
+
+    carried: Mapping[int, tuple[str, str]] = field(default_factory=dict)  # g -> (hash, shape)
+    carried_head: str | None = None
+    head_target: str = ""
+    shape_target: str = ""
+    spec_hash: str = ""
 
 
 @dataclass
@@ -102,6 +142,8 @@ class Observed:
     #: Seconds a Failed pod of a restarting group is left to KubeRay, which deletes those
     #: itself (racing it stalls its replacement for minutes).
     kuberay_grace_seconds: float = 10.0
+    head_pods: Sequence[PodInfo] = ()
+    rollout: RolloutState = field(default_factory=RolloutState)
 
 
 @dataclass(frozen=True)
@@ -130,6 +172,10 @@ class Plan:
     blocked: bool = False  # do not create children
     deletions: list[PodDeletion] = field(default_factory=list)
     now: datetime | None = None
+    rollout: RolloutPlan | None = None
+    #: Set when a restart waits too long for KubeRay's new pods: the executor writes it to the
+    #: RayCluster's ``deepspeed.ai/nudge`` annotation (once per value).
+    nudge: str | None = None
 
     def due(self) -> list[PodDeletion]:
         """The deletions to carry out now."""
@@ -194,6 +240,7 @@ def plan(obs: Observed) -> Plan:
     pre = obs.preflight
     blocking = pre.blocking if pre is not None else None
     gp = _plan_groups(obs, policy, states, failed_reason, blocking)
+    ro = _plan_rollout(obs, gp, blocking)
 
     inputs = StatusInputs(
         name=obs.name,
@@ -215,14 +262,19 @@ def plan(obs: Observed) -> Plan:
         rayservice=obs.rayservice,
         failed_reason=gp.failed_reason,
         warnings=pre.warnings if pre is not None else (),
-        new_restarts=len(gp.restarts),
+        new_restarts=sum(1 for r in gp.restarts if r.counted),
         group_hashes=obs.desired_hashes or {},
+        rollout=rollout_status(obs, ro, gp.states) if ro is not None else None,
+        rollout_condition=rollout_condition(ro) if ro is not None else None,
     )
     desired = compute_status(inputs)
     events = gp.events + _phase_events(current, desired) + _preflight_events(current, desired)
-    deletions = plan_deletions(
-        obs, gp.restarts, gp.continues, desired, spec.restart_policy.pod_deletion_grace_seconds
-    )
+    events += _rollout_events(current, desired)
+    grace = spec.restart_policy.pod_deletion_grace_seconds
+    deletions = plan_deletions(obs, gp.restarts, gp.continues, desired, grace)
+    if ro is not None:
+        heads = {p.uid: p for p in obs.head_pods}
+        deletions += [PodDeletion(HEAD_GROUP, heads[u].name, u, grace=grace) for u in ro.head_pods]
     return Plan(
         status=desired,
         patch=status_patch(current, desired),
@@ -233,7 +285,165 @@ def plan(obs: Observed) -> Plan:
         blocked=blocking is not None,
         deletions=deletions,
         now=obs.now,
+        rollout=ro,
+        nudge=kuberay_nudge(obs, gp.states),
     )
+
+
+def kuberay_nudge(obs: Observed, states: Mapping[int, GroupState]) -> str | None:
+    """A token naming a restart that has waited :data:`NUDGE_AFTER_SECONDS` (or another
+    multiple of it) for KubeRay to create the group's replacement pods; None when none has."""
+    if obs.spec is None:
+        return None
+    for g, st in sorted(states.items()):
+        if st.restarting_since is None:
+            continue
+        waited = (obs.now - st.restarting_since).total_seconds()
+        new = {p.rank for p in live_pods(obs.pods.get(g, ())) if p.uid not in st.restart_pods}
+        if waited >= NUDGE_AFTER_SECONDS and not new >= set(range(obs.spec.pods_per_group)):
+            return (
+                f"g{g}-{st.restarting_since.timestamp():.0f}-{int(waited // NUDGE_AFTER_SECONDS)}"
+            )
+    return None
+
+
+def _plan_rollout(obs: Observed, gp: _GroupsPlan, blocking: str | None) -> RolloutPlan | None:
+    """The rollout's decision, its rolls added to the groups' plan as uncounted restarts."""
+    spec = obs.spec
+    if spec is None or not obs.children_created or blocking or gp.failed_reason is not None:
+        return None
+    if not obs.rollout.spec_hash:
+        return None  # the caller observed no rollout state (plain planning, e.g. a dry run)
+    ro = plan_rollout(rollout_inputs(obs, gp.decisions, gp.states))
+    for g in ro.rolls:
+        pods = obs.pods.get(g, ())
+        message = f"replacing group {g} with spec {obs.rollout.spec_hash}: {ro.message}"
+        roll = Restart(g, TRIGGER_ROLLOUT, "", message, tuple(sorted(p.uid for p in pods)), False)
+        gp.decisions[g] = roll
+        gp.restarts.append(roll)
+        gp.states[g] = advance_group(
+            gp.states[g], roll, pods, spec.pods_per_group, spec.restart_policy, obs.now
+        )
+        gp.events.append(EventSpec("Normal", EVENT_ROLLOUT, message))
+    return ro
+
+
+def rollout_inputs(
+    obs: Observed, decisions: Mapping[int, Decision], states: Mapping[int, GroupState]
+) -> RolloutInputs:
+    """The rollout's view of every group (after this pass's restart decisions)."""
+    assert obs.spec is not None
+    spec, rs = obs.spec, obs.rollout
+    groups = []
+    for g in range(spec.replicas):
+        pods = obs.pods.get(g, ())
+        state = states.get(g, GroupState(index=g))
+        busy = not isinstance(decisions.get(g, NoAction()), NoAction) or (
+            state.restarting_since is not None
+        )
+        target = (obs.desired_hashes or {}).get(g, "")
+        carried, shape = rs.carried.get(g, (None, None))
+        # The group's own signals: every rank formed (pod readiness) and its Serve deployment
+        # healthy where reported. Not the RayService's Ready, which is one bit for all groups.
+        ready = (
+            not busy
+            and group_pods_ready(pods, spec.pods_per_group)
+            and obs.rayservice.group_serving(g)
+        )
+        groups.append(
+            GroupRollout(
+                index=g,
+                target=target,
+                template=carried,
+                shape_ok=shape in (None, "", rs.shape_target),
+                pods_at_target=all(p.group_hash == target for p in live_pods(pods)),
+                ready=ready,
+                busy=busy,
+            )
+        )
+    stale_head = tuple(
+        p.uid
+        for p in live_pods(obs.head_pods)
+        if p.group_hash and rs.head_target and p.group_hash != rs.head_target
+    )
+    return RolloutInputs(
+        groups=groups,
+        head_target=rs.head_target,
+        head_template=rs.carried_head,
+        stale_head_pods=stale_head,
+        max_unavailable=spec.rollout.max_unavailable,
+        paused=spec.rollout.paused,
+    )
+
+
+def rollout_status(
+    obs: Observed, ro: RolloutPlan, states: Mapping[int, GroupState]
+) -> dict[str, Any]:
+    """``status.rollout``."""
+    assert obs.spec is not None
+    updating = sorted(g for g, st in states.items() if st.restart_trigger == TRIGGER_ROLLOUT)
+    out: dict[str, Any] = {
+        "targetHash": obs.rollout.spec_hash or None,
+        "updatedGroups": ro.updated,
+        "readyUpdatedGroups": ro.ready_updated,
+        "updated": f"{ro.ready_updated}/{obs.spec.replicas}",
+        "headUpdated": ro.head_at_target and not ro.head_pods,
+    }
+    if updating:
+        out["updating"] = updating
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def rollout_condition(ro: RolloutPlan) -> Condition:
+    """``Progressing``: True while groups are being replaced, False once complete or paused."""
+    status = "True" if ro.reason == REASON_ROLLING else "False"
+    return Condition.of(ConditionType.Progressing, status, ro.reason, ro.message)
+
+
+def rollout_targets(obs: Observed, p: Plan) -> tuple[frozenset[int], bool]:
+    """(groups rendered at the spec, head rendered at the spec) for the RayService: the plan's
+    rollout, or without one (nothing created yet) every group the RayService does not carry
+    at another template."""
+    if p.rollout is not None:
+        return p.rollout.target_groups, p.rollout.head_at_target
+    assert obs.spec is not None
+    rs, want = obs.rollout, obs.desired_hashes or {}
+    groups = frozenset(
+        g for g in range(obs.spec.replicas) if rs.carried.get(g, (None,))[0] in (None, want.get(g))
+    )
+    return groups, rs.carried_head in (None, rs.head_target)
+
+
+def rollout_sync_needed(obs: Observed, p: Plan) -> bool:
+    """Whether the RayService must be rendered again for the rollout's decision."""
+    if p.rollout is None or obs.spec is None:
+        return False
+    rs, want = obs.rollout, obs.desired_hashes or {}
+    groups, head = rollout_targets(obs, p)
+    for g in groups:
+        carried = rs.carried.get(g, (None,))[0]
+        if carried is not None and carried != want.get(g):
+            return True
+    return head and rs.carried_head not in (None, rs.head_target)
+
+
+def _rollout_events(current: Mapping[str, Any], desired: Mapping[str, Any]) -> list[EventSpec]:
+    """RolloutComplete when Progressing turns from RollingUpdate to RolloutComplete."""
+
+    def reason(status: Mapping[str, Any]) -> str | None:
+        for c in status.get("conditions") or []:
+            if isinstance(c, Mapping) and c.get("type") == ConditionType.Progressing:
+                return str(c.get("reason"))
+        return None
+
+    if reason(current) == REASON_ROLLING and reason(desired) == REASON_COMPLETE:
+        msg = next(
+            str(c.get("message"))
+            for c in desired.get("conditions") or []
+            if c.get("type") == ConditionType.Progressing
+        )
+        return [EventSpec("Normal", EVENT_ROLLOUT_DONE, msg)]
+    return []
 
 
 def waits_on_clock(obs: Observed, p: Plan) -> bool:
@@ -350,7 +560,9 @@ def _plan_groups(
         out.states[g] = advance_group(state, dec, pods, n_pods, policy, obs.now)
         if isinstance(dec, Restart):
             out.events.append(restart_event(out.states[g]))
-        elif isinstance(dec, ContinueRestart | RestartDone):
+        elif isinstance(dec, ContinueRestart | RestartDone) and (
+            state.restart_trigger != TRIGGER_ROLLOUT
+        ):
             # Planned again on every pass of a restart in progress: a process killed between
             # the status write and the Event leaves it to the next one (409 once posted).
             out.events.append(restart_event(state))

@@ -21,6 +21,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -211,45 +212,61 @@ def _hash(obj: Any) -> str:
 _HASH_NAME, _HASH_NAMESPACE = "dsi", "ns"
 
 
-def _prefix_hashes(head: dict[str, Any], workers: list[dict[str, Any]]) -> dict[int, str]:
-    """Group g -> hash of the head group plus the worker groups of groups 0..g.
+def _group_hashes(workers: list[dict[str, Any]]) -> dict[int, str]:
+    """Group g -> hash of group g's own worker groups (without the hash annotation).
 
-    This mirrors when KubeRay replaces pods: a RayService whose cluster spec changed only by
-    worker groups appended at the end is updated in place (existing pods stay); any other
-    change (head, or any existing group's template) makes KubeRay roll out a new RayCluster,
-    replacing every pod. So group g's pods are replaced exactly when this prefix hash changes.
-    ``workers`` must not carry the hash annotation yet.
+    The RayService carries ``upgradeStrategy: None``, so KubeRay never replaces pods after a
+    spec change; the operator replaces the pods of a group whose hash changed, group by group
+    (:mod:`dsi_operator.rollout`). A group's hash depends on nothing but its own templates.
     """
-    out: dict[int, str] = {}
-    prefix: list[dict[str, Any]] = []
     by_group: dict[int, list[dict[str, Any]]] = {}
     for w in workers:
         parsed = L.parse_worker_group_name(w["groupName"])
         assert parsed is not None
         by_group.setdefault(parsed[0], []).append(w)
-    for g in sorted(by_group):
-        prefix.extend(by_group[g])
-        out[g] = _hash({"rayVersion": L.RAY_VERSION, "head": head, "workers": prefix})
-    return out
+    return {g: _hash({"rayVersion": L.RAY_VERSION, "workers": ws}) for g, ws in by_group.items()}
 
 
 def spec_hash_by_group(s: DeepSpeedInferenceSpec, groups: int | None = None) -> dict[int, str]:
     """Per group g (of ``groups``, default ``replicas``): a hash of the worker pod templates
     g's pods are created from.
 
-    Equal hashes before and after a spec change mean KubeRay leaves g's pods alone; a
-    different hash means KubeRay replaces them (new RayCluster). The value is also on each
-    worker pod template as annotation ``deepspeed.ai/group-hash``. Changes that stay out of
-    the pod templates (serve settings, model name, restartPolicy) keep every hash; adding
-    groups keeps the existing groups' hashes.
+    A changed hash means g's pods must be replaced (the rollout does it); an equal one means
+    they stay. The value is also on each worker pod template as annotation
+    ``deepspeed.ai/group-hash``, so every pod says which template it came from. Changes that
+    stay out of the pod templates (serve settings, restartPolicy, rollout) keep every hash;
+    adding groups keeps the existing groups' hashes.
     """
-    head = head_group_spec(s, _HASH_NAME)
     workers = [
         _worker_group_spec(s, _HASH_NAME, _HASH_NAMESPACE, g, p)
         for g in range(s.replicas if groups is None else groups)
         for p in range(s.pods_per_group)
     ]
-    return _prefix_hashes(head, workers)
+    return _group_hashes(workers)
+
+
+def head_hash(s: DeepSpeedInferenceSpec) -> str:
+    """Hash of the head's template (annotation ``deepspeed.ai/head-hash`` on the head pod)."""
+    return _hash({"rayVersion": L.RAY_VERSION, "head": head_group_spec(s, _HASH_NAME)})
+
+
+#: The Serve app arguments that shape a group: a group formed under other values cannot serve.
+_SHAPE_ARGS = (
+    "model",
+    "dtype",
+    "tensor_parallel_size",
+    "ranks_per_pod",
+    "revision",
+    "device",
+    "kernel_inject",
+    "max_model_len",
+)
+
+
+def serve_shape_hash(s: DeepSpeedInferenceSpec) -> str:
+    """Hash of the Serve app arguments that shape a group (see ``_SHAPE_ARGS``)."""
+    args = serve_app_args(s)
+    return _hash({k: args.get(k) for k in _SHAPE_ARGS})
 
 
 def spec_hash(s: DeepSpeedInferenceSpec) -> str:
@@ -421,7 +438,7 @@ def head_group_spec(s: DeepSpeedInferenceSpec, name: str) -> dict[str, Any]:
     volumes, mounts = _model_volume(s)
     container: dict[str, Any] = {
         "name": L.HEAD_CONTAINER,
-        "image": s.image,
+        "image": s.head.image or s.image,
         "ports": [{"name": n, "containerPort": p} for n, p in _HEAD_PORTS]
         + [{"name": "serve", "containerPort": s.serve.port}],
         "resources": _quantity_resources(s.head.resources.cpu, s.head.resources.memory),
@@ -705,19 +722,81 @@ def _child_meta(
     }
 
 
+@dataclass(frozen=True)
+class Kept:
+    """Templates a rollout keeps from the current RayService (see :mod:`dsi_operator.rollout`):
+    the groups not replaced yet, and the head until its turn."""
+
+    head: dict[str, Any] | None = None  # headGroupSpec as the RayService carries it now
+    groups: Mapping[int, list[dict[str, Any]]] = field(default_factory=dict)  # g -> its workers
+    shapes: Mapping[int, str] = field(default_factory=dict)  # g -> serve shape it formed under
+
+
+def format_group_hashes(hashes: Mapping[int, tuple[str, str]]) -> str:
+    """``deepspeed.ai/group-hashes``: ``g=<template hash>/<serve shape>`` per group."""
+    return ",".join(f"{g}={h}/{shape}" for g, (h, shape) in sorted(hashes.items()))
+
+
+def parse_group_hashes(value: str | None) -> dict[int, tuple[str, str]]:
+    """Inverse of :func:`format_group_hashes` (malformed entries are skipped)."""
+    out: dict[int, tuple[str, str]] = {}
+    for part in (value or "").split(","):
+        g, _, rest = part.partition("=")
+        h, _, shape = rest.partition("/")
+        if g.isdigit() and h:
+            out[int(g)] = (h, shape)
+    return out
+
+
+def _mixed_workers(
+    s: DeepSpeedInferenceSpec, name: str, namespace: str, capacity: int, kept: Kept
+) -> tuple[list[dict[str, Any]], dict[int, tuple[str, str]]]:
+    """Worker groups in group order, kept groups as they are; and each group's hash/shape."""
+    shape = serve_shape_hash(s)
+    by_group: dict[int, list[dict[str, Any]]] = {}
+    for w in worker_group_specs(s, name, namespace, capacity):
+        parsed = L.parse_worker_group_name(w["groupName"])
+        assert parsed is not None
+        by_group.setdefault(parsed[0], []).append(w)
+    workers: list[dict[str, Any]] = []
+    hashes: dict[int, tuple[str, str]] = {}
+    for g in sorted(by_group):
+        old = kept.groups.get(g) if g < s.replicas else None
+        group = copy.deepcopy(old) if old else by_group[g]
+        ann = group[0]["template"]["metadata"].get("annotations") or {}
+        hashes[g] = (ann.get(L.ANNOTATION_GROUP_HASH, ""), kept.shapes.get(g, "") if old else shape)
+        workers.extend(group)
+    return workers, hashes
+
+
 def render_rayservice(
-    name: str, namespace: str, uid: str, s: DeepSpeedInferenceSpec, capacity: int = 0
+    name: str,
+    namespace: str,
+    uid: str,
+    s: DeepSpeedInferenceSpec,
+    capacity: int = 0,
+    kept: Kept | None = None,
 ) -> Manifest:
-    """The RayService ``<name>`` (``capacity``: see :func:`group_capacity`)."""
-    workers = worker_group_specs(s, name, namespace, capacity)
-    annotations = {L.ANNOTATION_SPEC_HASH: spec_hash(s)}
+    """The RayService ``<name>`` (``capacity``: see :func:`group_capacity`; ``kept``: the
+    templates a rollout in progress keeps from the current RayService)."""
+    kept = kept or Kept()
+    workers, hashes = _mixed_workers(s, name, namespace, capacity, kept)
+    head = copy.deepcopy(kept.head) if kept.head else head_group_spec(s, name)
+    if not kept.head:
+        head["template"]["metadata"].setdefault("annotations", {})[L.ANNOTATION_HEAD_HASH] = (
+            head_hash(s)
+        )
+    annotations = {
+        L.ANNOTATION_SPEC_HASH: spec_hash(s),
+        L.ANNOTATION_GROUP_HASHES: format_group_hashes(hashes),
+        L.ANNOTATION_RS_HEAD_HASH: (head["template"]["metadata"].get("annotations") or {}).get(
+            L.ANNOTATION_HEAD_HASH, ""
+        ),
+    }
     cap = group_capacity(s, capacity)
     if cap > s.replicas or capacity:
         annotations[L.ANNOTATION_GROUP_CAPACITY] = str(cap)
-    ray_cluster: dict[str, Any] = {
-        "rayVersion": L.RAY_VERSION,
-        "headGroupSpec": head_group_spec(s, name),
-    }
+    ray_cluster: dict[str, Any] = {"rayVersion": L.RAY_VERSION, "headGroupSpec": head}
     if workers:
         ray_cluster["workerGroupSpecs"] = workers
     return {
@@ -731,10 +810,10 @@ def render_rayservice(
             "ownerReferences": [owner_reference(name, uid)],
         },
         "spec": {
-            # Explicit, so a KubeRay started with ENABLE_ZERO_DOWNTIME=false still replaces the
-            # pods when the worker template changes (the controller relies on that to roll
-            # groups after a spec change).
-            "upgradeStrategy": {"type": "NewCluster"},
+            # KubeRay never replaces pods after a spec change (its NewCluster strategy would
+            # hold a second cluster, twice the GPUs, for the whole upgrade): the operator
+            # rolls the groups itself, one RayCluster throughout (dsi_operator.rollout).
+            "upgradeStrategy": {"type": "None"},
             "serveConfigV2": yaml.safe_dump(serve_config(s, capacity), sort_keys=False),
             "rayClusterConfig": ray_cluster,
         },
@@ -850,7 +929,12 @@ def render_network_policy(name: str, namespace: str, uid: str, group: int) -> Ma
 
 
 def render_children(
-    name: str, namespace: str, uid: str, s: DeepSpeedInferenceSpec, capacity: int = 0
+    name: str,
+    namespace: str,
+    uid: str,
+    s: DeepSpeedInferenceSpec,
+    capacity: int = 0,
+    kept: Kept | None = None,
 ) -> list[Manifest]:
     """Every child of the DSI: the RayService, the master Services in group order, the
     endpoint Service, then (spec.networkPolicy.enabled) the per-group NetworkPolicies.
@@ -864,7 +948,7 @@ def render_children(
         else []
     )
     return [
-        render_rayservice(name, namespace, uid, s, capacity),
+        render_rayservice(name, namespace, uid, s, capacity, kept),
         *render_master_services(name, namespace, uid, s),
         render_endpoint_service(name, namespace, uid, s),
         *policies,

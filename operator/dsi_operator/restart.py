@@ -115,6 +115,8 @@ class Restart:
     pod: str  # the pod that triggered it ("" when the group as a whole did, e.g. a deadline)
     reason: str  # human-readable message for the Event and status
     pods: tuple[str, ...]  # UIDs of every current pod of the group: all are replaced
+    #: False for a rollout replacing the group (not a failure: no budget, no backoff).
+    counted: bool = True
 
 
 @dataclass(frozen=True)

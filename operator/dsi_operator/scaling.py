@@ -1,18 +1,24 @@
-"""Scaling by whole groups without touching the others (pure).
+"""Keeping the running RayCluster in step with the RayService (pure): scaling by whole groups
+without touching the others, and the templates of a rollout.
 
 A scale-down keeps the removed groups in the RayService as worker groups at 0 replicas (see
 :func:`dsi_operator.render.group_capacity`). KubeRay compares a RayService with its
 RayCluster ignoring replica counts (``GenerateHashWithoutReplicasAndWorkersToDelete``), so
 such a change neither makes a new RayCluster (good: no pod of another group is replaced) nor
 reaches the running one (KubeRay leaves replica counts to the autoscaler). The operator
-therefore sets the replica counts of the running RayCluster itself, with a JSON patch that
-first tests each worker group's name at its index, so a concurrent change of the list by
-KubeRay makes the patch fail (422) instead of scaling the wrong group.
+therefore sets the replica counts of the running RayCluster itself.
+
+The same holds for templates: under ``upgradeStrategy: None`` KubeRay carries no template
+change over to the running RayCluster (only worker groups appended at the end, and only while
+the RayCluster's recorded hash still matches). So the operator writes the RayService's worker
+groups and head into the RayCluster itself (:func:`cluster_patch`), guarded by a ``test`` of
+the RayCluster's resourceVersion: a concurrent change makes the patch fail (422) and the next
+pass compares again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from . import labels as L
@@ -41,25 +47,38 @@ def cluster_names(rayservice: Mapping[str, Any] | None) -> list[str]:
     return [n for n in names if n]
 
 
-def replica_patch(
-    raycluster: Mapping[str, Any], workers: Sequence[Mapping[str, Any]]
-) -> list[dict[str, Any]]:
-    """JSON patch setting the RayCluster's worker-group replica counts to the rendered ones.
+def _worker_signature(w: Mapping[str, Any]) -> tuple[Any, ...]:
+    meta = (w.get("template") or {}).get("metadata") or {}
+    h = (meta.get("annotations") or {}).get(L.ANNOTATION_GROUP_HASH)
+    return (w.get("groupName"), h, *(w.get(k) for k in _COUNTS))
 
-    Only worker groups present in both are touched; [] when nothing differs.
+
+def _head_signature(head: Mapping[str, Any] | None) -> str | None:
+    meta = ((head or {}).get("template") or {}).get("metadata") or {}
+    return (meta.get("annotations") or {}).get(L.ANNOTATION_HEAD_HASH)
+
+
+def cluster_patch(
+    raycluster: Mapping[str, Any], rayservice: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """JSON patch making the RayCluster's worker groups (names, template hashes, replica
+    counts) and head template those of the RayService; [] when they already are.
+
+    Templates are compared by their hash annotations, which the operator's rendering sets on
+    every template: fields the API server defaults never count as a difference.
     """
-    wanted = {w["groupName"]: w for w in workers}
+    want = rayservice["spec"]["rayClusterConfig"]
+    want_workers = list(want.get("workerGroupSpecs") or [])
+    spec = raycluster.get("spec") or {}
+    have_workers = list(spec.get("workerGroupSpecs") or [])
     ops: list[dict[str, Any]] = []
-    groups = (raycluster.get("spec") or {}).get("workerGroupSpecs") or []
-    for i, current in enumerate(groups):
-        name = current.get("groupName")
-        w = wanted.get(name)
-        if w is None or all(current.get(k) == w.get(k) for k in _COUNTS):
-            continue
-        ops.append({"op": "test", "path": f"/spec/workerGroupSpecs/{i}/groupName", "value": name})
-        ops.extend(
-            {"op": "add", "path": f"/spec/workerGroupSpecs/{i}/{k}", "value": w[k]}
-            for k in _COUNTS
-            if k in w
-        )
-    return ops
+    if [_worker_signature(w) for w in have_workers] != [_worker_signature(w) for w in want_workers]:
+        op = "replace" if "workerGroupSpecs" in spec else "add"
+        ops.append({"op": op, "path": "/spec/workerGroupSpecs", "value": want_workers})
+    head = want.get("headGroupSpec")
+    if head is not None and _head_signature(spec.get("headGroupSpec")) != _head_signature(head):
+        ops.append({"op": "replace", "path": "/spec/headGroupSpec", "value": head})
+    if not ops:
+        return []
+    rv = (raycluster.get("metadata") or {}).get("resourceVersion")
+    return [{"op": "test", "path": "/metadata/resourceVersion", "value": rv}, *ops]

@@ -481,6 +481,17 @@ class HeadResources(_Model):
 class HeadSpec(_Model):
     """The Ray head pod: GCS, Serve controller and HTTP proxy; it never holds a rank."""
 
+    image: str | None = Field(
+        default=None,
+        description="Image of the head pod; spec.image when unset. A change of the head's pod "
+        "template (this image, or spec.image while this is unset) restarts the head and with it "
+        "every group at once: Ray keeps no worker across a head restart without GCS fault "
+        "tolerance. Pin it to roll a new worker image group by group (the Ray version must "
+        "match).",
+        min_length=1,
+        max_length=512,
+    )
+
     resources: HeadResources = Field(
         default_factory=HeadResources,
         description="CPU and memory of the head pod.",
@@ -838,8 +849,33 @@ class ClusterSpec(_Model):
         return tail or self.model.pvc.claim_name
 
 
+class RolloutSpec(_Model):
+    """How a change of the pods' templates reaches the running groups."""
+
+    max_unavailable: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Groups replaced at once. A group is replaced by deleting its pods, which "
+        "come back from the new template in the same RayCluster: no extra GPUs. Groups that are "
+        "not ready count against it; a stale group that is not ready is replaced first.",
+    )
+    paused: bool = Field(
+        default=False,
+        description="Stop replacing groups where the rollout stands (Serve settings still apply "
+        "at once). Groups already replaced stay; a failed group comes back at the template it "
+        "has.",
+    )
+
+
 class DeepSpeedInferenceSpec(ClusterSpec):
     """Desired state: a model served by replicas groups of tensorParallelSize ranks each."""
+
+    rollout: RolloutSpec = Field(
+        default_factory=RolloutSpec,
+        description="Group-by-group rollout of spec changes that touch the pods.",
+        json_schema_extra={"default": {}},
+    )
 
     serve: ServeSpec = Field(
         default_factory=ServeSpec,
@@ -881,6 +917,7 @@ class ConditionType(StrEnum):
     KubeRayAvailable = "KubeRayAvailable"
     RayServiceReady = "RayServiceReady"
     GroupsFormed = "GroupsFormed"
+    Progressing = "Progressing"
 
 
 class Condition(BaseModel):
@@ -890,7 +927,7 @@ class Condition(BaseModel):
 
     type: str = Field(
         description="Condition type: GPUOperatorReady, GPUCapacity, KubeRayAvailable, "
-        "RayServiceReady or GroupsFormed.",
+        "RayServiceReady, GroupsFormed or Progressing.",
         max_length=316,
     )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
@@ -987,6 +1024,32 @@ class GroupStatus(BaseModel):
     )
 
 
+class RolloutStatus(BaseModel):
+    """Where the rollout of the current spec stands."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    target_hash: str | None = Field(
+        default=None, description="deepspeed.ai/spec-hash of the spec being rolled out."
+    )
+    updated_groups: int = Field(
+        default=0, ge=0, description="Groups whose pods all run the current templates."
+    )
+    ready_updated_groups: int = Field(
+        default=0, ge=0, description="Updated groups that are ready (serving)."
+    )
+    updating: list[int] | None = Field(
+        default=None, description="Groups being replaced now (pods deleted, not back yet)."
+    )
+    head_updated: bool | None = Field(
+        default=None, description="Whether the head pod runs the current head template."
+    )
+    updated: str | None = Field(
+        default=None,
+        description="Ready updated groups over desired groups, e.g. '1/2' (printer column).",
+    )
+
+
 class DeepSpeedInferenceStatus(BaseModel):
     """Observed state, written by the operator: the only description of it. The status module
     computes a status and passes it through this model before writing, so a field missing
@@ -1020,9 +1083,12 @@ class DeepSpeedInferenceStatus(BaseModel):
     conditions: list[Condition] = Field(
         default_factory=list,
         description="GPUOperatorReady, GPUCapacity, KubeRayAvailable, RayServiceReady, "
-        "GroupsFormed.",
+        "GroupsFormed, Progressing.",
     )
     groups: list[GroupStatus] = Field(default_factory=list, description="Per-group state.")
+    rollout: RolloutStatus | None = Field(
+        default=None, description="Group-by-group rollout of the current spec."
+    )
 
 
 class DeepSpeedInference(BaseModel):

@@ -152,25 +152,30 @@ def advance_group(
 ) -> GroupState:
     """The group's bookkeeping after ``decision`` (and after observing ``pods``).
 
-    * Restart: counted, marked in progress with the UIDs to replace, membership cleared.
+    * Restart: marked in progress with the UIDs to replace, membership cleared; counted
+      unless it is a rollout's.
     * RestartDone: in-progress marker cleared; the formation clock waits for the new pods.
     * otherwise: record membership when the group's pods become ready; start the formation
       clock once every pod of the group is Running (scheduled, containers started).
     """
     if isinstance(decision, Restart):
-        kept = tuple(recent_restarts(state, policy, now)) + (now,)
-        return replace(
+        replacing = replace(
             state,
-            restarts=state.restarts + 1,
-            restart_times=kept,
-            last_restart_time=now,
-            last_restart_reason=f"{decision.trigger}: {decision.reason}",
             restarting_since=now,
             restart_trigger=decision.trigger,
             restart_pods=decision.pods,
             members=(),
             formed_at=None,
             forming_since=None,
+        )
+        if not decision.counted:  # a rollout replacing the group: no budget, no history
+            return replacing
+        return replace(
+            replacing,
+            restarts=state.restarts + 1,
+            restart_times=tuple(recent_restarts(state, policy, now)) + (now,),
+            last_restart_time=now,
+            last_restart_reason=f"{decision.trigger}: {decision.reason}",
         )
     if isinstance(decision, RestartDone):
         present = {p.uid for p in pods}
@@ -324,6 +329,8 @@ class StatusInputs:
     new_restarts: int = 0  # restarts started by this evaluation
     group_hashes: Mapping[int, str] = field(default_factory=dict)  # group -> template hash
     ranks_per_pod: int = 1
+    rollout: Mapping[str, Any] | None = None  # status.rollout
+    rollout_condition: Condition | None = None  # Progressing
 
     @property
     def pods_per_group(self) -> int:
@@ -370,6 +377,10 @@ def compute_status(inp: StatusInputs) -> dict[str, Any]:
     if inp.endpoint and inp.children_created:
         base["endpoint"] = inp.endpoint
     conditions = [*inp.preflight, *_serving_conditions(inp, gs)]
+    if inp.rollout_condition is not None:
+        conditions.append(inp.rollout_condition)
+    if inp.rollout is not None:
+        base["rollout"] = dict(inp.rollout)
     base["conditions"] = merge_conditions(prev_conditions, conditions, inp.generation, inp.now)
     if inp.failed_reason is not None:
         base["failedReason"] = inp.failed_reason
@@ -413,7 +424,11 @@ def _groups(inp: StatusInputs) -> _Groups:
             out.ready.append(g)
         if state.restarting_since is not None:
             gphase = PHASE_RESTARTING
-            out.restarting.append(f"group {g} restarting ({state.restart_trigger})")
+            out.restarting.append(
+                f"group {g} being replaced by the rollout"
+                if state.restart_trigger == "Rollout"
+                else f"group {g} restarting ({state.restart_trigger})"
+            )
         elif isinstance(dec, Wait):
             gphase = PHASE_RESTARTING
             out.restarting.append(

@@ -1,6 +1,9 @@
-"""Scaling a serving resource for real: `kubectl scale dsi` down and up again while requests
-flow. The group that stays keeps its pods, its Serve epoch (no re-forming, no model reload)
-and keeps answering; the removed group's pods go; scaling back up forms it again."""
+"""Scaling and rolling out a serving resource for real, while requests flow.
+
+`kubectl scale dsi` down and up again: the group that stays keeps its pods, its Serve epoch
+(no re-forming, no model reload) and keeps answering; the removed group's pods go; scaling
+back up forms it again. A change of the worker templates then replaces one group at a time:
+the other keeps answering, and no more worker pods run than the spec asks for."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from dsi_localcluster.wait import wait_for
+from dsi_localcluster.harness import worker_pod_count
+from dsi_localcluster.wait import sampling, wait_for
 from e2e_stack import Stack, background_load
 
 
@@ -71,3 +75,59 @@ def test_scale_down_and_up_leaves_the_staying_group_serving(scaled_stack: Stack)
     assert load.ok_share() == 1.0, load.summary()
     groups = (st.dsi().get("status") or {}).get("groups") or []
     assert [g.get("restarts", 0) for g in groups] == [0, 0], st.dump()
+
+
+class _PodPeak:
+    """Peaks of the worker pods while a rollout runs: the live ones and all of them
+    (Terminating pods still hold their GPUs until they are gone)."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack, self.live, self.all = stack, 0, 0
+
+    def sample(self) -> None:
+        live, every = worker_pod_count(self.stack.kube.core, self.stack.namespace, self.stack.name)
+        self.all, self.live = max(self.all, every), max(self.live, live)
+
+
+def test_a_rollout_replaces_one_group_at_a_time_while_requests_flow(scaled_stack: Stack) -> None:
+    st = scaled_stack
+    before = {g: st.uids(g) for g in (0, 1)}
+    assert all(before.values()), st.dump()
+    # A change of the worker templates only (the head keeps its pod): /dev/shm's size.
+    patch = {"spec": {"gpu": {"sharedMemorySize": "320Mi"}}}
+    t0 = time.monotonic()
+    peak = _PodPeak(st)
+    with background_load(st) as load, sampling(peak.sample, 0.5):
+        st.kubectl(
+            "patch", "dsi", st.name, "-n", st.namespace, "--type=merge", "-p", json.dumps(patch)
+        )
+
+        def rolled_out() -> bool:
+            status = st.dsi().get("status") or {}
+            progressing = next(
+                (c for c in status.get("conditions") or [] if c["type"] == "Progressing"), {}
+            )
+            return (
+                progressing.get("reason") == "RolloutComplete"
+                and status.get("phase") == "Ready"
+                and all(st.uids(g) and st.uids(g).isdisjoint(before[g]) for g in (0, 1))
+            )
+
+        wait_for(rolled_out, 900, "both groups replaced and Ready", dump=st.dump, interval=1)
+        took = time.monotonic() - t0
+        since = time.monotonic()
+        wait_for(
+            lambda: load.answered(0, since) and load.answered(1, since),
+            120,
+            "both groups answer",
+            dump=st.dump,
+        )
+    status = st.dsi()["status"]
+    print(
+        f"\n[e2e] rollout of 2 groups x 2 pods: {took:.0f}s ({took / 2:.0f}s per group); "
+        f"requests meanwhile: {load.summary()}; peak worker pods {peak.live} live, "
+        f"{peak.all} counting Terminating (spec: 4)"
+    )
+    assert status["restarts"] == 0, st.dump()
+    assert peak.live <= 4, f"{peak.live} live worker pods during the rollout"
+    assert load.ok_share() == 1.0, load.summary()

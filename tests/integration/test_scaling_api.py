@@ -17,6 +17,7 @@ from dsi_localcluster.harness import (
     dsi_manifest,
     formed_pods,
     get_dsi,
+    ray_clusters,
     worker_pods,
 )
 from dsi_localcluster.wait import wait_for
@@ -27,14 +28,7 @@ TP = 2
 
 
 def _clusters(kube: Any, namespace: str, name: str) -> list[str]:
-    items = kube.custom.list_namespaced_custom_object(
-        "ray.io",
-        "v1",
-        namespace,
-        "rayclusters",
-        label_selector=f"ray.io/originated-from-cr-name={name}",
-    )["items"]
-    return sorted(c["metadata"]["name"] for c in items)
+    return ray_clusters(kube.custom, namespace, name)
 
 
 def _dump(kube: Any, namespace: str, name: str, op: Any) -> Callable[[], str]:

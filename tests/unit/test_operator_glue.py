@@ -7,6 +7,7 @@ import asyncio
 
 from dsi_operator.__main__ import _exact, parse_args
 from dsi_operator.observe import (
+    HEAD_GROUP,
     node_info,
     node_summary,
     pod_info,
@@ -50,7 +51,14 @@ def test_pod_info() -> None:
     assert p.node_name == "n1" and p.cluster == "x-abcde" and p.group_hash == "h1"
     head = worker_pod()
     head["metadata"]["labels"]["deepspeed.ai/role"] = "head"  # type: ignore[index]
-    assert pod_info(head) is None
+    head["metadata"]["annotations"] = {"deepspeed.ai/head-hash": "hh"}  # type: ignore[index]
+    # The head is indexed too: the rollout reads which head template it came from.
+    got = pod_info(head)
+    assert got is not None and got[0] == HEAD_GROUP and got[1].group_hash == "hh"
+    foreign = worker_pod()
+    for k in ("deepspeed.ai/role", "deepspeed.ai/group", "deepspeed.ai/rank"):
+        del foreign["metadata"]["labels"][k]  # type: ignore[index]
+    assert pod_info(foreign) is None
 
 
 def test_node_summary_and_readiness() -> None:

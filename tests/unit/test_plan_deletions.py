@@ -188,3 +188,30 @@ def test_only_a_resource_with_a_clock_running_needs_the_ticker() -> None:
     bad = obs({})
     bad.spec, bad.invalid = None, "spec.tensorParallelSize: must be >= 1"
     assert not waits_on_clock(bad, plan(bad))
+
+
+def _restarting(since: datetime, pods: dict[int, list[PodInfo]]) -> Observed:
+    o = obs(pods)
+    o.status = {
+        "groups": [
+            {
+                "index": 0,
+                "restartingSince": iso_precise(since),
+                "restartTrigger": "PodFailed",
+                "restartPods": ["g0u0", "g0u1"],
+            }
+        ]
+    }
+    return o
+
+
+def test_a_restart_kept_waiting_by_kuberay_past_its_expectations_nudges_it() -> None:
+    since = NOW - timedelta(seconds=40)
+    # One replacement pod came, the other did not: KubeRay skipped the group.
+    p = plan(_restarting(since, {0: [pod(0, 0, uid="new0")]}))
+    assert p.nudge == f"g0-{since.timestamp():.0f}-1"
+    later = plan(_restarting(NOW - timedelta(seconds=75), {0: []}))
+    assert later.nudge is not None and later.nudge.endswith("-2")  # once per 35 s window
+    assert plan(_restarting(NOW - timedelta(seconds=10), {0: []})).nudge is None
+    both = {0: [pod(0, 0, uid="new0"), pod(0, 1, uid="new1")]}
+    assert plan(_restarting(since, both)).nudge is None  # the replacements are there

@@ -26,9 +26,11 @@ from dsi_operator.render import (
     NCCL_DEFAULTS,
     expected_pods,
     expected_ranks,
+    head_hash,
     render_body,
     render_children,
     serve_config,
+    serve_shape_hash,
     spec_hash_by_group,
 )
 from dsi_operator.spec import DEFAULT_WORKER_IMAGE, parse_spec
@@ -522,8 +524,6 @@ def test_scaling_up_keeps_existing_groups() -> None:
         {"env": [{"name": "X", "value": "1"}]},
         {"masterPort": 29501},
         {"model": {"pvc": {"claimName": "weights"}}},
-        {"head": {"resources": {"cpu": "3"}}},
-        {"serve": {"port": 9000}},
         {"podTemplate": {"annotations": {"a": "b"}}},
     ],
 )
@@ -532,6 +532,44 @@ def test_pod_template_changes_roll_every_group(change: dict[str, Any]) -> None:
     changed = spec_hash_by_group(parse_spec({**CASES["tp2-replicas3"], **change}))
     assert all(changed[g] != base[g] for g in base)
     assert len(set(base.values())) == len(base)  # groups differ from each other
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"head": {"resources": {"cpu": "3"}}},
+        {"head": {"image": "head:2"}},
+        {"serve": {"port": 9000}},
+    ],
+)
+def test_head_only_changes_keep_group_hashes_and_move_the_head_hash(
+    change: dict[str, Any],
+) -> None:
+    base = parse_spec(CASES["tp2-replicas3"])
+    changed = parse_spec({**CASES["tp2-replicas3"], **change})
+    assert spec_hash_by_group(changed) == spec_hash_by_group(base)
+    assert head_hash(changed) != head_hash(base)
+
+
+def test_image_moves_head_and_groups_unless_the_head_image_is_pinned() -> None:
+    base = parse_spec({**CASES["tp2-replicas3"], "image": "w:1"})
+    bumped = parse_spec({**CASES["tp2-replicas3"], "image": "w:2"})
+    assert head_hash(bumped) != head_hash(base)
+    pinned = {**CASES["tp2-replicas3"], "head": {"image": "w:1"}}
+    assert head_hash(parse_spec({**pinned, "image": "w:2"})) == head_hash(base)
+    assert spec_hash_by_group(parse_spec({**pinned, "image": "w:2"})) == spec_hash_by_group(bumped)
+
+
+def test_serve_shape_moves_with_model_and_tp_not_with_batching() -> None:
+    base = parse_spec(CASES["tp2-replicas3"])
+    for change in ({"model": {"name": "other/m"}}, {"tensorParallelSize": 4}):
+        assert serve_shape_hash(parse_spec({**CASES["tp2-replicas3"], **change})) != (
+            serve_shape_hash(base)
+        )
+    batching = {"serve": {"maxBatchSize": 32, "maxNewTokens": 64}}
+    assert serve_shape_hash(parse_spec({**CASES["tp2-replicas3"], **batching})) == (
+        serve_shape_hash(base)
+    )
 
 
 def test_hash_does_not_depend_on_name_or_namespace() -> None:

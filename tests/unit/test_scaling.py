@@ -4,13 +4,14 @@ Serve replaces no replica of the groups that stay; the RayCluster replica patch.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import yaml
 from dsi_localcluster.builders import DSIWrapper
 from dsi_operator import labels as L
 from dsi_operator.render import render_children, serve_app_args, spec_hash_by_group
-from dsi_operator.scaling import cluster_names, previous_capacity, replica_patch
+from dsi_operator.scaling import cluster_names, cluster_patch, previous_capacity
 from dsi_operator.spec import parse_spec
 
 UID = "00000000-0000-0000-0000-0000000000cc"
@@ -123,18 +124,29 @@ def test_cluster_names_active_and_pending() -> None:
     assert cluster_names({"status": {}}) == [] and cluster_names(None) == []
 
 
-def test_replica_patch_tests_names_and_sets_counts() -> None:
-    workers = _workers(_rs(1, capacity=2))
-    cluster = {"spec": {"workerGroupSpecs": _workers(_rs(2))}}
-    ops = replica_patch(cluster, workers)
-    assert ops == [
-        {"op": "test", "path": "/spec/workerGroupSpecs/2/groupName", "value": "g1-r0"},
-        {"op": "add", "path": "/spec/workerGroupSpecs/2/replicas", "value": 0},
-        {"op": "add", "path": "/spec/workerGroupSpecs/2/minReplicas", "value": 0},
-        {"op": "add", "path": "/spec/workerGroupSpecs/2/maxReplicas", "value": 0},
-        {"op": "test", "path": "/spec/workerGroupSpecs/3/groupName", "value": "g1-r1"},
-        {"op": "add", "path": "/spec/workerGroupSpecs/3/replicas", "value": 0},
-        {"op": "add", "path": "/spec/workerGroupSpecs/3/minReplicas", "value": 0},
-        {"op": "add", "path": "/spec/workerGroupSpecs/3/maxReplicas", "value": 0},
-    ]
-    assert replica_patch({"spec": {"workerGroupSpecs": workers}}, workers) == []
+def test_cluster_patch_sets_counts_guarded_by_the_resource_version() -> None:
+    rs = _rs(1, capacity=2)
+    cluster = {
+        "metadata": {"resourceVersion": "42"},
+        "spec": {
+            "headGroupSpec": rs["spec"]["rayClusterConfig"]["headGroupSpec"],
+            "workerGroupSpecs": _workers(_rs(2)),
+        },
+    }
+    ops = cluster_patch(cluster, rs)
+    assert ops[0] == {"op": "test", "path": "/metadata/resourceVersion", "value": "42"}
+    assert ops[1]["path"] == "/spec/workerGroupSpecs" and ops[1]["op"] == "replace"
+    assert [w["replicas"] for w in ops[1]["value"]] == [1, 1, 0, 0]
+    assert len(ops) == 2  # the head is the same
+    in_step = {"metadata": {"resourceVersion": "43"}, "spec": rs["spec"]["rayClusterConfig"]}
+    assert cluster_patch(in_step, rs) == []
+
+
+def test_cluster_patch_carries_a_new_head_template() -> None:
+    rs = _rs(1)
+    head = copy.deepcopy(rs["spec"]["rayClusterConfig"]["headGroupSpec"])
+    head["template"]["metadata"]["annotations"][L.ANNOTATION_HEAD_HASH] = "old"
+    cluster = {"metadata": {"resourceVersion": "7"}, "spec": {**rs["spec"]["rayClusterConfig"]}}
+    cluster["spec"]["headGroupSpec"] = head
+    ops = cluster_patch(cluster, rs)
+    assert [o["path"] for o in ops] == ["/metadata/resourceVersion", "/spec/headGroupSpec"]

@@ -78,7 +78,7 @@ equal, and tests/integration/test_rbac.py checks every verb is used by the opera
   verbs: ["patch"]
 - apiGroups: ["ray.io"]
   resources: ["rayservices"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["ray.io"]
   resources: ["rayclusters"]
   verbs: ["get", "patch"]
