@@ -459,7 +459,7 @@ def test_all_namespaces_mode_uses_its_extra_rows(
 
 def run_scenario(kube: Any, namespace: str, name: str, log_tail: Callable[[], str]) -> None:
     """Apply (with per-group NetworkPolicies), wait for children and status, restart a
-    group, scale down."""
+    group, roll out a change, scale down."""
     body = dsi_manifest(name, tp=2, replicas=2, networkPolicy={"enabled": True})
     kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
 
@@ -511,6 +511,24 @@ def run_scenario(kube: Any, namespace: str, name: str, log_tail: Callable[[], st
 
     wait_for(rank0_replaced, 120, "group 0's other rank replaced too", dump=log_tail)
 
+    # A rollout (a worker-only change): a stale group's templates are read from the
+    # RayService, the new ones written into the RayCluster, the groups' pods replaced one by one.
+    before = {p.metadata.uid for p in worker_pods(kube.core, namespace, name).values()}
+    kube.custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, name, {"spec": {"gpu": {"sharedMemorySize": "2Gi"}}}
+    )
+
+    def rolled_out() -> bool:
+        st = get_dsi(kube.custom, namespace, name).get("status") or {}
+        done = any(
+            c.get("type") == "Progressing" and c.get("reason") == "RolloutComplete"
+            for c in st.get("conditions") or []
+        )
+        now = {p.metadata.uid for p in worker_pods(kube.core, namespace, name).values()}
+        return done and len(now) == 4 and not now & before
+
+    wait_for(rolled_out, 120, "both groups replaced by the rollout", dump=log_tail)
+
     # Scale down: group 1's master Service must go.
     kube.custom.patch_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, name, {"spec": {"replicas": 1}}
@@ -529,6 +547,7 @@ def run_scenario(kube: Any, namespace: str, name: str, log_tail: Callable[[], st
         return f"{name}-g1-ranks" not in {p.metadata.name for p in pols.items}
 
     wait_for(g1_policy_gone, 120, "group 1's NetworkPolicy deleted", dump=log_tail)
+
     # Let a few reconcile ticks pass so the periodic reads (preflight facts) are recorded.
     time.sleep(3)
 

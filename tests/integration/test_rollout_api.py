@@ -250,3 +250,25 @@ def test_a_head_change_replaces_the_head_and_every_group_at_once(
     assert set(after.values()).isdisjoint(before.values()), dump()
     assert _clusters(kube, namespace, name) == clusters, "a second RayCluster appeared"
     assert st["restarts"] == 0, dump()
+
+
+def test_a_serve_only_change_restarts_no_pod(kube: Any, namespace: str, operator: Any) -> None:
+    name, replicas = "serveonly", 2
+    body = dsi_manifest(name, tp=TP, replicas=replicas)
+    dump, before = _create_formed(kube, namespace, body, replicas, operator)
+
+    _patch(kube, namespace, name, {"serve": {"maxBatchSize": 3, "maxNewTokens": 77}})
+
+    def applied() -> bool:
+        rs = kube.custom.get_namespaced_custom_object(
+            "ray.io", "v1", namespace, "rayservices", name
+        )
+        return "max_new_tokens: 77" in rs["spec"]["serveConfigV2"]
+
+    wait_for(applied, 60, "the Serve config carries the change", dump)
+    time.sleep(5)  # several passes: none may replace a group
+    now = {k: p.metadata.uid for k, p in worker_pods(kube.core, namespace, name).items()}
+    assert now == before, dump()
+    st = get_dsi(kube.custom, namespace, name)["status"]
+    assert _condition(st, "Progressing").get("reason") == "RolloutComplete", dump()
+    assert "GroupRollout" not in _reasons(kube, namespace, name)
