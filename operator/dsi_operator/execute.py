@@ -103,10 +103,8 @@ async def _kept_templates(
         if parsed_name is not None and parsed_name[0] in keep:
             by_group.setdefault(parsed_name[0], []).append(w)
     annotations = (current.get("metadata") or {}).get("annotations") or {}
-    shapes = {
-        g: shape
-        for g, (_, shape) in parse_group_hashes(annotations.get(L.ANNOTATION_GROUP_HASHES)).items()
-    }
+    recorded = parse_group_hashes(annotations.get(L.ANNOTATION_GROUP_HASHES))
+    shapes = {g: t.shape for g, t in recorded.items()}
     head = None if head_at_target else config.get("headGroupSpec")
     return Kept(head=head, groups=by_group, shapes=shapes)
 

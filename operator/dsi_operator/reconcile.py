@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from . import labels as L
 from .observe import HEAD_GROUP
 from .preflight import GPUNeeds, PreflightResult
+from .render import GroupTemplate
 from .restart import (
     ContinueRestart,
     Decision,
@@ -108,11 +109,19 @@ class EventSpec:
 class RolloutState:
     """The hashes the rollout compares: what the RayService carries and what the spec wants."""
 
-    carried: Mapping[int, tuple[str, str]] = field(default_factory=dict)  # g -> (hash, shape)
+    carried: Mapping[int, GroupTemplate] = field(default_factory=dict)
     carried_head: str | None = None
     head_target: str = ""
     shape_target: str = ""
     spec_hash: str = ""
+
+    def shape(self, g: int, spec: DeepSpeedInferenceSpec) -> tuple[int, int]:
+        """(pods, ranks per pod) group g has now: its templates' in the RayService (a group a
+        TP-size rollout has not reached yet keeps its old shape), else the spec's."""
+        t = self.carried.get(g)
+        if t is None or not t.tp or not t.ranks_per_pod:
+            return spec.pods_per_group, spec.ranks_per_pod
+        return max(t.tp // t.ranks_per_pod, 1), t.ranks_per_pod
 
 
 @dataclass
@@ -266,6 +275,11 @@ def plan(obs: Observed) -> Plan:
         group_hashes=obs.desired_hashes or {},
         rollout=rollout_status(obs, ro, gp.states) if ro is not None else None,
         rollout_condition=rollout_condition(ro) if ro is not None else None,
+        group_shapes={
+            g: shape
+            for g in range(spec.replicas)
+            if (shape := obs.rollout.shape(g, spec)) != (spec.pods_per_group, spec.ranks_per_pod)
+        },
     )
     desired = compute_status(inputs)
     events = gp.events + _phase_events(current, desired) + _preflight_events(current, desired)
@@ -300,7 +314,8 @@ def kuberay_nudge(obs: Observed, states: Mapping[int, GroupState]) -> str | None
             continue
         waited = (obs.now - st.restarting_since).total_seconds()
         new = {p.rank for p in live_pods(obs.pods.get(g, ())) if p.uid not in st.restart_pods}
-        if waited >= NUDGE_AFTER_SECONDS and not new >= set(range(obs.spec.pods_per_group)):
+        n_pods = obs.rollout.shape(g, obs.spec)[0]
+        if waited >= NUDGE_AFTER_SECONDS and not new >= set(range(n_pods)):
             return (
                 f"g{g}-{st.restarting_since.timestamp():.0f}-{int(waited // NUDGE_AFTER_SECONDS)}"
             )
@@ -322,7 +337,7 @@ def _plan_rollout(obs: Observed, gp: _GroupsPlan, blocking: str | None) -> Rollo
         gp.decisions[g] = roll
         gp.restarts.append(roll)
         gp.states[g] = advance_group(
-            gp.states[g], roll, pods, spec.pods_per_group, spec.restart_policy, obs.now
+            gp.states[g], roll, pods, obs.rollout.shape(g, spec)[0], spec.restart_policy, obs.now
         )
         gp.events.append(EventSpec("Normal", EVENT_ROLLOUT, message))
     return ro
@@ -342,20 +357,20 @@ def rollout_inputs(
             state.restarting_since is not None
         )
         target = (obs.desired_hashes or {}).get(g, "")
-        carried, shape = rs.carried.get(g, (None, None))
+        carried = rs.carried.get(g)
         # The group's own signals: every rank formed (pod readiness) and its Serve deployment
         # healthy where reported. Not the RayService's Ready, which is one bit for all groups.
         ready = (
             not busy
-            and group_pods_ready(pods, spec.pods_per_group)
+            and group_pods_ready(pods, rs.shape(g, spec)[0])
             and obs.rayservice.group_serving(g)
         )
         groups.append(
             GroupRollout(
                 index=g,
                 target=target,
-                template=carried,
-                shape_ok=shape in (None, "", rs.shape_target),
+                template=carried.hash if carried else None,
+                shape_ok=carried is None or carried.shape in ("", rs.shape_target),
                 pods_at_target=all(p.group_hash == target for p in live_pods(pods)),
                 ready=ready,
                 busy=busy,
@@ -538,9 +553,9 @@ def _plan_groups(
 ) -> _GroupsPlan:
     """The decision for every group, and each group's bookkeeping after it."""
     assert obs.spec is not None
-    n_pods = obs.spec.pods_per_group
     out = _GroupsPlan(failed_reason=failed_reason)
     for g in range(obs.spec.replicas):
+        n_pods = obs.rollout.shape(g, obs.spec)[0]
         state = _follow_cluster_switch(states.get(g, GroupState(index=g)), obs.pods.get(g, ()), obs)
         pods = obs.pods.get(g, ())
         dec: Decision = NoAction()

@@ -22,7 +22,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -126,7 +126,6 @@ def serve_app_args(s: DeepSpeedInferenceSpec, capacity: int = 0) -> dict[str, An
     args: dict[str, Any] = {
         "model": model_location(s),
         "dtype": s.model.dtype.value,
-        "tensor_parallel_size": s.tensor_parallel_size,
         # Deployments built; which of them serve is user_config (see serve_config).
         "num_groups": max(group_capacity(s, capacity), 1),
         "max_batch_size": s.serve.max_batch_size,
@@ -139,10 +138,6 @@ def serve_app_args(s: DeepSpeedInferenceSpec, capacity: int = 0) -> dict[str, An
         "device": "cuda" if s.resources.gpus > 0 else "cpu",
         "control_resource": L.HEAD_RAY_RESOURCE,
     }
-    if s.ranks_per_pod > 1:
-        # Only when > 1: args are hashed into Serve's code version, and a new key would make
-        # Serve replace the replicas of every existing resource on an operator upgrade.
-        args["ranks_per_pod"] = s.ranks_per_pod
     if s.model.revision is not None and s.model.pvc is None:
         args["revision"] = s.model.revision
     if s.serve.max_model_len is not None:
@@ -154,41 +149,65 @@ def serve_app_args(s: DeepSpeedInferenceSpec, capacity: int = 0) -> dict[str, An
     return args
 
 
-def serve_deployment_overrides(s: DeepSpeedInferenceSpec, capacity: int) -> list[dict[str, Any]]:
-    """Per-deployment ``user_config`` switching groups on and off without replacing replicas.
+#: (tensor_parallel_size, ranks_per_pod) of one group.
+GroupShape = tuple[int, int]
+
+
+def serve_deployment_overrides(
+    s: DeepSpeedInferenceSpec, capacity: int, shapes: Mapping[int, GroupShape] | None = None
+) -> list[dict[str, Any]]:
+    """Per-deployment ``user_config``: which groups are on, and each group's TP shape.
 
     Serve applies a changed ``user_config`` by calling the replica's ``reconfigure`` (the
-    app's code version hashes only import path, runtime_env and args), so the groups that stay
-    keep their rank actors and loaded model. Rendered only once a resource has carried more
-    groups than it serves (``capacity > replicas`` at some point): a resource never scaled down
-    renders exactly what it did before.
+    app's code version hashes only import path, runtime_env and args), so the groups whose
+    config stays keep their rank actors and loaded model. The TP shape is per group, not an
+    app arg, so a TP-size change reaches one group at a time (``shapes``: the groups a rollout
+    has not replaced yet keep theirs).
     """
-    out: list[dict[str, Any]] = [
-        {"name": L.serve_group_deployment(g), "user_config": {"active": g < s.replicas}}
-        for g in range(capacity)
-    ]
+    shapes = shapes or {}
+    out: list[dict[str, Any]] = []
+    for g in range(capacity):
+        tp, k = shapes.get(g, (s.tensor_parallel_size, s.ranks_per_pod))
+        config: dict[str, Any] = {"active": g < s.replicas, "tensor_parallel_size": tp}
+        if k > 1:
+            config["ranks_per_pod"] = k
+        out.append({"name": L.serve_group_deployment(g), "user_config": config})
     out.append({"name": L.SERVE_INGRESS_DEPLOYMENT, "user_config": {"active_groups": s.replicas}})
     return out
 
 
-def serve_config(s: DeepSpeedInferenceSpec, capacity: int = 0) -> dict[str, Any]:
+def serve_config(
+    s: DeepSpeedInferenceSpec, capacity: int = 0, shapes: Mapping[int, GroupShape] | None = None
+) -> dict[str, Any]:
     """The RayService's serveConfigV2, as a dict (rendered as YAML text into the RayService).
 
-    ``capacity``: the group capacity recorded on the current RayService (0: none recorded).
+    ``capacity``: the group capacity recorded on the current RayService (0: none recorded);
+    ``shapes``: groups whose TP shape is not the spec's yet (a rollout in progress).
     """
     app: dict[str, Any] = {
         "name": L.SERVE_APP_NAME,
         "import_path": L.SERVE_IMPORT_PATH,
         "route_prefix": s.serve.route_prefix,
         "args": serve_app_args(s, capacity),
+        "deployments": serve_deployment_overrides(s, group_capacity(s, capacity), shapes),
     }
-    cap = group_capacity(s, capacity)
-    if cap > s.replicas or capacity:
-        app["deployments"] = serve_deployment_overrides(s, cap)
     config: dict[str, Any] = {"applications": [app]}
     if s.serve.port != L.DEFAULT_SERVE_PORT:
         config["http_options"] = {"host": "0.0.0.0", "port": s.serve.port}
     return config
+
+
+def worker_group_shape(workers: list[dict[str, Any]]) -> GroupShape | None:
+    """(tensor_parallel_size, ranks_per_pod) of one group's worker groups, from the ranks
+    each pins (``rayStartParams.resources``); None when they do not say."""
+    counts: list[int] = []
+    for w in workers:
+        raw = str((w.get("rayStartParams") or {}).get("resources", "")).strip("'\"")
+        try:
+            counts.append(len(json.loads(raw)))
+        except ValueError:
+            return None
+    return (sum(counts), counts[0]) if counts and counts[0] else None
 
 
 def ray_resources_param(group: int, ranks: range) -> str:
@@ -250,12 +269,11 @@ def head_hash(s: DeepSpeedInferenceSpec) -> str:
     return _hash({"rayVersion": L.RAY_VERSION, "head": head_group_spec(s, _HASH_NAME)})
 
 
-#: The Serve app arguments that shape a group: a group formed under other values cannot serve.
+#: The Serve app arguments every group shares: a change of one reaches all groups at once (the
+#: TP shape is per group, see serve_deployment_overrides).
 _SHAPE_ARGS = (
     "model",
     "dtype",
-    "tensor_parallel_size",
-    "ranks_per_pod",
     "revision",
     "device",
     "kernel_inject",
@@ -732,26 +750,40 @@ class Kept:
     shapes: Mapping[int, str] = field(default_factory=dict)  # g -> serve shape it formed under
 
 
-def format_group_hashes(hashes: Mapping[int, tuple[str, str]]) -> str:
-    """``deepspeed.ai/group-hashes``: ``g=<template hash>/<serve shape>`` per group."""
-    return ",".join(f"{g}={h}/{shape}" for g, (h, shape) in sorted(hashes.items()))
+class GroupTemplate(NamedTuple):
+    """What the RayService records of one group's templates (``deepspeed.ai/group-hashes``)."""
+
+    hash: str  # deepspeed.ai/group-hash of its worker templates
+    shape: str  # serve_shape_hash they were rendered under
+    tp: int = 0  # tensor_parallel_size (0: not recorded)
+    ranks_per_pod: int = 0
 
 
-def parse_group_hashes(value: str | None) -> dict[int, tuple[str, str]]:
-    """Inverse of :func:`format_group_hashes` (malformed entries are skipped)."""
-    out: dict[int, tuple[str, str]] = {}
+def format_group_hashes(groups: Mapping[int, GroupTemplate]) -> str:
+    """``deepspeed.ai/group-hashes``: ``g=<hash>/<serve shape>/<tp>/<ranks per pod>``."""
+    return ",".join(
+        f"{g}={t.hash}/{t.shape}/{t.tp}/{t.ranks_per_pod}" for g, t in sorted(groups.items())
+    )
+
+
+def parse_group_hashes(value: str | None) -> dict[int, GroupTemplate]:
+    """Inverse of :func:`format_group_hashes` (malformed entries are skipped; older values
+    without the shape fields read as 0)."""
+    out: dict[int, GroupTemplate] = {}
     for part in (value or "").split(","):
         g, _, rest = part.partition("=")
-        h, _, shape = rest.partition("/")
-        if g.isdigit() and h:
-            out[int(g)] = (h, shape)
+        fields = rest.split("/")
+        if not g.isdigit() or not fields[0]:
+            continue
+        nums = [int(x) if x.isdigit() else 0 for x in fields[2:4]] + [0, 0]
+        out[int(g)] = GroupTemplate(fields[0], fields[1] if len(fields) > 1 else "", *nums[:2])
     return out
 
 
 def _mixed_workers(
     s: DeepSpeedInferenceSpec, name: str, namespace: str, capacity: int, kept: Kept
-) -> tuple[list[dict[str, Any]], dict[int, tuple[str, str]]]:
-    """Worker groups in group order, kept groups as they are; and each group's hash/shape."""
+) -> tuple[list[dict[str, Any]], dict[int, GroupTemplate]]:
+    """Worker groups in group order, kept groups as they are; and what each group is at."""
     shape = serve_shape_hash(s)
     by_group: dict[int, list[dict[str, Any]]] = {}
     for w in worker_group_specs(s, name, namespace, capacity):
@@ -759,14 +791,17 @@ def _mixed_workers(
         assert parsed is not None
         by_group.setdefault(parsed[0], []).append(w)
     workers: list[dict[str, Any]] = []
-    hashes: dict[int, tuple[str, str]] = {}
+    templates: dict[int, GroupTemplate] = {}
     for g in sorted(by_group):
         old = kept.groups.get(g) if g < s.replicas else None
         group = copy.deepcopy(old) if old else by_group[g]
         ann = group[0]["template"]["metadata"].get("annotations") or {}
-        hashes[g] = (ann.get(L.ANNOTATION_GROUP_HASH, ""), kept.shapes.get(g, "") if old else shape)
+        tp, k = (old and worker_group_shape(old)) or (s.tensor_parallel_size, s.ranks_per_pod)
+        templates[g] = GroupTemplate(
+            ann.get(L.ANNOTATION_GROUP_HASH, ""), kept.shapes.get(g, "") if old else shape, tp, k
+        )
         workers.extend(group)
-    return workers, hashes
+    return workers, templates
 
 
 def render_rayservice(
@@ -780,7 +815,8 @@ def render_rayservice(
     """The RayService ``<name>`` (``capacity``: see :func:`group_capacity`; ``kept``: the
     templates a rollout in progress keeps from the current RayService)."""
     kept = kept or Kept()
-    workers, hashes = _mixed_workers(s, name, namespace, capacity, kept)
+    workers, templates = _mixed_workers(s, name, namespace, capacity, kept)
+    shapes = {g: (t.tp, t.ranks_per_pod) for g, t in templates.items() if g in kept.groups}
     head = copy.deepcopy(kept.head) if kept.head else head_group_spec(s, name)
     if not kept.head:
         head["template"]["metadata"].setdefault("annotations", {})[L.ANNOTATION_HEAD_HASH] = (
@@ -788,7 +824,7 @@ def render_rayservice(
         )
     annotations = {
         L.ANNOTATION_SPEC_HASH: spec_hash(s),
-        L.ANNOTATION_GROUP_HASHES: format_group_hashes(hashes),
+        L.ANNOTATION_GROUP_HASHES: format_group_hashes(templates),
         L.ANNOTATION_RS_HEAD_HASH: (head["template"]["metadata"].get("annotations") or {}).get(
             L.ANNOTATION_HEAD_HASH, ""
         ),
@@ -814,7 +850,7 @@ def render_rayservice(
             # hold a second cluster, twice the GPUs, for the whole upgrade): the operator
             # rolls the groups itself, one RayCluster throughout (dsi_operator.rollout).
             "upgradeStrategy": {"type": "None"},
-            "serveConfigV2": yaml.safe_dump(serve_config(s, capacity), sort_keys=False),
+            "serveConfigV2": yaml.safe_dump(serve_config(s, capacity, shapes), sort_keys=False),
             "rayClusterConfig": ray_cluster,
         },
     }

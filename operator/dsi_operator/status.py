@@ -331,11 +331,17 @@ class StatusInputs:
     ranks_per_pod: int = 1
     rollout: Mapping[str, Any] | None = None  # status.rollout
     rollout_condition: Condition | None = None  # Progressing
+    #: (pods, ranks per pod) of groups whose shape is not the spec's yet (a TP-size rollout).
+    group_shapes: Mapping[int, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def pods_per_group(self) -> int:
         """Pods one group should have."""
         return max(self.tp // self.ranks_per_pod, 1)
+
+    def shape(self, g: int) -> tuple[int, int]:
+        """(pods, ranks per pod) group g has now."""
+        return self.group_shapes.get(g, (self.pods_per_group, self.ranks_per_pod))
 
 
 def compute_status(inp: StatusInputs) -> dict[str, Any]:
@@ -408,7 +414,7 @@ def _groups(inp: StatusInputs) -> _Groups:
         state = inp.groups.get(g, GroupState(index=g))
         pods = inp.pods.get(g, ())
         dec = inp.decisions.get(g, NoAction())
-        n_pods = inp.pods_per_group
+        n_pods, ranks_per_pod = inp.shape(g)
         pready = group_pods_ready(pods, n_pods)
         running = {p.rank for p in live_pods(pods) if p.phase == "Running"} >= set(range(n_pods))
         out.all_running = out.all_running and running
@@ -440,7 +446,7 @@ def _groups(inp: StatusInputs) -> _Groups:
             gphase = PHASE_FORMING
         else:
             gphase = PHASE_PROVISIONING
-        gd = group_status_dict(state, pods, n_pods, gready, gphase, inp.ranks_per_pod)
+        gd = group_status_dict(state, pods, n_pods, gready, gphase, ranks_per_pod)
         if isinstance(dec, Wait):
             gd["backoffUntil"] = iso(dec.until)
         if g in inp.rayservice.serve_groups:
@@ -508,7 +514,7 @@ def _phase(inp: StatusInputs, gs: _Groups) -> tuple[str, str]:
         return PHASE_FORMING, waiting
     if gs.all_running and n > 0:
         return PHASE_FORMING, "all pods running; waiting for pods to become Ready"
-    want = n * inp.pods_per_group
+    want = sum(inp.shape(g)[0] for g in range(n))
     have = sum(1 for g in range(n) for p in live_pods(inp.pods.get(g, ())) if p.phase == "Running")
     return PHASE_PROVISIONING, f"{have}/{want} worker pods running"
 

@@ -14,7 +14,7 @@ import urllib.request
 from typing import Any
 
 from dsi_localcluster.harness import worker_pod_count
-from dsi_localcluster.wait import sampling, wait_for
+from dsi_localcluster.wait import events, sampling, wait_for
 from e2e_stack import Stack, background_load
 
 
@@ -130,4 +130,48 @@ def test_a_rollout_replaces_one_group_at_a_time_while_requests_flow(scaled_stack
     )
     assert status["restarts"] == 0, st.dump()
     assert peak.live <= 4, f"{peak.live} live worker pods during the rollout"
+    assert load.ok_share() == 1.0, load.summary()
+
+
+def test_a_tp_change_rolls_one_group_at_a_time_while_requests_flow(scaled_stack: Stack) -> None:
+    st = scaled_stack
+    t0 = time.monotonic()
+    with background_load(st) as load:
+        st.kubectl(
+            "patch",
+            "dsi",
+            st.name,
+            "-n",
+            st.namespace,
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": {"tensorParallelSize": 1}}),
+        )
+
+        def reshaped() -> bool:
+            status = st.dsi().get("status") or {}
+            progressing = next(
+                (c for c in status.get("conditions") or [] if c["type"] == "Progressing"), {}
+            )
+            groups = status.get("groups") or []
+            return (
+                progressing.get("reason") == "RolloutComplete"
+                and status.get("phase") == "Ready"
+                and [g.get("ranks") for g in groups] == [1, 1]
+                and len(st.pods()) == 2
+            )
+
+        wait_for(reshaped, 900, "both groups at TP 1 and Ready", dump=st.dump, interval=1)
+        took = time.monotonic() - t0
+        since = time.monotonic()
+        wait_for(
+            lambda: load.answered(0, since) and load.answered(1, since),
+            120,
+            "both groups answer",
+            dump=st.dump,
+        )
+    print(f"\n[e2e] TP 2 -> 1, one group at a time: {took:.0f}s; requests: {load.summary()}")
+    rolls = [e for e in events(st.kube.core, st.namespace) if "GroupRollout" in e]
+    assert not any("all groups at once" in e for e in rolls), rolls
+    assert (st.dsi().get("status") or {}).get("restarts") == 0, st.dump()
     assert load.ok_share() == 1.0, load.summary()

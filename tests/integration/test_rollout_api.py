@@ -205,32 +205,45 @@ def test_a_paused_rollout_holds_until_resumed(kube: Any, namespace: str, operato
     assert st["restarts"] == 0, dump()
 
 
-def test_a_tp_change_replaces_every_group_at_once_in_the_same_raycluster(
+def test_a_tp_change_replaces_one_group_at_a_time_in_the_same_raycluster(
     kube: Any, namespace: str, operator: Any
 ) -> None:
     name, replicas = "reshape", 2
     body = dsi_manifest(name, tp=TP, replicas=replicas, image=OLD, head={"image": OLD})
-    kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-    dump = _dump(kube, namespace, name, operator)
-    _formed(kube, namespace, name, replicas, dump)
+    dump, _ = _create_formed(kube, namespace, body, replicas, operator)
     clusters = _clusters(kube, namespace, name)
+    mixed: list[list[int]] = []
 
-    _patch(kube, namespace, name, {"tensorParallelSize": 2 * TP})
+    def sample() -> None:
+        st = get_dsi(kube.custom, namespace, name).get("status") or {}
+        ranks = [g.get("ranks") for g in st.get("groups") or []]
+        if len(set(ranks)) > 1:
+            mixed.append(ranks)
 
-    def reshaped() -> dict[str, Any] | None:
-        pods = formed_pods(kube.custom, kube.core, namespace, name, 2 * TP, replicas)
-        st = get_dsi(kube.custom, namespace, name)["status"]
-        complete = _condition(st, "Progressing").get("reason") == "RolloutComplete"
-        return st if pods is not None and complete else None
+    with sampling(sample, 0.1):
+        _patch(kube, namespace, name, {"tensorParallelSize": 2 * TP})
 
-    st = wait_for(reshaped, 240, f"groups of {2 * TP} ranks formed", dump)
+        def reshaped() -> dict[str, Any] | None:
+            pods = formed_pods(kube.custom, kube.core, namespace, name, 2 * TP, replicas)
+            st = get_dsi(kube.custom, namespace, name)["status"]
+            complete = _condition(st, "Progressing").get("reason") == "RolloutComplete"
+            return st if pods is not None and complete else None
+
+        st = wait_for(reshaped, 240, f"groups of {2 * TP} ranks formed", dump)
     events = kube.core.list_namespaced_event(
         namespace, field_selector=f"involvedObject.name={name}"
     ).items
-    rolls = [e.message for e in events if e.reason == "GroupRollout"]
-    assert len(rolls) == replicas and all("all groups at once" in m for m in rolls), rolls
+    rolls = sorted(e.message for e in events if e.reason == "GroupRollout")
+    assert len(rolls) == replicas, rolls
+    assert not any("all groups at once" in m for m in rolls), rolls
     assert _clusters(kube, namespace, name) == clusters, "a second RayCluster appeared"
     assert st["restarts"] == 0 and [g["ranks"] for g in st["groups"]] == [2 * TP] * replicas
+    # The status said each group's own size while they differed (if a sample caught it).
+    assert all(sorted(m) == [TP, 2 * TP] for m in mixed), mixed
+    serve = kube.custom.get_namespaced_custom_object(
+        "ray.io", "v1", namespace, "rayservices", name
+    )["spec"]["serveConfigV2"]
+    assert serve.count(f"tensor_parallel_size: {2 * TP}") == replicas, serve
 
 
 def test_a_head_change_replaces_the_head_and_every_group_at_once(

@@ -13,7 +13,13 @@ from dsi_operator import labels as L
 from dsi_operator.observe import pod_info
 from dsi_operator.preflight import GPUNeeds, capacity_condition
 from dsi_operator.reconcile import Observed, plan, safe_parse
-from dsi_operator.render import READY_FILE, ready_files, render_children, serve_app_args
+from dsi_operator.render import (
+    READY_FILE,
+    ready_files,
+    render_children,
+    serve_app_args,
+    serve_config,
+)
 from dsi_operator.restart import NodeInfo, Restart
 from dsi_operator.spec import parse_spec
 from dsi_operator.status import RayServiceView
@@ -97,12 +103,15 @@ def test_readiness_probe_checks_the_lock_file_of_every_rank_the_worker_takes() -
     assert ready_file({"DSI_READY_FILE": READY_FILE}) == READY_FILE == ready_files(1)[0]
 
 
-def test_serve_args_carry_ranks_per_pod_and_the_worker_accepts_them() -> None:
-    args = serve_app_args(parse_spec(_spec(4, 2)))
-    assert args["ranks_per_pod"] == 2
-    assert parse_args(args).ranks_per_pod == 2
+def test_each_groups_user_config_carries_its_shape_and_the_worker_accepts_it() -> None:
+    config = serve_config(parse_spec(_spec(4, 2)))
+    (app,) = config["applications"]
+    assert "ranks_per_pod" not in app["args"] and "tensor_parallel_size" not in app["args"]
+    group = next(d for d in app["deployments"] if d["name"] == "group-0")["user_config"]
+    assert group == {"active": True, "tensor_parallel_size": 4, "ranks_per_pod": 2}
+    assert parse_args({**app["args"], "tensor_parallel_size": 4, "ranks_per_pod": 2})
     with pytest.raises(ValueError, match="multiple of ranks_per_pod"):
-        parse_args({**args, "ranks_per_pod": 3})
+        parse_args({**app["args"], "tensor_parallel_size": 4, "ranks_per_pod": 3})
 
 
 # --- pod identity, restarts, status ----------------------------------------------------------

@@ -350,7 +350,7 @@ def test_master_service_selects_exactly_its_groups_rank0(case: str) -> None:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_serve_config_is_accepted_by_the_worker_app(case: str) -> None:
-    from dsi_worker.config import parse_args
+    from dsi_worker.config import GroupUserConfig, parse_args, parse_user_config
 
     spec = parse_spec(CASES[case])
     rs = _render(CASES[case])[0]
@@ -360,7 +360,13 @@ def test_serve_config_is_accepted_by_the_worker_app(case: str) -> None:
     assert app["import_path"] == "dsi_worker.app:build_app"
     assert app["route_prefix"] == spec.serve.route_prefix
     args = parse_args(app["args"])  # raises if a key or value is not what the worker takes
-    assert args.tensor_parallel_size == spec.tensor_parallel_size
+    # The TP shape is per group (user_config), so a TP change can reach one group at a time.
+    groups = [d for d in app["deployments"] if d["name"].startswith("group-")]
+    assert [d["name"] for d in groups] == [f"group-{g}" for g in range(spec.replicas)]
+    for d in groups:
+        config = parse_user_config(GroupUserConfig, d["user_config"], d["name"])
+        assert config.active and config.tensor_parallel_size == spec.tensor_parallel_size
+        assert (config.ranks_per_pod or 1) == spec.ranks_per_pod
     assert args.num_groups == spec.replicas
     assert args.max_new_tokens == spec.serve.max_new_tokens
     assert args.model_name() == spec.served_model_name
@@ -560,9 +566,12 @@ def test_image_moves_head_and_groups_unless_the_head_image_is_pinned() -> None:
     assert spec_hash_by_group(parse_spec({**pinned, "image": "w:2"})) == spec_hash_by_group(bumped)
 
 
-def test_serve_shape_moves_with_model_and_tp_not_with_batching() -> None:
+def test_serve_shape_moves_with_the_model_not_with_tp_or_batching() -> None:
     base = parse_spec(CASES["tp2-replicas3"])
-    for change in ({"model": {"name": "other/m"}}, {"tensorParallelSize": 4}):
+    assert serve_shape_hash(parse_spec({**CASES["tp2-replicas3"], "tensorParallelSize": 4})) == (
+        serve_shape_hash(base)
+    )  # per group: rolls one group at a time
+    for change in ({"model": {"name": "other/m"}}, {"model": {"name": "x", "dtype": "bfloat16"}}):
         assert serve_shape_hash(parse_spec({**CASES["tp2-replicas3"], **change})) != (
             serve_shape_hash(base)
         )

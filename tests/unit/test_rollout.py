@@ -7,7 +7,9 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
+import yaml
 from dsi_localcluster.builders import DSIWrapper
+from dsi_operator import labels as L
 from dsi_operator.reconcile import (
     EVENT_ROLLOUT,
     Observed,
@@ -17,6 +19,7 @@ from dsi_operator.reconcile import (
     rollout_targets,
     safe_parse,
 )
+from dsi_operator.render import GroupTemplate, Kept, parse_group_hashes, render_rayservice
 from dsi_operator.restart import NodeInfo, PodInfo
 from dsi_operator.rollout import (
     REASON_COMPLETE,
@@ -158,7 +161,7 @@ def observed(status: dict[str, Any], pod_hashes: dict[int, str], carried: str) -
         rayservice=RayServiceView(exists=True, ready=True),
         desired_hashes={0: "new0", 1: "new1"},
         rollout=RolloutState(
-            carried={0: (f"{carried}0", "s"), 1: (f"{carried}1", "s")},
+            carried={0: GroupTemplate(f"{carried}0", "s"), 1: GroupTemplate(f"{carried}1", "s")},
             carried_head="h",
             head_target="h",
             shape_target="s",
@@ -208,3 +211,43 @@ def test_no_rollout_without_observed_rollout_state() -> None:
     o = replace(observed({"groups": [formed(0), formed(1)]}, {0: "x", 1: "y"}, "old"))
     o.rollout = RolloutState()
     assert plan(o).restarts == [] and "rollout" not in plan(o).status
+
+
+def test_a_tp_change_replaces_one_group_and_counts_each_by_its_own_size() -> None:
+    # The spec says TP 2; the RayService still carries both groups at TP 1 (one pod each).
+    o = observed({"groups": [formed1(0), formed1(1)]}, {}, carried="old")
+    o.pods = {g: [pod(g, 0, f"old{g}")] for g in (0, 1)}
+    o.rollout = replace(
+        o.rollout,
+        carried={g: GroupTemplate(f"old{g}", "s", 1, 1) for g in (0, 1)},
+    )
+    p = plan(o)
+    # Group 1 still serves at TP 1 (its one pod ready): it is available, so one roll only.
+    assert [r.group for r in p.restarts] == [0]
+    g1 = next(g for g in p.status["groups"] if g["index"] == 1)
+    assert (g1["ranks"], g1["readyRanks"], g1["ready"]) == (1, 1, True)
+
+
+def formed1(g: int) -> dict[str, Any]:
+    return {"index": g, "members": [f"g{g}u0"], "formedAt": "2026-12-05T09:00:00Z"}
+
+
+def test_a_kept_group_keeps_its_tp_shape_in_serve_and_the_annotation() -> None:
+    spec, _ = safe_parse(SPEC)
+    assert spec is not None
+    old_spec, _ = safe_parse({**SPEC, "tensorParallelSize": 1})
+    assert old_spec is not None
+    old = render_rayservice("demo", "ns", "u", old_spec)
+    old_g1 = [
+        w
+        for w in old["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+        if w["groupName"].startswith("g1-")
+    ]
+    rs = render_rayservice("demo", "ns", "u", spec, kept=Kept(groups={1: old_g1}, shapes={1: "s"}))
+    names = [w["groupName"] for w in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    assert names == ["g0-r0", "g0-r1", "g1-r0"]
+    recorded = parse_group_hashes(rs["metadata"]["annotations"][L.ANNOTATION_GROUP_HASHES])
+    assert (recorded[0].tp, recorded[1].tp) == (2, 1)
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    shapes = {d["name"]: d["user_config"].get("tensor_parallel_size") for d in app["deployments"]}
+    assert shapes == {"group-0": 2, "group-1": 1, "ingress": None}

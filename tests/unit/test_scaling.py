@@ -41,7 +41,7 @@ def _without_counts(workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_never_scaled_down_renders_as_before() -> None:
     rs = _rs(3)
     assert L.ANNOTATION_GROUP_CAPACITY not in rs["metadata"]["annotations"]
-    assert "deployments" not in _serve(rs)
+    assert [d["user_config"]["active"] for d in _serve(rs)["deployments"][:3]] == [True] * 3
     assert all(w["replicas"] == 1 for w in _workers(rs))
 
 
@@ -68,9 +68,9 @@ def test_scale_down_changes_no_serve_args_only_user_config() -> None:
     # Serve's code version hashes args: equal args, no replica replaced.
     assert before["args"] == after["args"]
     assert after["deployments"] == [
-        {"name": "group-0", "user_config": {"active": True}},
-        {"name": "group-1", "user_config": {"active": True}},
-        {"name": "group-2", "user_config": {"active": False}},
+        {"name": "group-0", "user_config": {"active": True, "tensor_parallel_size": 2}},
+        {"name": "group-1", "user_config": {"active": True, "tensor_parallel_size": 2}},
+        {"name": "group-2", "user_config": {"active": False, "tensor_parallel_size": 2}},
         {"name": "ingress", "user_config": {"active_groups": 2}},
     ]
 
@@ -82,7 +82,10 @@ def test_scale_back_up_within_capacity_is_in_place_and_keeps_overrides() -> None
     serve = _serve(up)
     assert serve["args"] == _serve(down)["args"]
     # Kept once rendered: dropping user_config would leave group 2 switched off.
-    assert serve["deployments"][2] == {"name": "group-2", "user_config": {"active": True}}
+    assert serve["deployments"][2] == {
+        "name": "group-2",
+        "user_config": {"active": True, "tensor_parallel_size": 2},
+    }
     assert up["metadata"]["annotations"][L.ANNOTATION_GROUP_CAPACITY] == "3"
 
 

@@ -273,6 +273,37 @@ def test_switching_group_1_on_again_forms_it_and_leaves_group_0_alone(
     assert 'dsi_group_restarts_total{group="1"}' not in metrics
 
 
+def test_a_new_tp_shape_re_forms_only_that_group(app: Deployer, before: dict[str, Any]) -> None:
+    """What a TP-size rollout does on the Serve side: group 1's user_config takes the new
+    shape when its pods are replaced; group 1 re-forms at it, group 0 keeps serving as it
+    was (its replica and rank actors untouched)."""
+    app.deploy(ON)
+    wait_for(lambda: _serving(app.url, [0, 1]), FORM_DEADLINE_S, "both groups")
+    replicas1 = _replicas("group-1")
+    reshaped = {**ON, "group-1": {"active": True, "tensor_parallel_size": 1}}
+    app.deploy(reshaped)
+
+    def one_rank() -> bool:
+        st = _group(1)
+        return _serving(app.url, [0, 1]) and len(st["rank_info"]) == 1
+
+    wait_for(one_rank, FORM_DEADLINE_S, "group 1 formed at TP 1", dump=lambda: str(_group(1)))
+    _assert_group0_untouched(before)
+    assert _replicas("group-1") == replicas1, "reconfigured, not replaced"
+    wait_for(lambda: _generate(app.url)["group"] == 1, 60, "a request on group 1", interval=0.2)
+    # The same config again changes nothing: no re-forming on a repeated reconfigure.
+    epoch = _group(1)["epoch"]
+    app.deploy(reshaped)
+    assert _group(1)["epoch"] == epoch
+    app.deploy(ON)
+    wait_for(
+        lambda: _serving(app.url, [0, 1]) and len(_group(1)["rank_info"]) == TP,
+        FORM_DEADLINE_S,
+        "group 1 back at TP 2",
+    )
+    _assert_group0_untouched(before)
+
+
 def test_user_config_validation_names_the_key() -> None:
     from dsi_worker.config import GroupUserConfig, parse_ingress_config, parse_user_config
 
@@ -283,6 +314,8 @@ def test_user_config_validation_names_the_key() -> None:
         ({"active": "yes"}, "active"),
         ({"active": 1}, "active"),
         ({}, "active"),
+        ({"active": True, "tensor_parallel_size": 0}, "tensor_parallel_size"),
+        ({"active": True, "ranks_per_pod": "2"}, "ranks_per_pod"),
     ]
     for cfg, key in bad:
         with pytest.raises(ValueError, match=f"group-1: .*{key}"):

@@ -129,13 +129,19 @@ def parse_args(args: dict[str, Any] | AppArgs | None) -> AppArgs:
 
 
 class GroupUserConfig(BaseModel):
-    """``user_config`` of a ``group-<g>`` deployment: ``{"active": true|false}``."""
+    """``user_config`` of a ``group-<g>`` deployment: ``{"active": true|false}``, and the
+    group's TP shape (``tensor_parallel_size``, ``ranks_per_pod``; the app args' when
+    unset)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     #: false: the group's pods are gone (its KubeRay worker groups are at 0 replicas); the
     #: replica kills its rank actors and stays up, healthy, answering "inactive".
     active: bool
+    #: Per group, so a TP-size change reaches one group at a time (the operator's rollout
+    #: changes a group's shape when it replaces its pods); a change re-forms the group.
+    tensor_parallel_size: int | None = Field(None, ge=1, le=256)
+    ranks_per_pod: int | None = Field(None, ge=1, le=64)
 
 
 class IngressUserConfig(BaseModel):

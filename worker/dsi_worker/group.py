@@ -143,6 +143,8 @@ class Group:
 
     def __init__(self, args: dict[str, Any], group: int, model_path: str) -> None:
         self.args = parse_args(args)
+        #: The app args as deployed: the shape a user_config without one means.
+        self.app_args = self.args
         self.group = group
         self.model_path = model_path
         #: What the operator wants (``user_config``); without one, always on.
@@ -209,17 +211,49 @@ class Group:
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve's ``user_config`` hook: ``{"active": false}`` switches the group off (see
         :meth:`_stop`), ``{"active": true}`` switches an inactive one on (it forms as a new
-        replica's would); anything else is a no-op, so a running group never re-forms here.
-        A bad config raises ``ValueError`` naming the key, before anything changes."""
-        active = parse_user_config(GroupUserConfig, user_config, f"group-{self.group}").active
-        if active == self.active:
+        replica's would); a new TP shape re-forms the group at it (the operator changes it
+        only with the group's pods); anything else is a no-op, so a running group never
+        re-forms here. A bad config raises ``ValueError`` naming the key, before anything
+        changes."""
+        config = parse_user_config(GroupUserConfig, user_config, f"group-{self.group}")
+        reshaped = self._reshape(config)
+        if config.active == self.active and not reshaped:
             return
-        self.active = active
-        if active:
+        self.active = config.active
+        if self.active:
             log.info("group %d switched on", self.group)
             self._launch()
         else:
             self._stop()
+
+    def _reshape(self, config: GroupUserConfig) -> bool:
+        """Take the TP shape ``config`` gives (stopping this epoch's rank actors, formed for
+        the old one); False when it is the current shape. Raises ValueError for a shape the
+        app args cannot take (tp not a multiple of ranks per pod)."""
+        base = self.app_args
+        tp = config.tensor_parallel_size or base.tensor_parallel_size
+        k = config.ranks_per_pod or (1 if config.tensor_parallel_size else base.ranks_per_pod)
+        if (tp, k) == (self.args.tensor_parallel_size, self.args.ranks_per_pod):
+            return False
+        shaped = parse_args(
+            {
+                **base.model_dump(exclude_unset=True),
+                "tensor_parallel_size": tp,
+                "ranks_per_pod": k,
+            }
+        )
+        log.info(
+            "group %d: TP shape %d x %d -> %d x %d",
+            self.group,
+            self.args.tensor_parallel_size,
+            self.args.ranks_per_pod,
+            tp,
+            k,
+        )
+        if self.launched:
+            self._stop()
+        self.args = shaped
+        return True
 
     # -- state ---------------------------------------------------------------------------
 
