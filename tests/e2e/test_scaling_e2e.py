@@ -77,6 +77,13 @@ def test_scale_down_and_up_leaves_the_staying_group_serving(scaled_stack: Stack)
     assert [g.get("restarts", 0) for g in groups] == [0, 0], st.dump()
 
 
+def _rollout_complete(status: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") == "Progressing" and c.get("reason") == "RolloutComplete"
+        for c in status.get("conditions") or []
+    )
+
+
 class _PodPeak:
     """Peaks of the worker pods while a rollout runs: the live ones and all of them
     (Terminating pods still hold their GPUs until they are gone)."""
@@ -104,11 +111,8 @@ def test_a_rollout_replaces_one_group_at_a_time_while_requests_flow(scaled_stack
 
         def rolled_out() -> bool:
             status = st.dsi().get("status") or {}
-            progressing = next(
-                (c for c in status.get("conditions") or [] if c["type"] == "Progressing"), {}
-            )
             return (
-                progressing.get("reason") == "RolloutComplete"
+                _rollout_complete(status)
                 and status.get("phase") == "Ready"
                 and all(st.uids(g) and st.uids(g).isdisjoint(before[g]) for g in (0, 1))
             )
@@ -150,12 +154,9 @@ def test_a_tp_change_rolls_one_group_at_a_time_while_requests_flow(scaled_stack:
 
         def reshaped() -> bool:
             status = st.dsi().get("status") or {}
-            progressing = next(
-                (c for c in status.get("conditions") or [] if c["type"] == "Progressing"), {}
-            )
             groups = status.get("groups") or []
             return (
-                progressing.get("reason") == "RolloutComplete"
+                _rollout_complete(status)
                 and status.get("phase") == "Ready"
                 and [g.get("ranks") for g in groups] == [1, 1]
                 and len(st.pods()) == 2
