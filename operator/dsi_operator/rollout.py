@@ -27,7 +27,7 @@ never replaces a pod after a spec change) and replaces the groups itself:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 #: The restart trigger of a group replaced by a rollout (not counted against the budget).
@@ -164,11 +164,3 @@ def _rolling_message(
         why = "the head's template" if _head_change(inp) else "the model or group shape"
         what += f" (all groups at once: {why} changed)"
     return what
-
-
-def group_hashes_by_index(
-    annotation: Mapping[int, tuple[str, str]], g: int
-) -> tuple[str | None, str | None]:
-    """(template hash, serve shape) the RayService records for group g (None, None: none)."""
-    hit = annotation.get(g)
-    return (hit[0], hit[1]) if hit else (None, None)

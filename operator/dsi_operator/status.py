@@ -43,6 +43,7 @@ from .restart import (
     live_pods,
     recent_restarts,
 )
+from .rollout import TRIGGER_ROLLOUT
 from .spec import Condition, ConditionType, DeepSpeedInferenceStatus, Phase, RestartPolicySpec
 
 # The vocabulary is the status model's (spec.Phase, spec.ConditionType); short names here.
@@ -432,7 +433,7 @@ def _groups(inp: StatusInputs) -> _Groups:
             gphase = PHASE_RESTARTING
             out.restarting.append(
                 f"group {g} being replaced by the rollout"
-                if state.restart_trigger == "Rollout"
+                if state.restart_trigger == TRIGGER_ROLLOUT
                 else f"group {g} restarting ({state.restart_trigger})"
             )
         elif isinstance(dec, Wait):

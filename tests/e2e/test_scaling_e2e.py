@@ -77,6 +77,23 @@ def test_scale_down_and_up_leaves_the_staying_group_serving(scaled_stack: Stack)
     assert [g.get("restarts", 0) for g in groups] == [0, 0], st.dump()
 
 
+def _patch_spec(st: Stack, spec: dict[str, Any]) -> None:
+    """What `kubectl patch dsi --type=merge` does."""
+    body = json.dumps({"spec": spec})
+    st.kubectl("patch", "dsi", st.name, "-n", st.namespace, "--type=merge", "-p", body)
+
+
+def _both_answer(st: Stack, load: Any) -> None:
+    """Until both groups answered a request sent from now on."""
+    since = time.monotonic()
+    wait_for(
+        lambda: load.answered(0, since) and load.answered(1, since),
+        120,
+        "both groups answer",
+        dump=st.dump,
+    )
+
+
 def _rollout_complete(status: dict[str, Any]) -> bool:
     return any(
         c.get("type") == "Progressing" and c.get("reason") == "RolloutComplete"
@@ -105,9 +122,7 @@ def test_a_rollout_replaces_one_group_at_a_time_while_requests_flow(scaled_stack
     t0 = time.monotonic()
     peak = _PodPeak(st)
     with background_load(st) as load, sampling(peak.sample, 0.5):
-        st.kubectl(
-            "patch", "dsi", st.name, "-n", st.namespace, "--type=merge", "-p", json.dumps(patch)
-        )
+        _patch_spec(st, patch["spec"])
 
         def rolled_out() -> bool:
             status = st.dsi().get("status") or {}
@@ -119,13 +134,7 @@ def test_a_rollout_replaces_one_group_at_a_time_while_requests_flow(scaled_stack
 
         wait_for(rolled_out, 900, "both groups replaced and Ready", dump=st.dump, interval=1)
         took = time.monotonic() - t0
-        since = time.monotonic()
-        wait_for(
-            lambda: load.answered(0, since) and load.answered(1, since),
-            120,
-            "both groups answer",
-            dump=st.dump,
-        )
+        _both_answer(st, load)
     status = st.dsi()["status"]
     print(
         f"\n[e2e] rollout of 2 groups x 2 pods: {took:.0f}s ({took / 2:.0f}s per group); "
@@ -141,16 +150,7 @@ def test_a_tp_change_rolls_one_group_at_a_time_while_requests_flow(scaled_stack:
     st = scaled_stack
     t0 = time.monotonic()
     with background_load(st) as load:
-        st.kubectl(
-            "patch",
-            "dsi",
-            st.name,
-            "-n",
-            st.namespace,
-            "--type=merge",
-            "-p",
-            json.dumps({"spec": {"tensorParallelSize": 1}}),
-        )
+        _patch_spec(st, {"tensorParallelSize": 1})
 
         def reshaped() -> bool:
             status = st.dsi().get("status") or {}
@@ -164,13 +164,7 @@ def test_a_tp_change_rolls_one_group_at_a_time_while_requests_flow(scaled_stack:
 
         wait_for(reshaped, 900, "both groups at TP 1 and Ready", dump=st.dump, interval=1)
         took = time.monotonic() - t0
-        since = time.monotonic()
-        wait_for(
-            lambda: load.answered(0, since) and load.answered(1, since),
-            120,
-            "both groups answer",
-            dump=st.dump,
-        )
+        _both_answer(st, load)
     print(f"\n[e2e] TP 2 -> 1, one group at a time: {took:.0f}s; requests: {load.summary()}")
     rolls = [e for e in events(st.kube.core, st.namespace) if "GroupRollout" in e]
     assert not any("all groups at once" in e for e in rolls), rolls
