@@ -269,10 +269,11 @@ class Controller:
         started = time.monotonic()
         parsed = self.parsed(body)
         if key not in self.applied and not current and not p.blocked and parsed.spec is not None:
-            # Children this process never applied: apply them from the watched object (a
-            # newer spec brings its own event) and leave status and Events to a later,
-            # non-urgent pass, so in a burst of new resources every RayService comes first.
-            await ensure_children(self, key, body, parsed, rollout_targets(obs, p))
+            # Children this process never applied: apply the RayService from the watched
+            # object (a newer spec brings its own event) and leave the Services, status and
+            # Events to a later, non-urgent pass, so in a burst of new resources every
+            # RayService comes first.
+            await ensure_children(self, key, body, parsed, rollout_targets(obs, p), first=True)
             self.kick(key, "children")
             metrics.RECONCILES.labels(cause=cause, outcome="acted").inc()
             return

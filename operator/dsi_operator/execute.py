@@ -30,6 +30,33 @@ log = logging.getLogger("dsi_operator")
 #: and deletes when their group goes away.
 GROUP_CHILD_ROLES = frozenset({L.ROLE_MASTER_SERVICE, L.ROLE_NETWORK_POLICY})
 
+#: Prefix of the spec hash recorded in ``Controller.applied`` when a pass applied a new
+#: resource's RayService alone (``first``); the next pass applies the rest.
+RAYSERVICE_ONLY = "rayservice-only:"
+
+
+def children_for_pass(
+    children: list[dict[str, Any]],
+    applied: tuple[str, str] | None,
+    uid: str,
+    spec_hash: str,
+    *,
+    first: bool,
+    kept: bool,
+) -> list[dict[str, Any]]:
+    """Which of ``children`` (RayService first, see ``render_children``) a pass applies.
+
+    ``first``: a new resource's first pass applies only its RayService, so in a burst every
+    RayService (which the pods wait on) comes before any Service: one write per resource
+    instead of three, measured as the cost that set the burst's tail. The next pass skips
+    that RayService when the first pass applied it at this very spec (``applied``) and no
+    group keeps an older template (``kept``): re-applying it would be a no-op write."""
+    if first:
+        return children[:1]
+    if applied == (uid, RAYSERVICE_ONLY + spec_hash) and not kept:
+        return children[1:]
+    return children
+
 
 async def ensure_children(
     ctrl: Controller,
@@ -37,8 +64,11 @@ async def ensure_children(
     body: Mapping[str, Any],
     parsed: Parsed,
     targets: tuple[frozenset[int], bool] | None = None,
+    *,
+    first: bool = False,
 ) -> None:
     """Apply the RayService and Services of a valid spec; delete master Services left over.
+    ``first``: a new resource's first pass, see :func:`children_for_pass`.
 
     ``targets``: (groups rendered at the spec, head rendered at the spec), from the rollout
     (:func:`dsi_operator.reconcile.rollout_targets`); the other groups, and the head when
@@ -51,7 +81,11 @@ async def ensure_children(
     capacity = previous_capacity(current, body.get("status") or {})
     kept = await _kept_templates(ctrl, key, parsed, targets) if exists and targets else None
     children = render_children(key[1], key[0], uid, parsed.spec, capacity, kept)
-    for child in children:
+    applied = ctrl.applied.get(key)
+    todo = children_for_pass(
+        children, applied, uid, parsed.spec_hash, first=first, kept=kept is not None
+    )
+    for child in todo:
         await ctrl.kube.apply(child)
         if child["kind"] == L.RAYSERVICE_KIND:
             await _sync_cluster(ctrl, key, current, child)
@@ -69,18 +103,21 @@ async def ensure_children(
     # with no status and no RayService is new (a same-named predecessor's children belong
     # to its uid and go with it): nothing to list, two calls saved per resource in a burst.
     # (No RayService alone is not enough: right after a start, the watch may not have
-    # shown it yet.)
+    # shown it yet.) A first pass of this process's that applied the RayService alone found
+    # the resource new too.
+    new = applied is not None and applied[0] == uid and applied[1].startswith(RAYSERVICE_ONLY)
     cleanups = (
         (ctrl.kube.list_master_services, ctrl.kube.delete_service),
         (ctrl.kube.list_network_policies, ctrl.kube.delete_network_policy),
     )
-    for list_fn, delete_fn in cleanups if exists or body.get("status") else ():
+    for list_fn, delete_fn in cleanups if (exists or body.get("status")) and not new else ():
         for child_name in await list_fn(*key):
             if child_name not in wanted:
                 await delete_fn(key[0], child_name)
                 ctrl.services.get(key, set()).discard(child_name)
-    ctrl.applied[key] = (uid, parsed.spec_hash)
-    log.info("%s/%s: children applied (spec hash %s, existed: %s)", *key, parsed.spec_hash, exists)
+    ctrl.applied[key] = (uid, (RAYSERVICE_ONLY if first else "") + parsed.spec_hash)
+    what = "RayService" if first else "children"
+    log.info("%s/%s: %s applied (spec hash %s, existed: %s)", *key, what, parsed.spec_hash, exists)
 
 
 async def _kept_templates(

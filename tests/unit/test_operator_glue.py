@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from dsi_operator.__main__ import _exact, parse_args
+from dsi_operator.execute import RAYSERVICE_ONLY, children_for_pass
 from dsi_operator.observe import (
     HEAD_GROUP,
     node_info,
@@ -250,3 +251,23 @@ def test_every_group_restart_event_is_posted_once_per_incident() -> None:
     post(fresh, restart(3))
     post(fresh, restart(3))
     assert len(server) == 3 and calls[-1] == calls[-2]
+
+
+def test_a_new_resource_gets_its_rayservice_alone_first() -> None:
+    rs, svc, api = ({"kind": k} for k in ("RayService", "Service", "Service"))
+    children = [rs, svc, api]
+    # First pass of a new resource: the RayService only.
+    assert children_for_pass(children, None, "u1", "h1", first=True, kept=False) == [rs]
+    marker = ("u1", RAYSERVICE_ONLY + "h1")
+    # The next pass at the same spec: the rest, not the RayService again.
+    assert children_for_pass(children, marker, "u1", "h1", first=False, kept=False) == [svc, api]
+    # The spec changed meanwhile, a group keeps an older template, or another object with
+    # the name: everything.
+    for applied, spec_hash, kept in ((marker, "h2", False), (marker, "h1", True)):
+        assert children_for_pass(children, applied, "u1", spec_hash, first=False, kept=kept) == (
+            children
+        )
+    assert children_for_pass(children, marker, "u2", "h1", first=False, kept=False) == children
+    # A full apply recorded: everything (the pass only runs when something changed).
+    full = ("u1", "h1")
+    assert children_for_pass(children, full, "u1", "h1", first=False, kept=False) == children
