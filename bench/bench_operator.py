@@ -38,7 +38,7 @@ from typing import Any
 
 from dsi_localcluster import cluster as lc
 from dsi_localcluster import config as lcconfig
-from dsi_localcluster import faults
+from dsi_localcluster import faults, manifests
 from dsi_localcluster.harness import (
     GROUP,
     PLURAL,
@@ -202,6 +202,31 @@ def api_breakdown(op: OperatorProcess) -> dict[str, float]:
     }
 
 
+#: Index of the first simulated CPU node the bench adds (kwok-cpu-100, ...); deleted at the end.
+EXTRA_NODE_FIRST = 100
+PODS_PER_NODE = 110
+
+
+def add_pod_capacity(core: Any, pods: int) -> list[str]:
+    """Add simulated CPU nodes until ``pods`` more pods fit on the kwok nodes without taints
+    (each small resource has a head and a worker pod: 500 of them outgrow the local
+    cluster's 5 nodes); returns the names added."""
+    nodes = core.list_node(label_selector="type=kwok").items
+    room = sum(int(n.status.allocatable.get("pods", 0)) for n in nodes if not n.spec.taints)
+    used = len(core.list_pod_for_all_namespaces(field_selector="spec.nodeName!=").items)
+    missing = pods - (room - used)
+    added = []
+    for i in range(max(0, -(-missing // PODS_PER_NODE))):
+        node = manifests.cpu_node(EXTRA_NODE_FIRST + i)
+        try:
+            core.create_node(node)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+        added.append(node["metadata"]["name"])
+    return added
+
+
 def _install_crd(cfg: lcconfig.ClusterConfig) -> None:
     import subprocess
 
@@ -342,6 +367,8 @@ def main() -> int:
     op.start()
     b = Bench(api, core, custom, ns, op, watcher, args)
     rows: list[Row] = []
+    sizes = [int(x) for x in f"{args.sizes},{args.rss_sizes}".split(",") if x]
+    extra_nodes = add_pod_capacity(core, 2 * max(sizes, default=0) + 3 * args.failures + 20)
     try:
         apply_latency(custom, ns, watcher, ["cold-start"], args.timeout)
         cold = watcher.seen["cold-start"] - started
@@ -360,6 +387,8 @@ def main() -> int:
             core.delete_namespace(ns)
         except ApiException:
             pass
+        for name in extra_nodes:
+            core.delete_node(name)
 
     print(f"\n{'metric':<48} {'unit':>8} {'N':>5} {'median':>10} {'p99':>10}")
     print("-" * 85)
