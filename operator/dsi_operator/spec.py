@@ -36,10 +36,12 @@ from dsi_operator.labels import DEFAULT_MASTER_PORT, DEFAULT_SERVE_PORT, LABEL_P
 #: operator's own version so operator and worker are released together.
 DEFAULT_WORKER_IMAGE = f"ghcr.io/deepspeed-inference-operator/worker:{__version__}"
 
-# Kubernetes resource.Quantity, as in the core API's own schema.
+# Kubernetes resource.Quantity: the core API's own schema pattern, but with a whole-number
+# exponent of at most two digits, as parsers require (the core pattern also matches ".5e.5" and
+# "1e999999", which the Python client cannot parse and no pod needs).
 QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
-    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+    r"([eE](\+|-)?[0-9]{1,2}))?$"
 )
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
 # A label/annotation key or extended-resource name: optional DNS prefix, then a name.
