@@ -361,22 +361,24 @@ def main() -> int:
     log = Path(f"/tmp/{ns}-operator.log")
     # Production settings: 5 s ticker, cluster-wide preflight facts cached 30 s.
     op = OperatorProcess(cfg.kubeconfig, [ns], log, tick_seconds=5, facts_ttl=30)
+    latency = {int(x) for x in args.sizes.split(",") if x}
+    idle = {int(x) for x in args.rss_sizes.split(",") if x}
+    # Before the operator starts: outside the try below, a failure here leaves nothing behind.
+    extra_nodes = add_pod_capacity(
+        core, 2 * max(latency | idle, default=0) + 3 * args.failures + 20
+    )
     watcher = RayServiceWatcher(custom, ns)
     time.sleep(2)  # the watch connected
     started = time.monotonic()
     op.start()
     b = Bench(api, core, custom, ns, op, watcher, args)
     rows: list[Row] = []
-    sizes = [int(x) for x in f"{args.sizes},{args.rss_sizes}".split(",") if x]
-    extra_nodes = add_pod_capacity(core, 2 * max(sizes, default=0) + 3 * args.failures + 20)
     try:
         apply_latency(custom, ns, watcher, ["cold-start"], args.timeout)
         cold = watcher.seen["cold-start"] - started
         rows.append(("operator start -> first RayService", "s", 1, cold, cold))
         custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "cold-start")
         op.wait_metrics()
-        latency = {int(x) for x in args.sizes.split(",") if x}
-        idle = {int(x) for x in args.rss_sizes.split(",") if x}
         for size in sorted(latency | idle):  # resources only ever grow
             rows += _latency_rows(b, size) if size in latency else []
             rows += _idle_rows(b, size) if size in idle else []

@@ -68,11 +68,11 @@ async def ensure_children(
     first: bool = False,
 ) -> None:
     """Apply the RayService and Services of a valid spec; delete master Services left over.
-    ``first``: a new resource's first pass, see :func:`children_for_pass`.
 
     ``targets``: (groups rendered at the spec, head rendered at the spec), from the rollout
     (:func:`dsi_operator.reconcile.rollout_targets`); the other groups, and the head when
     False, keep the templates the current RayService carries. None: all at the spec.
+    ``first``: a new resource's first pass, see :func:`children_for_pass`.
     """
     assert ctrl.kube is not None and parsed.spec is not None and parsed.spec_hash is not None
     uid = (body.get("metadata") or {}).get("uid", "")
