@@ -103,6 +103,17 @@ class Stack:
         return result
 
 
+def _http_failure(e: urllib.error.HTTPError) -> str:
+    """The status and who answered it: our error code (``group_not_ready``...) when the
+    ingress did, else the start of the body (Ray Serve's proxy, a timeout...)."""
+    body = e.read().decode(errors="replace")
+    try:
+        why = json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        why = " ".join(body.split())[:40]
+    return f"{e.code} {why}"
+
+
 @dataclass
 class Load:
     """Sequential /generate requests in a background thread: (time, ok, group or status)."""
@@ -118,7 +129,7 @@ class Load:
                 out = self.stack.generate(timeout=20)
                 self.results.append((t, True, out["group"]))
             except urllib.error.HTTPError as e:
-                self.results.append((t, False, e.code))
+                self.results.append((t, False, _http_failure(e)))
                 time.sleep(0.2)
             except (urllib.error.URLError, OSError) as e:
                 self.results.append((t, False, repr(e)))

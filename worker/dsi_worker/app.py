@@ -367,10 +367,18 @@ class Ingress:
         await self._ensure_polling()
         deadline = time.monotonic() + self.args.request_timeout_s
         tried: set[int] = set()
+        refreshed = False
         while True:
             ready = [g for g in self._ready_groups() if g not in tried]
             g = P.choose_group(ready, self.inflight, self.counter)
             self.counter += 1
+            if g is None and not refreshed:
+                # The polled states lag up to STATUS_PERIOD_S: during a rollout the group
+                # that just formed may not show as ready yet when the last ready one goes.
+                # Ask every group once more before answering 503.
+                refreshed = True
+                await self._refresh()
+                continue
             if g is None:
                 raise _unavailable(self._states_text())
             left = deadline - time.monotonic()
