@@ -114,7 +114,7 @@ class Restart:
     trigger: str
     pod: str  # the pod that triggered it ("" when the group as a whole did, e.g. a deadline)
     reason: str  # human-readable message for the Event and status
-    pods: tuple[str, ...]  # UIDs of every current pod of the group: all are replaced
+    pods: tuple[str, ...]  # UIDs to replace: every current pod but a healthy newcomer
     #: False for a rollout replacing the group (not a failure: no budget, no backoff).
     counted: bool = True
 
@@ -360,7 +360,47 @@ def decide(
         until = recent[-1] + timedelta(seconds=policy.backoff_for(consecutive))
         if now < until:
             return Wait(state.index, first.trigger, first.pod, reason, until)
-    return Restart(state.index, first.trigger, first.pod, reason, _uids(pods))
+    return Restart(
+        state.index, first.trigger, first.pod, reason, _uids(_to_replace(pods, nodes, state))
+    )
+
+
+def _to_replace(
+    pods: Sequence[PodInfo], nodes: Mapping[str, NodeInfo], state: GroupState
+) -> list[PodInfo]:
+    """The pods a restart deletes: every pod of the group but a healthy newcomer.
+
+    A newcomer is KubeRay's replacement of a failed or deleted pod, often created before the
+    restart starts: a pod that came after the group formed (not a member), or, in a group
+    that has not formed, a healthy pod whose rank also has a broken one. It is a fresh
+    process, so keeping it loses nothing, and deleting it costs up to 30 s: KubeRay holds
+    back a worker group while a pod it created is "expected" and not yet in its cache, and a
+    pod deleted before KubeRay looked again stays expected until the 30 s expectations
+    timeout (KubeRay 1.6.2 ``controllers/ray/expectations/scale_expectations.go``).
+    """
+    return [p for p in pods if not _newcomer(p, pods, nodes, state)]
+
+
+def _newcomer(
+    p: PodInfo, pods: Sequence[PodInfo], nodes: Mapping[str, NodeInfo], state: GroupState
+) -> bool:
+    if p.uid in state.members or p.uid in state.abandoned or not _healthy(p, nodes):
+        return False
+    if state.members:
+        return True
+    return any(q.rank == p.rank and q.uid != p.uid and not _healthy(q, nodes) for q in pods)
+
+
+def _healthy(p: PodInfo, nodes: Mapping[str, NodeInfo]) -> bool:
+    """Neither deleting, failed, evicted nor restarted, and on a node that is Ready."""
+    node = nodes.get(p.node_name) if p.node_name else None
+    return (
+        p.deletion_timestamp is None
+        and p.phase in ("Pending", "Running")
+        and p.reason is None
+        and p.restart_count == 0
+        and (p.node_name is None or (node is not None and node.ready))
+    )
 
 
 def _continue(

@@ -99,8 +99,56 @@ def test_each_trigger_restarts_the_whole_group(pods: list[PodInfo], trigger: str
     assert isinstance(d, Restart)
     assert d.trigger == trigger
     assert d.group == 0
-    # every current pod of the group is replaced, not only the failed one
-    assert set(d.pods) == {p.uid for p in pods}
+    # every current pod of the group is replaced, not only the failed one (but a healthy
+    # pod that came after the group formed: see the newcomer tests)
+    assert set(d.pods) == {p.uid for p in pods} - {"new"}
+
+
+def test_a_healthy_newcomer_is_kept_by_the_restart() -> None:
+    # KubeRay replaced the deleted rank 1 pod before the restart started: the new pod is
+    # fresh, and deleting it would stall KubeRay's expectations for 30 s.
+    for newcomer in (pod(1, uid="new"), pod(1, uid="new", phase="Pending", ready=False)):
+        d = decide([pod(0), newcomer], NODES, formed(), POLICY, 2, NOW)
+        assert isinstance(d, Restart) and d.trigger == TRIGGER_POD_DELETED
+        assert d.pods == ("u0",)
+        # The restart then ends once the member is gone and the ranks are covered.
+        state = formed(restarting_since=NOW, restart_pods=d.pods, members=())
+        assert decide([pod(0, uid="u0b"), newcomer], NODES, state, POLICY, 2, NOW) == (
+            RestartDone(0)
+        )
+
+
+@pytest.mark.parametrize(
+    "newcomer",
+    [
+        pod(1, uid="new", phase="Failed"),
+        pod(1, uid="new", restart_count=1),
+        pod(1, uid="new", deletion_timestamp=NOW),
+        pod(1, uid="new", node_name="gone"),
+        pod(1, uid="new", phase="Failed", reason="Evicted"),
+    ],
+)
+def test_an_unhealthy_newcomer_is_replaced_too(newcomer: PodInfo) -> None:
+    d = decide([pod(0), newcomer], NODES, formed(), POLICY, 2, NOW)
+    assert isinstance(d, Restart)
+    assert set(d.pods) == {"u0", "new"}
+
+
+def test_a_group_that_never_formed_replaces_every_pod() -> None:
+    pods = [pod(0), pod(1, ready=False, phase="Pending")]
+    state = GroupState(index=0, forming_since=NOW - timedelta(seconds=200))
+    d = decide(pods, NODES, state, POLICY, 2, NOW)
+    assert isinstance(d, Restart) and set(d.pods) == {"u0", "u1"}
+
+
+def test_a_group_not_formed_yet_keeps_the_replacement_of_its_failed_pod() -> None:
+    # No members recorded yet (the failure came right after the pods started): KubeRay's
+    # new pod is told apart by its rank having a broken pod beside it.
+    failed = pod(1, phase="Failed", deletion_timestamp=NOW)
+    pods = [pod(0), failed, pod(1, uid="new", phase="Pending", ready=False)]
+    d = decide(pods, NODES, GroupState(index=0, forming_since=NOW), POLICY, 2, NOW)
+    assert isinstance(d, Restart) and d.trigger == TRIGGER_POD_FAILED
+    assert set(d.pods) == {"u0", "u1"}
 
 
 def test_terminating_within_grace_is_not_stuck() -> None:
