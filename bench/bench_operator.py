@@ -53,6 +53,8 @@ from kubernetes.client.rest import ApiException
 from report import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
+#: TP size of the resources whose pods the failure samples fail.
+FAIL_TP = 2
 
 
 def pct(values: list[float], q: float) -> float:
@@ -136,7 +138,7 @@ def apply_latency(
 
 
 def failure_latency(core: Any, api: Any, ns: str, name: str, timeout: float) -> float:
-    tp = 2
+    tp = FAIL_TP
     pods = wait(
         lambda: (
             lambda p: (
@@ -292,8 +294,8 @@ def _latency_rows(b: Bench, size: int) -> list[Row]:
         b.custom.delete_namespaced_custom_object(GROUP, VERSION, b.ns, PLURAL, n)
     fl: list[float] = []
     names = [f"fail-{size}-{i}" for i in range(b.args.failures)]
-    create_many(b.custom, b.ns, names, tp=2)
-    wait_formed(b.custom, b.ns, names, 2, b.args.timeout)
+    create_many(b.custom, b.ns, names, tp=FAIL_TP)
+    wait_formed(b.custom, b.ns, names, FAIL_TP, b.args.timeout)
     for n in names:
         fl.append(failure_latency(b.core, b.api, b.ns, n, b.args.timeout))
     for n in names:
