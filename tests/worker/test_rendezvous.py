@@ -1,5 +1,6 @@
 """Ranks start in order: a rank waits (bounded, logged) until its master resolves and
-listens, and the probe it uses does not disturb torch's TCPStore."""
+listens, and the probe it uses does not disturb torch's TCPStore. Only ranks of one group
+epoch form a group together."""
 
 from __future__ import annotations
 
@@ -268,8 +269,10 @@ class _QueueLog(logging.Handler):
         self.q.put(("log", self.rank, record.getMessage(), 0.0))
 
 
-def _engine_rank(rank: int, port: int, q: Any) -> None:
-    """One rank of a TP=2 group through RankEngine.start(), as in a pod."""
+def _engine_rank(
+    rank: int, port: int, q: Any, epoch: str = "", form_timeout_s: float = 120
+) -> None:
+    """One rank of a TP=2 group of epoch ``epoch`` through RankEngine.start(), as in a pod."""
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE="2",
@@ -292,13 +295,14 @@ def _engine_rank(rank: int, port: int, q: Any) -> None:
             dtype="float32",
             device="cpu",
             torch_threads=1,
-            form_timeout_s=120,
+            form_timeout_s=form_timeout_s,
             use_deepspeed=False,
+            epoch=epoch,
         )
         eng.start()
         x = torch.tensor([float(rank + 1)])
         tdist.all_reduce(x)  # the group really formed
-        q.put(("done", rank, dict(eng.timings), float(x.item())))
+        q.put(("done", rank, {**eng.timings, "epoch": epoch}, float(x.item())))
         eng.close()
     except BaseException as e:  # report instead of hanging the parent
         q.put(("error", rank, repr(e), 0.0))
@@ -334,3 +338,60 @@ def test_rank_1_started_before_its_master_joins_once_rank_0_starts() -> None:
             if p.is_alive():
                 p.kill()
     assert [p.exitcode for p in procs] == [0, 0]
+
+
+def _next_result(q: Any, timeout: float) -> tuple[str, int, Any, float] | None:
+    """The next done/error message (logs skipped), or None when none came in ``timeout``."""
+    import queue
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            kind, rank, payload, total = q.get(timeout=left)
+        except queue.Empty:
+            return None
+        if kind != "log":
+            return kind, rank, payload, total
+    return None
+
+
+def test_a_rank_of_an_older_epoch_cannot_complete_the_new_epochs_group() -> None:
+    """Issue 25: a rank of epoch "old" reaches the master of epoch "new" (same MASTER_ADDR
+    and port, as after a re-form) before the new epoch's own rank 1. Keyed by address only,
+    it completed the group with the new rank 0 (which then reported formed with a peer that
+    was about to die). Scoped by epoch, rank 0 waits for its own rank 1."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    # The stale rank gives up on its own after 40 s (its epoch's rank 0 never comes).
+    stale = ctx.Process(target=_engine_rank, args=(1, port, q, "old", 40))
+    r0 = ctx.Process(target=_engine_rank, args=(0, port, q, "new"))
+    procs = [stale, r0]
+    try:
+        r0.start()
+        stale.start()
+        # Long enough for the stale rank to find the store and (without epochs) form.
+        early = _next_result(q, 25)
+        assert early is None, f"formed with a rank of another epoch: {early}"
+        r1 = ctx.Process(target=_engine_rank, args=(1, port, q, "new"))
+        procs.append(r1)
+        r1.start()
+        done: dict[int, tuple[Any, float]] = {}
+        while len(done) < 2:
+            got = _next_result(q, 180)
+            assert got is not None, f"the new epoch did not form: {done}"
+            kind, rank, payload, total = got
+            assert kind == "done", f"rank {rank} of the new epoch: {payload}"
+            done[rank] = (payload, total)
+        assert {r: d[0]["epoch"] for r, d in done.items()} == {0: "new", 1: "new"}
+        assert done[0][1] == done[1][1] == 3.0
+    finally:
+        for p in procs:
+            p.join(60 if p is stale else 30)
+            if p.is_alive():
+                p.kill()
+    # The stale rank never formed: it failed (its rendezvous timed out), it did not finish.
+    assert stale.exitcode == 0
+    leftover = _next_result(q, 5)
+    assert leftover is not None and leftover[:2] == ("error", 1), leftover

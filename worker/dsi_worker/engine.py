@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dsi_worker import sharded
-from dsi_worker.rendezvous import wait_for_master
+from dsi_worker.rendezvous import join_process_group, wait_for_master
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,7 @@ class RankEngine:
         form_timeout_s: float = 900.0,
         torch_threads: int | None = None,
         use_deepspeed: bool = True,
+        epoch: str = "",
     ) -> None:
         self.model_id = model
         self.revision = revision
@@ -220,6 +221,9 @@ class RankEngine:
         self.form_timeout_s = form_timeout_s
         self.torch_threads = torch_threads
         self.use_deepspeed = use_deepspeed
+        #: The group epoch this rank forms (its rendezvous keys carry it, see
+        #: :func:`dsi_worker.rendezvous.join_process_group`); "" outside a group.
+        self.epoch = epoch
         self.model: Any = None
         self.device = "cpu"
         self.backend = "gloo"
@@ -258,14 +262,16 @@ class RankEngine:
             )
             self.timings["master_wait_s"] = waited
             t0 = time.monotonic()
-            tdist.init_process_group(
+            # The whole bound, not what the wait left: this timeout also bounds every later
+            # collective of the group (NCCL/gloo), for the group's whole life.
+            join_process_group(
                 backend=self.backend,
-                init_method=f"tcp://{self.dist.master_addr}:{self.dist.master_port}",
+                master_addr=self.dist.master_addr,
+                master_port=self.dist.master_port,
                 rank=self.dist.rank,
                 world_size=self.dist.world_size,
-                # The whole bound, not what the wait left: this timeout also bounds every
-                # later collective of the group (NCCL/gloo), for the group's whole life.
-                timeout=timedelta(seconds=self.form_timeout_s),
+                epoch=self.epoch,
+                timeout_s=self.form_timeout_s,
             )
         self.timings["init_process_group_s"] = time.monotonic() - t0
 

@@ -91,9 +91,11 @@ def pinning_errors(group: int, infos: list[dict[str, Any]], ranks_per_pod: int =
     return errors
 
 
-def engine_kwargs(args: AppArgs, model_path: str) -> dict[str, Any]:
-    """RankEngine keyword arguments from the app args."""
+def engine_kwargs(args: AppArgs, model_path: str, epoch: str) -> dict[str, Any]:
+    """RankEngine keyword arguments from the app args, for the ranks of group epoch
+    ``epoch`` (only ranks of one epoch form a group together)."""
     return {
+        "epoch": epoch,
         "model": model_path,
         "revision": args.revision,
         "dtype": args.dtype,
@@ -185,7 +187,9 @@ class Group:
         for r in range(tp):
             opts = rank_actor_options(self.args, group, r, self.names[r])
             self.actors.append(
-                RankActor.options(**opts).remote(engine_kwargs(self.args, self.model_path))  # type: ignore[attr-defined]
+                RankActor.options(**opts).remote(
+                    engine_kwargs(self.args, self.model_path, self.epoch)
+                )  # type: ignore[attr-defined]
             )
         self._start_refs = [a.start.remote() for a in self.actors]
 

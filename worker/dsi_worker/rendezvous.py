@@ -9,6 +9,14 @@ that start before the master's name resolves crash-loop).
 
 The probe is a bare TCP connect and close; torch's TCPStore server (libuv and legacy)
 drops such a client and keeps serving the ranks that join after it.
+
+The rendezvous is scoped to one group *epoch* (:func:`join_process_group`). MASTER_ADDR and
+MASTER_PORT stay the same across a group's re-forms, so a rank of an epoch being torn down
+(its pod not yet gone, its actor not yet killed) can reach the next epoch's store. Keyed
+only by address, it would complete the new group in place of the new epoch's own rank and
+then die, leaving the real rank blocked in the group's first collective (issue 25: a group
+wedged for 10 minutes after two faults 27 s apart). Every key of the rendezvous carries the
+epoch, so a rank of another epoch waits on keys nobody of this epoch writes.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
 
 _log = logging.getLogger(__name__)
 
@@ -128,3 +138,46 @@ def wait_for_master(
             last_log = now
         sleep(min(delay, timeout_s - waited))
         delay = min(delay * 2, BACKOFF_CAP_S)
+
+
+def epoch_prefix(epoch: str) -> str:
+    """The key prefix of one group epoch's rendezvous in the master's TCPStore."""
+    return f"dsi/epoch/{epoch or 'none'}/"
+
+
+def join_process_group(
+    *,
+    backend: str,
+    master_addr: str,
+    master_port: int,
+    rank: int,
+    world_size: int,
+    epoch: str,
+    timeout_s: float,
+) -> None:
+    """``torch.distributed.init_process_group`` over rank 0's TCPStore, with every key of the
+    rendezvous under :func:`epoch_prefix` (see the module docstring).
+
+    The store is built here rather than by ``init_method="tcp://..."`` because torch's own
+    TCP rendezvous also counts the clients that connect (``wait_for_workers``) under a key
+    no prefix reaches: a rank of another epoch would count towards this one.
+    """
+    import torch.distributed as tdist
+
+    timeout = timedelta(seconds=timeout_s)
+    store: Any = tdist.TCPStore(
+        master_addr,
+        master_port,
+        world_size,
+        rank == 0,
+        timeout=timeout,
+        wait_for_workers=False,
+    )
+    tdist.init_process_group(
+        backend=backend,
+        store=tdist.PrefixStore(epoch_prefix(epoch), store),
+        rank=rank,
+        world_size=world_size,
+        # This timeout also bounds every later collective of the group (NCCL/gloo).
+        timeout=timeout,
+    )

@@ -197,7 +197,7 @@ class GroupPool:
             args = args.model_copy(update={"local_master_ports": ports})
         s.epoch, s.epochs = uuid.uuid4().hex[:8], s.epochs + 1
         s.state, s.created, s.seq, s.running = "forming", time.monotonic(), 0, []
-        kwargs = engine_kwargs(args, self.model_path)
+        kwargs = engine_kwargs(args, self.model_path, s.epoch)
         s.actors = [
             RankActor.options(**rank_actor_options(args, s.index, r, name)).remote(kwargs)  # type: ignore[attr-defined]
             for r, name in enumerate(self.names(s.index))
