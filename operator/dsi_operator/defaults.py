@@ -14,3 +14,6 @@ BATCH_WAIT_TIMEOUT_MS = 10
 MAX_NEW_TOKENS = 512
 REQUEST_TIMEOUT_SECONDS = 300
 FORMATION_TIMEOUT_SECONDS = 900
+# A rank still inside a collective step this long after a peer finished it is wedged
+# (dsi_worker.formation); also how long a rank may stop answering.
+WEDGE_TIMEOUT_SECONDS = 45

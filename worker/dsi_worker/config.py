@@ -50,6 +50,10 @@ class AppArgs(BaseModel):
     # How long a group may take to form (process group + model load) before its health
     # check fails and Serve re-creates it.
     form_timeout_s: float = Field(float(D.FORMATION_TIMEOUT_SECONDS), gt=0)
+    # A rank still inside a collective step (rendezvous, TP init, a generate call) this long
+    # after a peer of its epoch finished it, or silent this long, wedges the epoch: it fails
+    # and re-forms (dsi_worker.formation).
+    wedge_timeout_s: float = Field(float(D.WEDGE_TIMEOUT_SECONDS), gt=0)
     # Device for rank actors: "auto" = cuda when the rank sees a GPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Local mode (no Kubernetes): give each rank actor the env the operator would give its pod.

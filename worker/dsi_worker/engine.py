@@ -17,7 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from dsi_worker import sharded
+from dsi_worker import formation, sharded
 from dsi_worker.rendezvous import join_process_group, wait_for_master
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,8 @@ class RankEngine:
         #: The group epoch this rank forms (its rendezvous keys carry it, see
         #: :func:`dsi_worker.rendezvous.join_process_group`); "" outside a group.
         self.epoch = epoch
+        #: Where this rank is in forming its group (read while start() runs).
+        self.progress = formation.Progress()
         self.model: Any = None
         self.device = "cpu"
         self.backend = "gloo"
@@ -261,6 +263,7 @@ class RankEngine:
                 rank=self.dist.rank,
             )
             self.timings["master_wait_s"] = waited
+            self.progress.enter(formation.RENDEZVOUS)
             t0 = time.monotonic()
             # The whole bound, not what the wait left: this timeout also bounds every later
             # collective of the group (NCCL/gloo), for the group's whole life.
@@ -275,9 +278,11 @@ class RankEngine:
             )
         self.timings["init_process_group_s"] = time.monotonic() - t0
 
+        self.progress.enter(formation.LOADING)
         rss0 = sharded.reset_peak_rss()
         if self._start_sharded(dtype):
             self.load_info.update(sharded.memory_report(rss0))
+            self.progress.enter(formation.FORMED)
             return
         t0 = time.monotonic()
         model = load_model(self.model_id, revision=self.revision, dtype=dtype)
@@ -286,6 +291,7 @@ class RankEngine:
             check_kernel_inject(str(getattr(model.config, "model_type", "")))
 
         t0 = time.monotonic()
+        self.progress.enter(formation.TP_INIT)
         if self.use_deepspeed and (self.dist.world_size > 1 or self.device == "cuda"):
             import deepspeed
 
@@ -308,6 +314,7 @@ class RankEngine:
         self.model.eval()
         self.timings["init_inference_s"] = time.monotonic() - t0
         self.load_info = {"path": "full", **sharded.memory_report(rss0)}
+        self.progress.enter(formation.FORMED)
 
     def _start_sharded(self, dtype: Any) -> bool:
         """Load only this rank's shard when the model directory has shards for the group's TP

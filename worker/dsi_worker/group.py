@@ -16,9 +16,9 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray import serve
@@ -27,17 +27,62 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from dsi_worker.batcher import DONE, Batcher, Waiter
 from dsi_worker.config import AppArgs, GroupUserConfig, parse_args, parse_user_config
 from dsi_worker.engine import GenRequest, GenResult
+from dsi_worker.formation import RankView, find_wedge
 from dsi_worker.rank_actor import RankActor, rank_resource
 from dsi_worker.results import Generated, GroupReply, GroupUnavailable, Scored, ScoreReply
 
 log = logging.getLogger("ray.serve")
 
 PING_TIMEOUT_S = 10.0
+# How long one health check waits for the forming ranks' progress reports.
+PROGRESS_TIMEOUT_S = 5.0
 # Consecutive ping timeouts after which a group counts as hung.
 PING_MISSES = 3
 # Rank actors are named ``dsi-g<g>-r<r>-<epoch>`` in this Ray namespace (for debugging and
 # for tests that kill one).
 RANK_NAMESPACE = "dsi"
+
+
+T = TypeVar("T")
+
+
+class Wedged(RuntimeError):
+    """Some ranks of the group are still inside a collective call that a peer finished."""
+
+
+async def lockstep(calls: list[Awaitable[T]], stall_s: float, what: str) -> list[T]:
+    """Await every rank's share of one collective call, in rank order.
+
+    Ranks leave a collective together: once one rank has finished, the others get
+    ``stall_s`` to finish too, else :class:`Wedged` is raised (a rank blocked for good in an
+    all-reduce its peers completed would otherwise hold the group until the process group's
+    timeout). A rank's error is raised as soon as it arrives, as ``asyncio.gather`` would.
+    """
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        _raise_first_error(done)
+        first = min(tasks.index(t) for t in done)
+        while pending:
+            done, pending = await asyncio.wait(
+                pending, timeout=stall_s, return_when=asyncio.FIRST_EXCEPTION
+            )
+            if not done:
+                late = sorted(tasks.index(t) for t in pending)
+                raise Wedged(
+                    f"rank(s) {late} still in {what} {stall_s:.0f}s after rank {first} finished it"
+                )
+            _raise_first_error(done)
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            t.cancel()  # a no-op on finished ones; the Ray tasks themselves run on
+
+
+def _raise_first_error(done: Iterable[asyncio.Future[Any]]) -> None:
+    for t in done:
+        if (e := t.exception()) is not None:
+            raise e
 
 
 def process_env(args: AppArgs, rank: int) -> dict[str, str]:
@@ -165,6 +210,8 @@ class Group:
         self.actors: list[Any] = []
         self._start_refs: list[Any] = []
         self.rank_info: list[dict[str, Any]] = []
+        #: Each forming rank's last progress report (dsi_worker.formation).
+        self.views: list[RankView] = []
         self._new_batchers()
 
     def _new_batchers(self) -> None:
@@ -184,13 +231,11 @@ class Group:
         self.slow_pings, self._seq = 0, 0
         self.names = [f"dsi-g{group}-r{r}-{self.epoch}" for r in range(tp)]
         self.actors = []
+        self.views = [RankView() for _ in range(tp)]
+        kwargs = engine_kwargs(self.args, self.model_path, self.epoch)
         for r in range(tp):
             opts = rank_actor_options(self.args, group, r, self.names[r])
-            self.actors.append(
-                RankActor.options(**opts).remote(
-                    engine_kwargs(self.args, self.model_path, self.epoch)
-                )  # type: ignore[attr-defined]
-            )
+            self.actors.append(RankActor.options(**opts).remote(kwargs))  # type: ignore[attr-defined]
         self._start_refs = [a.start.remote() for a in self.actors]
 
     def _stop(self) -> None:
@@ -210,6 +255,7 @@ class Group:
         self._streams.close(RuntimeError("group switched off"))
         self._new_batchers()
         self.actors, self._start_refs, self.rank_info, self.names = [], [], [], []
+        self.views = []
         self.launched, self.state, self.error = False, "inactive", None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -299,10 +345,31 @@ class Group:
             log.error("group %d (epoch %s) failed: %s", self.group, self.epoch, why)
         self.state, self.error = "failed", why
 
+    async def _check_progress(self) -> None:
+        """Ask every forming rank where it is, and fail the epoch when it is wedged
+        (:func:`dsi_worker.formation.find_wedge`): found within ``wedge_timeout_s`` plus a
+        health-check period, not at the formation deadline."""
+        epoch, actors = self.epoch, list(self.actors)
+        replies = await asyncio.gather(
+            *[asyncio.wait_for(a.progress.remote(), PROGRESS_TIMEOUT_S) for a in actors],
+            return_exceptions=True,
+        )
+        if epoch != self.epoch or self.state != "forming":
+            return
+        now = time.time()
+        for r, reply in enumerate(replies):
+            if isinstance(reply, dict):
+                self.views[r] = RankView(reply, now)
+        why = find_wedge(self.views, now, self.args.wedge_timeout_s)
+        if why is not None:
+            self._fail(f"wedged while forming: {why}", epoch)
+
     async def check_health(self) -> None:
-        """Serve health check: fails when the group failed or any rank actor is gone; an
-        inactive group is healthy (it has nothing to lose)."""
+        """Serve health check: fails when the group failed, any rank actor is gone, or the
+        forming epoch is wedged; an inactive group is healthy (it has nothing to lose)."""
         self._poll_forming()
+        if self.state == "forming" and self.actors:
+            await self._check_progress()
         if self.state == "ready":
             epoch = self.epoch
             try:
@@ -334,6 +401,7 @@ class Group:
             "error": self.error,
             "ranks": self.names,
             "rank_info": self.rank_info,
+            "progress": [v.report for v in self.views] if self.state == "forming" else [],
             "batches": self.batches,
             "max_batch_seen": self.max_batch_seen,
             "age_s": time.time() - self.created,
@@ -350,7 +418,7 @@ class Group:
         for any other error (the caller re-raises it)."""
         if epoch != self.epoch or self.state == "inactive":
             return GroupUnavailable("inactive", "the group was switched off during the request")
-        if isinstance(e, (RayActorError, RayTaskError)):
+        if isinstance(e, (RayActorError, RayTaskError, Wedged)):
             self._fail(f"rank failed during {during}: {_short(e)}")
             return self._unavailable()
         return None
@@ -421,7 +489,11 @@ class Group:
             return self._unavailable()
         epoch, seq = self.epoch, self._next_seq()
         try:
-            outs = await asyncio.gather(*[a.score.remote(seq, seqs, top_k) for a in self.actors])
+            outs = await lockstep(
+                [a.score.remote(seq, seqs, top_k) for a in self.actors],
+                self.args.wedge_timeout_s,
+                "score",
+            )
         except Exception as e:
             lost = self._lost(e, epoch, "score")
             if lost is None:
@@ -455,7 +527,14 @@ class Group:
                     w.put(Generated(list(toks), fin, len(batch), self.group, self.epoch))
                 if fin is not None:
                     w.put(DONE)
-        await asyncio.gather(*rest)
+        # Rank 0 finished: the others leave the same collectives within the wedge bound.
+        try:
+            await asyncio.wait_for(asyncio.gather(*rest), self.args.wedge_timeout_s)
+        except TimeoutError:
+            raise Wedged(
+                f"ranks 1.. still in generate {self.args.wedge_timeout_s:.0f}s after rank 0 "
+                "finished it"
+            ) from None
         for w in waiters:  # every row got a finish reason; this only guards against hangs
             w.put(DONE)
 
@@ -464,8 +543,10 @@ class Group:
         batch = self._seeded([w.item for w in waiters])
         seq = self._next_seq()
         t0 = time.monotonic()
-        outs: list[list[GenResult]] = await asyncio.gather(
-            *[a.generate.remote(seq, batch) for a in self.actors]
+        outs: list[list[GenResult]] = await lockstep(
+            [a.generate.remote(seq, batch) for a in self.actors],
+            self.args.wedge_timeout_s,
+            "generate",
         )
         elapsed = time.monotonic() - t0
         for w, res in zip(waiters, outs[0], strict=True):

@@ -93,6 +93,11 @@ class RankActor:
         with self._in_turn(seq):
             return self.engine.score(seqs, top_k)
 
+    def progress(self) -> dict[str, Any]:
+        """Where this rank is in forming its group (:mod:`dsi_worker.formation`); answers
+        while ``start()`` runs."""
+        return self.engine.progress.report()
+
     def ping(self) -> bool:
         """Liveness probe for the group's health check."""
         return True
