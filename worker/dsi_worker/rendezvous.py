@@ -165,7 +165,7 @@ def join_process_group(
     import torch.distributed as tdist
 
     timeout = timedelta(seconds=timeout_s)
-    store: Any = tdist.TCPStore(
+    store: Any = tdist.TCPStore(  # type: ignore[attr-defined]
         master_addr,
         master_port,
         world_size,
@@ -175,7 +175,7 @@ def join_process_group(
     )
     tdist.init_process_group(
         backend=backend,
-        store=tdist.PrefixStore(epoch_prefix(epoch), store),
+        store=tdist.PrefixStore(epoch_prefix(epoch), store),  # type: ignore[attr-defined]
         rank=rank,
         world_size=world_size,
         # This timeout also bounds every later collective of the group (NCCL/gloo).
