@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import apirelay, logs
-from .agent import NodeAgent, clean_leftovers, log_resolver
+from .agent import NodeAgent, clean_leftovers, exec_resolver, log_resolver, netns_resolver
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     agent = NodeAgent(api, args.node, root, args.log_port, args.api_relay_port)
     pki = args.state_dir / "pki"
     logs.serve(agent.host_ip, args.log_port, pki / "apiserver.crt", pki / "apiserver.key",
-               log_resolver(agent))  # fmt: skip
+               log_resolver(agent), exec_resolver(agent), netns_resolver(agent))  # fmt: skip
     upstream = urllib.parse.urlsplit(api.configuration.host)
     apirelay.serve(
         agent.host_ip, args.api_relay_port, (upstream.hostname or "127.0.0.1", upstream.port or 443)

@@ -2,7 +2,8 @@
 
 It registers its Node and renews the node's Lease, watches the pods bound to the node and
 runs each in a PodWorker, keeps every pod's hosts file current from Services and
-EndpointSlices, and serves container logs to the API server (``kubectl logs``).
+EndpointSlices, and serves the API server's kubelet calls (``kubectl logs``, ``exec`` and
+``port-forward``).
 
 One agent process per node: losing a node is SIGKILLing its agent and its pods.
 """
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import dns, podspec
+from . import dns, podspec, streaming
 from .netns import NETNS_ETC, NETNS_PREFIX, Network, PodNet
 from .pods import PodWorker
 
@@ -346,5 +347,38 @@ def log_resolver(agent: NodeAgent) -> Any:
                     return None
                 return path, lambda r=rec: r.running
         return None
+
+    return resolve
+
+
+def _worker(agent: NodeAgent, ns: str, pod: str) -> PodWorker | None:
+    with agent.lock:
+        workers = list(agent.workers.values())
+    return next((w for w in workers if (w.namespace, w.name) == (ns, pod)), None)
+
+
+def exec_resolver(agent: NodeAgent) -> streaming.ExecResolver:
+    """Map (namespace, pod, container) to the running container an exec enters."""
+
+    def resolve(ns: str, pod: str, container: str) -> streaming.Target | str:
+        w = _worker(agent, ns, pod)
+        if w is None:
+            return f"pod {ns}/{pod} is not running on node {agent.node}"
+        rec = next((r for r in w.records if r.name == container), None)
+        if rec is None:
+            return f'container not found ("{container}")'
+        if not rec.running or rec.pid is None:
+            return f"container {container} is not running"
+        return streaming.Target(rec.pid, dict(rec.env), rec.spec.get("workingDir"))
+
+    return resolve
+
+
+def netns_resolver(agent: NodeAgent) -> streaming.NetnsResolver:
+    """Map (namespace, pod) to the pod's network namespace (port-forward dials in it)."""
+
+    def resolve(ns: str, pod: str) -> str | None:
+        w = _worker(agent, ns, pod)
+        return w.net.netns if w is not None and w.net is not None else None
 
     return resolve

@@ -1,4 +1,6 @@
-"""The kubelet API path behind ``kubectl logs``: /containerLogs/<ns>/<pod>/<container>.
+"""The node's kubelet API: ``kubectl logs`` (/containerLogs/<ns>/<pod>/<container>) here,
+``kubectl exec`` and ``kubectl port-forward`` (/exec/..., /portForward/...) in
+:mod:`.streaming`.
 
 The API server connects to the node's InternalIP at daemonEndpoints.kubeletEndpoint.Port
 over TLS. It is not given a CA for kubelets here, so any certificate serves; the local
@@ -15,6 +17,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from . import streaming
+
 #: (namespace, pod, container, previous) -> the log file, or None when unknown.
 Resolver = Callable[[str, str, str, bool], tuple[Path, Callable[[], bool]] | None]
 
@@ -29,12 +33,27 @@ def tail(data: bytes, lines: int | None) -> bytes:
     return b"".join(parts[-lines:])
 
 
-def _handler(resolve: Resolver) -> type[BaseHTTPRequestHandler]:
+def _handler(
+    resolve: Resolver,
+    exec_target: streaming.ExecResolver | None,
+    netns_of: streaming.NetnsResolver | None,
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             pass  # the API server polls; keep the agent's log quiet
 
+        def _streaming(self) -> bool:
+            if exec_target is None or netns_of is None:
+                return False
+            return streaming.handle(self, exec_target, netns_of)
+
+        def do_POST(self) -> None:  # noqa: N802 - the API server POSTs exec and port-forward
+            if not self._streaming():
+                self.send_error(404, "only /exec/... and /portForward/... accept POST")
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self._streaming():
+                return
             url = urllib.parse.urlsplit(self.path)
             parts = url.path.strip("/").split("/")
             q = urllib.parse.parse_qs(url.query)
@@ -72,9 +91,18 @@ def _handler(resolve: Resolver) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def serve(host: str, port: int, cert: Path, key: Path, resolve: Resolver) -> ThreadingHTTPServer:
-    """Start the log server in a daemon thread and return it."""
-    server = ThreadingHTTPServer((host, port), _handler(resolve))
+def serve(
+    host: str,
+    port: int,
+    cert: Path,
+    key: Path,
+    resolve: Resolver,
+    exec_target: streaming.ExecResolver | None = None,
+    netns_of: streaming.NetnsResolver | None = None,
+) -> ThreadingHTTPServer:
+    """Start the node's kubelet API server in a daemon thread and return it (logs; exec and
+    port-forward too when their resolvers are given)."""
+    server = ThreadingHTTPServer((host, port), _handler(resolve, exec_target, netns_of))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(cert), str(key))
     server.socket = ctx.wrap_socket(server.socket, server_side=True)

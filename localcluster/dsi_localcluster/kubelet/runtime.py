@@ -173,11 +173,23 @@ def stop(c: Container, grace_s: float) -> int | None:
     return c.exit_code()
 
 
+def nsenter_argv(pid: int, argv: list[str], cwd: str | None = None) -> list[str]:
+    """argv run in the network, mount and UTS namespaces of process ``pid`` (a container's
+    main process), in directory ``cwd`` of that mount namespace when given.
+
+    The cd happens inside: ``nsenter --wd=DIR`` opens DIR before entering the namespace, so
+    a working directory on one of the pod's volumes would be the host's path instead."""
+    cmd = ["nsenter", "--target", str(pid), "--net", "--mount", "--uts", "--"]
+    if cwd:
+        return [*cmd, "/bin/sh", "-c", 'cd -- "$0" && exec "$@"', cwd, *argv]
+    return [*cmd, *argv]
+
+
 def exec_in(
     c: Container, argv: list[str], env: dict[str, str], timeout_s: float
 ) -> tuple[int, str]:
     """Run argv inside the container's namespaces (exec probes); (exit code, output)."""
-    cmd = ["nsenter", "--target", str(c.pid), "--net", "--mount", "--uts", "--", *argv]
+    cmd = nsenter_argv(c.pid, argv)
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, timeout=timeout_s, cwd="/")
     except subprocess.TimeoutExpired:
