@@ -279,6 +279,13 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "description": "Group restarts so far",
     },
     {
+        "name": "Reforms",
+        "type": "integer",
+        "jsonPath": ".status.reforms",
+        "description": "In-place group re-forms so far (same pods)",
+        "priority": 1,
+    },
+    {
         "name": "Endpoint",
         "type": "string",
         "jsonPath": ".status.endpoint",

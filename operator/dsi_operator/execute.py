@@ -187,6 +187,9 @@ async def execute(ctrl: Controller, key: Key, body: Mapping[str, Any], p: Plan) 
     for r in p.restarts:
         metrics.RESTARTS.labels(namespace=ns, name=name, trigger=r.trigger).inc()
         log.warning("%s/%s: restarting group %d: %s %s", ns, name, r.group, r.trigger, r.reason)
+    for rf in p.reforms:
+        metrics.REFORMS.labels(namespace=ns, name=name).inc()
+        log.warning("%s/%s: group %d re-forming in place: %s", ns, name, rf.group, rf.reason)
     for d in p.due():
         await ctrl.kube.delete_pod(ns, d.name, d.uid, force=d.force, grace=d.grace)
     await nudge_kuberay(ctrl, key, p)

@@ -29,6 +29,11 @@ RESTARTS = Counter(
     "Whole-group restarts started, by trigger.",
     ["namespace", "name", "trigger"],
 )
+REFORMS = Counter(
+    "dsi_operator_group_reforms_total",
+    "In-place group re-forms seen (a rank process lost while its pod ran on).",
+    ["namespace", "name"],
+)
 RECONCILES = Counter(
     "dsi_operator_reconciles_total",
     "Reconcile passes, by what caused them and their outcome.",

@@ -35,10 +35,8 @@ def pod_info(body: Mapping[str, Any]) -> tuple[int, PodInfo] | None:
     g, r = gr
     hash_key = L.ANNOTATION_HEAD_HASH if g == HEAD_GROUP else L.ANNOTATION_GROUP_HASH
     status = body.get("status") or {}
-    ready = any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in status.get("conditions") or []
-    )
+    ready_cond = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
+    ready = any(c.get("status") == "True" for c in ready_cond)
     restarts = sum(int(c.get("restartCount") or 0) for c in status.get("containerStatuses") or [])
     return g, PodInfo(
         name=meta.get("name", ""),
@@ -50,6 +48,7 @@ def pod_info(body: Mapping[str, Any]) -> tuple[int, PodInfo] | None:
         reason=status.get("reason"),
         node_name=(body.get("spec") or {}).get("nodeName"),
         deletion_timestamp=parse_time(meta.get("deletionTimestamp")),
+        ready_changed=parse_time(ready_cond[0].get("lastTransitionTime")) if ready_cond else None,
         group_hash=(meta.get("annotations") or {}).get(hash_key),
         cluster=(meta.get("labels") or {}).get(RAY_CLUSTER_LABEL),
     )

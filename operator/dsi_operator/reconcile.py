@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from . import labels as L
 from .observe import HEAD_GROUP
 from .preflight import GPUNeeds, PreflightResult
+from .reform import Reform, advance_reform, find_reform
 from .render import GroupTemplate
 from .restart import (
     ContinueRestart,
@@ -78,6 +79,7 @@ NUDGE_AFTER_SECONDS = 35.0
 EVENT_GROUP_RESTART = "GroupRestart"
 EVENT_BUDGET = "RestartBudgetExhausted"
 EVENT_BACKOFF = "GroupRestartBackoff"
+EVENT_GROUP_REFORMED = "GroupReformed"
 EVENT_INVALID = "InvalidSpec"
 EVENT_PREFLIGHT = "Preflight"
 EVENT_PHASE = "PhaseChanged"
@@ -177,6 +179,8 @@ class Plan:
     events: list[EventSpec] = field(default_factory=list)
     restarts: list[Restart] = field(default_factory=list)
     continues: list[ContinueRestart] = field(default_factory=list)
+    #: In-place re-forms recorded by this pass (dsi_operator.reform).
+    reforms: list[Reform] = field(default_factory=list)
     decisions: dict[int, Decision] = field(default_factory=dict)
     blocked: bool = False  # do not create children
     deletions: list[PodDeletion] = field(default_factory=list)
@@ -295,6 +299,7 @@ def plan(obs: Observed) -> Plan:
         events=events,
         restarts=gp.restarts,
         continues=gp.continues,
+        reforms=gp.reforms,
         decisions=gp.decisions,
         blocked=blocking is not None,
         deletions=deletions,
@@ -539,6 +544,7 @@ class _GroupsPlan:
     decisions: dict[int, Decision] = field(default_factory=dict)
     restarts: list[Restart] = field(default_factory=list)
     continues: list[ContinueRestart] = field(default_factory=list)
+    reforms: list[Reform] = field(default_factory=list)
     states: dict[int, GroupState] = field(default_factory=dict)
     events: list[EventSpec] = field(default_factory=list)
     failed_reason: str | None = None
@@ -573,6 +579,7 @@ def _plan_groups(
         elif isinstance(dec, ContinueRestart):
             out.continues.append(dec)
         out.states[g] = advance_group(state, dec, pods, n_pods, policy, obs.now)
+        _track_reform(out, g, dec, pods, n_pods, policy, obs.now)
         if isinstance(dec, Restart):
             out.events.append(restart_event(out.states[g]))
         elif isinstance(dec, ContinueRestart | RestartDone) and (
@@ -591,6 +598,37 @@ def _plan_groups(
         out.events = [e for e in out.events if e.incident not in cancelled]
         out.restarts = []
     return out
+
+
+def _track_reform(
+    out: _GroupsPlan,
+    g: int,
+    dec: Decision,
+    pods: Sequence[PodInfo],
+    n_pods: int,
+    policy: RestartPolicySpec,
+    now: datetime,
+) -> None:
+    """Count an in-place re-form of group ``g`` that began (only when nothing at the pod level
+    is wrong), and plan its Event on every pass until the group is whole again."""
+    state = out.states[g]
+    reform = find_reform(state, pods, now) if isinstance(dec, NoAction) else None
+    out.states[g] = state = advance_reform(state, reform, dec, pods, n_pods, policy, now)
+    if reform is not None:
+        out.reforms.append(reform)
+    if state.reforming_since is not None:
+        out.events.append(reform_event(state))
+
+
+def reform_event(state: GroupState) -> EventSpec:
+    """The GroupReformed Event of the group's latest in-place re-form (from status alone)."""
+    g, n = state.index, state.reforms
+    return EventSpec(
+        "Warning",
+        EVENT_GROUP_REFORMED,
+        f"group {g} re-forming in place (re-form {n}): {state.last_reform_reason or 'unknown'}",
+        incident=f"g{g}-reform-{n}",
+    )
 
 
 def restart_event(state: GroupState) -> EventSpec:

@@ -36,6 +36,8 @@ TRIGGER_POD_STUCK_TERMINATING = "PodStuckTerminating"
 TRIGGER_NODE_NOT_READY = "NodeNotReady"
 TRIGGER_NODE_LOST = "NodeLost"
 TRIGGER_FORMATION_TIMEOUT = "FormationTimeout"
+#: Too many in-place re-forms in the window (see :mod:`dsi_operator.reform`).
+TRIGGER_REFORM_LOOP = "ReformLoop"
 
 #: Priority order: the first trigger found names the incident.
 ALL_TRIGGERS = (
@@ -47,6 +49,7 @@ ALL_TRIGGERS = (
     TRIGGER_NODE_LOST,
     TRIGGER_POD_DELETED,
     TRIGGER_FORMATION_TIMEOUT,
+    TRIGGER_REFORM_LOOP,
 )
 
 
@@ -65,6 +68,8 @@ class PodInfo:
     reason: str | None = None  # status.reason, e.g. "Evicted"
     node_name: str | None = None
     deletion_timestamp: datetime | None = None
+    #: lastTransitionTime of the pod's Ready condition (None: unknown).
+    ready_changed: datetime | None = None
     group_hash: str | None = None  # deepspeed.ai/group-hash annotation/label of the pod
     cluster: str | None = None  # ray.io/cluster label: the RayCluster the pod belongs to
 
@@ -99,6 +104,12 @@ class GroupState:
     # RayCluster whose pods formed the group: KubeRay's blue/green upgrade switches clusters,
     # and the new cluster's pods replacing the members is a roll, not a failure.
     cluster: str | None = None
+    # In-place re-forms (dsi_operator.reform): same pods, the group formed again by Serve.
+    reforms: int = 0
+    reform_times: tuple[datetime, ...] = ()
+    last_reform_time: datetime | None = None
+    last_reform_reason: str | None = None
+    reforming_since: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +205,28 @@ def consecutive_restarts(state: GroupState, policy: RestartPolicySpec, now: date
     return count
 
 
+def recent_reforms(state: GroupState, policy: RestartPolicySpec, now: datetime) -> list[datetime]:
+    """Re-form times of the group that are still inside the budget window."""
+    window = timedelta(seconds=policy.window_seconds)
+    return sorted(t for t in state.reform_times if now - t < window)
+
+
+def reform_loop_trigger(
+    state: GroupState, policy: RestartPolicySpec, now: datetime
+) -> Trigger | None:
+    """A restart trigger once the group re-formed more than ``maxReforms`` times in the
+    window (a crash loop inside the same pods)."""
+    recent = recent_reforms(state, policy, now)
+    if len(recent) <= policy.max_reforms:
+        return None
+    return Trigger(
+        TRIGGER_REFORM_LOOP,
+        "",
+        f"group re-formed in place {len(recent)} times within {policy.window_seconds:g}s "
+        f"(maxReforms {policy.max_reforms}); last: {state.last_reform_reason or 'unknown'}",
+    )
+
+
 def live_pods(pods: Sequence[PodInfo]) -> list[PodInfo]:
     """Pods that are not being deleted."""
     return [p for p in pods if p.deletion_timestamp is None]
@@ -233,6 +266,8 @@ def find_triggers(
         if p.uid not in state.abandoned:
             found.extend(_pod_triggers(p, nodes, policy, now))
     found.extend(_group_triggers(pods, state, policy, n_pods, now))
+    if (loop := reform_loop_trigger(state, policy, now)) is not None:
+        found.append(loop)
     return _dedupe(found)
 
 

@@ -440,6 +440,15 @@ class RestartPolicySpec(_Model):
         description="A group whose ranks have not all become ready this many seconds after "
         "its pods were created is restarted (covers image pulls and model loading).",
     )
+    max_reforms: int = Field(
+        default=10,
+        ge=0,
+        le=10000,
+        description="In-place re-forms per group (a rank process lost while its pod ran on; "
+        "Ray Serve forms the group again in the same pods) allowed within windowSeconds. They "
+        "do not use maxRestarts; past this many the group is restarted with new pods (trigger "
+        "ReformLoop), which does.",
+    )
     terminating_grace_seconds: int = Field(
         default=60,
         ge=0,
@@ -972,6 +981,25 @@ class GroupStatus(BaseModel):
     ready_pods: int = Field(default=0, ge=0, description="Pods of the group that are ready.")
     ready: bool | None = Field(default=None, description="Whether every rank is ready.")
     restarts: int = Field(default=0, ge=0, description="Restarts of this group so far.")
+    reforms: int = Field(
+        default=0,
+        ge=0,
+        description="In-place re-forms of this group so far: its rank processes formed the "
+        "group again inside the same pods (not counted in restarts).",
+    )
+    last_reform_reason: str | None = Field(
+        default=None, description="Cause and rank of the last in-place re-form."
+    )
+    last_reform_time: str | None = Field(
+        default=None, description="When the last in-place re-form began (RFC 3339)."
+    )
+    reforming_since: str | None = Field(
+        default=None,
+        description="When the in-place re-form in progress began (RFC 3339); unset when none.",
+    )
+    reform_times: list[str] | None = Field(
+        default=None, description="Start times of the re-forms inside the budget window."
+    )
     last_restart_reason: str | None = Field(
         default=None, description="Trigger and pod of the last restart."
     )
@@ -1076,6 +1104,7 @@ class DeepSpeedInferenceStatus(BaseModel):
         default=None, description="Ready groups over desired groups, e.g. '1/2' (printer column)."
     )
     restarts: int = Field(default=0, ge=0, description="Group restarts so far, all groups.")
+    reforms: int = Field(default=0, ge=0, description="In-place group re-forms so far, all groups.")
     endpoint: str | None = Field(
         default=None, description="In-cluster URL of the model's HTTP endpoint."
     )

@@ -128,6 +128,11 @@ def group_state_from_status(index: int, raw: Mapping[str, Any] | None) -> GroupS
         forming_since=parse_time(raw.get("formingSince")),
         abandoned=_strs(raw.get("abandonedPods")),
         cluster=raw.get("rayCluster") or None,
+        reforms=reforms if isinstance(reforms := raw.get("reforms", 0), int) else 0,
+        reform_times=_times(raw.get("reformTimes")),
+        last_reform_time=parse_time(raw.get("lastReformTime")),
+        last_reform_reason=raw.get("lastReformReason"),
+        reforming_since=parse_time(raw.get("reformingSince")),
     )
 
 
@@ -235,6 +240,7 @@ def group_status_dict(
         "readyPods": ready_pods,
         "ready": ready,
         "restarts": state.restarts,
+        "reforms": state.reforms,
     }
     optional: dict[str, Any] = {
         "lastRestartReason": state.last_restart_reason,
@@ -248,6 +254,10 @@ def group_status_dict(
         "formingSince": iso_precise(state.forming_since),
         "abandonedPods": list(state.abandoned) or None,
         "rayCluster": state.cluster,
+        "lastReformReason": state.last_reform_reason,
+        "lastReformTime": iso(state.last_reform_time),
+        "reformTimes": [iso_precise(t) for t in state.reform_times] or None,
+        "reformingSince": iso_precise(state.reforming_since),
     }
     d.update({k: v for k, v in optional.items() if v is not None})
     return d
@@ -357,10 +367,17 @@ def compute_status(inp: StatusInputs) -> dict[str, Any]:
         prior_total + inp.new_restarts, sum(g.restarts for g in inp.groups.values())
     )
 
+    prior_reforms = inp.current.get("reforms", 0) if inp.current else 0
+    reforms_total = max(
+        prior_reforms if isinstance(prior_reforms, int) else 0,
+        sum(g.reforms for g in inp.groups.values()),
+    )
+
     base: dict[str, Any] = {
         "observedGeneration": inp.generation,
         "replicas": inp.replicas,
         "restarts": restarts_total,
+        "reforms": reforms_total,
     }
     if inp.invalid_spec is not None:
         base.update(

@@ -1,0 +1,106 @@
+"""In-place re-forms: pure detection and bookkeeping.
+
+A group can break and come back without any pod changing: a rank actor dies, or the worker
+kills a hung or wedged epoch, and Ray Serve forms the group again inside the same pods.
+Nothing at the pod level shows it except readiness: a rank pod is Ready exactly while its
+rank process holds the formed lock (``dsi_worker.readiness``), so a member of a formed group
+that turns NotReady while its pod runs on (same UID, no container restart) is the start of
+an in-place re-form.
+
+Re-forms are counted apart from restarts (``status.groups[].reforms``), with their cause, an
+Event and a metric, so a week of silent re-forms shows. They do not use the restart budget:
+a re-form costs no pod and no scheduling, and Serve already does it. But a crash loop inside
+the same pods must end: past ``restartPolicy.maxReforms`` re-forms within ``windowSeconds``
+the group is restarted with new pods (trigger ``ReformLoop``), which counts against
+``maxRestarts`` and so ends in ``Failed`` if the loop goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from .restart import (
+    TRIGGER_REFORM_LOOP,
+    Decision,
+    GroupState,
+    PodInfo,
+    Restart,
+    group_pods_ready,
+    live_pods,
+    recent_reforms,
+)
+from .spec import RestartPolicySpec
+
+#: How long a member must have been NotReady before it counts: a container that died shows
+#: NotReady a moment before its restart count grows, and that is a restart, not a re-form.
+REFORM_GRACE = timedelta(seconds=5)
+
+
+@dataclass(frozen=True)
+class Reform:
+    """A re-form in place that began: ``rank``'s pod ``pod`` lost its formed rank process."""
+
+    group: int
+    rank: int
+    pod: str
+    reason: str
+
+
+def find_reform(
+    state: GroupState, pods: Sequence[PodInfo], now: datetime, grace: timedelta = REFORM_GRACE
+) -> Reform | None:
+    """The re-form that began in this formed group, or None.
+
+    Only for a formed group (members recorded) with no restart or re-form in progress, and
+    only when every member pod is still there and has not restarted: anything else is a
+    pod-level failure, which :func:`dsi_operator.restart.decide` handles first.
+    """
+    if not state.members or state.restarting_since or state.reforming_since:
+        return None
+    live = {p.uid: p for p in live_pods(pods)}
+    members = [live.get(uid) for uid in state.members]
+    if any(p is None or p.restart_count > 0 or p.phase != "Running" for p in members):
+        return None
+    for rank, p in enumerate(members):
+        assert p is not None
+        since = p.ready_changed
+        if not p.ready and (since is None or now - since >= grace):
+            return Reform(
+                state.index,
+                rank,
+                p.name,
+                f"rank {rank} (pod {p.name}) lost its formed rank process while its pod ran on; "
+                "Ray Serve re-forms the group in place",
+            )
+    return None
+
+
+def advance_reform(
+    state: GroupState,
+    reform: Reform | None,
+    decision: Decision,
+    pods: Sequence[PodInfo],
+    n_pods: int,
+    policy: RestartPolicySpec,
+    now: datetime,
+) -> GroupState:
+    """The group's re-form bookkeeping after this pass: a new re-form counted and marked in
+    progress; the mark cleared once every rank is ready again or a restart replaces the pods
+    (a ``ReformLoop`` restart also clears the re-form history that caused it)."""
+    if isinstance(decision, Restart):
+        times = () if decision.trigger == TRIGGER_REFORM_LOOP else state.reform_times
+        return replace(state, reforming_since=None, reform_times=times)
+    if reform is not None:
+        return replace(
+            state,
+            reforms=state.reforms + 1,
+            reform_times=tuple(recent_reforms(state, policy, now)) + (now,),
+            last_reform_time=now,
+            last_reform_reason=reform.reason,
+            reforming_since=now,
+        )
+    if state.reforming_since is not None and group_pods_ready(pods, n_pods):
+        return replace(state, reforming_since=None)
+    return state

@@ -1,0 +1,144 @@
+"""In-place re-forms (issue 25 item 3): detection, bookkeeping, the ReformLoop escalation
+and a planner pass that records one, as plain functions."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+from dsi_operator import reconcile
+from dsi_operator.reform import REFORM_GRACE, advance_reform, find_reform
+from dsi_operator.restart import (
+    TRIGGER_CONTAINER_RESTART,
+    TRIGGER_REFORM_LOOP,
+    Fail,
+    GroupState,
+    NoAction,
+    PodInfo,
+    Restart,
+    decide,
+)
+from dsi_operator.spec import RestartPolicySpec
+from dsi_operator.status import group_state_from_status, group_status_dict
+
+from tests.unit.test_restart import NODES, NOW, formed, pod
+from tests.unit.test_status import observed, pods_for
+
+POLICY = RestartPolicySpec(max_restarts=3, window_seconds=600, max_reforms=2)
+LONG_AGO = NOW - REFORM_GRACE
+
+
+def not_ready(rank: int, since: Any = LONG_AGO, **kw: Any) -> PodInfo:
+    return pod(rank, ready=False, ready_changed=since, **kw)
+
+
+def test_a_member_that_lost_readiness_in_a_running_pod_is_a_reform() -> None:
+    rf = find_reform(formed(), [pod(0), not_ready(1)], NOW)
+    assert rf is not None and (rf.group, rf.rank, rf.pod) == (0, 1, "p1")
+    assert rf.reason.startswith("rank 1 (pod p1) lost its formed rank process")
+
+
+def test_not_a_reform_within_the_grace_or_when_the_pod_itself_failed() -> None:
+    group = formed()
+    just_now = NOW - REFORM_GRACE + timedelta(seconds=1)
+    assert find_reform(group, [pod(0), not_ready(1, since=just_now)], NOW) is None
+    # A restarted container is a restart (decide() sees it), never also a re-form.
+    assert find_reform(group, [pod(0), not_ready(1, restart_count=1)], NOW) is None
+    assert find_reform(group, [pod(0)], NOW) is None  # member gone: PodDeleted
+    assert find_reform(group, [pod(0), not_ready(1, phase="Failed")], NOW) is None
+    assert find_reform(GroupState(index=0), [pod(0), not_ready(1)], NOW) is None  # not formed
+    in_progress = replace(group, reforming_since=NOW - timedelta(seconds=30))
+    assert find_reform(in_progress, [pod(0), not_ready(1)], NOW) is None  # counted once
+
+
+def test_unknown_transition_time_counts_at_once() -> None:
+    assert find_reform(formed(), [pod(0), not_ready(1, since=None)], NOW) is not None
+
+
+def test_bookkeeping_counts_marks_and_clears_once_whole_again() -> None:
+    pods = [pod(0), not_ready(1)]
+    rf = find_reform(formed(), pods, NOW)
+    assert rf is not None
+    s = advance_reform(formed(), rf, NoAction(), pods, 2, POLICY, NOW)
+    assert (s.reforms, s.reforming_since, s.last_reform_time) == (1, NOW, NOW)
+    assert s.reform_times == (NOW,) and s.last_reform_reason == rf.reason
+    later = NOW + timedelta(seconds=20)
+    still = advance_reform(s, None, NoAction(), pods, 2, POLICY, later)
+    assert still.reforming_since == NOW
+    whole = advance_reform(s, None, NoAction(), [pod(0), pod(1)], 2, POLICY, later)
+    assert whole.reforming_since is None and whole.reforms == 1
+
+
+def test_the_status_round_trip_keeps_every_reform_field() -> None:
+    s = replace(
+        formed(),
+        reforms=3,
+        reform_times=(NOW,),
+        last_reform_time=NOW,
+        last_reform_reason="rank 1 ...",
+        reforming_since=NOW,
+    )
+    raw = group_status_dict(s, [pod(0), pod(1)], 2, True, "Ready")
+    assert raw["reforms"] == 3 and raw["lastReformReason"] == "rank 1 ..."
+    back = group_state_from_status(0, raw)
+    assert (back.reforms, back.reform_times, back.reforming_since) == (3, (NOW,), NOW)
+    assert back.last_reform_reason == "rank 1 ..."
+
+
+def test_a_reform_loop_restarts_the_group_with_new_pods_and_then_fails() -> None:
+    """Past maxReforms in the window the group restarts (counted); the restart clears the
+    re-form history; a loop that goes on exhausts maxRestarts and ends in Failed."""
+    times = tuple(NOW - timedelta(seconds=s) for s in (100, 50, 10))
+    looping = replace(formed(), reforms=3, reform_times=times, last_reform_reason="rank 1 ...")
+    pods = [pod(0), pod(1)]
+    dec = decide(pods, NODES, looping, POLICY, 2, NOW)
+    assert isinstance(dec, Restart) and dec.trigger == TRIGGER_REFORM_LOOP and dec.counted
+    assert "re-formed in place 3 times within 600s (maxReforms 2)" in dec.reason
+    after = advance_reform(looping, None, dec, pods, 2, POLICY, NOW)
+    assert after.reform_times == () and after.reforms == 3
+    spent = replace(looping, restart_times=(NOW - timedelta(seconds=5),) * 3)
+    assert isinstance(decide(pods, NODES, spent, POLICY, 2, NOW), Fail)
+    # Two in the window are within the budget: nothing happens.
+    assert isinstance(
+        decide(pods, NODES, replace(looping, reform_times=times[1:]), POLICY, 2, NOW), NoAction
+    )
+
+
+def test_a_pod_level_failure_wins_over_the_reform() -> None:
+    pods = [pod(0), not_ready(1, restart_count=1)]
+    dec = decide(pods, NODES, formed(), POLICY, 2, NOW)
+    assert isinstance(dec, Restart) and dec.trigger == TRIGGER_CONTAINER_RESTART
+    assert advance_reform(formed(), None, dec, pods, 2, POLICY, NOW).reforms == 0
+
+
+def test_one_planner_pass_records_the_reform_posts_its_event_and_shows_it_in_status() -> None:
+    formed_status = _formed_status()
+    pods = pods_for(0)
+    pods[1] = replace(pods[1], ready=False, ready_changed=LONG_AGO)
+    p = reconcile.plan(observed(formed_status, pods={0: pods, 1: pods_for(1)}))
+    assert [(r.group, r.rank) for r in p.reforms] == [(0, 1)]
+    g0 = p.status["groups"][0]
+    assert g0["reforms"] == 1 and g0["restarts"] == 0 and g0["reformingSince"]
+    assert p.status["reforms"] == 1 and p.status["restarts"] == 0
+    events = [e for e in p.events if e.reason == reconcile.EVENT_GROUP_REFORMED]
+    assert len(events) == 1 and events[0].incident == "g0-reform-1"
+    assert "re-forming in place (re-form 1): rank 1 (pod" in events[0].message
+    # The next pass (re-form still under way) counts nothing new; its Event is the same one.
+    again = reconcile.plan(observed(p.status, pods={0: pods, 1: pods_for(1)}))
+    assert again.reforms == [] and again.status["groups"][0]["reforms"] == 1
+    assert {e.incident for e in again.events if e.reason == "GroupReformed"} == {"g0-reform-1"}
+    # Whole again: the mark clears, the count stays.
+    done = reconcile.plan(observed(again.status))
+    assert "reformingSince" not in done.status["groups"][0]
+    assert done.status["groups"][0]["reforms"] == 1
+
+
+def _formed_status() -> dict[str, Any]:
+    """Status after both groups formed on pods_for(g)."""
+    st: dict[str, Any] = dict(observed().status)
+    for _ in range(3):
+        p = reconcile.plan(observed(st))
+        st = p.status
+    assert all(g.get("members") for g in st["groups"]), st["groups"]
+    return st
