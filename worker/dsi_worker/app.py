@@ -736,7 +736,10 @@ class Ingress:
         await self._ensure_polling()
         await self._refresh()
         groups = [
-            {k: st.get(k) for k in ("group", "epoch", "state", "error", "ranks", "batches")}
+            {
+                k: st.get(k)
+                for k in ("group", "epoch", "state", "error", "ranks", "batches", "progress")
+            }
             for _, st in sorted(self.states.items())
         ]
         ok = bool(groups) and all(st["state"] == "ready" for st in groups)
