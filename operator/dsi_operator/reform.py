@@ -49,15 +49,21 @@ class Reform:
 
 
 def find_reform(
-    state: GroupState, pods: Sequence[PodInfo], now: datetime, grace: timedelta = REFORM_GRACE
+    state: GroupState,
+    pods: Sequence[PodInfo],
+    now: datetime,
+    head_ok: bool = True,
+    grace: timedelta = REFORM_GRACE,
 ) -> Reform | None:
     """The re-form that began in this formed group, or None.
 
     Only for a formed group (members recorded) with no restart or re-form in progress, and
     only when every member pod is still there and has not restarted: anything else is a
-    pod-level failure, which :func:`dsi_operator.restart.decide` handles first.
+    pod-level failure, which :func:`dsi_operator.restart.decide` handles first. Not while the
+    Ray head is down or being replaced (``head_ok`` False): every rank loses its actor then,
+    and the worker pods' containers restart a little later, which is a restart.
     """
-    if not state.members or state.restarting_since or state.reforming_since:
+    if not head_ok or not state.members or state.restarting_since or state.reforming_since:
         return None
     live = {p.uid: p for p in live_pods(pods)}
     members = [live.get(uid) for uid in state.members]
@@ -71,7 +77,8 @@ def find_reform(
                 state.index,
                 rank,
                 p.name,
-                f"rank {rank} (pod {p.name}) lost its formed rank process while its pod ran on; "
+                f"rank {rank} (pod {p.name}) stopped being formed while its pod ran on (its "
+                "rank process was lost or failed as wedged, or the Serve app was redeployed); "
                 "Ray Serve re-forms the group in place",
             )
     return None

@@ -26,6 +26,7 @@ from tests.unit.test_restart import NODES, NOW, formed, pod
 from tests.unit.test_status import observed, pods_for
 
 POLICY = RestartPolicySpec(max_restarts=3, window_seconds=600, max_reforms=2)
+HEAD = [PodInfo(name="head", uid="h", rank=0, phase="Running", ready=True)]
 LONG_AGO = NOW - REFORM_GRACE
 
 
@@ -36,7 +37,7 @@ def not_ready(rank: int, since: Any = LONG_AGO, **kw: Any) -> PodInfo:
 def test_a_member_that_lost_readiness_in_a_running_pod_is_a_reform() -> None:
     rf = find_reform(formed(), [pod(0), not_ready(1)], NOW)
     assert rf is not None and (rf.group, rf.rank, rf.pod) == (0, 1, "p1")
-    assert rf.reason.startswith("rank 1 (pod p1) lost its formed rank process")
+    assert rf.reason.startswith("rank 1 (pod p1) stopped being formed while its pod ran on")
 
 
 def test_not_a_reform_within_the_grace_or_when_the_pod_itself_failed() -> None:
@@ -50,6 +51,11 @@ def test_not_a_reform_within_the_grace_or_when_the_pod_itself_failed() -> None:
     assert find_reform(GroupState(index=0), [pod(0), not_ready(1)], NOW) is None  # not formed
     in_progress = replace(group, reforming_since=NOW - timedelta(seconds=30))
     assert find_reform(in_progress, [pod(0), not_ready(1)], NOW) is None  # counted once
+
+
+def test_not_a_reform_while_the_ray_head_is_down() -> None:
+    """Every rank loses its actor with the head; the containers restart a little later."""
+    assert find_reform(formed(), [pod(0), not_ready(1)], NOW, head_ok=False) is None
 
 
 def test_unknown_transition_time_counts_at_once() -> None:
@@ -116,7 +122,7 @@ def test_one_planner_pass_records_the_reform_posts_its_event_and_shows_it_in_sta
     formed_status = _formed_status()
     pods = pods_for(0)
     pods[1] = replace(pods[1], ready=False, ready_changed=LONG_AGO)
-    p = reconcile.plan(observed(formed_status, pods={0: pods, 1: pods_for(1)}))
+    p = reconcile.plan(observed(formed_status, pods={0: pods, 1: pods_for(1)}, head_pods=HEAD))
     assert [(r.group, r.rank) for r in p.reforms] == [(0, 1)]
     g0 = p.status["groups"][0]
     assert g0["reforms"] == 1 and g0["restarts"] == 0 and g0["reformingSince"]
@@ -125,11 +131,17 @@ def test_one_planner_pass_records_the_reform_posts_its_event_and_shows_it_in_sta
     assert len(events) == 1 and events[0].incident == "g0-reform-1"
     assert "re-forming in place (re-form 1): rank 1 (pod" in events[0].message
     # The next pass (re-form still under way) counts nothing new; its Event is the same one.
-    again = reconcile.plan(observed(p.status, pods={0: pods, 1: pods_for(1)}))
+    again = reconcile.plan(observed(p.status, pods={0: pods, 1: pods_for(1)}, head_pods=HEAD))
     assert again.reforms == [] and again.status["groups"][0]["reforms"] == 1
     assert {e.incident for e in again.events if e.reason == "GroupReformed"} == {"g0-reform-1"}
+    # With the head being replaced, nothing is counted (the head path restarts pods).
+    gone = [replace(HEAD[0], deletion_timestamp=NOW)]
+    headless = reconcile.plan(
+        observed(formed_status, pods={0: pods, 1: pods_for(1)}, head_pods=gone)
+    )
+    assert headless.reforms == [] and headless.status["reforms"] == 0
     # Whole again: the mark clears, the count stays.
-    done = reconcile.plan(observed(again.status))
+    done = reconcile.plan(observed(again.status, head_pods=HEAD))
     assert "reformingSince" not in done.status["groups"][0]
     assert done.status["groups"][0]["reforms"] == 1
 
