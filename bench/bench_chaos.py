@@ -2,6 +2,16 @@
 operator SIGKILLed at random points (issue 11 item 1).
 
     .venv/bin/python bench/bench_chaos.py [--resources 10] [--faults 100] [--kill-every 10]
+    .venv/bin/python bench/bench_chaos.py --real [--minutes 30] [--seed 1] [--kinds a,b]
+
+``--real`` (issue 25 item 4) runs the chaos on the process-backed nodes instead: the ``make
+run`` sample (2 groups x TP 2 of the tiny model, real processes) under a seeded random
+sequence of real faults (rank pod deleted, container SIGKILLed, rank actor SIGKILLed or
+frozen 150 s, operator SIGKILLed or KubeRay stopped during a restart, two faults on one group,
+a process node lost, the Ray head deleted) for ``--minutes``, with requests flowing on
+/v1/completions and /generate throughout; see bench/chaos_real.py. ``DSI_CHAOS_SHORT=1``
+is the CI size: one fault each of pod_deleted, container_killed and actor_killed (about
+3-5 minutes after the stack is up).
 
 Each resource has 2 groups of TP 2. Fault kinds: container restart, pod Failed, pod
 deleted, pod evicted, pod stuck Terminating, two pods of one group at once, faults in
@@ -178,7 +188,7 @@ class Soak:
         """Break a node that holds worker pods but no Ray head (a head lost with its node is
         KubeRay's business, not a group restart); every group with a pod there is hit."""
         heads = {
-            p.spec.node_name
+            p.spec.node_name  # type: ignore[union-attr]
             for p in self.core.list_namespaced_pod(
                 self.ns, label_selector="ray.io/node-type=head"
             ).items
@@ -322,7 +332,7 @@ def start(args: argparse.Namespace) -> Soak | None:
     if not lc.is_up(cfg):
         print("local cluster is not running: make cluster-up", file=sys.stderr)
         return None
-    api = config.new_client_from_config(str(cfg.kubeconfig))
+    api = config.new_client_from_config(str(cfg.kubeconfig))  # type: ignore[no-untyped-call]
     install_crd(_Kubectl(cfg))
     ns = f"chaos-{uuid.uuid4().hex[:6]}"
     meta = client.V1ObjectMeta(name=ns)
@@ -352,15 +362,72 @@ def start(args: argparse.Namespace) -> Soak | None:
     return soak
 
 
+def main_real(args: argparse.Namespace) -> int:
+    """``--real``: chaos on the process-backed nodes; tables, anomalies and leaks printed;
+    1 when a fault did not recover, a count was off, or something leaked."""
+    import os
+
+    import chaos_real as cr
+
+    cfg = lc.running_config(lcconfig.ClusterConfig.from_env())
+    if not lc.is_up(cfg):
+        print("local cluster is not running: make cluster-up", file=sys.stderr)
+        return 2
+    kinds = tuple(args.kinds.split(",")) if args.kinds else cr.KINDS
+    max_faults, duration = None, args.minutes * 60
+    if os.environ.get("DSI_CHAOS_SHORT") == "1":
+        kinds, max_faults = cr.short_size()
+        duration = None
+    print(
+        f"# --real: seed {args.seed}, kinds {','.join(kinds)}, "
+        f"{f'{max_faults} faults' if max_faults else f'{args.minutes:g} min'}",
+        flush=True,
+    )
+    t_start = time.monotonic()
+    served = cr.bring_up(cfg, cr.make_kubectl(cfg), Path("/tmp"))
+    outcomes: list[Any] = []
+    try:
+        outcomes = cr.run_chaos(
+            served.target, kinds, args.seed, cfg, duration, max_faults, args.timeout
+        )
+    finally:
+        print(f"# operator log: {served.target.operator.log_path}")
+        leaked = cr.tear_down(served)
+    ran = (time.monotonic() - t_start) / 60
+    print(f"\n# ran {ran:.1f} min (stack up, {len(outcomes)} faults, teardown)")
+    print(cr.table(outcomes))
+    bad = [
+        f"fault {i} ({o.kind}, {o.detail}): {p}" for i, o in enumerate(outcomes) for p in o.problems
+    ]
+    print(f"anomalies: {len(bad)}")
+    for b in bad:
+        print(f"  {b}")
+    for i, o in enumerate(outcomes):
+        for line in o.events:
+            print(f"  fault {i} event {line}")
+    print("left after teardown: " + ", ".join(f"{k} {len(v)}" for k, v in leaked.items()))
+    for k, v in leaked.items():
+        for item in v:
+            print(f"  {k}: {item}")
+    return 1 if bad or any(leaked.values()) else 0
+
+
 def main() -> int:
     """Run the soak and print the table; 1 when anything was violated."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--real", action="store_true", help="chaos on the process-backed nodes")
+    ap.add_argument("--minutes", type=float, default=30, help="--real: how long to inject")
+    ap.add_argument("--kinds", default="", help="--real: comma-separated fault kinds")
     ap.add_argument("--resources", type=int, default=10)
     ap.add_argument("--faults", type=int, default=100)
     ap.add_argument("--kill-every", type=int, default=10)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=120)
     args = ap.parse_args()
+    if args.real:
+        if args.timeout == 120:
+            args.timeout = 600
+        return main_real(args)
     rng = random.Random(args.seed)
     soak = start(args)
     if soak is None:
