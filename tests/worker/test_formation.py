@@ -192,3 +192,11 @@ def test_a_frozen_forming_rank_fails_its_epoch_within_the_wedge_bound(forming_gr
     assert took < WEDGE_S + 2 + 5 + 5, took
     if st["state"] == "failed":
         assert st["error"].startswith("wedged while forming: rank 1 stopped answering")
+
+
+def test_late_ranks_only_past_the_bound_after_the_first_finished() -> None:
+    from dsi_worker.formation import late_ranks
+
+    assert late_ranks([True, False, False], None, now=100, stall_s=STALL) == []
+    assert late_ranks([True, False, False], 100, now=100 + STALL - 1, stall_s=STALL) == []
+    assert late_ranks([True, False, True], 100, now=100 + STALL, stall_s=STALL) == [1]

@@ -109,6 +109,16 @@ def find_wedge(ranks: Sequence[RankView], now: float, stall_s: float) -> str | N
     return None
 
 
+def late_ranks(
+    done: Sequence[bool], first_done_at: float | None, now: float, stall_s: float
+) -> list[int]:
+    """The ranks still inside one collective call ``stall_s`` after the first rank finished
+    it (``first_done_at``); empty while within the bound or before any rank finished."""
+    if first_done_at is None or now - first_done_at < stall_s:
+        return []
+    return [r for r, d in enumerate(done) if not d]
+
+
 def _step(view: RankView) -> str:
     return str((view.report or {}).get("step") or MASTER)
 

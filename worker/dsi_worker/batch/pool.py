@@ -31,6 +31,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from dsi_worker.config import AppArgs
 from dsi_worker.engine import GenRequest, GenResult
+from dsi_worker.formation import RankView, find_wedge, late_ranks
 from dsi_worker.group import _short, engine_kwargs, pinning_errors, rank_actor_options
 from dsi_worker.rank_actor import RankActor
 
@@ -70,6 +71,8 @@ class Replacement:
 class _Running:
     work: Work
     refs: list[Any]
+    #: When the first rank finished this call (the others then have wedge_timeout_s).
+    first_done_at: float | None = None
 
 
 @dataclass
@@ -85,6 +88,9 @@ class _Slot:
     created: float = 0.0
     seq: int = 0
     running: list[_Running] = field(default_factory=list)
+    #: While forming: each rank's last progress report and its progress() call in flight.
+    views: list[RankView] = field(default_factory=list)
+    progress_refs: list[Any] = field(default_factory=list)
 
 
 def _kill(actors: list[Any]) -> None:
@@ -203,6 +209,8 @@ class GroupPool:
             for r, name in enumerate(self.names(s.index))
         ]
         s.start_refs = [a.start.remote() for a in s.actors]
+        s.views = [RankView() for _ in s.actors]
+        s.progress_refs = [None] * len(s.actors)
         log.info("group %d: forming epoch %s", s.index, s.epoch)
 
     def _fail(self, s: _Slot, why: str, queue: deque[Work]) -> None:
@@ -283,6 +291,8 @@ class GroupPool:
         if len(done) < len(s.start_refs):
             if time.monotonic() - s.created > self.args.form_timeout_s:
                 self._fail(s, f"did not form within {self.args.form_timeout_s:.0f}s", queue)
+            elif (why := self._wedged_forming(s)) is not None:
+                self._fail(s, f"wedged while forming: {why}", queue)
             return
         if wrong := pinning_errors(s.index, infos, self.args.ranks_per_pod):
             self._fail(s, "rank actors on the wrong pods: " + "; ".join(wrong), queue)
@@ -291,18 +301,44 @@ class GroupPool:
         self.first_ready = self.first_ready or time.monotonic()
         log.info("group %d formed (epoch %s)", s.index, s.epoch)
 
+    def _wedged_forming(self, s: _Slot) -> str | None:
+        """Collect the progress reports that arrived, ask again, and judge the epoch
+        (:func:`dsi_worker.formation.find_wedge`)."""
+        now = time.time()
+        for r, ref in enumerate(s.progress_refs):
+            if ref is not None:
+                ready, _ = ray.wait([ref], timeout=0)
+                if not ready:
+                    continue
+                try:
+                    s.views[r] = RankView(ray.get(ref), now)
+                except (RayActorError, RayTaskError):
+                    pass  # its start ref shows why
+            s.progress_refs[r] = s.actors[r].progress.remote()
+        return find_wedge(s.views, now, self.args.wedge_timeout_s)
+
     def _poll_running(
         self, s: _Slot, ready: set[Any], queue: deque[Work]
     ) -> list[tuple[Work, list[GenResult]]]:
         done: list[tuple[Work, list[GenResult]]] = []
+        now = time.time()
         try:
             for run in list(s.running):
                 # A failed rank's call is ready (with its error) while its peers still wait
                 # in a collective: get what is ready, so the failure shows at once.
-                outs = ray.get([r for r in run.refs if r in ready])
+                flags = [r in ready for r in run.refs]
+                outs = ray.get([r for r, f in zip(run.refs, flags, strict=True) if f])
                 if len(outs) == len(run.refs):
                     s.running.remove(run)
                     done.append((run.work, outs[0]))
+                    continue
+                if outs and run.first_done_at is None:
+                    run.first_done_at = now
+                stall = self.args.wedge_timeout_s
+                if late := late_ranks(flags, run.first_done_at, now, stall):
+                    why = f"rank(s) {late} still in generate {stall:.0f}s after a peer finished it"
+                    self._fail(s, why, queue)
+                    break
         except (RayActorError, RayTaskError) as e:
             self._fail(s, f"rank failed during generate: {_short(e)}", queue)
         return done
