@@ -560,7 +560,7 @@ def _plan_groups(
     """The decision for every group, and each group's bookkeeping after it."""
     assert obs.spec is not None
     out = _GroupsPlan(failed_reason=failed_reason)
-    head_ok = _head_ok(obs.head_pods)
+    head = _the_head(obs.head_pods)
     for g in range(obs.spec.replicas):
         n_pods = obs.rollout.shape(g, obs.spec)[0]
         state = _follow_cluster_switch(states.get(g, GroupState(index=g)), obs.pods.get(g, ()), obs)
@@ -580,7 +580,7 @@ def _plan_groups(
         elif isinstance(dec, ContinueRestart):
             out.continues.append(dec)
         out.states[g] = advance_group(state, dec, pods, n_pods, policy, obs.now)
-        _track_reform(out, g, dec, pods, n_pods, policy, obs.now, head_ok)
+        _track_reform(out, g, dec, pods, n_pods, policy, obs.now, head)
         if isinstance(dec, Restart):
             out.events.append(restart_event(out.states[g]))
         elif isinstance(dec, ContinueRestart | RestartDone) and (
@@ -609,12 +609,12 @@ def _track_reform(
     n_pods: int,
     policy: RestartPolicySpec,
     now: datetime,
-    head_ok: bool,
+    head: PodInfo | None,
 ) -> None:
     """Count an in-place re-form of group ``g`` that began (only when nothing at the pod level
     is wrong), and plan its Event on every pass until the group is whole again."""
     state = out.states[g]
-    reform = find_reform(state, pods, now, head_ok) if isinstance(dec, NoAction) else None
+    reform = find_reform(state, pods, now, head) if isinstance(dec, NoAction) else None
     out.states[g] = state = advance_reform(state, reform, dec, pods, n_pods, policy, now)
     if reform is not None:
         out.reforms.append(reform)
@@ -622,10 +622,10 @@ def _track_reform(
         out.events.append(reform_event(state))
 
 
-def _head_ok(heads: Sequence[PodInfo]) -> bool:
-    """The Ray head runs: one live head pod, Running and Ready, none being replaced."""
+def _the_head(heads: Sequence[PodInfo]) -> PodInfo | None:
+    """The one head pod, when there is exactly one and it is not being deleted."""
     live = live_pods(heads)
-    return len(live) == len(heads) == 1 and live[0].phase == "Running" and live[0].ready
+    return live[0] if len(live) == len(heads) == 1 else None
 
 
 def reform_event(state: GroupState) -> EventSpec:

@@ -52,36 +52,50 @@ def find_reform(
     state: GroupState,
     pods: Sequence[PodInfo],
     now: datetime,
-    head_ok: bool = True,
+    head: PodInfo | None,
     grace: timedelta = REFORM_GRACE,
 ) -> Reform | None:
     """The re-form that began in this formed group, or None.
 
-    Only for a formed group (members recorded) with no restart or re-form in progress, and
-    only when every member pod is still there and has not restarted: anything else is a
-    pod-level failure, which :func:`dsi_operator.restart.decide` handles first. Not while the
-    Ray head is down or being replaced (``head_ok`` False): every rank loses its actor then,
-    and the worker pods' containers restart a little later, which is a restart.
+    Only for a formed group (members recorded) with no restart or re-form in progress, when
+    every member pod is still there, Running, has not restarted, and has been NotReady for
+    ``grace``: when an epoch ends, the group replica kills every rank actor of it, so all of
+    them lose the formed lock. One member still Ready is not a re-form: a pod on a lost node
+    looks Ready until the node controller's grace ends, and that is a restart (NodeNotReady).
+    Anything at the pod level is a restart, which :func:`dsi_operator.restart.decide`
+    handles first. Not either unless the Ray ``head`` (the one live head pod) is Ready and
+    was so before the group formed: Ray keeps no worker across a head restart, so a group
+    that formed under another head comes back through its containers restarting.
     """
-    if not head_ok or not state.members or state.restarting_since or state.reforming_since:
+    if not state.members or state.restarting_since or state.reforming_since:
+        return None
+    if not _same_head(head, state.formed_at):
         return None
     live = {p.uid: p for p in live_pods(pods)}
     members = [live.get(uid) for uid in state.members]
-    if any(p is None or p.restart_count > 0 or p.phase != "Running" for p in members):
-        return None
+    down: list[tuple[int, PodInfo]] = []
     for rank, p in enumerate(members):
-        assert p is not None
-        since = p.ready_changed
-        if not p.ready and (since is None or now - since >= grace):
-            return Reform(
-                state.index,
-                rank,
-                p.name,
-                f"rank {rank} (pod {p.name}) stopped being formed while its pod ran on (its "
-                "rank process was lost or failed as wedged, or the Serve app was redeployed); "
-                "Ray Serve re-forms the group in place",
-            )
-    return None
+        if p is None or p.restart_count > 0 or p.phase != "Running" or p.ready:
+            return None
+        if p.ready_changed is not None and now - p.ready_changed < grace:
+            return None
+        down.append((rank, p))
+    rank, first = min(down, key=lambda d: (d[1].ready_changed or now, d[0]))
+    return Reform(
+        state.index,
+        rank,
+        first.name,
+        f"rank {rank} (pod {first.name}) stopped being formed first while the group's pods ran "
+        "on (a rank process lost or failed as wedged, or the Serve app redeployed); Ray Serve "
+        "re-forms the group in place",
+    )
+
+
+def _same_head(head: PodInfo | None, formed_at: datetime | None) -> bool:
+    """The head runs and has been Ready since before the group formed (unknown: assume so)."""
+    if head is None or head.phase != "Running" or not head.ready:
+        return False
+    return head.ready_changed is None or formed_at is None or head.ready_changed <= formed_at
 
 
 def advance_reform(

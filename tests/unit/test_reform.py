@@ -26,7 +26,8 @@ from tests.unit.test_restart import NODES, NOW, formed, pod
 from tests.unit.test_status import observed, pods_for
 
 POLICY = RestartPolicySpec(max_restarts=3, window_seconds=600, max_reforms=2)
-HEAD = [PodInfo(name="head", uid="h", rank=0, phase="Running", ready=True)]
+HEAD_POD = PodInfo(name="head", uid="h", rank=0, phase="Running", ready=True)
+HEAD = [HEAD_POD]
 LONG_AGO = NOW - REFORM_GRACE
 
 
@@ -34,37 +35,55 @@ def not_ready(rank: int, since: Any = LONG_AGO, **kw: Any) -> PodInfo:
     return pod(rank, ready=False, ready_changed=since, **kw)
 
 
-def test_a_member_that_lost_readiness_in_a_running_pod_is_a_reform() -> None:
-    rf = find_reform(formed(), [pod(0), not_ready(1)], NOW)
+def test_every_member_down_in_running_pods_is_a_reform_named_by_the_first_down() -> None:
+    earlier = LONG_AGO - timedelta(seconds=3)
+    rf = find_reform(formed(), [not_ready(0), not_ready(1, since=earlier)], NOW, HEAD_POD)
     assert rf is not None and (rf.group, rf.rank, rf.pod) == (0, 1, "p1")
-    assert rf.reason.startswith("rank 1 (pod p1) stopped being formed while its pod ran on")
+    assert rf.reason.startswith("rank 1 (pod p1) stopped being formed first")
 
 
 def test_not_a_reform_within_the_grace_or_when_the_pod_itself_failed() -> None:
     group = formed()
     just_now = NOW - REFORM_GRACE + timedelta(seconds=1)
-    assert find_reform(group, [pod(0), not_ready(1, since=just_now)], NOW) is None
+    assert find_reform(group, [not_ready(0), not_ready(1, since=just_now)], NOW, HEAD_POD) is None
     # A restarted container is a restart (decide() sees it), never also a re-form.
-    assert find_reform(group, [pod(0), not_ready(1, restart_count=1)], NOW) is None
-    assert find_reform(group, [pod(0)], NOW) is None  # member gone: PodDeleted
-    assert find_reform(group, [pod(0), not_ready(1, phase="Failed")], NOW) is None
-    assert find_reform(GroupState(index=0), [pod(0), not_ready(1)], NOW) is None  # not formed
+    assert find_reform(group, [not_ready(0), not_ready(1, restart_count=1)], NOW, HEAD_POD) is None
+    assert find_reform(group, [not_ready(0)], NOW, HEAD_POD) is None  # member gone: PodDeleted
+    failed = [not_ready(0), not_ready(1, phase="Failed")]
+    assert find_reform(group, failed, NOW, HEAD_POD) is None
+    unformed = GroupState(index=0)
+    assert find_reform(unformed, [not_ready(0), not_ready(1)], NOW, HEAD_POD) is None
     in_progress = replace(group, reforming_since=NOW - timedelta(seconds=30))
-    assert find_reform(in_progress, [pod(0), not_ready(1)], NOW) is None  # counted once
+    assert find_reform(in_progress, [not_ready(0), not_ready(1)], NOW, HEAD_POD) is None
 
 
-def test_not_a_reform_while_the_ray_head_is_down() -> None:
-    """Every rank loses its actor with the head; the containers restart a little later."""
-    assert find_reform(formed(), [pod(0), not_ready(1)], NOW, head_ok=False) is None
+def test_a_member_still_ready_is_not_a_reform_as_on_a_lost_node() -> None:
+    """Node lost: its pod looks Running and Ready until the node controller's grace ends,
+    while the survivors lose their actors. That is a NodeNotReady restart, not a re-form."""
+    assert find_reform(formed(), [not_ready(0), pod(1)], NOW, HEAD_POD) is None
 
 
-def test_unknown_transition_time_counts_at_once() -> None:
-    assert find_reform(formed(), [pod(0), not_ready(1, since=None)], NOW) is not None
+def test_not_a_reform_without_a_head_or_under_a_head_newer_than_the_group() -> None:
+    """Ray keeps no worker across a head restart: the workers' containers exit a few seconds
+    after the new head is Ready, which is a restart."""
+    down = [not_ready(0), not_ready(1)]
+    group = formed()
+    assert find_reform(group, down, NOW, None) is None
+    assert find_reform(group, down, NOW, replace(HEAD_POD, ready=False)) is None
+    newer = replace(HEAD_POD, ready_changed=group.formed_at + timedelta(seconds=1))
+    assert find_reform(group, down, NOW, newer) is None
+    older = replace(HEAD_POD, ready_changed=group.formed_at - timedelta(seconds=1))
+    assert find_reform(group, down, NOW, older) is not None
+
+
+def test_unknown_transition_times_count_at_once() -> None:
+    down = [not_ready(0, since=None), not_ready(1, since=None)]
+    assert find_reform(formed(), down, NOW, HEAD_POD) is not None
 
 
 def test_bookkeeping_counts_marks_and_clears_once_whole_again() -> None:
-    pods = [pod(0), not_ready(1)]
-    rf = find_reform(formed(), pods, NOW)
+    pods = [not_ready(0), not_ready(1)]
+    rf = find_reform(formed(), pods, NOW, HEAD_POD)
     assert rf is not None
     s = advance_reform(formed(), rf, NoAction(), pods, 2, POLICY, NOW)
     assert (s.reforms, s.reforming_since, s.last_reform_time) == (1, NOW, NOW)
@@ -120,16 +139,15 @@ def test_a_pod_level_failure_wins_over_the_reform() -> None:
 
 def test_one_planner_pass_records_the_reform_posts_its_event_and_shows_it_in_status() -> None:
     formed_status = _formed_status()
-    pods = pods_for(0)
-    pods[1] = replace(pods[1], ready=False, ready_changed=LONG_AGO)
+    pods = [replace(p, ready=False, ready_changed=LONG_AGO) for p in pods_for(0)]
     p = reconcile.plan(observed(formed_status, pods={0: pods, 1: pods_for(1)}, head_pods=HEAD))
-    assert [(r.group, r.rank) for r in p.reforms] == [(0, 1)]
+    assert [(r.group, r.rank) for r in p.reforms] == [(0, 0)]
     g0 = p.status["groups"][0]
     assert g0["reforms"] == 1 and g0["restarts"] == 0 and g0["reformingSince"]
     assert p.status["reforms"] == 1 and p.status["restarts"] == 0
     events = [e for e in p.events if e.reason == reconcile.EVENT_GROUP_REFORMED]
     assert len(events) == 1 and events[0].incident == "g0-reform-1"
-    assert "re-forming in place (re-form 1): rank 1 (pod" in events[0].message
+    assert "re-forming in place (re-form 1): rank 0 (pod" in events[0].message
     # The next pass (re-form still under way) counts nothing new; its Event is the same one.
     again = reconcile.plan(observed(p.status, pods={0: pods, 1: pods_for(1)}, head_pods=HEAD))
     assert again.reforms == [] and again.status["groups"][0]["reforms"] == 1
