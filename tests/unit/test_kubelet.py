@@ -267,3 +267,26 @@ def test_api_relay_pumps_bytes_both_ways() -> None:
     finally:
         relay.shutdown()
         upstream.shutdown()
+
+
+def test_conditions_carry_their_last_transition_time_like_a_kubelets() -> None:
+    from dsi_localcluster.kubelet.state import stamp, stamp_transitions
+
+    ready = {
+        "conditions": [
+            {"type": "Ready", "status": "True"},
+            {"type": "Initialized", "status": "True"},
+        ]
+    }
+    first = stamp_transitions(ready, None, 100.0)
+    assert [c["lastTransitionTime"] for c in first["conditions"]] == [stamp(100.0)] * 2
+    same = stamp_transitions(ready, first, 200.0)
+    assert same == first  # unchanged: nothing to patch
+    down = {
+        "conditions": [
+            {"type": "Ready", "status": "False"},
+            {"type": "Initialized", "status": "True"},
+        ]
+    }
+    flipped = stamp_transitions(down, same, 300.0)
+    assert [c["lastTransitionTime"] for c in flipped["conditions"]] == [stamp(300.0), stamp(100.0)]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import dns, podspec, probes, runtime
 from .netns import PodNet, netns_dir
-from .state import ContainerRecord, pod_status, terminated
+from .state import ContainerRecord, pod_status, stamp_transitions, terminated
 
 if TYPE_CHECKING:
     from .agent import NodeAgent
@@ -74,6 +74,7 @@ class PodWorker(threading.Thread):
             self.failed,
             self.policy,
         )
+        st = stamp_transitions(st, self.last_status, time.time())
         if st == self.last_status or self.gone.is_set():
             return
         try:

@@ -95,6 +95,22 @@ def _cond(kind: str, ok: bool, reason: str = "") -> dict[str, Any]:
     return c
 
 
+def stamp_transitions(
+    status: dict[str, Any], previous: dict[str, Any] | None, now: float
+) -> dict[str, Any]:
+    """``status`` with each condition's ``lastTransitionTime``, as a kubelet reports it: kept
+    from ``previous`` while the condition's status is unchanged, ``now`` when it changed or
+    is new. The operator reads it (how long a rank pod has been NotReady)."""
+    before = {c["type"]: c for c in (previous or {}).get("conditions") or []}
+    conds = []
+    for c in status.get("conditions") or []:
+        old = before.get(c["type"])
+        kept = old is not None and old.get("status") == c["status"]
+        t = old.get("lastTransitionTime") if kept and old is not None else stamp(now)
+        conds.append({**c, "lastTransitionTime": t})
+    return {**status, "conditions": conds}
+
+
 def phase(inits_done: bool, failed: bool, main: list[ContainerRecord], policy: str) -> str:
     """Pending / Running / Succeeded / Failed, as the kubelet decides it."""
     if failed:
