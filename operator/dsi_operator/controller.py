@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from . import labels as L
@@ -56,8 +57,9 @@ from .reconcile import (
     waits_on_clock,
 )
 from .render import head_hash, parse_group_hashes, serve_shape_hash, spec_hash, spec_hash_by_group
-from .restart import PodInfo
+from .restart import PodInfo, failure_visible
 from .spec import DeepSpeedInferenceSpec
+from .status import group_states_from_status
 from .workqueue import Key, Scheduler
 
 log = logging.getLogger("dsi_operator")
@@ -129,6 +131,8 @@ class Controller:
     lease: ClusterFacts[dict[str, Any] | None] | None = None
     scheduler: Scheduler | None = None
     ticker: asyncio.Task[None] | None = None
+    # Startup helpers (API imports, facts prefetch, watchdog); cancelled at cleanup.
+    background: list[asyncio.Task[None]] = field(default_factory=list)
     dsis: dict[Key, dict[str, Any]] = field(default_factory=dict)
     # kopf indexes (live mappings), captured from the first DSI event: kopf fills them
     # completely before any regular handler runs, so a pass never sees a half-listed cluster
@@ -150,15 +154,30 @@ class Controller:
     # Incidents (EventSpec.incident) whose Event this process posted or found posted.
     posted_incidents: dict[Key, set[str]] = field(default_factory=dict)
     parsed_cache: dict[tuple[str, Any], Parsed] = field(default_factory=dict)
+    # Whether this process logged its first pass yet (how long a restart left it blind).
+    first_pass_logged: bool = False
 
     # --- reading the in-memory state -----------------------------------------------------------
 
     def kick(self, key: Key, cause: str) -> None:
         """Queue a pass over a known DSI."""
         if self.scheduler is not None and key in self.dsis:
-            # A resource whose children this process never applied goes first: its pods
-            # cannot start before its RayService exists.
-            self.scheduler.kick(key, cause, urgent=key not in self.applied)
+            self.scheduler.kick(key, cause, urgent=self.urgent(key))
+
+    def urgent(self, key: Key) -> bool:
+        """Whether a pass over ``key`` goes before the others: a new resource (its pods
+        cannot start before its RayService exists), or one that shows a failure. After a
+        restart every resource is queued at once: the one whose pod failed meanwhile goes
+        first instead of behind every steady one."""
+        if key not in self.applied and key not in self.rayservices:
+            return True
+        body = self.dsis.get(key) or {}
+        states = group_states_from_status(body.get("status") or {})
+        by_group: dict[int, list[PodInfo]] = {}
+        for g, p in self.pods_of(key):
+            if g != HEAD_GROUP:
+                by_group.setdefault(g, []).append(p)
+        return failure_visible(states, by_group)
 
     def pods_of(self, key: Key) -> list[tuple[int, PodInfo]]:
         """(group, PodInfo) of every worker pod of a DSI, from the index."""
@@ -249,6 +268,8 @@ class Controller:
         body = self.dsis.get(key)
         if body is None:
             return
+        if not self.first_pass_logged:
+            self._first_pass(key, cause)
         # Ticked until a pass ends cleanly: one that raises (an API error) is retried.
         self._track_clock(key, True)
         pre = await self.preflight(self.parsed(body))
@@ -305,6 +326,21 @@ class Controller:
         metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
         metrics.RECONCILES.labels(cause=cause, outcome="acted").inc()
 
+    def _first_pass(self, key: Key, cause: str) -> None:
+        """Log how long the start took; import the API classes the pass's Events and pod
+        deletions need while it reads and writes the status."""
+        self.first_pass_logged = True
+        log.info(
+            "first pass (%s/%s, %s) %.2fs after start; %d resource(s) known",
+            *key,
+            cause,
+            process_age(),
+            len(self.dsis),
+        )
+        if self.kube is not None:
+            warm = asyncio.to_thread(self.kube.warm, ("core", "networking"))
+            self.background.append(asyncio.create_task(warm))
+
     def _track_clock(self, key: Key, waiting: bool) -> None:
         if waiting:
             self.clock_waiters.add(key)
@@ -341,6 +377,19 @@ class Controller:
 
     def _new_events(self, key: Key, p: Plan) -> bool:
         return not all(self.event_posted(key, e) for e in p.events)
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: from /proc; elsewhere since import)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
+
+
+_IMPORTED = time.monotonic()
 
 
 def _uid(body: Mapping[str, Any]) -> str:

@@ -14,6 +14,7 @@ import contextlib
 import copy
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import kopf
@@ -21,7 +22,15 @@ import kopf
 from . import labels as L
 from . import metrics
 from .batch_controller import BatchController
-from .controller import FACTS_TTL, LEASE_TTL, RESYNC_SECONDS, TICK_SECONDS, WORKERS, Controller
+from .controller import (
+    FACTS_TTL,
+    LEASE_TTL,
+    RESYNC_SECONDS,
+    TICK_SECONDS,
+    WORKERS,
+    Controller,
+    process_age,
+)
 from .kube import Kube, default_kubeconfig
 from .observe import node_summary, pod_info
 from .preflight import ClusterFacts
@@ -29,6 +38,19 @@ from .restart import PodInfo
 from .workqueue import Key, Scheduler
 
 log = logging.getLogger("dsi_operator")
+
+#: Server-side label selectors per watched kind: the same filters the handlers below apply.
+_SERVER_SIDE_LABELS: dict[tuple[str, str, str], str] = {
+    ("", "v1", "pods"): L.LABEL_INFERENCE,
+    ("", "v1", "services"): f"{L.LABEL_INFERENCE},{L.LABEL_ROLE}={L.ROLE_MASTER_SERVICE}",
+    ("networking.k8s.io", "v1", "networkpolicies"): (
+        f"{L.LABEL_INFERENCE},{L.LABEL_ROLE}={L.ROLE_NETWORK_POLICY}"
+    ),
+    (L.RAY_GROUP, L.RAY_VERSION_API, L.RAYJOB_PLURAL): L.LABEL_BATCH,
+}
+
+#: Seconds after the start without a single pass before the operator says why it waits.
+STARTUP_WATCHDOG_SECONDS = 15.0
 
 
 def new_memo(kubeconfig: str | None, *, exact_namespaces: bool = False) -> kopf.Memo:
@@ -60,6 +82,10 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
+    # Filter on the server: kopf otherwise lists and processes every Pod and Service of the
+    # watched namespaces (KubeRay's own Services, users' pods) before any pass may run.
+    for selector, labels in _SERVER_SIDE_LABELS.items():
+        settings.watching.label_selectors[selector] = labels
     ctrl = _ctrl(memo)
     if ctrl.exact_namespaces:
         settings.scanning.disabled = True
@@ -75,6 +101,36 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -
     ctrl.scheduler = Scheduler(ctrl.reconcile_one, WORKERS)
     ctrl.scheduler.start()
     ctrl.ticker = asyncio.create_task(_ticker(ctrl))
+    # While kopf lists the watched kinds (every pass waits for that), import the API classes
+    # the first pass writes with and read the cluster-wide preflight facts it plans with; and
+    # say so if nothing has run after a while. CoreV1Api (Events, pod deletions) follows when
+    # the first pass starts: imported now, it costs the first pass about a CPU second.
+    ctrl.background = [
+        asyncio.create_task(asyncio.to_thread(ctrl.kube.warm, ("custom", "ext", "coordination"))),
+        asyncio.create_task(_prefetch_facts(ctrl)),
+        asyncio.create_task(_startup_watchdog(ctrl)),
+    ]
+
+
+async def _prefetch_facts(ctrl: Controller) -> None:
+    try:
+        await ctrl.cluster_signature()
+    except Exception as e:  # noqa: BLE001 - the first pass asks again and reports it
+        log.warning("cluster facts unavailable at start: %s", e)
+
+
+async def _startup_watchdog(ctrl: Controller, after: float = STARTUP_WATCHDOG_SECONDS) -> None:
+    """One line when no pass has run ``after`` seconds after the start: kopf runs no handler
+    before it has listed every indexed kind, and says nothing while it waits."""
+    await asyncio.sleep(after)
+    if not ctrl.first_pass_logged:
+        log.warning(
+            "no pass yet %.0fs after start (%.0fs since the process started): kopf is still "
+            "listing pods, nodes, RayServices or Services, or no resource exists (%d seen)",
+            after,
+            process_age(),
+            len(ctrl.dsis),
+        )
 
 
 @kopf.on.login()
@@ -89,6 +145,8 @@ def _login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.cleanup()
 async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
     ctrl = _ctrl(memo)
+    for task in ctrl.background:
+        task.cancel()
     if ctrl.ticker is not None:
         ctrl.ticker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -134,12 +192,41 @@ async def _on_dsi(event: kopf.RawEvent, memo: kopf.Memo, **kwargs: Any) -> None:
         ctrl.forget(key)
         metrics.forget(*key)
         return
+    children = (kwargs["dsi_master_services"], kwargs["dsi_network_policies"])
+    seed_children(ctrl, key, kwargs["dsi_rayservices"], children)
     ctrl.dsis[key] = copy.deepcopy(dict(obj))
     ctrl.kick(key, "dsi")
 
 
+def seed_children(
+    ctrl: Controller,
+    key: Key,
+    rayservices: Mapping[Key, Any],
+    children: Sequence[Mapping[Key, Any]],
+) -> None:
+    """Fill what the RayService and child watches have not told the controller yet about
+    ``key`` from their indexes (complete before any handler runs).
+
+    After a restart, kopf runs the handlers of the initial listings in no fixed order: a DSI's
+    first pass could come before its RayService's and Services' handlers, see no children,
+    apply them all again and plan without them (no restart decisions), once per resource,
+    ahead of the one whose pod failed while the operator was away.
+    """
+    if key not in ctrl.rayservices:
+        for summary in rayservices.get(key, ()):
+            ctrl.rayservices[key] = copy.deepcopy(summary)
+    names = {name for index in children for name in index.get(key, ()) if name}
+    if names:
+        ctrl.services.setdefault(key, set()).update(names)
+
+
+# The index functions are coroutines only so that kopf calls them in the event loop: it runs a
+# plain function in a worker thread, a hop per object, and a restart indexes every pod, node,
+# RayService and master Service before any pass may run.
+
+
 @kopf.index("", "v1", "pods", labels={L.LABEL_INFERENCE: kopf.PRESENT})
-def dsi_pods(
+async def dsi_pods(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[Key, tuple[int, PodInfo]] | None:
     """Index: (namespace, DSI name) -> (group, PodInfo) of its worker pods."""
@@ -150,7 +237,7 @@ def dsi_pods(
 
 
 @kopf.index("", "v1", "nodes")
-def dsi_nodes(name: str | None, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+async def dsi_nodes(name: str | None, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
     """Index: node name -> the parts of the node preflight and the restart logic read."""
     return {name or "": node_summary(body)}
 
@@ -188,6 +275,50 @@ async def _on_node(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         ctrl.kick(key, "node")
 
 
+def rayservice_summary(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a RayService the controller reads: its annotations and status."""
+    meta = obj.get("metadata") or {}
+    return {
+        "metadata": {"annotations": dict(meta.get("annotations") or {})},
+        "status": copy.deepcopy(dict(obj.get("status") or {})),
+    }
+
+
+@kopf.index(L.RAY_GROUP, L.RAY_VERSION_API, L.RAYSERVICE_PLURAL)
+async def dsi_rayservices(
+    namespace: str | None, name: str | None, body: kopf.Body, **_: Any
+) -> dict[Key, dict[str, Any]]:
+    """Index: (namespace, DSI name) -> RayService summary. An index so that kopf lists the
+    RayServices before it runs any handler (see :func:`seed_children`)."""
+    return {(namespace or "", name or ""): rayservice_summary(body)}
+
+
+@kopf.index(
+    "",
+    "v1",
+    "services",
+    labels={L.LABEL_INFERENCE: kopf.PRESENT, L.LABEL_ROLE: L.ROLE_MASTER_SERVICE},
+)
+async def dsi_master_services(
+    namespace: str | None, name: str | None, labels: kopf.Labels, **_: Any
+) -> dict[Key, str]:
+    """Index: (namespace, DSI name) -> names of its master Services."""
+    return {(namespace or "", labels.get(L.LABEL_INFERENCE, "")): name or ""}
+
+
+@kopf.index(
+    "networking.k8s.io",
+    "v1",
+    "networkpolicies",
+    labels={L.LABEL_INFERENCE: kopf.PRESENT, L.LABEL_ROLE: L.ROLE_NETWORK_POLICY},
+)
+async def dsi_network_policies(
+    namespace: str | None, name: str | None, labels: kopf.Labels, **_: Any
+) -> dict[Key, str]:
+    """Index: (namespace, DSI name) -> names of its NetworkPolicies."""
+    return {(namespace or "", labels.get(L.LABEL_INFERENCE, "")): name or ""}
+
+
 @kopf.on.event(L.RAY_GROUP, L.RAY_VERSION_API, L.RAYSERVICE_PLURAL)
 async def _on_rayservice(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     ctrl = _ctrl(memo)
@@ -197,10 +328,7 @@ async def _on_rayservice(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> Non
     if event["type"] == "DELETED":
         ctrl.rayservices.pop(key, None)
     else:
-        ctrl.rayservices[key] = {
-            "metadata": {"annotations": dict(meta.get("annotations") or {})},
-            "status": copy.deepcopy(dict(obj.get("status") or {})),
-        }
+        ctrl.rayservices[key] = rayservice_summary(obj)
     ctrl.kick(key, "rayservice")
 
 

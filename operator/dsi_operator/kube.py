@@ -9,6 +9,7 @@ idempotent call.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -57,12 +58,47 @@ class Kube:
         cfg.connection_pool_maxsize = 16
         self.api = client.ApiClient(cfg)
         self.api.user_agent = f"dsi-operator/{__version__}"
-        self.core = client.CoreV1Api(self.api)
-        self.custom = client.CustomObjectsApi(self.api)
-        self.ext = client.ApiextensionsV1Api(self.api)
-        self.coordination = client.CoordinationV1Api(self.api)
-        self.networking = client.NetworkingV1Api(self.api)
-        self.rbac = client.RbacAuthorizationV1Api(self.api)
+
+    # The API classes are made on first use: the client imports each one's module (and the
+    # pydantic models its methods validate) lazily, CoreV1Api's alone in about a CPU second
+    # here. A restarted operator's first write (a status patch) needs only the custom-objects
+    # API (and the preflight facts' two); warm() imports them off the event loop.
+
+    @functools.cached_property
+    def core(self) -> client.CoreV1Api:
+        """Pods, Services, Events, ConfigMaps, ServiceAccounts."""
+        return client.CoreV1Api(self.api)
+
+    @functools.cached_property
+    def custom(self) -> client.CustomObjectsApi:
+        """The DSIs, RayServices, RayClusters, RayJobs, ClusterPolicies."""
+        return client.CustomObjectsApi(self.api)
+
+    @functools.cached_property
+    def ext(self) -> client.ApiextensionsV1Api:
+        """CRDs (is KubeRay installed)."""
+        return client.ApiextensionsV1Api(self.api)
+
+    @functools.cached_property
+    def coordination(self) -> client.CoordinationV1Api:
+        """Leases (is KubeRay alive)."""
+        return client.CoordinationV1Api(self.api)
+
+    @functools.cached_property
+    def networking(self) -> client.NetworkingV1Api:
+        """NetworkPolicies."""
+        return client.NetworkingV1Api(self.api)
+
+    @functools.cached_property
+    def rbac(self) -> client.RbacAuthorizationV1Api:
+        """A batch run's Role and RoleBinding."""
+        return client.RbacAuthorizationV1Api(self.api)
+
+    def warm(self, names: tuple[str, ...] = ("custom", "ext", "coordination", "core")) -> None:
+        """Make these API classes now (imports; blocking: run it in a thread).
+        NetworkPolicies and the batch kind's RBAC are imported when first used."""
+        for name in names:
+            getattr(self, name)
 
     async def _call(self, verb: str, resource: str, fn: Callable[..., T], *a: Any, **kw: Any) -> T:
         metrics.API_REQUESTS.labels(verb=verb, resource=resource).inc()

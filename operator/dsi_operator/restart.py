@@ -484,3 +484,37 @@ def _dedupe(triggers: list[Trigger]) -> list[Trigger]:
 
 def _iso(t: datetime) -> str:
     return t.isoformat().replace("+00:00", "Z")
+
+
+def failure_visible(
+    states: Mapping[int, GroupState], pods: Mapping[int, Sequence[PodInfo]]
+) -> bool:
+    """Whether a pass would likely find a group to restart: a recorded member gone (deleted,
+    or replaced by KubeRay under a new UID), or a pod failed, evicted, restarted or deleting.
+
+    A cheap triage for the work queue, without nodes or clocks (a pass decides for real): a
+    resource that shows one is planned before the others. After an operator restart every
+    resource is queued at once, and the one whose pod failed while no operator ran must not
+    wait behind a hundred steady ones.
+    """
+    for g, group_pods in pods.items():
+        state = states.get(g, GroupState(index=g))
+        if state.restarting_since is not None:
+            continue  # a restart in progress: its old pods are expected to fail or go
+        if any(_pod_broken(p) and p.uid not in state.abandoned for p in group_pods):
+            return True
+    for g, state in states.items():
+        if state.members and state.restarting_since is None:
+            live = {p.uid for p in live_pods(pods.get(g, ()))}
+            if not set(state.members) <= live:
+                return True
+    return False
+
+
+def _pod_broken(p: PodInfo) -> bool:
+    return (
+        p.deletion_timestamp is not None
+        or p.phase == "Failed"
+        or p.reason == "Evicted"
+        or p.restart_count > 0
+    )

@@ -25,6 +25,7 @@ from dsi_operator.restart import (
     Wait,
     consecutive_restarts,
     decide,
+    failure_visible,
     find_triggers,
     group_pods_ready,
 )
@@ -283,3 +284,51 @@ def test_stuck_old_pod_does_not_block_or_retrigger() -> None:
     # once done, the abandoned stuck pod is ignored by the triggers
     after = GroupState(index=0, forming_since=NOW, abandoned=("u1",))
     assert decide([stuck, *new], NODES, after, POLICY, 2, NOW) == NoAction()
+
+
+# --- a member lost while no operator ran, and the work queue's triage -------------------------
+
+
+def test_a_member_failed_and_replaced_while_no_operator_ran_is_one_restart() -> None:
+    # All the next operator finds: the recorded member u1 is gone, KubeRay's replacement
+    # runs healthy under a new UID at rank 1. One restart; the replacement is kept.
+    pods = [pod(0), pod(1, uid="kuberay-new", name="p1-new")]
+    triggers = find_triggers(pods, NODES, formed(), POLICY, 2, NOW)
+    assert [t.trigger for t in triggers] == [TRIGGER_POD_DELETED]
+    assert "replaced by p1-new" in triggers[0].reason
+    d = decide(pods, NODES, formed(), POLICY, 2, NOW)
+    assert isinstance(d, Restart) and d.pods == ("u0",)
+
+
+def test_both_members_replaced_while_no_operator_ran_is_still_one_restart() -> None:
+    pods = [pod(0, uid="n0", name="n0"), pod(1, uid="n1", name="n1")]
+    d = decide(pods, NODES, formed(), POLICY, 2, NOW)
+    assert isinstance(d, Restart) and d.trigger == TRIGGER_POD_DELETED
+    assert "(+1 more)" in d.reason and d.pods == ()
+
+
+def test_failure_visible_flags_a_lost_member_or_a_broken_pod() -> None:
+    steady = {0: formed()}
+    assert not failure_visible(steady, {0: healthy()})
+    # a member replaced under a new UID, or missing
+    assert failure_visible(steady, {0: [pod(0), pod(1, uid="new")]})
+    assert failure_visible(steady, {0: [pod(0)]})
+    # a member being deleted counts as gone
+    assert failure_visible(steady, {0: [pod(0), pod(1, deletion_timestamp=NOW)]})
+    for broken in (
+        pod(1, phase="Failed"),
+        pod(1, reason="Evicted", phase="Failed"),
+        pod(1, restart_count=2),
+    ):
+        assert failure_visible(steady, {0: [pod(0), broken]})
+    # a group that has not formed: only its pods speak
+    assert not failure_visible({}, {0: healthy()})
+    assert failure_visible({}, {0: [pod(0), pod(1, phase="Failed")]})
+
+
+def test_failure_visible_ignores_a_restart_in_progress_and_abandoned_pods() -> None:
+    restarting = {0: formed(members=(), restarting_since=NOW, restart_pods=("u0", "u1"))}
+    assert not failure_visible(restarting, {0: [pod(0, phase="Failed"), pod(1)]})
+    stuck = pod(1, uid="old", deletion_timestamp=NOW - timedelta(hours=1))
+    abandoned = {0: formed(abandoned=("old",))}
+    assert not failure_visible(abandoned, {0: [*healthy(), stuck]})
