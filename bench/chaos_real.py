@@ -361,10 +361,11 @@ def inject(t: Target, kind: str, rng: random.Random, cfg: lcconfig.ClusterConfig
 
 
 def _two_faults(t: Target, g: int, r: int, rng: random.Random) -> Fault:
-    """Delete rank r's pod, then 5-30 s later a live pod of the same group: one restart
-    either way. An old pod is one the restart replaces anyway; a new one belongs to a group
-    that has not formed yet, which has no members to lose (``restart.group_triggers``):
-    KubeRay replaces the pod and the group forms on it, within the same restart."""
+    """Delete rank r's pod, then 5-30 s later a live pod of the same group. An old pod is one
+    the restart replaces anyway: one restart. A new one is a second restart once the first
+    has ended and recorded the new pods (``status.groups[].formingPods``: a pod lost before
+    the group forms is a failure of it); before that, KubeRay's replacement is simply among
+    the pods the group forms on."""
     old = {p.metadata.uid for (gg, _), p in t.pods().items() if gg == g}
     _pod_fault(t, "pod_deleted", t.pods()[(g, r)])
     gap = rng.uniform(5, 30)
@@ -373,13 +374,15 @@ def _two_faults(t: Target, g: int, r: int, rng: random.Random) -> Fault:
     if not live:
         return Fault("two_faults", f"g{g}: no live pod {gap:.0f}s later", {g: (1, 0)})
     second = rng.choice(live)
+    groups = {int(x["index"]): x for x in t.status().get("groups") or []}
+    recorded = second.metadata.uid in (groups.get(g, {}).get("formingPods") or [])
     try:
         _pod_fault(t, "pod_deleted", second)
     except Exception as e:  # noqa: BLE001 - gone meanwhile: only the first fault counted
         return Fault("two_faults", f"g{g}: second fault missed ({e})", {g: (1, 0)})
     new = second.metadata.uid not in old
     detail = f"g{g} r{r}, then {'a new' if new else 'an old'} pod {gap:.0f}s later"
-    return Fault("two_faults", detail, {g: (1, 0)})
+    return Fault("two_faults", detail, {g: (2 if recorded else 1, 0)})
 
 
 def _node_lost(t: Target, pods: dict[tuple[int, int], Any], rng: random.Random) -> Fault:

@@ -656,7 +656,9 @@ def _follow_cluster_switch(state: GroupState, pods: Sequence[PodInfo], obs: Obse
     change): the old members going away is a roll, not a failure. Form afresh."""
     clusters = {p.cluster for p in pods if p.deletion_timestamp is None and p.cluster}
     if state.members and state.cluster and clusters and state.cluster not in clusters:
-        return replace(state, members=(), formed_at=None, forming_since=obs.now, cluster=None)
+        return replace(
+            state, members=(), forming_pods=(), formed_at=None, forming_since=obs.now, cluster=None
+        )
     return state
 
 

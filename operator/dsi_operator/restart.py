@@ -96,6 +96,10 @@ class GroupState:
     restart_trigger: str | None = None
     restart_pods: tuple[str, ...] = ()  # UIDs being replaced by the restart in progress
     members: tuple[str, ...] = ()  # UIDs of the rank pods when the group last formed
+    # UIDs by pod index of the pods a group that has not formed started with: a pod lost
+    # before the group formed (KubeRay replaces it at once, maybe while no operator runs)
+    # is still a failure of the group, seen from what it left.
+    forming_pods: tuple[str, ...] = ()
     formed_at: datetime | None = None
     forming_since: datetime | None = None
     # Old pods a finished restart left stuck Terminating (force-deleted, held by a finalizer
@@ -331,21 +335,9 @@ def _group_triggers(
     if state.members:
         # The group had formed: every member must still be there. A member that is gone (or
         # was replaced by KubeRay under a new UID) means the process group is broken.
-        found: list[Trigger] = []
-        live = live_pods(pods)
-        live_uids = {p.uid for p in live}
-        for rank, uid in enumerate(state.members):
-            if uid not in live_uids:
-                current = sorted((p for p in live if p.rank == rank), key=lambda p: p.name)
-                what = f"replaced by {current[0].name}" if current else "missing"
-                found.append(
-                    Trigger(
-                        TRIGGER_POD_DELETED,
-                        current[0].name if current else "",
-                        f"rank {rank} pod of the formed group was deleted ({what})",
-                    )
-                )
-        return found
+        return _lost_pods(pods, state.members, "formed group")
+    if lost := _lost_pods(pods, state.forming_pods, "forming group"):
+        return lost
     if state.forming_since is None or group_pods_ready(pods, n_pods):
         return []
     if now - state.forming_since <= timedelta(seconds=policy.formation_timeout_seconds):
@@ -358,6 +350,35 @@ def _group_triggers(
             f"(forming since {_iso(state.forming_since)})",
         )
     ]
+
+
+def _lost_pods(pods: Sequence[PodInfo], recorded: Sequence[str], what: str) -> list[Trigger]:
+    """A PodDeleted trigger for each recorded pod (by index) that is no longer live."""
+    live = live_pods(pods)
+    live_uids = {p.uid for p in live}
+    found: list[Trigger] = []
+    for rank, uid in enumerate(recorded):
+        if uid not in live_uids:
+            current = sorted((p for p in live if p.rank == rank), key=lambda p: p.name)
+            how = f"replaced by {current[0].name}" if current else "missing"
+            found.append(
+                Trigger(
+                    TRIGGER_POD_DELETED,
+                    current[0].name if current else "",
+                    f"rank {rank} pod of the {what} was deleted ({how})",
+                )
+            )
+    return found
+
+
+def pods_by_index(pods: Sequence[PodInfo], n_pods: int) -> tuple[str, ...]:
+    """UIDs of the group's live pods by index when each index 0..n_pods-1 has exactly one
+    (and there are no others); () otherwise."""
+    live = live_pods(pods)
+    by_rank = {p.rank: p.uid for p in live}
+    if len(live) != n_pods or set(by_rank) != set(range(n_pods)):
+        return ()
+    return tuple(by_rank[r] for r in range(n_pods))
 
 
 def decide(
@@ -419,9 +440,10 @@ def _to_replace(
 def _newcomer(
     p: PodInfo, pods: Sequence[PodInfo], nodes: Mapping[str, NodeInfo], state: GroupState
 ) -> bool:
-    if p.uid in state.members or p.uid in state.abandoned or not _healthy(p, nodes):
+    recorded = state.members or state.forming_pods
+    if p.uid in recorded or p.uid in state.abandoned or not _healthy(p, nodes):
         return False
-    if state.members:
+    if recorded:
         return True
     return any(q.rank == p.rank and q.uid != p.uid and not _healthy(q, nodes) for q in pods)
 
@@ -504,9 +526,10 @@ def failure_visible(
         if any(_pod_broken(p) and p.uid not in state.abandoned for p in group_pods):
             return True
     for g, state in states.items():
-        if state.members and state.restarting_since is None:
+        recorded = state.members or state.forming_pods
+        if recorded and state.restarting_since is None:
             live = {p.uid for p in live_pods(pods.get(g, ()))}
-            if not set(state.members) <= live:
+            if not set(recorded) <= live:
                 return True
     return False
 

@@ -1033,6 +1033,12 @@ class GroupStatus(BaseModel):
     members: list[str] | None = Field(
         default=None, description="Pod UIDs by rank when the group last formed."
     )
+    forming_pods: list[str] | None = Field(
+        default=None,
+        description="Pod UIDs by pod index of a group that has not formed yet: one of them "
+        "lost before the group forms is a restart (PodDeleted), even when KubeRay replaced it "
+        "while no operator ran.",
+    )
     forming_since: str | None = Field(
         default=None,
         description="When the group's current pods started forming (RFC 3339).",

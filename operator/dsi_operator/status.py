@@ -41,6 +41,7 @@ from .restart import (
     group_pods_ready,
     group_pods_started,
     live_pods,
+    pods_by_index,
     recent_restarts,
 )
 from .rollout import TRIGGER_ROLLOUT
@@ -124,6 +125,7 @@ def group_state_from_status(index: int, raw: Mapping[str, Any] | None) -> GroupS
         restart_trigger=raw.get("restartTrigger"),
         restart_pods=_strs(raw.get("restartPods")),
         members=_strs(raw.get("members")),
+        forming_pods=_strs(raw.get("formingPods")),
         formed_at=parse_time(raw.get("formedAt")),
         forming_since=parse_time(raw.get("formingSince")),
         abandoned=_strs(raw.get("abandonedPods")),
@@ -171,6 +173,7 @@ def advance_group(
             restart_trigger=decision.trigger,
             restart_pods=decision.pods,
             members=(),
+            forming_pods=(),
             formed_at=None,
             forming_since=None,
         )
@@ -192,6 +195,7 @@ def advance_group(
             restart_trigger=None,
             restart_pods=(),
             members=(),
+            forming_pods=(),
             formed_at=None,
             forming_since=None,
         )
@@ -208,10 +212,14 @@ def advance_group(
         return replace(
             state,
             members=tuple(by_rank[r] for r in range(n_pods)),
+            forming_pods=(),
             formed_at=now,
             forming_since=None,
             cluster=clusters.pop() if len(clusters) == 1 else None,
         )
+    if not state.members and not state.forming_pods and (started := pods_by_index(pods, n_pods)):
+        # In the same write as a restart's end: a new pod lost before the group forms is seen.
+        state = replace(state, forming_pods=started)
     if not state.members and state.forming_since is None and group_pods_started(pods, n_pods):
         # The formation clock starts only once every pod is scheduled and its containers
         # started: image pulls, Kueue admission and a full cluster must not use it up.
@@ -250,6 +258,7 @@ def group_status_dict(
         "restartTrigger": state.restart_trigger,
         "restartPods": list(state.restart_pods) or None,
         "members": list(state.members) or None,
+        "formingPods": list(state.forming_pods) or None,
         "formedAt": iso(state.formed_at),
         "formingSince": iso_precise(state.forming_since),
         "abandonedPods": list(state.abandoned) or None,

@@ -353,3 +353,46 @@ def test_member_lost_while_the_operator_is_down_is_one_restart(
     msgs = wait_for(lambda: restart_events(kube, namespace, name), 10, "GroupRestart Event")
     assert len(msgs) == 1 and "group 1" in msgs[0], msgs
     print(f"restart recorded {took:.1f}s after the operator started")
+
+
+def test_pod_lost_after_a_restart_ended_and_before_the_group_formed_is_counted(
+    kube: Any, namespace: str, operator: Any
+) -> None:
+    """The operator died right after recording a restart's end, before the new pods were
+    Ready (no members yet, the new pods in formingPods); one of them fails and KubeRay
+    replaces it while no operator runs. With the operator up, the Failed pod is a PodFailed
+    restart; it must be one here (PodDeleted, counted once)."""
+    name = "window"
+    kube.custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, dsi_manifest(name, tp=TP, replicas=REPLICAS)
+    )
+    pods = formed(kube, namespace, name, operator)
+    operator.kill()
+    groups = status(kube, namespace, name)["groups"]
+    for g in groups:
+        if g["index"] == 1:
+            # What the operator writes at a restart's end: no members, the new pods recorded.
+            g.update(members=None, formedAt=None, formingSince=None, formingPods=g["members"])
+    kube.custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, PLURAL, name, {"status": {"groups": groups}}
+    )
+    lost = pods[(1, 1)].metadata.uid
+    inject("pod_failed", kube, namespace, pods[(1, 1)])
+
+    def replaced_by_kuberay() -> bool:
+        now = worker_pods(kube.core, namespace, name, live_only=False)
+        p = now.get((1, 1))
+        gone = all(q.metadata.uid != lost for q in now.values())
+        return gone and p is not None and p.status.phase == "Running"
+
+    wait_for(replaced_by_kuberay, 60, "KubeRay replaced the lost pod", interval=0.1)
+    operator.start()
+
+    def counted() -> bool:
+        g1 = next(g for g in status(kube, namespace, name)["groups"] if g["index"] == 1)
+        return g1.get("restarts", 0) == 1
+
+    wait_for(counted, 30, "the lost pod counted", dump(kube, namespace, name, operator))
+    g1 = next(g for g in status(kube, namespace, name)["groups"] if g["index"] == 1)
+    assert g1["lastRestartReason"].startswith("PodDeleted: rank 1 pod of the forming group"), g1
+    assert len(restart_events(kube, namespace, name)) == 1

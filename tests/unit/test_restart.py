@@ -332,3 +332,32 @@ def test_failure_visible_ignores_a_restart_in_progress_and_abandoned_pods() -> N
     stuck = pod(1, uid="old", deletion_timestamp=NOW - timedelta(hours=1))
     abandoned = {0: formed(abandoned=("old",))}
     assert not failure_visible(abandoned, {0: [*healthy(), stuck]})
+
+
+def test_a_pod_lost_before_its_group_formed_is_a_restart_and_its_replacement_is_kept() -> None:
+    """Issue 25 item 5: the new pods of a group that has not formed are recorded
+    (formingPods); one that failed and was replaced by KubeRay, maybe while no operator ran,
+    is a PodDeleted restart, counted once; KubeRay's fresh replacement is kept."""
+    forming = GroupState(index=0, forming_pods=("u0", "u1"), forming_since=NOW)
+    replaced = [pod(0, ready=False), pod(1, uid="new", ready=False)]
+    d = decide(replaced, NODES, forming, POLICY, 2, NOW)
+    assert isinstance(d, Restart) and d.trigger == TRIGGER_POD_DELETED
+    assert "rank 1 pod of the forming group was deleted (replaced by p1)" in d.reason
+    assert d.pods == ("u0",)
+    assert failure_visible({0: forming}, {0: replaced})
+    still = [pod(0, ready=False), pod(1, ready=False)]
+    assert isinstance(decide(still, NODES, forming, POLICY, 2, NOW), NoAction)
+
+
+def test_a_restarts_end_records_the_new_pods_in_the_same_write() -> None:
+    from dsi_operator.status import advance_group
+
+    restarting = formed(members=(), restarting_since=NOW, restart_pods=("old0", "old1"))
+    new = [pod(0, uid="n0", phase="Pending", ready=False), pod(1, uid="n1", phase="Pending")]
+    s = advance_group(restarting, RestartDone(0), new, 2, POLICY, NOW)
+    assert s.restarting_since is None and s.forming_pods == ("n0", "n1")
+    formed_now = advance_group(s, NoAction(), [pod(0, uid="n0"), pod(1, uid="n1")], 2, POLICY, NOW)
+    assert formed_now.members == ("n0", "n1") and formed_now.forming_pods == ()
+    # Two pods on one index: nothing is recorded until KubeRay settles.
+    extra = [*new, pod(1, uid="n2", phase="Pending")]
+    assert advance_group(GroupState(index=0), NoAction(), extra, 2, POLICY, NOW).forming_pods == ()
