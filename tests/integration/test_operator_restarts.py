@@ -395,4 +395,5 @@ def test_pod_lost_after_a_restart_ended_and_before_the_group_formed_is_counted(
     wait_for(counted, 30, "the lost pod counted", dump(kube, namespace, name, operator))
     g1 = next(g for g in status(kube, namespace, name)["groups"] if g["index"] == 1)
     assert g1["lastRestartReason"].startswith("PodDeleted: rank 1 pod of the forming group"), g1
-    assert len(restart_events(kube, namespace, name)) == 1
+    msgs = wait_for(lambda: restart_events(kube, namespace, name), 10, "GroupRestart Event")
+    assert len(msgs) == 1 and "group 1" in msgs[0], msgs
