@@ -207,11 +207,11 @@ def advance_group(
     # Trim restart times that left the window so the status does not grow without bound; a
     # write happens only if something else changed too (see compute_status / status_patch).
     if not state.members and group_pods_ready(pods, n_pods) and not isinstance(decision, Fail):
-        by_rank = {p.rank: p.uid for p in live_pods(pods)}
         clusters = {p.cluster for p in live_pods(pods)}
         return replace(
             state,
-            members=tuple(by_rank[r] for r in range(n_pods)),
+            # group_pods_ready: exactly one live pod per index, so this is every index.
+            members=pods_by_index(pods, n_pods),
             forming_pods=(),
             formed_at=now,
             forming_since=None,
