@@ -53,7 +53,7 @@ cluster-status: venv
 # The pydantic spec model is the single source: it generates crds/, the chart's CRD copy
 # and docs/reference.md. Unit tests fail when any of them drifts.
 generate: venv
-	$(PY) -m dsi_operator.crd --write
+	$(PY) -m dsi_operator.api.crd --write
 	$(PY) docs/gen_reference.py
 
 lint: venv

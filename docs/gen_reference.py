@@ -76,7 +76,7 @@ def _type_of(schema: dict[str, Any]) -> str:
 def _named_patterns() -> dict[str, str]:
     """Long regexes of well-known formats, shown by name instead of in full."""
     try:
-        from dsi_operator import spec
+        from dsi_operator.api import spec
     except ImportError:  # the page can still be rendered, with the raw patterns
         return {}
     names = {

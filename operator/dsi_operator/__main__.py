@@ -17,9 +17,12 @@ from collections.abc import Sequence
 
 import kopf
 
-from . import batch_handlers, handlers, metrics  # noqa: F401 - batch_handlers registers the batch kind
-from ._version import __version__
-from .kube import default_kubeconfig
+from dsi_operator._version import __version__
+from dsi_operator.runtime import (
+    handlers,
+    metrics,  # noqa: F401 - batch_handlers registers the batch kind
+)
+from dsi_operator.runtime.kube import default_kubeconfig
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 import yaml
-from dsi_operator import labels as L
-from dsi_operator.batch_render import batch_args, render_batch_children, render_rayjob
-from dsi_operator.batch_spec import parse_batch_spec
-from dsi_operator.crd import dump_yaml
-from dsi_operator.render import render_children
-from dsi_operator.spec import parse_spec
+from dsi_operator.api import labels as L
+from dsi_operator.api.batch_spec import parse_batch_spec
+from dsi_operator.api.crd import dump_yaml
+from dsi_operator.api.spec import parse_spec
+from dsi_operator.batch.render import batch_args, render_batch_children, render_rayjob
+from dsi_operator.serving.render import render_children
 from test_render import check_golden
 
 GOLDEN = Path(__file__).parent / "golden" / "batch"

@@ -9,10 +9,10 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from dsi_operator import crd
-from dsi_operator.batch_spec import DeepSpeedBatchInferenceSpec, parse_batch_spec
-from dsi_operator.reconcile import describe_validation_error
-from dsi_operator.spec import ClusterSpec
+from dsi_operator.api import crd
+from dsi_operator.api.batch_spec import DeepSpeedBatchInferenceSpec, parse_batch_spec
+from dsi_operator.api.spec import ClusterSpec
+from dsi_operator.serving.plan import describe_validation_error
 from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[2]

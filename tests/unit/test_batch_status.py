@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from dsi_operator.batch_status import (
+from dsi_operator.batch.status import (
     BatchInputs,
     compute_batch_status,
     phase_of,

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import yaml
-from dsi_operator import crd
-from dsi_operator import labels as L
+from dsi_operator.api import crd
+from dsi_operator.api import labels as L
 
 ROOT = Path(__file__).resolve().parents[2]
-REGENERATE = "run `python -m dsi_operator.crd --write`"
+REGENERATE = "run `python -m dsi_operator.api.crd --write`"
 
 
 @pytest.mark.parametrize("rel", crd.CRD_PATHS, ids=str)
@@ -207,7 +207,7 @@ def test_status_schema_accepts_controller_bookkeeping() -> None:
 def test_generator_on_synthetic_models() -> None:
     from typing import Literal
 
-    from dsi_operator.spec import Quantity
+    from dsi_operator.api.spec import Quantity
     from pydantic import BaseModel, ConfigDict, Field
 
     class Inner(BaseModel):

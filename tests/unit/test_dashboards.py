@@ -130,7 +130,7 @@ def exposed(text: str) -> set[str]:
 
 def operator_metrics() -> set[str]:
     """What the operator's /metrics (prometheus_client's default registry) serves."""
-    import dsi_operator.metrics  # noqa: F401  (registers the operator's metrics)
+    import dsi_operator.runtime.metrics  # noqa: F401  (registers the operator's metrics)
 
     return exposed(generate_latest(REGISTRY).decode())
 

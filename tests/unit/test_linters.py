@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import yaml
 from dsi_localcluster import build, config, jsonschemas, linters
-from dsi_operator import labels as L
-from dsi_operator.batch_render import render_batch_body
-from dsi_operator.render import render_body
+from dsi_operator.api import labels as L
+from dsi_operator.batch.render import render_batch_body
+from dsi_operator.serving.render import render_body
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "dsi-operator"

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 
 from dsi_operator.__main__ import _exact, parse_args
-from dsi_operator.execute import RAYSERVICE_ONLY, children_for_pass
-from dsi_operator.observe import (
+from dsi_operator.runtime.execute import RAYSERVICE_ONLY, children_for_pass
+from dsi_operator.runtime.workqueue import Scheduler
+from dsi_operator.serving.observe import (
     HEAD_GROUP,
     node_info,
     node_summary,
@@ -15,8 +16,7 @@ from dsi_operator.observe import (
     rayservice_view,
     select_cluster_pods,
 )
-from dsi_operator.restart import PodInfo
-from dsi_operator.workqueue import Scheduler
+from dsi_operator.serving.restart import PodInfo
 
 
 def worker_pod(**status: object) -> dict[str, object]:
@@ -196,9 +196,9 @@ def test_every_group_restart_event_is_posted_once_per_incident() -> None:
     # are posted (the chaos soak once lost 4 of 148 to a repeat filter). The same incident
     # planned again is posted once; a process that finds it posted (409) does not retry;
     # another error is retried on the next pass.
-    from dsi_operator.controller import Controller
-    from dsi_operator.execute import _post_events, incident_event_name
-    from dsi_operator.reconcile import EVENT_GROUP_RESTART, EventSpec, Plan
+    from dsi_operator.runtime.controller import Controller
+    from dsi_operator.runtime.execute import _post_events, incident_event_name
+    from dsi_operator.serving.plan import EVENT_GROUP_RESTART, EventSpec, Plan
     from kubernetes.client.exceptions import ApiException
 
     server: dict[str, str] = {}  # the API server's Events by name

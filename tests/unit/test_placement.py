@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 from dsi_localcluster.builders import DSIWrapper
-from dsi_operator import labels as L
-from dsi_operator.preflight import GPUNeeds, capacity_condition
-from dsi_operator.reconcile import gpu_needs
-from dsi_operator.render import render_children, spec_hash_by_group
-from dsi_operator.restart import GroupState, NoAction, PodInfo, RestartDone
-from dsi_operator.spec import RestartPolicySpec, parse_spec
-from dsi_operator.status import advance_group
+from dsi_operator.api import labels as L
+from dsi_operator.api.spec import RestartPolicySpec, parse_spec
+from dsi_operator.serving.plan import gpu_needs
+from dsi_operator.serving.preflight import GPUNeeds, capacity_condition
+from dsi_operator.serving.render import render_children, spec_hash_by_group
+from dsi_operator.serving.restart import GroupState, NoAction, PodInfo, RestartDone
+from dsi_operator.serving.status import advance_group
 from pydantic import ValidationError
 
 NOW = datetime(2026, 12, 5, 12, 0, 0, tzinfo=UTC)

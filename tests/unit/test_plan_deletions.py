@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dsi_localcluster.builders import DSIWrapper
-from dsi_operator.reconcile import (
+from dsi_operator.serving.plan import (
     EVENT_GROUP_RESTART,
     Observed,
     Plan,
@@ -18,8 +18,8 @@ from dsi_operator.reconcile import (
     safe_parse,
     waits_on_clock,
 )
-from dsi_operator.restart import ContinueRestart, NodeInfo, PodInfo, Restart
-from dsi_operator.status import RayServiceView, iso_precise
+from dsi_operator.serving.restart import ContinueRestart, NodeInfo, PodInfo, Restart
+from dsi_operator.serving.status import RayServiceView, iso_precise
 
 NOW = datetime(2026, 12, 3, 8, 0, 0, tzinfo=UTC)
 SPEC = DSIWrapper("demo").tp(2).replicas(2).gpus(0).restart_policy(podDeletionGraceSeconds=7).spec()

@@ -6,7 +6,7 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from dsi_operator.preflight import (
+from dsi_operator.serving.preflight import (
     ClusterFacts,
     GPUNeeds,
     evaluate,

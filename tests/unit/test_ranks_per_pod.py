@@ -9,20 +9,20 @@ from typing import Any
 
 import pytest
 from dsi_localcluster.builders import DSIWrapper
-from dsi_operator import labels as L
-from dsi_operator.observe import pod_info
-from dsi_operator.preflight import GPUNeeds, capacity_condition
-from dsi_operator.reconcile import Observed, plan, safe_parse
-from dsi_operator.render import (
+from dsi_operator.api import labels as L
+from dsi_operator.api.spec import parse_spec
+from dsi_operator.serving.observe import pod_info
+from dsi_operator.serving.plan import Observed, plan, safe_parse
+from dsi_operator.serving.preflight import GPUNeeds, capacity_condition
+from dsi_operator.serving.render import (
     READY_FILE,
     ready_files,
     render_children,
     serve_app_args,
     serve_config,
 )
-from dsi_operator.restart import NodeInfo, Restart
-from dsi_operator.spec import parse_spec
-from dsi_operator.status import RayServiceView
+from dsi_operator.serving.restart import NodeInfo, Restart
+from dsi_operator.serving.status import RayServiceView
 from dsi_worker.config import parse_args
 from dsi_worker.engine import cuda_index
 from dsi_worker.group import pinning_errors, process_env, rank_env

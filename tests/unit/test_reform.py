@@ -7,9 +7,10 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-from dsi_operator import reconcile
-from dsi_operator.reform import REFORM_GRACE, advance_reform, find_reform
-from dsi_operator.restart import (
+from dsi_operator.api.spec import RestartPolicySpec
+from dsi_operator.serving import plan as reconcile
+from dsi_operator.serving.reform import REFORM_GRACE, advance_reform, find_reform
+from dsi_operator.serving.restart import (
     TRIGGER_CONTAINER_RESTART,
     TRIGGER_REFORM_LOOP,
     Fail,
@@ -19,8 +20,7 @@ from dsi_operator.restart import (
     Restart,
     decide,
 )
-from dsi_operator.spec import RestartPolicySpec
-from dsi_operator.status import group_state_from_status, group_status_dict
+from dsi_operator.serving.status import group_state_from_status, group_status_dict
 
 from tests.unit.test_restart import NODES, NOW, formed, pod
 from tests.unit.test_status import observed, pods_for

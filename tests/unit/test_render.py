@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 import yaml
 from dsi_localcluster.builders import DSIWrapper
-from dsi_operator import labels as L
-from dsi_operator import render
-from dsi_operator.crd import dump_yaml
-from dsi_operator.quantity import scale_quantity
-from dsi_operator.render import (
+from dsi_operator.api import labels as L
+from dsi_operator.api.crd import dump_yaml
+from dsi_operator.api.quantity import scale_quantity
+from dsi_operator.api.spec import DEFAULT_WORKER_IMAGE, parse_spec
+from dsi_operator.serving import render
+from dsi_operator.serving.render import (
     NCCL_DEFAULTS,
     expected_pods,
     expected_ranks,
@@ -33,7 +34,6 @@ from dsi_operator.render import (
     serve_shape_hash,
     spec_hash_by_group,
 )
-from dsi_operator.spec import DEFAULT_WORKER_IMAGE, parse_spec
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from dsi_operator.restart import (
+from dsi_operator.api.spec import RestartPolicySpec
+from dsi_operator.serving.restart import (
     TRIGGER_CONTAINER_RESTART,
     TRIGGER_FORMATION_TIMEOUT,
     TRIGGER_NODE_LOST,
@@ -29,7 +30,6 @@ from dsi_operator.restart import (
     find_triggers,
     group_pods_ready,
 )
-from dsi_operator.spec import RestartPolicySpec
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 POLICY = RestartPolicySpec(
@@ -350,7 +350,7 @@ def test_a_pod_lost_before_its_group_formed_is_a_restart_and_its_replacement_is_
 
 
 def test_a_restarts_end_records_the_new_pods_in_the_same_write() -> None:
-    from dsi_operator.status import advance_group
+    from dsi_operator.serving.status import advance_group
 
     restarting = formed(members=(), restarting_since=NOW, restart_pods=("old0", "old1"))
     new = [pod(0, uid="n0", phase="Pending", ready=False), pod(1, uid="n1", phase="Pending")]

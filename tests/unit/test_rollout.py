@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 from dsi_localcluster.builders import DSIWrapper
-from dsi_operator import labels as L
-from dsi_operator.reconcile import (
+from dsi_operator.api import labels as L
+from dsi_operator.serving.plan import (
     EVENT_ROLLOUT,
     Observed,
     RolloutState,
@@ -19,9 +19,9 @@ from dsi_operator.reconcile import (
     rollout_targets,
     safe_parse,
 )
-from dsi_operator.render import GroupTemplate, Kept, parse_group_hashes, render_rayservice
-from dsi_operator.restart import NodeInfo, PodInfo
-from dsi_operator.rollout import (
+from dsi_operator.serving.render import GroupTemplate, Kept, parse_group_hashes, render_rayservice
+from dsi_operator.serving.restart import NodeInfo, PodInfo
+from dsi_operator.serving.rollout import (
     REASON_COMPLETE,
     REASON_PAUSED,
     REASON_ROLLING,
@@ -30,7 +30,7 @@ from dsi_operator.rollout import (
     RolloutInputs,
     plan_rollout,
 )
-from dsi_operator.status import RayServiceView, group_states_from_status
+from dsi_operator.serving.status import RayServiceView, group_states_from_status
 
 NOW = datetime(2026, 12, 5, 10, 0, 0, tzinfo=UTC)
 

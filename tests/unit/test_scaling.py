@@ -9,10 +9,10 @@ from typing import Any
 
 import yaml
 from dsi_localcluster.builders import DSIWrapper
-from dsi_operator import labels as L
-from dsi_operator.render import render_children, serve_app_args, spec_hash_by_group
-from dsi_operator.scaling import cluster_names, cluster_patch, previous_capacity
-from dsi_operator.spec import parse_spec
+from dsi_operator.api import labels as L
+from dsi_operator.api.spec import parse_spec
+from dsi_operator.serving.render import render_children, serve_app_args, spec_hash_by_group
+from dsi_operator.serving.scaling import cluster_names, cluster_patch, previous_capacity
 
 UID = "00000000-0000-0000-0000-0000000000cc"
 

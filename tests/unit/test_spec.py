@@ -9,8 +9,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from dsi_operator import crd
-from dsi_operator.spec import (
+from dsi_operator.api import crd
+from dsi_operator.api.spec import (
     DEFAULT_WORKER_IMAGE,
     DeepSpeedInference,
     DeepSpeedInferenceSpec,

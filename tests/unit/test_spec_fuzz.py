@@ -13,8 +13,8 @@ import json
 from typing import Any
 
 from dsi_localcluster.specfuzz import field_of, invalid_specs, rule_messages, valid_specs
-from dsi_operator.render import render_children
-from dsi_operator.spec import parse_spec
+from dsi_operator.api.spec import parse_spec
+from dsi_operator.serving.render import render_children
 from hypothesis import HealthCheck, given, settings
 from pydantic import ValidationError
 

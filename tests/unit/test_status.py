@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dsi_localcluster.builders import DSIWrapper
-from dsi_operator.preflight import GPUNeeds, evaluate
-from dsi_operator.reconcile import Observed, declared_shape, plan, safe_parse
-from dsi_operator.restart import GroupState, NodeInfo, PodInfo, Restart
-from dsi_operator.spec import Condition, RestartPolicySpec
-from dsi_operator.status import (
+from dsi_operator.api.spec import Condition, RestartPolicySpec
+from dsi_operator.serving.plan import Observed, declared_shape, plan, safe_parse
+from dsi_operator.serving.preflight import GPUNeeds, evaluate
+from dsi_operator.serving.restart import GroupState, NodeInfo, PodInfo, Restart
+from dsi_operator.serving.status import (
     RayServiceView,
     StatusInputs,
     advance_group,
@@ -294,7 +294,7 @@ def test_unhealthy_serve_deployment_drops_only_that_group() -> None:
 
 
 def test_serve_group_statuses_from_kuberay_status() -> None:
-    from dsi_operator.observe import rayservice_view
+    from dsi_operator.serving.observe import rayservice_view
 
     body = {
         "status": {
@@ -342,7 +342,7 @@ def test_every_status_the_planner_writes_is_declared_by_the_crd() -> None:
 
     import jsonschema
     import yaml
-    from dsi_operator.crd import CRD_PATHS
+    from dsi_operator.api.crd import CRD_PATHS
 
     shipped = Path(__file__).resolve().parents[2] / CRD_PATHS[0]
     crd = yaml.safe_load(shipped.read_text())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dsi_operator.defaults as D
+import dsi_operator.api.defaults as D
 import pytest
 from dsi_worker.config import AppArgs, parse_args
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dsi_operator import render
+from dsi_operator.serving import render
 
 
 def _probe_passes(lock: Path) -> bool:

@@ -1,6 +1,6 @@
 """Validated arguments of the Serve application (what the operator's serve config passes).
 
-Defaults come from ``dsi_operator.defaults``, the module the operator's spec takes its own
+Defaults come from ``dsi_operator.api.defaults``, the module the operator's spec takes its own
 from, so an app started without the operator (``make serve-local``, bench) serves like one
 the operator rendered. That module imports nothing, so it costs the worker no kopf or
 kubernetes client.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-import dsi_operator.defaults as D
+import dsi_operator.api.defaults as D
 from pydantic import (
     BaseModel,
     ConfigDict,

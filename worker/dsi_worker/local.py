@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-import dsi_operator.defaults as D
+import dsi_operator.api.defaults as D
 
 from dsi_worker.rank_actor import rank_resource
 

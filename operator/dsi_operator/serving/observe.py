@@ -1,7 +1,7 @@
 """Watched objects -> plain data: what one pass observes (pure, no API calls).
 
 The kopf indexes and watch handlers keep raw objects; these functions turn them into the
-plain values :func:`dsi_operator.reconcile.plan` reads.
+plain values :func:`dsi_operator.serving.plan.plan` reads.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
-from . import labels as L
-from .restart import NodeInfo, PodInfo
-from .status import RayServiceView, parse_time
+from dsi_operator.api import labels as L
+from dsi_operator.serving.restart import NodeInfo, PodInfo
+from dsi_operator.serving.status import RayServiceView, parse_time
 
 #: Label KubeRay puts on every pod with its RayCluster's name.
 RAY_CLUSTER_LABEL = "ray.io/cluster"

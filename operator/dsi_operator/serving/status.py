@@ -29,7 +29,14 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from .restart import (
+from dsi_operator.api.spec import (
+    Condition,
+    ConditionType,
+    DeepSpeedInferenceStatus,
+    Phase,
+    RestartPolicySpec,
+)
+from dsi_operator.serving.restart import (
     Decision,
     Fail,
     GroupState,
@@ -44,8 +51,7 @@ from .restart import (
     pods_by_index,
     recent_restarts,
 )
-from .rollout import TRIGGER_ROLLOUT
-from .spec import Condition, ConditionType, DeepSpeedInferenceStatus, Phase, RestartPolicySpec
+from dsi_operator.serving.rollout import TRIGGER_ROLLOUT
 
 # The vocabulary is the status model's (spec.Phase, spec.ConditionType); short names here.
 PHASE_PENDING = Phase.Pending

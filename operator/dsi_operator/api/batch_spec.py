@@ -4,7 +4,7 @@ A batch resource runs a model over a dataset once (KubeRay ``RayJob``) instead o
 (``RayService``). Its cluster fields (model, group shape, image, resources, GPU, head, env,
 pod template, placement) are :class:`~.spec.ClusterSpec`'s, the same definitions
 DeepSpeedInference uses, so both kinds render their pods the same way. Like ``spec``, this
-module is the single source of its CRD (:mod:`dsi_operator.crd`).
+module is the single source of its CRD (:mod:`dsi_operator.api.crd`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-from dsi_operator.spec import (
+from dsi_operator.api.spec import (
     DNS1123_SUBDOMAIN_PATTERN,
     MAX_TOTAL_RANKS,
     RANKS_PER_POD_MESSAGE,

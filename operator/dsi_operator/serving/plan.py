@@ -9,8 +9,8 @@ out the returned :class:`Plan` in a fixed order that makes a crash at any point 
 3. delete the pods of restarting groups.
 
 An operator killed between 1 and 3 finds ``restartingSince``/``restartPods`` in status on its
-next pass and the decision becomes :class:`~dsi_operator.restart.ContinueRestart`: it deletes
-the old pods that remain and never counts the restart twice.
+next pass and the decision becomes :class:`~dsi_operator.serving.restart.ContinueRestart`: it
+deletes the old pods that remain and never counts the restart twice.
 """
 
 from __future__ import annotations
@@ -22,12 +22,20 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import labels as L
-from .observe import HEAD_GROUP
-from .preflight import GPUNeeds, PreflightResult
-from .reform import Reform, advance_reform, find_reform
-from .render import GroupTemplate
-from .restart import (
+from dsi_operator.api import labels as L
+from dsi_operator.api.spec import (
+    Condition,
+    ConditionType,
+    DeepSpeedInferenceSpec,
+    Phase,
+    RestartPolicySpec,
+    parse_spec,
+)
+from dsi_operator.serving.observe import HEAD_GROUP
+from dsi_operator.serving.preflight import GPUNeeds, PreflightResult
+from dsi_operator.serving.reform import Reform, advance_reform, find_reform
+from dsi_operator.serving.render import GroupTemplate
+from dsi_operator.serving.restart import (
     ContinueRestart,
     Decision,
     Fail,
@@ -41,7 +49,7 @@ from .restart import (
     group_pods_ready,
     live_pods,
 )
-from .rollout import (
+from dsi_operator.serving.rollout import (
     REASON_COMPLETE,
     REASON_ROLLING,
     TRIGGER_ROLLOUT,
@@ -50,15 +58,7 @@ from .rollout import (
     RolloutPlan,
     plan_rollout,
 )
-from .spec import (
-    Condition,
-    ConditionType,
-    DeepSpeedInferenceSpec,
-    Phase,
-    RestartPolicySpec,
-    parse_spec,
-)
-from .status import (
+from dsi_operator.serving.status import (
     RayServiceView,
     StatusInputs,
     advance_group,
@@ -179,7 +179,7 @@ class Plan:
     events: list[EventSpec] = field(default_factory=list)
     restarts: list[Restart] = field(default_factory=list)
     continues: list[ContinueRestart] = field(default_factory=list)
-    #: In-place re-forms recorded by this pass (dsi_operator.reform).
+    #: In-place re-forms recorded by this pass (dsi_operator.serving.reform).
     reforms: list[Reform] = field(default_factory=list)
     decisions: dict[int, Decision] = field(default_factory=dict)
     blocked: bool = False  # do not create children

@@ -26,9 +26,9 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from dsi_operator import labels as L
-from dsi_operator.quantity import scale_quantity
-from dsi_operator.spec import DeepSpeedInferenceSpec, SecurityLevel, parse_spec
+from dsi_operator.api import labels as L
+from dsi_operator.api.quantity import scale_quantity
+from dsi_operator.api.spec import DeepSpeedInferenceSpec, SecurityLevel, parse_spec
 
 Manifest = dict[str, Any]
 
@@ -236,7 +236,7 @@ def _group_hashes(workers: list[dict[str, Any]]) -> dict[int, str]:
 
     The RayService carries ``upgradeStrategy: None``, so KubeRay never replaces pods after a
     spec change; the operator replaces the pods of a group whose hash changed, group by group
-    (:mod:`dsi_operator.rollout`). A group's hash depends on nothing but its own templates.
+    (:mod:`dsi_operator.serving.rollout`). A group's hash depends on nothing but its own templates.
     """
     by_group: dict[int, list[dict[str, Any]]] = {}
     for w in workers:
@@ -742,8 +742,9 @@ def _child_meta(
 
 @dataclass(frozen=True)
 class Kept:
-    """Templates a rollout keeps from the current RayService (see :mod:`dsi_operator.rollout`):
-    the groups not replaced yet, and the head until its turn."""
+    """Templates a rollout keeps from the current RayService (see
+    :mod:`dsi_operator.serving.rollout`): the groups not replaced yet, and the head until its
+    turn."""
 
     head: dict[str, Any] | None = None  # headGroupSpec as the RayService carries it now
     groups: Mapping[int, list[dict[str, Any]]] = field(default_factory=dict)  # g -> its workers
@@ -848,7 +849,7 @@ def render_rayservice(
         "spec": {
             # KubeRay never replaces pods after a spec change (its NewCluster strategy would
             # hold a second cluster, twice the GPUs, for the whole upgrade): the operator
-            # rolls the groups itself, one RayCluster throughout (dsi_operator.rollout).
+            # rolls the groups itself, one RayCluster throughout (dsi_operator.serving.rollout).
             "upgradeStrategy": {"type": "None"},
             "serveConfigV2": yaml.safe_dump(serve_config(s, capacity, shapes), sort_keys=False),
             "rayClusterConfig": ray_cluster,

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .batch_spec import BatchPhase, DeepSpeedBatchInferenceStatus
-from .spec import Condition
-from .status import merge_conditions
+from dsi_operator.api.batch_spec import BatchPhase, DeepSpeedBatchInferenceStatus
+from dsi_operator.api.spec import Condition
+from dsi_operator.serving.status import merge_conditions
 
 COND_COMPLETE = "Complete"
 COND_FAILED = "Failed"

@@ -1,4 +1,4 @@
-"""Carrying out a :class:`~dsi_operator.reconcile.Plan`, and nothing else.
+"""Carrying out a :class:`~dsi_operator.serving.plan.Plan`, and nothing else.
 
 Every decision (which pods, forced or not, not before when) is made by the pure planner; this
 module only writes, in the order that makes a crash at any point safe: children, the status
@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 from kubernetes.client.exceptions import ApiException
 
-from . import failpoints, metrics
-from . import labels as L
-from .reconcile import EventSpec, Plan
-from .render import Kept, parse_group_hashes, render_children
-from .scaling import cluster_names, cluster_patch, previous_capacity
-from .workqueue import Key
+from dsi_operator.api import labels as L
+from dsi_operator.runtime import failpoints, metrics
+from dsi_operator.runtime.workqueue import Key
+from dsi_operator.serving.plan import EventSpec, Plan
+from dsi_operator.serving.render import Kept, parse_group_hashes, render_children
+from dsi_operator.serving.scaling import cluster_names, cluster_patch, previous_capacity
 
 if TYPE_CHECKING:
-    from .controller import Controller, Parsed
+    from dsi_operator.runtime.controller import Controller, Parsed
 
 log = logging.getLogger("dsi_operator")
 
@@ -70,7 +70,7 @@ async def ensure_children(
     """Apply the RayService and Services of a valid spec; delete master Services left over.
 
     ``targets``: (groups rendered at the spec, head rendered at the spec), from the rollout
-    (:func:`dsi_operator.reconcile.rollout_targets`); the other groups, and the head when
+    (:func:`dsi_operator.serving.plan.rollout_targets`); the other groups, and the head when
     False, keep the templates the current RayService carries. None: all at the spec.
     ``first``: a new resource's first pass, see :func:`children_for_pass`.
     """
@@ -151,7 +151,7 @@ async def _sync_cluster(
 ) -> None:
     """Write the RayService's worker groups and head into the running RayClusters: KubeRay
     carries neither replica counts nor (under upgradeStrategy None) templates over (see
-    :mod:`dsi_operator.scaling`)."""
+    :mod:`dsi_operator.serving.scaling`)."""
     assert ctrl.kube is not None
     for cluster in cluster_names(current):
         for _ in range(3):

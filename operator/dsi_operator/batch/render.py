@@ -20,9 +20,10 @@ from typing import Any
 
 import yaml
 
-from . import labels as L
-from .batch_spec import DeepSpeedBatchInferenceSpec, parse_batch_spec
-from .render import (
+from dsi_operator.api import labels as L
+from dsi_operator.api.batch_spec import DeepSpeedBatchInferenceSpec, parse_batch_spec
+from dsi_operator.api.spec import ClusterSpec, DeepSpeedInferenceSpec
+from dsi_operator.serving.render import (
     Manifest,
     head_group_spec,
     model_location,
@@ -31,7 +32,6 @@ from .render import (
     render_master_service,
     worker_group_specs,
 )
-from .spec import ClusterSpec, DeepSpeedInferenceSpec
 
 
 def cluster_view(s: DeepSpeedBatchInferenceSpec) -> DeepSpeedInferenceSpec:

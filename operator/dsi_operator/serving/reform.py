@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from .restart import (
+from dsi_operator.api.spec import RestartPolicySpec
+from dsi_operator.serving.restart import (
     TRIGGER_REFORM_LOOP,
     Decision,
     GroupState,
@@ -31,7 +32,6 @@ from .restart import (
     live_pods,
     recent_reforms,
 )
-from .spec import RestartPolicySpec
 
 #: How long a member must have been NotReady before it counts: a container that died shows
 #: NotReady a moment before its restart count grows, and that is a restart, not a re-form.
@@ -62,7 +62,7 @@ def find_reform(
     ``grace``: when an epoch ends, the group replica kills every rank actor of it, so all of
     them lose the formed lock. One member still Ready is not a re-form: a pod on a lost node
     looks Ready until the node controller's grace ends, and that is a restart (NodeNotReady).
-    Anything at the pod level is a restart, which :func:`dsi_operator.restart.decide`
+    Anything at the pod level is a restart, which :func:`dsi_operator.serving.restart.decide`
     handles first. Not either unless the Ray ``head`` (the one live head pod) is Ready and
     was so before the group formed: Ray keeps no worker across a head restart, so a group
     that formed under another head comes back through its containers restarting.

@@ -20,12 +20,17 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from . import labels as L
-from .batch_render import render_batch_children
-from .batch_spec import BatchPhase, parse_batch_spec
-from .batch_status import BatchInputs, compute_batch_status, status_changed, status_patch
-from .kube import Kube
-from .reconcile import describe_validation_error
+from dsi_operator.api import labels as L
+from dsi_operator.api.batch_spec import BatchPhase, parse_batch_spec
+from dsi_operator.batch.render import render_batch_children
+from dsi_operator.batch.status import (
+    BatchInputs,
+    compute_batch_status,
+    status_changed,
+    status_patch,
+)
+from dsi_operator.runtime.kube import Kube
+from dsi_operator.serving.plan import describe_validation_error
 
 log = logging.getLogger("dsi_operator.batch")
 

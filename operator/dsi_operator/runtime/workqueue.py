@@ -12,7 +12,7 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable
 
-from . import metrics
+from dsi_operator.runtime import metrics
 
 log = logging.getLogger("dsi_operator")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from .status import (
+from dsi_operator.serving.status import (
     PHASE_DEGRADED,
     PHASE_FAILED,
     PHASE_FORMING,

@@ -18,9 +18,9 @@ from typing import Any, TypeVar, cast
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from . import labels as L
-from . import metrics
-from ._version import __version__
+from dsi_operator._version import __version__
+from dsi_operator.api import labels as L
+from dsi_operator.runtime import metrics
 
 FIELD_MANAGER = "dsi-operator"
 APPLY = "application/apply-patch+yaml"

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from .spec import Condition
-from .status import COND_GPU_CAPACITY, COND_GPU_OPERATOR, COND_KUBERAY
+from dsi_operator.api.spec import Condition
+from dsi_operator.serving.status import COND_GPU_CAPACITY, COND_GPU_OPERATOR, COND_KUBERAY
 
 
 @dataclass(frozen=True)

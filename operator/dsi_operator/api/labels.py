@@ -78,7 +78,7 @@ ANNOTATION_HEAD_HASH = "deepspeed.ai/head-hash"
 ANNOTATION_GROUP_HASHES = "deepspeed.ai/group-hashes"
 ANNOTATION_RS_HEAD_HASH = "deepspeed.ai/head-template"
 #: On a RayCluster: changed when a restart waits too long for KubeRay's pods, so KubeRay
-#: reconciles it again (see dsi_operator.reconcile.NUDGE_AFTER_SECONDS).
+#: reconciles it again (see dsi_operator.serving.plan.NUDGE_AFTER_SECONDS).
 ANNOTATION_NUDGE = "deepspeed.ai/nudge"
 
 # --- Worker pod contents ---------------------------------------------------------------------

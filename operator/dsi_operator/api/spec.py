@@ -1,6 +1,6 @@
 """The DeepSpeedInference custom resource: pydantic v2 models of its spec and status.
 
-This module is the single source of the CRD: :mod:`dsi_operator.crd` turns these models into
+This module is the single source of the CRD: :mod:`dsi_operator.api.crd` turns these models into
 the OpenAPI v3 schema that the API server validates and defaults with. Every field therefore
 carries a description (``kubectl explain dsi.spec.<field>`` prints it), and every default and
 bound here is also enforced server-side.
@@ -28,9 +28,9 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-import dsi_operator.defaults as D
+import dsi_operator.api.defaults as D
 from dsi_operator._version import __version__
-from dsi_operator.labels import DEFAULT_MASTER_PORT, DEFAULT_SERVE_PORT, LABEL_PREFIX
+from dsi_operator.api.labels import DEFAULT_MASTER_PORT, DEFAULT_SERVE_PORT, LABEL_PREFIX
 
 #: The worker image the operator renders unless spec.image says otherwise; pinned to the
 #: operator's own version so operator and worker are released together.

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from .spec import RestartPolicySpec
+from dsi_operator.api.spec import RestartPolicySpec
 
 # Trigger names, used in Events, status.groups[].lastRestartReason and metrics labels.
 TRIGGER_CONTAINER_RESTART = "ContainerRestarted"
@@ -36,7 +36,7 @@ TRIGGER_POD_STUCK_TERMINATING = "PodStuckTerminating"
 TRIGGER_NODE_NOT_READY = "NodeNotReady"
 TRIGGER_NODE_LOST = "NodeLost"
 TRIGGER_FORMATION_TIMEOUT = "FormationTimeout"
-#: Too many in-place re-forms in the window (see :mod:`dsi_operator.reform`).
+#: Too many in-place re-forms in the window (see :mod:`dsi_operator.serving.reform`).
 TRIGGER_REFORM_LOOP = "ReformLoop"
 
 #: Priority order: the first trigger found names the incident.
@@ -108,7 +108,7 @@ class GroupState:
     # RayCluster whose pods formed the group: KubeRay's blue/green upgrade switches clusters,
     # and the new cluster's pods replacing the members is a roll, not a failure.
     cluster: str | None = None
-    # In-place re-forms (dsi_operator.reform): same pods, the group formed again by Serve.
+    # In-place re-forms (dsi_operator.serving.reform): same pods, the group formed again by Serve.
     reforms: int = 0
     reform_times: tuple[datetime, ...] = ()
     last_reform_time: datetime | None = None

@@ -8,8 +8,8 @@ from typing import Any
 
 import kopf
 
-from . import labels as L
-from .batch_controller import BatchController
+from dsi_operator.api import labels as L
+from dsi_operator.runtime.batch_controller import BatchController
 
 
 def _batch(memo: Any) -> BatchController:

@@ -30,20 +30,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import labels as L
-from . import metrics
-from .execute import ensure_children, execute
-from .kube import Kube
-from .observe import (
+from dsi_operator.api import labels as L
+from dsi_operator.api.spec import DeepSpeedInferenceSpec
+from dsi_operator.runtime import metrics
+from dsi_operator.runtime.execute import ensure_children, execute
+from dsi_operator.runtime.kube import Kube
+from dsi_operator.runtime.workqueue import Key, Scheduler
+from dsi_operator.serving.observe import (
     HEAD_GROUP,
     children_current,
     node_info,
     rayservice_view,
     select_cluster_pods,
 )
-from .preflight import ClusterFacts, PreflightResult, kuberay_condition
-from .preflight import evaluate as evaluate_preflight
-from .reconcile import (
+from dsi_operator.serving.plan import (
     EventSpec,
     Observed,
     Plan,
@@ -56,11 +56,17 @@ from .reconcile import (
     safe_parse,
     waits_on_clock,
 )
-from .render import head_hash, parse_group_hashes, serve_shape_hash, spec_hash, spec_hash_by_group
-from .restart import PodInfo, failure_visible
-from .spec import DeepSpeedInferenceSpec
-from .status import group_states_from_status
-from .workqueue import Key, Scheduler
+from dsi_operator.serving.preflight import ClusterFacts, PreflightResult, kuberay_condition
+from dsi_operator.serving.preflight import evaluate as evaluate_preflight
+from dsi_operator.serving.render import (
+    head_hash,
+    parse_group_hashes,
+    serve_shape_hash,
+    spec_hash,
+    spec_hash_by_group,
+)
+from dsi_operator.serving.restart import PodInfo, failure_visible
+from dsi_operator.serving.status import group_states_from_status
 
 log = logging.getLogger("dsi_operator")
 

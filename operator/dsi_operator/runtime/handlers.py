@@ -19,10 +19,10 @@ from typing import Any
 
 import kopf
 
-from . import labels as L
-from . import metrics
-from .batch_controller import BatchController
-from .controller import (
+from dsi_operator.api import labels as L
+from dsi_operator.runtime import metrics
+from dsi_operator.runtime.batch_controller import BatchController
+from dsi_operator.runtime.controller import (
     FACTS_TTL,
     LEASE_TTL,
     RESYNC_SECONDS,
@@ -31,11 +31,11 @@ from .controller import (
     Controller,
     process_age,
 )
-from .kube import Kube, default_kubeconfig
-from .observe import node_summary, pod_info
-from .preflight import ClusterFacts
-from .restart import PodInfo
-from .workqueue import Key, Scheduler
+from dsi_operator.runtime.kube import Kube, default_kubeconfig
+from dsi_operator.runtime.workqueue import Key, Scheduler
+from dsi_operator.serving.observe import node_summary, pod_info
+from dsi_operator.serving.preflight import ClusterFacts
+from dsi_operator.serving.restart import PodInfo
 
 log = logging.getLogger("dsi_operator")
 

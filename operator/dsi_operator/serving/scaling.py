@@ -2,7 +2,7 @@
 without touching the others, and the templates of a rollout.
 
 A scale-down keeps the removed groups in the RayService as worker groups at 0 replicas (see
-:func:`dsi_operator.render.group_capacity`). KubeRay compares a RayService with its
+:func:`dsi_operator.serving.render.group_capacity`). KubeRay compares a RayService with its
 RayCluster ignoring replica counts (``GenerateHashWithoutReplicasAndWorkersToDelete``), so
 such a change neither makes a new RayCluster (good: no pod of another group is replaced) nor
 reaches the running one (KubeRay leaves replica counts to the autoscaler). The operator
@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from . import labels as L
+from dsi_operator.api import labels as L
 
 _COUNTS = ("replicas", "minReplicas", "maxReplicas")
 

@@ -1,0 +1,1 @@
+"""The API: the custom resources' pydantic models, labels, defaults and CRD generation."""

@@ -1,0 +1,1 @@
+"""The pure core of batch runs: render a batch spec and build its status."""
