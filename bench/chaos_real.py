@@ -32,7 +32,7 @@ from typing import Any
 
 from dsi_localcluster import cluster as lc
 from dsi_localcluster import config as lcconfig
-from dsi_localcluster import faults
+from dsi_localcluster import faults, statedir
 from dsi_localcluster.harness import OperatorProcess, get_dsi, worker_pods
 
 GROUPS = (0, 1)
@@ -304,7 +304,7 @@ def rank_actor_pid(pod: Any) -> int:
 
 def kuberay_pgid(cfg: lcconfig.ClusterConfig) -> int:
     """The KubeRay operator's process group (its restart loop and the binary)."""
-    rec = lc.read_pidfile(lc.Paths(cfg.state_dir).pidfile("kuberay-operator"))
+    rec = statedir.read_pidfile(statedir.Paths(cfg.state_dir).pidfile("kuberay-operator"))
     if rec is None:
         raise RuntimeError("kuberay-operator is not running")
     return os.getpgid(rec[0])

@@ -16,14 +16,16 @@ Every function takes a kubernetes ApiClient, a CoreV1Api, or a kubeconfig path.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
+import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import config, manifests
+from . import cluster, config, manifests, procnodes
+from .timestamps import rfc3339
 
 STUCK_FINALIZER = "localcluster.deepspeed.ai/stuck-terminating"
 
@@ -39,10 +41,6 @@ def core_api(target: Any) -> Any:
         return client.CoreV1Api(target)
     path = Path(target) if target is not None else config.ClusterConfig.from_env().kubeconfig
     return client.CoreV1Api(kconfig.new_client_from_config(str(path)))  # type: ignore[no-untyped-call]
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _read_raw(call: Callable[..., Any], *args: str) -> dict[str, Any]:
@@ -93,7 +91,7 @@ def _set_condition(
     reason: str | None = None,
     message: str | None = None,
 ) -> None:
-    now = _now()
+    now = rfc3339()
     for cond in conditions:
         if cond.get("type") == ctype:
             if cond.get("status") != status:
@@ -154,7 +152,7 @@ def fail_pod(
 
     def mutate(pod: dict[str, Any]) -> None:
         _check_container(pod, container)
-        now = _now()
+        now = rfc3339()
         for cs in _container_statuses(pod):
             running = (cs.get("state") or {}).get("running") or {}
             if container is None or cs["name"] == container:
@@ -194,7 +192,7 @@ def restart_container(
     def mutate(pod: dict[str, Any]) -> None:
         _check_container(pod, container)
         target = container or pod["spec"]["containers"][0]["name"]
-        now = _now()
+        now = rfc3339()
         for cs in _container_statuses(pod):
             if cs["name"] != target:
                 continue
@@ -294,7 +292,7 @@ def set_node_not_ready(
         _set_condition(conditions, "Ready", "False", reason, message)
         for cond in conditions:
             if cond.get("type") == "Ready":
-                cond["lastHeartbeatTime"] = _now()
+                cond["lastHeartbeatTime"] = rfc3339()
 
     _node_status(core, node, mutate)
 
@@ -323,7 +321,7 @@ def set_node_ready(api: Any, node: str) -> None:
         )
         for cond in conditions:
             if cond.get("type") == "Ready":
-                cond["lastHeartbeatTime"] = _now()
+                cond["lastHeartbeatTime"] = rfc3339()
 
     _node_status(core, node, mutate)
     _ready_pods_again(core, node)
@@ -415,9 +413,6 @@ def lose_node(api: Any, node: str) -> None:
 def kill_container_process(target: Any, namespace: str, name: str, container: int = 0) -> int:
     """``kill -9`` of a container's main process on a process-backed node (the container
     exits with 137 and its node agent restarts it); returns the pid killed."""
-    import os
-    import signal
-
     pod = core_api(target).read_namespaced_pod(name, namespace)
     cid = pod.status.container_statuses[container].container_id or ""
     if not cid.startswith("proc://"):
@@ -430,16 +425,12 @@ def kill_container_process(target: Any, namespace: str, name: str, container: in
 def lose_process_node(node: str, cfg: config.ClusterConfig | None = None) -> None:
     """A process-backed node vanishes: its agent and all its pods' processes are SIGKILLed.
     Nothing renews its Lease, so the node lifecycle controller marks it Unknown."""
-    from . import cluster, procnodes
-
     cfg = cluster.running_config(cfg or config.ClusterConfig.from_env())
     procnodes.lose(cfg, node)
 
 
 def restore_process_node(node: str, cfg: config.ClusterConfig | None = None) -> None:
     """Start a fresh agent for a lost process-backed node (it cleans what was left)."""
-    from . import cluster, procnodes
-
     cfg = cluster.running_config(cfg or config.ClusterConfig.from_env())
     procnodes.restore(cfg, node)
 
@@ -447,13 +438,9 @@ def restore_process_node(node: str, cfg: config.ClusterConfig | None = None) -> 
 def stop_component(name: str, cfg: config.ClusterConfig | None = None) -> None:
     """A control-plane component goes away: etcd, kube-apiserver, kube-controller-manager,
     kube-scheduler, kwok or kuberay-operator is stopped (its state kept)."""
-    from . import cluster
-
     cluster.stop_component(cluster.running_config(cfg or config.ClusterConfig.from_env()), name)
 
 
 def start_component(name: str, cfg: config.ClusterConfig | None = None) -> None:
     """Bring a component stopped by :func:`stop_component` back, healthy."""
-    from . import cluster
-
     cluster.start_component(cfg or config.ClusterConfig.from_env(), name)

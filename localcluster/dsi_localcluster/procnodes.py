@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from . import config
+from .kubelet import dns, runtime
+from .kubelet.netns import Network, kill_netns_processes, netns_name
+from .statedir import Paths, read_pidfile, write_pidfile
 
 NODE_PREFIX = "proc-"
 LOG_PORT_BASE = 20310
@@ -55,8 +58,6 @@ def agent_argv(cfg: config.ClusterConfig, index: int) -> list[str]:
 
 def start_agent(cfg: config.ClusterConfig, index: int) -> int:
     """Start (or restart) one node agent detached; returns its pid."""
-    from .cluster import Paths, write_pidfile
-
     paths = Paths(cfg.state_dir)
     name = node_names(index + 1)[index]
     paths.logs.mkdir(parents=True, exist_ok=True)
@@ -110,15 +111,12 @@ def start_all(cfg: config.ClusterConfig, api_client: Any, log: Any) -> None:
 
 def kill_node_pods(state_dir: Path, node: str) -> list[int]:
     """SIGKILL every process of every pod of node (recorded pids and namespace members)."""
-    from .kubelet import runtime
-    from .kubelet.pods import _kill_netns
-
     killed: list[int] = []
     pods = state_dir / "process-nodes" / "nodes" / node / "pods"
     for d in pods.glob("*") if pods.is_dir() else []:
-        netns = "dsi-" + d.name.replace("-", "")[:12]
+        netns = netns_name(d.name)
         killed += runtime.kill_recorded(d, netns)
-        _kill_netns(netns)
+        kill_netns_processes(netns)
     return killed
 
 
@@ -140,9 +138,6 @@ def cleanup(state_dir: Path) -> list[str]:
     """Kill this cluster's pod processes and remove their namespaces; when no node agent
     runs on the host any more, also every other dsi-* namespace, veth, the bridge and the
     hosts block (what a crashed run left). Another cluster's live pods are never touched."""
-    from .kubelet import dns
-    from .kubelet.netns import Network
-
     if not is_root():
         return []
     nodes = state_dir / "process-nodes" / "nodes"
@@ -159,8 +154,6 @@ def cleanup(state_dir: Path) -> list[str]:
 
 def lose(cfg: config.ClusterConfig, node: str) -> None:
     """The node vanishes: its agent and every process of its pods are SIGKILLed."""
-    from .cluster import Paths, read_pidfile
-
     rec = read_pidfile(Paths(cfg.state_dir).pidfile(node))
     if rec is not None:
         try:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import cluster, config
+from . import cluster, config, statedir
 
 ROOT = config.repo_root()
 PROCESS_SAMPLE = ROOT / "examples" / "tiny-local.yaml"
@@ -58,11 +58,11 @@ def install_crd(cfg: config.ClusterConfig) -> str:
 
 def start_operator(cfg: config.ClusterConfig) -> tuple[int, Path]:
     """Start ``python -m dsi_operator`` detached, unless this cluster's operator already runs."""
-    paths = cluster.Paths(cfg.state_dir)
+    paths = statedir.Paths(cfg.state_dir)
     pidfile = paths.pidfile(PID_NAME)
     log = paths.log(PID_NAME)
-    rec = cluster.read_pidfile(pidfile)
-    if rec is not None and cluster.pid_runs(*rec):
+    rec = statedir.read_pidfile(pidfile)
+    if rec is not None and statedir.pid_runs(*rec):
         return rec[0], log
     log.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "dsi_operator", "--all-namespaces"]
@@ -75,7 +75,7 @@ def start_operator(cfg: config.ClusterConfig) -> tuple[int, Path]:
             start_new_session=True,  # its own process group: `down` kills the group
             cwd=ROOT,
         )
-    cluster.write_pidfile(pidfile, proc.pid, Path(sys.executable))
+    statedir.write_pidfile(pidfile, proc.pid, Path(sys.executable))
     return proc.pid, log
 
 

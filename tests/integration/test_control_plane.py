@@ -113,10 +113,11 @@ def restore() -> Iterator[list[str]]:
     yield stopped
     from dsi_localcluster import cluster as lc
     from dsi_localcluster import config as lcconfig
+    from dsi_localcluster import statedir
 
     cfg = lc.running_config(lcconfig.ClusterConfig.from_env())
     for name in stopped:
-        if name not in lc.running_processes(lc.Paths(cfg.state_dir)):
+        if name not in lc.running_processes(statedir.Paths(cfg.state_dir)):
             faults.start_component(name)
 
 

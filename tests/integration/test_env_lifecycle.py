@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from dsi_localcluster import build, cluster, config
+from dsi_localcluster import build, cluster, config, statedir
 from dsi_localcluster.testing import free_port
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ def test_taken_port_is_named_and_nothing_starts(tmp_path: Path) -> None:
             cluster.up(cfg)
     assert f"port {cfg.ports['kube-scheduler']}" in str(err.value)
     assert "kube-scheduler" in str(err.value)
-    assert cluster.running_processes(cluster.Paths(cfg.state_dir)) == {}
+    assert cluster.running_processes(statedir.Paths(cfg.state_dir)) == {}
 
 
 def test_half_started_cluster_is_cleaned_up(tmp_path: Path) -> None:

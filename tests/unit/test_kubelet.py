@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 from dsi_localcluster.kubelet import dns, podspec, runtime, state
 from dsi_localcluster.kubelet.agent import node_manifest
+from dsi_localcluster.timestamps import rfc3339
 
 DATA = {
     ("ConfigMap", "ns", "cm"): {"greeting": "hello", "who": "world"},
@@ -267,6 +269,13 @@ def test_api_relay_pumps_bytes_both_ways() -> None:
     finally:
         relay.shutdown()
         upstream.shutdown()
+
+
+def test_timestamps_are_rfc3339_utc_like_the_apis() -> None:
+    assert rfc3339(0.0) == "1970-01-01T00:00:00Z"
+    assert rfc3339(86400.25, micro=True) == "1970-01-02T00:00:00.250000Z"
+    assert state.stamp(None) is None and state.stamp(1.9) == "1970-01-01T00:00:01Z"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", rfc3339())
 
 
 def test_conditions_carry_their_last_transition_time_like_a_kubelets() -> None:

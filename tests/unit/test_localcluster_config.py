@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dsi_localcluster import build, cluster, config, manifests, pki
+from dsi_localcluster import build, cluster, config, manifests, pki, statedir
 from dsi_localcluster.__main__ import main, parser
 from dsi_localcluster.wait import WaitTimeout, wait_for
 
@@ -59,7 +59,7 @@ def test_bad_settings_are_rejected(env: dict[str, str], message: str) -> None:
 def test_processes_listen_on_loopback_only(tmp_path: Path) -> None:
     cfg = config.ClusterConfig.from_env({"DSI_CLUSTER_DIR": str(tmp_path)})
     bins = cluster.binaries(cfg.cache_dir)
-    args = cluster.process_args(cfg, cluster.Paths(tmp_path), bins)
+    args = cluster.process_args(cfg, statedir.Paths(tmp_path), bins)
     assert list(args) == list(cluster.PROCESS_ORDER)
     joined = "\n".join(a for argv in args.values() for a in argv)
     assert "0.0.0.0" not in joined
@@ -169,13 +169,13 @@ def test_no_stages_is_an_error(tmp_path: Path) -> None:
 
 
 def test_pidfiles_detect_stale_and_recycled_pids(tmp_path: Path) -> None:
-    paths = cluster.Paths(tmp_path)
+    paths = statedir.Paths(tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        cluster.write_pidfile(paths.pidfile("etcd"), proc.pid, Path(sys.executable))
+        statedir.write_pidfile(paths.pidfile("etcd"), proc.pid, Path(sys.executable))
         # A live pid running some other program is not ours.
-        cluster.write_pidfile(paths.pidfile("kwok"), os.getpid(), Path("/bin/not-kwok"))
-        cluster.write_pidfile(paths.pidfile("kube-scheduler"), 2**22 + 12345, Path("/x"))
+        statedir.write_pidfile(paths.pidfile("kwok"), os.getpid(), Path("/bin/not-kwok"))
+        statedir.write_pidfile(paths.pidfile("kube-scheduler"), 2**22 + 12345, Path("/x"))
         paths.pidfile("kube-apiserver").write_text("garbage")
         assert cluster.running_processes(paths) == {"etcd": proc.pid}
         assert not paths.pidfile("kwok").exists()
@@ -192,7 +192,7 @@ def test_stop_process_kills_the_group(tmp_path: Path) -> None:
     )
     cluster.stop_process(proc.pid, sys.executable, "sleeper", timeout=5)
     assert proc.wait(timeout=5) is not None
-    assert not cluster.pid_runs(proc.pid, sys.executable)
+    assert not statedir.pid_runs(proc.pid, sys.executable)
 
 
 def test_down_without_cluster_removes_state(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ One agent process per node: losing a node is SIGKILLing its agent and its pods.
 
 from __future__ import annotations
 
-import datetime as dt
 import fcntl
 import logging
 import os
@@ -20,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import dns, podspec, streaming
-from .netns import NETNS_ETC, NETNS_PREFIX, Network, PodNet
+from ..timestamps import rfc3339
+from . import dns, podspec, runtime, streaming
+from .netns import NETNS_ETC, Network, PodNet, kill_netns_processes, netns_name
 from .pods import PodWorker
 
 log = logging.getLogger("dsi-kubelet")
@@ -32,11 +32,6 @@ ALLOCATABLE = {"cpu": "16", "memory": "64Gi", "pods": "110", "ephemeral-storage"
 LEASE_NS = "kube-node-lease"
 HEARTBEAT_S = 10.0
 DNS_POLL_S = 1.0
-
-
-def now_iso() -> str:
-    """Now, RFC 3339 with seconds."""
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def node_manifest(name: str, host_ip: str, log_port: int) -> dict[str, Any]:
@@ -61,7 +56,7 @@ def node_manifest(name: str, host_ip: str, log_port: int) -> dict[str, Any]:
 
 def node_status(host_ip: str, log_port: int) -> dict[str, Any]:
     """Capacity, addresses, the log endpoint and a Ready condition heartbeat (pure)."""
-    t = now_iso()
+    t = rfc3339()
     return {
         "capacity": dict(ALLOCATABLE),
         "allocatable": dict(ALLOCATABLE),
@@ -218,7 +213,7 @@ class NodeAgent:
         """Create or renew the node's Lease (what the node lifecycle controller watches)."""
         from kubernetes.client.exceptions import ApiException
 
-        t = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        t = rfc3339(micro=True)
         spec = {"holderIdentity": self.node, "leaseDurationSeconds": 40, "renewTime": t}
         try:
             self.coord.patch_namespaced_lease(self.node, LEASE_NS, {"spec": spec})
@@ -313,18 +308,15 @@ class NodeAgent:
 
 def clean_leftovers(state_dir: Path, node: str) -> None:
     """Kill the processes and remove the namespaces a crashed agent of this node left."""
-    from . import runtime
-    from .pods import _kill_netns
-
     pods_dir = state_dir / "nodes" / node / "pods"
     if not pods_dir.is_dir():
         return
     net = Network(state_dir)
     for d in pods_dir.iterdir():
-        name = NETNS_PREFIX + d.name.replace("-", "")[:12]
+        name = netns_name(d.name)
         if (NETNS_ETC / name).exists() or Path("/var/run/netns", name).exists():
             runtime.kill_recorded(d, name)
-            _kill_netns(name)
+            kill_netns_processes(name)
         net.delete(d.name)
         runtime.unmount_all(d)
 

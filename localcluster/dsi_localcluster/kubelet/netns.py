@@ -55,6 +55,14 @@ def netns_name(uid: str) -> str:
     return NETNS_PREFIX + uid.replace("-", "")[:12]
 
 
+def kill_netns_processes(netns: str) -> None:
+    """SIGKILL every process in the namespace: those that left a container's process group
+    still live in it."""
+    out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
+    for pid in out.stdout.split():
+        subprocess.run(["kill", "-9", pid], capture_output=True)
+
+
 def netns_dir(netns: str) -> Path:
     """/etc/netns/<netns>: ``ip netns exec`` bind-mounts its hosts and resolv.conf."""
     return NETNS_ETC / netns

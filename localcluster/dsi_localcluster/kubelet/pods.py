@@ -3,27 +3,46 @@
 from __future__ import annotations
 
 import logging
-import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import dns, podspec, probes, runtime
-from .netns import PodNet, netns_dir
+from .netns import Network, PodNet, kill_netns_processes, netns_dir
 from .state import ContainerRecord, pod_status, stamp_transitions, terminated
-
-if TYPE_CHECKING:
-    from .agent import NodeAgent
 
 log = logging.getLogger("dsi-kubelet")
 TICK = 0.5
 
 
+class PodHost(Protocol):
+    """What a pod worker uses of its node agent (:class:`.agent.NodeAgent`, which runs the
+    workers: naming the protocol here keeps this module from importing the agent back)."""
+
+    state_dir: Path
+    host_ip: str
+    core: Any
+    network: Network
+    dns_table: dns.Table
+
+    def env_for(self, pod: dict[str, Any], c: dict[str, Any], net: PodNet) -> dict[str, str]:
+        """The container's environment."""
+
+    def lookup(self, kind: str, namespace: str, name: str) -> dict[str, str] | None:
+        """ConfigMap or Secret data; None when missing."""
+
+    def confirm_deleted(self, pod: dict[str, Any]) -> None:
+        """Delete the pod object with grace 0."""
+
+    def forget(self, uid: str) -> None:
+        """The worker of this pod finished."""
+
+
 class PodWorker(threading.Thread):
     """Runs one pod's containers and reports its status, like the kubelet's pod worker."""
 
-    def __init__(self, agent: NodeAgent, pod: dict[str, Any]) -> None:
+    def __init__(self, agent: PodHost, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
         super().__init__(name=f"pod-{meta['name']}", daemon=True)
         self.agent = agent
@@ -211,7 +230,7 @@ class PodWorker(threading.Thread):
             runtime.stop(proc, grace)
         if self.net is not None:
             runtime.kill_recorded(self.dir, self.net.netns)
-            _kill_netns(self.net.netns)
+            kill_netns_processes(self.net.netns)
             self.agent.network.delete(self.uid)
         runtime.unmount_all(self.dir)
         if self.deleting.is_set() and not self.gone.is_set():
@@ -222,10 +241,3 @@ class PodWorker(threading.Thread):
 def _init_policy(policy: str) -> str:
     # Init containers of an Always pod are retried on failure, never on success.
     return "OnFailure" if policy == "Always" else policy
-
-
-def _kill_netns(netns: str) -> None:
-    # Processes that left the container's process group still live in its namespace.
-    out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
-    for pid in out.stdout.split():
-        subprocess.run(["kill", "-9", pid], capture_output=True)

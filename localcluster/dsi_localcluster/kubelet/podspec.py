@@ -267,8 +267,3 @@ def backoff_seconds(restarts: int, base: float = 10.0, cap: float = 300.0) -> fl
 def should_restart(policy: str, exit_code: int) -> bool:
     """Whether a container that exited with exit_code is restarted under restartPolicy."""
     return policy == "Always" or (policy == "OnFailure" and exit_code != 0)
-
-
-def exit_reason(exit_code: int) -> str:
-    """The terminated reason a kubelet reports."""
-    return "Completed" if exit_code == 0 else "Error"

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import repo_root
 from .podspec import MountSpec
 
 PROFILE = "# dsi-localcluster process pod: PATH comes from the container's environment\n"
@@ -69,8 +70,6 @@ def _in_pod(path: Path, pod_dir: Path) -> str:
 def image_paths() -> list[str]:
     """What stands in for the container image: the virtualenv and the checkout it was
     installed from (editable). They must stay visible when the pod gets its own /tmp."""
-    from ..config import repo_root
-
     return sorted({sys.prefix, str(repo_root())})
 
 

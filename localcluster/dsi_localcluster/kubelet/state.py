@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..timestamps import rfc3339
 from .probes import ProbeState
 
 
 def stamp(t: float | None) -> str | None:
     """An RFC 3339 timestamp (seconds) from time.time()."""
-    if t is None:
-        return None
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if t is None else rfc3339(t)
 
 
 @dataclass
