@@ -12,7 +12,7 @@ EXTRAS  ?= worker,dev,eval
 PYTEST_ARGS ?=
 export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
 
-.PHONY: help venv system-deps binaries lint unit test test-unit test-worker test-integration run \
+.PHONY: help venv system-deps binaries lint unit test test-unit test-tools test-worker test-integration test-e2e run \
         operator cluster-up cluster-down cluster-status serve-local generate bench
 
 help:
@@ -64,14 +64,22 @@ lint: venv
 test-unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+test-tools: binaries
+	$(PY) -m pytest tests/tools $(PYTEST_ARGS)
+
 test-worker: venv
 	$(PY) -m pytest tests/worker $(PYTEST_ARGS)
 
 test-integration: binaries
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
-test: venv binaries lint
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+test-e2e: binaries
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+# Every tier (lint, unit, tools, worker, integration, e2e), overlapped where they do not compete;
+# a table of each tier's wall time at the end (hack/test_tiers.py). TIERS=unit,tools for a subset.
+test: venv binaries
+	$(PY) hack/test_tiers.py $(if $(TIERS),--only $(TIERS)) $(PYTEST_ARGS)
 
 operator: venv
 	$(PY) -m dsi_operator

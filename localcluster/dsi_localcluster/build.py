@@ -181,7 +181,7 @@ HELM = Component(
     ldflags=_helm_ldflags(config.HELM_VERSION, config.KUBERNETES_VERSION),
     minutes="3-6",
 )
-# Manifest linters (tests/unit/test_linters.py, docs/linters.md); not needed by `up`.
+# Manifest linters (tests/tools/test_linters.py, docs/linters.md); not needed by `up`.
 KUBECONFORM = Component(
     name="kubeconform",
     version=config.KUBECONFORM_VERSION,

@@ -18,7 +18,7 @@ ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.8.0"
 KUBERAY_VERSION = "v1.6.2"
 HELM_VERSION = "v3.20.2"
-# Manifest linters (tests/unit/test_linters.py).
+# Manifest linters (tests/tools/test_linters.py).
 KUBECONFORM_VERSION = "v0.8.0"
 KUBE_SCORE_VERSION = "v1.20.0"
 CHECKOV_VERSION = "3.3.30"

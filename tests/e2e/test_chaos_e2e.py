@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from dsi_localcluster import cluster as lc
+from sizes import chaos_faults
 
 SEED = 7
 
@@ -52,6 +53,7 @@ def test_short_chaos_recovers_with_exact_counts(cluster: Any, kube: Any, tmp_pat
     outcomes: list[Any] = []
     try:
         kinds, n = cr.short_size()
+        n = chaos_faults(n)
         outcomes = cr.run_chaos(served.target, kinds, SEED, cfg, max_faults=n, timeout=600)
     finally:
         log = served.target.operator.log_tail(40)

@@ -49,7 +49,7 @@ from dsi_localcluster.wait import wait_for
 from test_batch_api import batch_manifest
 from test_helm import CHART, Helm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from test_chart import documented_permissions  # noqa: E402
 
 GROUP, VERSION, PLURAL = "deepspeed.ai", "v1alpha1", "deepspeedinferences"

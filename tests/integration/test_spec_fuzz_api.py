@@ -19,11 +19,12 @@ from dsi_operator.serving.render import render_children
 from hypothesis import HealthCheck, given, settings
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
+from sizes import fuzz_examples
 
 pytestmark = pytest.mark.integration
 
 FUZZ = settings(
-    max_examples=150,
+    max_examples=fuzz_examples(150),
     deadline=None,
     suppress_health_check=[
         HealthCheck.too_slow,

@@ -17,9 +17,10 @@ from dsi_operator.api.spec import parse_spec
 from dsi_operator.serving.render import render_children
 from hypothesis import HealthCheck, given, settings
 from pydantic import ValidationError
+from sizes import fuzz_examples
 
 FUZZ = settings(
-    max_examples=600,
+    max_examples=fuzz_examples(600),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )

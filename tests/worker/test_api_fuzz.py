@@ -23,6 +23,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
+from sizes import fuzz_examples
 
 pytestmark = pytest.mark.worker
 
@@ -69,7 +70,7 @@ def test_openapi_document_describes_every_request_body(api_url: str) -> None:
 # integration (schema.parametrize / from_fixture) relies on a pytest internal that pytest 9
 # removed (Function._nodeid).
 FUZZ = settings(
-    max_examples=40,
+    max_examples=fuzz_examples(40),
     deadline=None,
     database=None,
     suppress_health_check=list(HealthCheck),
