@@ -12,7 +12,7 @@ import yaml
 from dsi_operator.api import crd
 from dsi_operator.api.batch_spec import DeepSpeedBatchInferenceSpec, parse_batch_spec
 from dsi_operator.api.spec import ClusterSpec
-from dsi_operator.serving.plan import describe_validation_error
+from dsi_operator.util.errors import describe_validation_error
 from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ MIN: dict[str, Any] = {
 def _error(**changes: Any) -> str:
     with pytest.raises(ValidationError) as info:
         parse_batch_spec({**MIN, **changes})
-    return describe_validation_error(info.value)
+    return describe_validation_error(info.value, prefix="spec.", limit=5)
 
 
 def test_defaults() -> None:

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from dsi_localcluster.builders import DSIWrapper
 from dsi_operator.api import labels as L
-from dsi_operator.api.spec import RestartPolicySpec, parse_spec
+from dsi_operator.api.spec import GroupStatus, RestartPolicySpec, parse_spec
 from dsi_operator.serving.plan import gpu_needs
 from dsi_operator.serving.preflight import GPUNeeds, capacity_condition
 from dsi_operator.serving.render import render_children, spec_hash_by_group
-from dsi_operator.serving.restart import GroupState, NoAction, PodInfo, RestartDone
+from dsi_operator.serving.restart import NoAction, PodInfo, RestartDone
 from dsi_operator.serving.status import advance_group
 from pydantic import ValidationError
 
@@ -177,7 +177,7 @@ def _pod(rank: int, phase: str, node: str | None = "n1") -> PodInfo:
 
 
 def test_formation_clock_waits_until_every_pod_started() -> None:
-    st = GroupState(index=0)
+    st = GroupStatus(index=0)
     pulling = [_pod(0, "Running"), _pod(1, "Pending")]
     st = advance_group(st, NoAction(), pulling, 2, POLICY, NOW)
     assert st.forming_since is None
@@ -191,7 +191,7 @@ def test_formation_clock_waits_until_every_pod_started() -> None:
 
 
 def test_formation_clock_restarts_with_the_new_pods_after_a_restart() -> None:
-    st = GroupState(index=0, restarting_since=NOW, restart_trigger="PodFailed")
+    st = GroupStatus(index=0, restarting_since=NOW, restart_trigger="PodFailed")
     st = advance_group(st, RestartDone(0), [_pod(0, "Pending"), _pod(1, "Pending")], 2, POLICY, NOW)
     assert st.restarting_since is None and st.forming_since is None
     later = NOW + timedelta(seconds=90)

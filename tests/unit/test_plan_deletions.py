@@ -19,7 +19,8 @@ from dsi_operator.serving.plan import (
     waits_on_clock,
 )
 from dsi_operator.serving.restart import ContinueRestart, NodeInfo, PodInfo, Restart
-from dsi_operator.serving.status import RayServiceView, iso_precise
+from dsi_operator.serving.status import RayServiceView
+from dsi_operator.util.timefmt import iso_precise
 
 NOW = datetime(2026, 12, 3, 8, 0, 0, tzinfo=UTC)
 SPEC = DSIWrapper("demo").tp(2).replicas(2).gpus(0).restart_policy(podDeletionGraceSeconds=7).spec()

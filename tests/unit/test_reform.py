@@ -7,20 +7,19 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-from dsi_operator.api.spec import RestartPolicySpec
+from dsi_operator.api.spec import GroupStatus, RestartPolicySpec
 from dsi_operator.serving import plan as reconcile
 from dsi_operator.serving.reform import REFORM_GRACE, advance_reform, find_reform
 from dsi_operator.serving.restart import (
     TRIGGER_CONTAINER_RESTART,
     TRIGGER_REFORM_LOOP,
     Fail,
-    GroupState,
     NoAction,
     PodInfo,
     Restart,
     decide,
 )
-from dsi_operator.serving.status import group_state_from_status, group_status_dict
+from dsi_operator.serving.status import group_status
 
 from tests.unit.test_restart import NODES, NOW, formed, pod
 from tests.unit.test_status import observed, pods_for
@@ -51,9 +50,9 @@ def test_not_a_reform_within_the_grace_or_when_the_pod_itself_failed() -> None:
     assert find_reform(group, [not_ready(0)], NOW, HEAD_POD) is None  # member gone: PodDeleted
     failed = [not_ready(0), not_ready(1, phase="Failed")]
     assert find_reform(group, failed, NOW, HEAD_POD) is None
-    unformed = GroupState(index=0)
+    unformed = GroupStatus(index=0)
     assert find_reform(unformed, [not_ready(0), not_ready(1)], NOW, HEAD_POD) is None
-    in_progress = replace(group, reforming_since=NOW - timedelta(seconds=30))
+    in_progress = group.model_copy(update={"reforming_since": NOW - timedelta(seconds=30)})
     assert find_reform(in_progress, [not_ready(0), not_ready(1)], NOW, HEAD_POD) is None
 
 
@@ -96,17 +95,18 @@ def test_bookkeeping_counts_marks_and_clears_once_whole_again() -> None:
 
 
 def test_the_status_round_trip_keeps_every_reform_field() -> None:
-    s = replace(
-        formed(),
-        reforms=3,
-        reform_times=(NOW,),
-        last_reform_time=NOW,
-        last_reform_reason="rank 1 ...",
-        reforming_since=NOW,
+    s = formed().model_copy(
+        update={
+            "reforms": 3,
+            "reform_times": (NOW,),
+            "last_reform_time": NOW,
+            "last_reform_reason": "rank 1 ...",
+            "reforming_since": NOW,
+        }
     )
-    raw = group_status_dict(s, [pod(0), pod(1)], 2, True, "Ready")
+    raw = group_status(s, [pod(0), pod(1)], 2, True, "Ready").model_dump(mode="json", by_alias=True)
     assert raw["reforms"] == 3 and raw["lastReformReason"] == "rank 1 ..."
-    back = group_state_from_status(0, raw)
+    back = GroupStatus.model_validate(raw)
     assert (back.reforms, back.reform_times, back.reforming_since) == (3, (NOW,), NOW)
     assert back.last_reform_reason == "rank 1 ..."
 
@@ -115,18 +115,21 @@ def test_a_reform_loop_restarts_the_group_with_new_pods_and_then_fails() -> None
     """Past maxReforms in the window the group restarts (counted); the restart clears the
     re-form history; a loop that goes on exhausts maxRestarts and ends in Failed."""
     times = tuple(NOW - timedelta(seconds=s) for s in (100, 50, 10))
-    looping = replace(formed(), reforms=3, reform_times=times, last_reform_reason="rank 1 ...")
+    looping = formed().model_copy(
+        update={"reforms": 3, "reform_times": times, "last_reform_reason": "rank 1 ..."}
+    )
     pods = [pod(0), pod(1)]
     dec = decide(pods, NODES, looping, POLICY, 2, NOW)
     assert isinstance(dec, Restart) and dec.trigger == TRIGGER_REFORM_LOOP and dec.counted
     assert "re-formed in place 3 times within 600s (maxReforms 2)" in dec.reason
     after = advance_reform(looping, None, dec, pods, 2, POLICY, NOW)
     assert after.reform_times == () and after.reforms == 3
-    spent = replace(looping, restart_times=(NOW - timedelta(seconds=5),) * 3)
+    spent = looping.model_copy(update={"restart_times": (NOW - timedelta(seconds=5),) * 3})
     assert isinstance(decide(pods, NODES, spent, POLICY, 2, NOW), Fail)
     # Two in the window are within the budget: nothing happens.
     assert isinstance(
-        decide(pods, NODES, replace(looping, reform_times=times[1:]), POLICY, 2, NOW), NoAction
+        decide(pods, NODES, looping.model_copy(update={"reform_times": times[1:]}), POLICY, 2, NOW),
+        NoAction,
     )
 
 

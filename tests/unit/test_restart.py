@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from dsi_operator.api.spec import RestartPolicySpec
+from dsi_operator.api.spec import GroupStatus, RestartPolicySpec
 from dsi_operator.serving.restart import (
     TRIGGER_CONTAINER_RESTART,
     TRIGGER_FORMATION_TIMEOUT,
@@ -17,7 +17,6 @@ from dsi_operator.serving.restart import (
     TRIGGER_POD_STUCK_TERMINATING,
     ContinueRestart,
     Fail,
-    GroupState,
     NoAction,
     NodeInfo,
     PodInfo,
@@ -57,12 +56,12 @@ def pod(rank: int, uid: str | None = None, **kw: object) -> PodInfo:
     return PodInfo(**base)  # type: ignore[arg-type]
 
 
-def formed(tp: int = 2, **kw: object) -> GroupState:
+def formed(tp: int = 2, **kw: object) -> GroupStatus:
     base: dict[str, object] = dict(
         index=0, members=tuple(f"u{r}" for r in range(tp)), formed_at=NOW - timedelta(hours=1)
     )
     base.update(kw)
-    return GroupState(**base)  # type: ignore[arg-type]
+    return GroupStatus(**base)  # type: ignore[arg-type]
 
 
 def healthy(tp: int = 2) -> list[PodInfo]:
@@ -137,7 +136,7 @@ def test_an_unhealthy_newcomer_is_replaced_too(newcomer: PodInfo) -> None:
 
 def test_a_group_that_never_formed_replaces_every_pod() -> None:
     pods = [pod(0), pod(1, ready=False, phase="Pending")]
-    state = GroupState(index=0, forming_since=NOW - timedelta(seconds=200))
+    state = GroupStatus(index=0, forming_since=NOW - timedelta(seconds=200))
     d = decide(pods, NODES, state, POLICY, 2, NOW)
     assert isinstance(d, Restart) and set(d.pods) == {"u0", "u1"}
 
@@ -147,14 +146,14 @@ def test_a_group_not_formed_yet_keeps_the_replacement_of_its_failed_pod() -> Non
     # new pod is told apart by its rank having a broken pod beside it.
     failed = pod(1, phase="Failed", deletion_timestamp=NOW)
     pods = [pod(0), failed, pod(1, uid="new", phase="Pending", ready=False)]
-    d = decide(pods, NODES, GroupState(index=0, forming_since=NOW), POLICY, 2, NOW)
+    d = decide(pods, NODES, GroupStatus(index=0, forming_since=NOW), POLICY, 2, NOW)
     assert isinstance(d, Restart) and d.trigger == TRIGGER_POD_FAILED
     assert set(d.pods) == {"u0", "u1"}
 
 
 def test_terminating_within_grace_is_not_stuck() -> None:
     pods = [pod(0), pod(1, deletion_timestamp=NOW - timedelta(seconds=5))]
-    triggers = find_triggers(pods, NODES, GroupState(index=0), POLICY, 2, NOW)
+    triggers = find_triggers(pods, NODES, GroupStatus(index=0), POLICY, 2, NOW)
     assert triggers == []
 
 
@@ -170,7 +169,7 @@ def test_node_not_ready_waits_for_grace() -> None:
 
 def test_formation_deadline() -> None:
     pods = [pod(0), pod(1, ready=False, phase="Pending")]
-    state = GroupState(index=0, forming_since=NOW - timedelta(seconds=100))
+    state = GroupStatus(index=0, forming_since=NOW - timedelta(seconds=100))
     assert decide(pods, NODES, state, POLICY, 2, NOW) == NoAction()
     d = decide(pods, NODES, state, POLICY, 2, NOW + timedelta(seconds=21))
     assert isinstance(d, Restart) and d.trigger == TRIGGER_FORMATION_TIMEOUT
@@ -178,7 +177,7 @@ def test_formation_deadline() -> None:
 
 def test_unformed_group_without_clock_waits() -> None:
     # A group seen for the first time has no formation clock yet: nothing fires.
-    assert decide([pod(0, ready=False)], NODES, GroupState(index=0), POLICY, 2, NOW) == NoAction()
+    assert decide([pod(0, ready=False)], NODES, GroupStatus(index=0), POLICY, 2, NOW) == NoAction()
 
 
 def test_one_incident_one_restart_even_with_several_failed_pods() -> None:
@@ -187,7 +186,7 @@ def test_one_incident_one_restart_even_with_several_failed_pods() -> None:
     assert isinstance(d, Restart)
     assert "more" in d.reason
     # once recorded, the next pass continues that restart instead of starting another
-    state = GroupState(
+    state = GroupStatus(
         index=0, restarting_since=NOW, restart_pods=d.pods, restart_times=(NOW,), restarts=1
     )
     d2 = decide(pods, NODES, state, POLICY, 3, NOW + timedelta(seconds=1))
@@ -196,7 +195,7 @@ def test_one_incident_one_restart_even_with_several_failed_pods() -> None:
 
 
 def test_continue_restart_resumes_and_finishes() -> None:
-    state = GroupState(
+    state = GroupStatus(
         index=0, restarting_since=NOW, restart_pods=("u0", "u1"), restart_times=(NOW,)
     )
     # operator died after deleting u0: only u1 remains to delete
@@ -275,14 +274,14 @@ def test_other_groups_are_independent() -> None:
 
 
 def test_stuck_old_pod_does_not_block_or_retrigger() -> None:
-    state = GroupState(
+    state = GroupStatus(
         index=0, restarting_since=NOW, restart_pods=("u0", "u1"), restart_times=(NOW,)
     )
     stuck = pod(1, deletion_timestamp=NOW - timedelta(seconds=31))
     new = [pod(0, uid="n0"), pod(1, uid="n1")]
     assert decide([stuck, *new], NODES, state, POLICY, 2, NOW) == RestartDone(0)
     # once done, the abandoned stuck pod is ignored by the triggers
-    after = GroupState(index=0, forming_since=NOW, abandoned=("u1",))
+    after = GroupStatus(index=0, forming_since=NOW, abandoned_pods=("u1",))
     assert decide([stuck, *new], NODES, after, POLICY, 2, NOW) == NoAction()
 
 
@@ -330,7 +329,7 @@ def test_failure_visible_ignores_a_restart_in_progress_and_abandoned_pods() -> N
     restarting = {0: formed(members=(), restarting_since=NOW, restart_pods=("u0", "u1"))}
     assert not failure_visible(restarting, {0: [pod(0, phase="Failed"), pod(1)]})
     stuck = pod(1, uid="old", deletion_timestamp=NOW - timedelta(hours=1))
-    abandoned = {0: formed(abandoned=("old",))}
+    abandoned = {0: formed(abandoned_pods=("old",))}
     assert not failure_visible(abandoned, {0: [*healthy(), stuck]})
 
 
@@ -338,7 +337,7 @@ def test_a_pod_lost_before_its_group_formed_is_a_restart_and_its_replacement_is_
     """Issue 25 item 5: the new pods of a group that has not formed are recorded
     (formingPods); one that failed and was replaced by KubeRay, maybe while no operator ran,
     is a PodDeleted restart, counted once; KubeRay's fresh replacement is kept."""
-    forming = GroupState(index=0, forming_pods=("u0", "u1"), forming_since=NOW)
+    forming = GroupStatus(index=0, forming_pods=("u0", "u1"), forming_since=NOW)
     replaced = [pod(0, ready=False), pod(1, uid="new", ready=False)]
     d = decide(replaced, NODES, forming, POLICY, 2, NOW)
     assert isinstance(d, Restart) and d.trigger == TRIGGER_POD_DELETED
@@ -360,4 +359,4 @@ def test_a_restarts_end_records_the_new_pods_in_the_same_write() -> None:
     assert formed_now.members == ("n0", "n1") and formed_now.forming_pods == ()
     # Two pods on one index: nothing is recorded until KubeRay settles.
     extra = [*new, pod(1, uid="n2", phase="Pending")]
-    assert advance_group(GroupState(index=0), NoAction(), extra, 2, POLICY, NOW).forming_pods == ()
+    assert advance_group(GroupStatus(index=0), NoAction(), extra, 2, POLICY, NOW).forming_pods == ()

@@ -14,10 +14,10 @@ from dsi_operator.api.spec import (
     DEFAULT_WORKER_IMAGE,
     DeepSpeedInference,
     DeepSpeedInferenceSpec,
+    DeepSpeedInferenceStatus,
     GroupStatus,
     Phase,
     parse_spec,
-    parse_status,
 )
 from pydantic import ValidationError
 
@@ -145,7 +145,7 @@ def test_quantities_accept_yaml_numbers() -> None:
 
 
 def test_status_model_parses_phase_and_rejects_undeclared_fields() -> None:
-    st = parse_status(
+    st = DeepSpeedInferenceStatus.model_validate(
         {
             "phase": "Ready",
             "readyReplicas": 2,
@@ -157,10 +157,12 @@ def test_status_model_parses_phase_and_rejects_undeclared_fields() -> None:
     dumped = st.model_dump(mode="json", by_alias=True, exclude_none=True)
     assert dumped["groups"][0]["restartPods"] == ["u1"]
     assert dumped["groups"][0]["rayCluster"] == "c"
-    assert parse_status(None).phase is None
+    assert DeepSpeedInferenceStatus().phase is None
     # The CRD would prune these silently; the model names them instead.
     with pytest.raises(ValidationError, match="controllerNote"):
-        parse_status({"groups": [{"index": 0, "controllerNote": {"a": 1}}]})
+        DeepSpeedInferenceStatus.model_validate(
+            {"groups": [{"index": 0, "controllerNote": {"a": 1}}]}
+        )
     assert GroupStatus(index=1).restarts == 0
 
 

@@ -7,20 +7,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dsi_localcluster.builders import DSIWrapper
-from dsi_operator.api.spec import Condition, RestartPolicySpec
+from dsi_operator.api.spec import Condition, GroupStatus, RestartPolicySpec
 from dsi_operator.serving.plan import Observed, declared_shape, plan, safe_parse
 from dsi_operator.serving.preflight import GPUNeeds, evaluate
-from dsi_operator.serving.restart import GroupState, NodeInfo, PodInfo, Restart
+from dsi_operator.serving.restart import NodeInfo, PodInfo, Restart
 from dsi_operator.serving.status import (
     RayServiceView,
     StatusInputs,
     advance_group,
     compute_status,
     group_states_from_status,
-    iso,
     merge_conditions,
     status_patch,
 )
+from dsi_operator.util.timefmt import iso
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 SPEC: dict[str, Any] = (
@@ -228,7 +228,7 @@ def test_status_patch_diff() -> None:
 
 def test_bookkeeping_roundtrip() -> None:
     policy = RestartPolicySpec()
-    st = GroupState(index=0)
+    st = GroupStatus(index=0)
     r = Restart(0, "PodFailed", "p", "why", ("a", "b"))
     after = advance_group(st, r, [], 2, policy, NOW)
     inp = StatusInputs(

@@ -22,14 +22,24 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     WithJsonSchema,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 
 import dsi_operator.api.defaults as D
 from dsi_operator._version import __version__
+from dsi_operator.api.fields import (
+    PreciseTime,
+    StringList,
+    Time,
+    TimeList,
+    no_default,
+    omit_empty,
+)
 from dsi_operator.api.labels import DEFAULT_MASTER_PORT, DEFAULT_SERVE_PORT, LABEL_PREFIX
 
 #: The worker image the operator renders unless spec.image says otherwise; pinned to the
@@ -967,7 +977,15 @@ class Condition(BaseModel):
 class GroupStatus(BaseModel):
     """Observed state of one TP group, including the controller's restart bookkeeping."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    # Also the in-memory state the restart logic works with (dsi_operator.serving.restart):
+    # times are datetimes and UID lists tuples, written as RFC 3339 strings and JSON lists
+    # (dsi_operator.api.fields). Immutable: change it with model_copy(update=...). Unset fields
+    # (None, empty lists) are left out when it is written. (Comments, not the docstring: the
+    # docstring is the CRD's description.)
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
 
     index: int = Field(ge=0, description="Group index g (pods labelled deepspeed.ai/group=g).")
     phase: str | None = Field(
@@ -990,20 +1008,22 @@ class GroupStatus(BaseModel):
     last_reform_reason: str | None = Field(
         default=None, description="Cause and rank of the last in-place re-form."
     )
-    last_reform_time: str | None = Field(
+    last_reform_time: Time = Field(
         default=None, description="When the last in-place re-form began (RFC 3339)."
     )
-    reforming_since: str | None = Field(
+    reforming_since: PreciseTime = Field(
         default=None,
         description="When the in-place re-form in progress began (RFC 3339); unset when none.",
     )
-    reform_times: list[str] | None = Field(
-        default=None, description="Start times of the re-forms inside the budget window."
+    reform_times: TimeList = Field(
+        default=(),
+        description="Start times of the re-forms inside the budget window.",
+        json_schema_extra=no_default,
     )
     last_restart_reason: str | None = Field(
         default=None, description="Trigger and pod of the last restart."
     )
-    last_restart_time: str | None = Field(
+    last_restart_time: Time = Field(
         default=None,
         description="When the last restart began (RFC 3339).",
     )
@@ -1016,48 +1036,68 @@ class GroupStatus(BaseModel):
         "it (HEALTHY, UNHEALTHY, UPDATING, ...). UNHEALTHY while the pods run means a rank "
         "process died inside its pod; Serve re-forms the group.",
     )
-    restarting_since: str | None = Field(
+    restarting_since: PreciseTime = Field(
         default=None,
         description="When the restart in progress began (RFC 3339); unset when none.",
     )
-    restart_pods: list[str] | None = Field(
-        default=None, description="UIDs of the pods being replaced by the restart in progress."
+    # UIDs rather than creation times: see dsi_operator.serving.restart.
+    restart_pods: StringList = Field(
+        default=(),
+        description="UIDs of the pods being replaced by the restart in progress.",
+        json_schema_extra=no_default,
     )
-    backoff_until: str | None = Field(
+    backoff_until: Time = Field(
         default=None,
         description="The next restart of this group waits until this time (RFC 3339).",
     )
-    restart_times: list[str] | None = Field(
-        default=None, description="Start times of the restarts inside the budget window."
+    restart_times: TimeList = Field(
+        default=(),
+        description="Start times of the restarts inside the budget window.",
+        json_schema_extra=no_default,
     )
-    members: list[str] | None = Field(
-        default=None, description="Pod UIDs by rank when the group last formed."
+    members: StringList = Field(
+        default=(),
+        description="Pod UIDs by rank when the group last formed.",
+        json_schema_extra=no_default,
     )
-    forming_pods: list[str] | None = Field(
-        default=None,
+    # A pod lost before the group formed (KubeRay replaces it at once, maybe while no operator
+    # runs) is still a failure of the group, seen from what it left.
+    forming_pods: StringList = Field(
+        default=(),
         description="Pod UIDs by pod index of a group that has not formed yet: one of them "
         "lost before the group forms is a restart (PodDeleted), even when KubeRay replaced it "
         "while no operator ran.",
+        json_schema_extra=no_default,
     )
-    forming_since: str | None = Field(
+    forming_since: PreciseTime = Field(
         default=None,
         description="When the group's current pods started forming (RFC 3339).",
     )
-    formed_at: str | None = Field(
+    formed_at: Time = Field(
         default=None,
         description="When all ranks last became ready (RFC 3339).",
     )
     hash: str | None = Field(
         default=None, description="deepspeed.ai/group-hash the group's pods were rendered with."
     )
-    abandoned_pods: list[str] | None = Field(
-        default=None,
+    # Force-deleted, held by a finalizer or a dead kubelet: the triggers ignore them so they
+    # cannot cause another restart.
+    abandoned_pods: StringList = Field(
+        default=(),
         description="UIDs of old pods a finished restart left stuck Terminating (ignored by "
         "the restart triggers).",
+        json_schema_extra=no_default,
     )
+    # KubeRay's blue/green upgrade switches clusters, and the new cluster's pods replacing the
+    # members is a roll, not a failure.
     ray_cluster: str | None = Field(
         default=None, description="The RayCluster whose pods formed the group."
     )
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = omit_empty(handler(self))
+        return out
 
 
 class RolloutStatus(BaseModel):
@@ -1145,11 +1185,6 @@ def parse_spec(spec: Mapping[str, Any] | DeepSpeedInferenceSpec) -> DeepSpeedInf
     if isinstance(spec, DeepSpeedInferenceSpec):
         return spec
     return DeepSpeedInferenceSpec.model_validate(_plain(spec))
-
-
-def parse_status(status: Mapping[str, Any] | None) -> DeepSpeedInferenceStatus:
-    """Validate a status dict (empty status when ``None``)."""
-    return DeepSpeedInferenceStatus.model_validate(_plain(status or {}))
 
 
 def _plain(obj: Any) -> Any:

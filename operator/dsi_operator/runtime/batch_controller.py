@@ -30,7 +30,7 @@ from dsi_operator.batch.status import (
     status_patch,
 )
 from dsi_operator.runtime.kube import Kube
-from dsi_operator.serving.plan import describe_validation_error
+from dsi_operator.util.errors import describe_validation_error
 
 log = logging.getLogger("dsi_operator.batch")
 
@@ -95,7 +95,7 @@ class BatchController:
         try:
             spec = parse_batch_spec(body.get("spec") or {})
         except ValidationError as e:
-            msg = describe_validation_error(e)
+            msg = describe_validation_error(e, prefix="spec.", limit=5)
             await self._write(key, old, {**old, "phase": BatchPhase.Failed.value, "message": msg})
             return BatchPhase.Failed.value
         rayjob = await self.kube.get_rayjob(ns, L.rayjob_name(name))

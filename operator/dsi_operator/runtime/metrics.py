@@ -4,25 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from dsi_operator.serving.status import (
-    PHASE_DEGRADED,
-    PHASE_FAILED,
-    PHASE_FORMING,
-    PHASE_PENDING,
-    PHASE_PROVISIONING,
-    PHASE_READY,
-    PHASE_RESTARTING,
-)
+from dsi_operator.api.spec import Phase
 
-PHASES = (
-    PHASE_PENDING,
-    PHASE_PROVISIONING,
-    PHASE_FORMING,
-    PHASE_READY,
-    PHASE_DEGRADED,
-    PHASE_RESTARTING,
-    PHASE_FAILED,
-)
+#: Every phase, in lifecycle order (the values of the phase gauge's label).
+PHASES = tuple(Phase)
 
 RESTARTS = Counter(
     "dsi_operator_group_restarts_total",

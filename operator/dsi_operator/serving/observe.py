@@ -12,7 +12,8 @@ from typing import Any
 
 from dsi_operator.api import labels as L
 from dsi_operator.serving.restart import NodeInfo, PodInfo
-from dsi_operator.serving.status import RayServiceView, parse_time
+from dsi_operator.serving.status import RayServiceView
+from dsi_operator.util.timefmt import parse_time
 
 #: Label KubeRay puts on every pod with its RayCluster's name.
 RAY_CLUSTER_LABEL = "ray.io/cluster"

@@ -16,7 +16,7 @@ deletes the old pods that remain and never counts the restart twice.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,6 +27,7 @@ from dsi_operator.api.spec import (
     Condition,
     ConditionType,
     DeepSpeedInferenceSpec,
+    GroupStatus,
     Phase,
     RestartPolicySpec,
     parse_spec,
@@ -39,7 +40,6 @@ from dsi_operator.serving.restart import (
     ContinueRestart,
     Decision,
     Fail,
-    GroupState,
     NoAction,
     NodeInfo,
     PodInfo,
@@ -64,9 +64,10 @@ from dsi_operator.serving.status import (
     advance_group,
     compute_status,
     group_states_from_status,
-    parse_time,
     status_patch,
 )
+from dsi_operator.util.errors import describe_validation_error
+from dsi_operator.util.timefmt import parse_time
 
 #: Seconds a restart waits for KubeRay's replacement pods before the operator nudges KubeRay.
 #: KubeRay skips a worker group while its scale expectations are unsatisfied and waits for the
@@ -223,21 +224,12 @@ def gpu_needs(spec: DeepSpeedInferenceSpec) -> GPUNeeds:
     )
 
 
-def describe_validation_error(err: ValidationError) -> str:
-    """'spec.a.b: message; ...' naming every invalid field."""
-    parts = []
-    for e in err.errors()[:5]:
-        loc = ".".join(str(x) for x in e.get("loc", ()))
-        parts.append(f"spec.{loc}: {e.get('msg', 'invalid')}" if loc else e.get("msg", "invalid"))
-    return "; ".join(parts)
-
-
 def safe_parse(spec: Mapping[str, Any]) -> tuple[DeepSpeedInferenceSpec | None, str | None]:
     """(parsed spec, None) or (None, message naming the invalid fields)."""
     try:
         return parse_spec(spec), None
     except ValidationError as err:
-        return None, describe_validation_error(err)
+        return None, describe_validation_error(err, prefix="spec.", limit=5)
     except (TypeError, ValueError) as err:  # defensive: never crash on a bad resource
         return None, str(err)
 
@@ -309,7 +301,7 @@ def plan(obs: Observed) -> Plan:
     )
 
 
-def kuberay_nudge(obs: Observed, states: Mapping[int, GroupState]) -> str | None:
+def kuberay_nudge(obs: Observed, states: Mapping[int, GroupStatus]) -> str | None:
     """A token naming a restart that has waited :data:`NUDGE_AFTER_SECONDS` (or another
     multiple of it) for KubeRay to create the group's replacement pods; None when none has."""
     if obs.spec is None:
@@ -349,7 +341,7 @@ def _plan_rollout(obs: Observed, gp: _GroupsPlan, blocking: str | None) -> Rollo
 
 
 def rollout_inputs(
-    obs: Observed, decisions: Mapping[int, Decision], states: Mapping[int, GroupState]
+    obs: Observed, decisions: Mapping[int, Decision], states: Mapping[int, GroupStatus]
 ) -> RolloutInputs:
     """The rollout's view of every group (after this pass's restart decisions)."""
     assert obs.spec is not None
@@ -357,7 +349,7 @@ def rollout_inputs(
     groups = []
     for g in range(spec.replicas):
         pods = obs.pods.get(g, ())
-        state = states.get(g, GroupState(index=g))
+        state = states.get(g, GroupStatus(index=g))
         busy = not isinstance(decisions.get(g, NoAction()), NoAction) or (
             state.restarting_since is not None
         )
@@ -397,7 +389,7 @@ def rollout_inputs(
 
 
 def rollout_status(
-    obs: Observed, ro: RolloutPlan, states: Mapping[int, GroupState]
+    obs: Observed, ro: RolloutPlan, states: Mapping[int, GroupStatus]
 ) -> dict[str, Any]:
     """``status.rollout``."""
     assert obs.spec is not None
@@ -525,7 +517,7 @@ def declared_shape(raw: Mapping[str, Any]) -> tuple[int, int]:
 
 def _prior_states(
     current: Mapping[str, Any], generation: int | None
-) -> tuple[dict[int, GroupState], str | None]:
+) -> tuple[dict[int, GroupStatus], str | None]:
     """Group bookkeeping from status, and the Failed reason that still holds.
 
     Failed is sticky for the generation it happened in; a spec change clears it and the
@@ -536,7 +528,7 @@ def _prior_states(
         return states, None
     if current.get("observedGeneration") == generation:
         return states, str(current["failedReason"])
-    return {g: replace(s, restart_times=()) for g, s in states.items()}, None
+    return {g: s.model_copy(update={"restart_times": ()}) for g, s in states.items()}, None
 
 
 @dataclass
@@ -545,7 +537,7 @@ class _GroupsPlan:
     restarts: list[Restart] = field(default_factory=list)
     continues: list[ContinueRestart] = field(default_factory=list)
     reforms: list[Reform] = field(default_factory=list)
-    states: dict[int, GroupState] = field(default_factory=dict)
+    states: dict[int, GroupStatus] = field(default_factory=dict)
     events: list[EventSpec] = field(default_factory=list)
     failed_reason: str | None = None
 
@@ -553,7 +545,7 @@ class _GroupsPlan:
 def _plan_groups(
     obs: Observed,
     policy: RestartPolicySpec,
-    states: Mapping[int, GroupState],
+    states: Mapping[int, GroupStatus],
     failed_reason: str | None,
     blocking: str | None,
 ) -> _GroupsPlan:
@@ -563,7 +555,9 @@ def _plan_groups(
     head = _the_head(obs.head_pods)
     for g in range(obs.spec.replicas):
         n_pods = obs.rollout.shape(g, obs.spec)[0]
-        state = _follow_cluster_switch(states.get(g, GroupState(index=g)), obs.pods.get(g, ()), obs)
+        state = _follow_cluster_switch(
+            states.get(g, GroupStatus(index=g)), obs.pods.get(g, ()), obs
+        )
         pods = obs.pods.get(g, ())
         dec: Decision = NoAction()
         halted = out.failed_reason is not None or blocking is not None
@@ -595,7 +589,7 @@ def _plan_groups(
         cancelled = {restart_event(out.states[r.group]).incident for r in out.restarts}
         for r in out.restarts:
             out.decisions[r.group] = NoAction()
-            out.states[r.group] = states.get(r.group, GroupState(index=r.group))
+            out.states[r.group] = states.get(r.group, GroupStatus(index=r.group))
         out.events = [e for e in out.events if e.incident not in cancelled]
         out.restarts = []
     return out
@@ -628,7 +622,7 @@ def _the_head(heads: Sequence[PodInfo]) -> PodInfo | None:
     return live[0] if len(live) == len(heads) == 1 else None
 
 
-def reform_event(state: GroupState) -> EventSpec:
+def reform_event(state: GroupStatus) -> EventSpec:
     """The GroupReformed Event of the group's latest in-place re-form (from status alone)."""
     g, n = state.index, state.reforms
     return EventSpec(
@@ -639,7 +633,7 @@ def reform_event(state: GroupState) -> EventSpec:
     )
 
 
-def restart_event(state: GroupState) -> EventSpec:
+def restart_event(state: GroupStatus) -> EventSpec:
     """The GroupRestart Event of the group's latest recorded restart (built from status
     bookkeeping alone, so any process can post it and it reads the same)."""
     g, n = state.index, state.restarts
@@ -651,13 +645,21 @@ def restart_event(state: GroupState) -> EventSpec:
     )
 
 
-def _follow_cluster_switch(state: GroupState, pods: Sequence[PodInfo], obs: Observed) -> GroupState:
+def _follow_cluster_switch(
+    state: GroupStatus, pods: Sequence[PodInfo], obs: Observed
+) -> GroupStatus:
     """KubeRay switched the group to a new RayCluster (blue/green upgrade after a spec
     change): the old members going away is a roll, not a failure. Form afresh."""
     clusters = {p.cluster for p in pods if p.deletion_timestamp is None and p.cluster}
-    if state.members and state.cluster and clusters and state.cluster not in clusters:
-        return replace(
-            state, members=(), forming_pods=(), formed_at=None, forming_since=obs.now, cluster=None
+    if state.members and state.ray_cluster and clusters and state.ray_cluster not in clusters:
+        return state.model_copy(
+            update={
+                "members": (),
+                "forming_pods": (),
+                "formed_at": None,
+                "forming_since": obs.now,
+                "ray_cluster": None,
+            }
         )
     return state
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
-from dsi_operator.api.spec import Condition
-from dsi_operator.serving.status import COND_GPU_CAPACITY, COND_GPU_OPERATOR, COND_KUBERAY
+from dsi_operator.api.spec import Condition, ConditionType
+from dsi_operator.util.timefmt import iso_precise, parse_time
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def _domain_condition(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> Co
         else f"no matching node carries the label {key}"
     )
     return Condition.of(
-        COND_GPU_CAPACITY,
+        ConditionType.GPUCapacity,
         "False",
         "GroupDoesNotFitADomain",
         f"placement.groupDomain (Required) keeps a group's {needs.pods} pod(s) x "
@@ -179,7 +179,7 @@ def _pod_too_large(allocs: Sequence[int], needs: GPUNeeds) -> Condition | None:
     if needs.ranks_per_pod == 1 or not allocs or max(allocs) >= needs.gpus_per_pod:
         return None
     return Condition.of(
-        COND_GPU_CAPACITY,
+        ConditionType.GPUCapacity,
         "False",
         "PodDoesNotFitANode",
         f"a worker pod needs {needs.gpus_per_pod} {needs.resource_name} on one node "
@@ -208,13 +208,13 @@ def capacity_condition(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> C
         matching = sum(1 for n in nodes if node_fits(n, needs))
         if matching:
             return Condition.of(
-                COND_GPU_CAPACITY,
+                ConditionType.GPUCapacity,
                 "True",
                 "NoGPUsRequested",
                 f"CPU-only ranks (resources.gpus: 0); {matching} node(s) match their placement",
             )
         return Condition.of(
-            COND_GPU_CAPACITY,
+            ConditionType.GPUCapacity,
             "False",
             "NoMatchingNodes",
             "CPU-only ranks (resources.gpus: 0), but no Ready node matches their "
@@ -232,13 +232,16 @@ def capacity_condition(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> C
     found = f"{gpus} allocatable {needs.resource_name} on {matching} matching node(s) fit"
     if slots >= needs.pods:
         return Condition.of(
-            COND_GPU_CAPACITY,
+            ConditionType.GPUCapacity,
             "True",
             "Sufficient",
             f"{found} {slots // needs.pods} group(s); {need_desc}{_one_pod_hint(allocs, needs)}",
         )
     return Condition.of(
-        COND_GPU_CAPACITY, "False", "Insufficient", f"{found} {slots} rank pod(s); {need_desc}"
+        ConditionType.GPUCapacity,
+        "False",
+        "Insufficient",
+        f"{found} {slots} rank pod(s); {need_desc}",
     )
 
 
@@ -253,15 +256,9 @@ def _lease_age(lease: Mapping[str, Any], now: datetime) -> tuple[float, float] |
     renew = spec.get("renewTime")
     if not spec.get("holderIdentity") or not renew:
         return None
-    if isinstance(renew, str):
-        renew = datetime.fromisoformat(renew.replace("Z", "+00:00"))
+    if (renew := parse_time(renew)) is None:
+        return None
     return (now - renew).total_seconds(), float(spec.get("leaseDurationSeconds") or 15)
-
-
-def _iso(t: Any) -> str:
-    if isinstance(t, datetime):
-        return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    return str(t)
 
 
 def kuberay_condition(
@@ -275,22 +272,27 @@ def kuberay_condition(
     """
     if not present:
         msg = "KubeRay is not installed (CRD rayservices.ray.io not found)"
-        return Condition.of(COND_KUBERAY, "False", "CRDNotFound", msg)
+        return Condition.of(ConditionType.KubeRayAvailable, "False", "CRDNotFound", msg)
     if lease is None:
-        return Condition.of(COND_KUBERAY, "True", "CRDPresent", "rayservices.ray.io installed")
+        return Condition.of(
+            ConditionType.KubeRayAvailable, "True", "CRDPresent", "rayservices.ray.io installed"
+        )
     now = now or datetime.now(UTC)
     where = f"Lease {(lease.get('metadata') or {}).get('namespace', '?')}/ray-operator-leader"
     age = _lease_age(lease, now)
     if age is not None and age[0] <= age[1] + LEASE_SLACK_SECONDS:
         return Condition.of(
-            COND_KUBERAY, "True", "Running", f"rayservices.ray.io installed; {where} is held"
+            ConditionType.KubeRayAvailable,
+            "True",
+            "Running",
+            f"rayservices.ray.io installed; {where} is held",
         )
     # The renewal time, not an age: the message must not change while nothing does, or
     # every pass would rewrite the status.
     renewed = (lease.get("spec") or {}).get("renewTime")
-    since = "never held" if age is None else f"last renewed at {_iso(renewed)}"
+    since = "never held" if age is None else f"last renewed at {iso_precise(parse_time(renewed))}"
     return Condition.of(
-        COND_KUBERAY,
+        ConditionType.KubeRayAvailable,
         "False",
         "ControllerNotRunning",
         f"KubeRay's operator is not running ({where} {since}): RayServices are not "
@@ -326,14 +328,14 @@ def evaluate(
 
     if cluster_policies is None:
         gpu_op = Condition.of(
-            COND_GPU_OPERATOR,
+            ConditionType.GPUOperatorReady,
             "False",
             "NotInstalled",
             "GPU Operator not installed (CRD clusterpolicies.nvidia.com not found)",
         )
     elif not cluster_policies:
         gpu_op = Condition.of(
-            COND_GPU_OPERATOR, "False", "NoClusterPolicy", "no ClusterPolicy found"
+            ConditionType.GPUOperatorReady, "False", "NoClusterPolicy", "no ClusterPolicy found"
         )
     else:
         states = {
@@ -343,12 +345,18 @@ def evaluate(
         ready = [n for n, s in states.items() if s == "ready"]
         if ready:
             gpu_op = Condition.of(
-                COND_GPU_OPERATOR, "True", "ClusterPolicyReady", f"ClusterPolicy {ready[0]} ready"
+                ConditionType.GPUOperatorReady,
+                "True",
+                "ClusterPolicyReady",
+                f"ClusterPolicy {ready[0]} ready",
             )
         else:
             desc = ", ".join(f"{n}: {s or 'no state'}" for n, s in sorted(states.items()))
             gpu_op = Condition.of(
-                COND_GPU_OPERATOR, "False", "ClusterPolicyNotReady", f"ClusterPolicy {desc}"
+                ConditionType.GPUOperatorReady,
+                "False",
+                "ClusterPolicyNotReady",
+                f"ClusterPolicy {desc}",
             )
     conds.append(gpu_op)
     if gpu_op.status != "True":

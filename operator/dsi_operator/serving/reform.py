@@ -18,14 +18,13 @@ the group is restarted with new pods (trigger ``ReformLoop``), which counts agai
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from dsi_operator.api.spec import RestartPolicySpec
+from dsi_operator.api.spec import GroupStatus, RestartPolicySpec
 from dsi_operator.serving.restart import (
     TRIGGER_REFORM_LOOP,
     Decision,
-    GroupState,
     PodInfo,
     Restart,
     group_pods_ready,
@@ -49,7 +48,7 @@ class Reform:
 
 
 def find_reform(
-    state: GroupState,
+    state: GroupStatus,
     pods: Sequence[PodInfo],
     now: datetime,
     head: PodInfo | None,
@@ -99,29 +98,30 @@ def _same_head(head: PodInfo | None, formed_at: datetime | None) -> bool:
 
 
 def advance_reform(
-    state: GroupState,
+    state: GroupStatus,
     reform: Reform | None,
     decision: Decision,
     pods: Sequence[PodInfo],
     n_pods: int,
     policy: RestartPolicySpec,
     now: datetime,
-) -> GroupState:
+) -> GroupStatus:
     """The group's re-form bookkeeping after this pass: a new re-form counted and marked in
     progress; the mark cleared once every rank is ready again or a restart replaces the pods
     (a ``ReformLoop`` restart also clears the re-form history that caused it)."""
     if isinstance(decision, Restart):
         times = () if decision.trigger == TRIGGER_REFORM_LOOP else state.reform_times
-        return replace(state, reforming_since=None, reform_times=times)
+        return state.model_copy(update={"reforming_since": None, "reform_times": times})
     if reform is not None:
-        return replace(
-            state,
-            reforms=state.reforms + 1,
-            reform_times=tuple(recent_reforms(state, policy, now)) + (now,),
-            last_reform_time=now,
-            last_reform_reason=reform.reason,
-            reforming_since=now,
+        return state.model_copy(
+            update={
+                "reforms": state.reforms + 1,
+                "reform_times": tuple(recent_reforms(state, policy, now)) + (now,),
+                "last_reform_time": now,
+                "last_reform_reason": reform.reason,
+                "reforming_since": now,
+            }
         )
     if state.reforming_since is not None and group_pods_ready(pods, n_pods):
-        return replace(state, reforming_since=None)
+        return state.model_copy(update={"reforming_since": None})
     return state

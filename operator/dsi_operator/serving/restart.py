@@ -1,8 +1,9 @@
 """Pure whole-group restart decisions.
 
 Nothing here talks to Kubernetes. The controller gathers plain data (the pods of a group, the
-nodes they run on, the group's bookkeeping from ``status.groups[g]``, the restart policy and the
-current time) and asks :func:`decide` what to do with that group. The answer is one of:
+nodes they run on, the group's bookkeeping -- the :class:`~dsi_operator.api.spec.GroupStatus`
+read from ``status.groups[g]`` -- the restart policy and the current time) and asks
+:func:`decide` what to do with that group. The answer is one of:
 
 * :class:`NoAction` -- the group is healthy, or forming within its deadline;
 * :class:`Restart` -- start a whole-group restart now (one per incident, whatever the number
@@ -25,7 +26,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from dsi_operator.api.spec import RestartPolicySpec
+from dsi_operator.api.spec import GroupStatus, RestartPolicySpec
+from dsi_operator.util.timefmt import iso_precise
 
 # Trigger names, used in Events, status.groups[].lastRestartReason and metrics labels.
 TRIGGER_CONTAINER_RESTART = "ContainerRestarted"
@@ -81,39 +83,6 @@ class NodeInfo:
     name: str
     ready: bool = True
     since: datetime | None = None
-
-
-@dataclass(frozen=True)
-class GroupState:
-    """Bookkeeping for one group as stored in ``status.groups[g]`` (see :mod:`status`)."""
-
-    index: int
-    restarts: int = 0
-    restart_times: tuple[datetime, ...] = ()
-    last_restart_time: datetime | None = None
-    last_restart_reason: str | None = None
-    restarting_since: datetime | None = None
-    restart_trigger: str | None = None
-    restart_pods: tuple[str, ...] = ()  # UIDs being replaced by the restart in progress
-    members: tuple[str, ...] = ()  # UIDs of the rank pods when the group last formed
-    # UIDs by pod index of the pods a group that has not formed started with: a pod lost
-    # before the group formed (KubeRay replaces it at once, maybe while no operator runs)
-    # is still a failure of the group, seen from what it left.
-    forming_pods: tuple[str, ...] = ()
-    formed_at: datetime | None = None
-    forming_since: datetime | None = None
-    # Old pods a finished restart left stuck Terminating (force-deleted, held by a finalizer
-    # or a dead kubelet): ignored by the triggers so they cannot cause another restart.
-    abandoned: tuple[str, ...] = ()
-    # RayCluster whose pods formed the group: KubeRay's blue/green upgrade switches clusters,
-    # and the new cluster's pods replacing the members is a roll, not a failure.
-    cluster: str | None = None
-    # In-place re-forms (dsi_operator.serving.reform): same pods, the group formed again by Serve.
-    reforms: int = 0
-    reform_times: tuple[datetime, ...] = ()
-    last_reform_time: datetime | None = None
-    last_reform_reason: str | None = None
-    reforming_since: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -183,13 +152,13 @@ class Trigger:
     reason: str
 
 
-def recent_restarts(state: GroupState, policy: RestartPolicySpec, now: datetime) -> list[datetime]:
+def recent_restarts(state: GroupStatus, policy: RestartPolicySpec, now: datetime) -> list[datetime]:
     """Restart times of the group that are still inside the budget window."""
     window = timedelta(seconds=policy.window_seconds)
     return sorted(t for t in state.restart_times if now - t < window)
 
 
-def consecutive_restarts(state: GroupState, policy: RestartPolicySpec, now: datetime) -> int:
+def consecutive_restarts(state: GroupStatus, policy: RestartPolicySpec, now: datetime) -> int:
     """Restarts since the group was last quiet (formed for ``quiet_period_seconds``).
 
     Walks back from the latest restart while the gap to the next one is shorter than the
@@ -209,14 +178,14 @@ def consecutive_restarts(state: GroupState, policy: RestartPolicySpec, now: date
     return count
 
 
-def recent_reforms(state: GroupState, policy: RestartPolicySpec, now: datetime) -> list[datetime]:
+def recent_reforms(state: GroupStatus, policy: RestartPolicySpec, now: datetime) -> list[datetime]:
     """Re-form times of the group that are still inside the budget window."""
     window = timedelta(seconds=policy.window_seconds)
     return sorted(t for t in state.reform_times if now - t < window)
 
 
 def reform_loop_trigger(
-    state: GroupState, policy: RestartPolicySpec, now: datetime
+    state: GroupStatus, policy: RestartPolicySpec, now: datetime
 ) -> Trigger | None:
     """A restart trigger once the group re-formed more than ``maxReforms`` times in the
     window (a crash loop inside the same pods)."""
@@ -255,7 +224,7 @@ def group_pods_started(pods: Sequence[PodInfo], n_pods: int) -> bool:
 def find_triggers(
     pods: Sequence[PodInfo],
     nodes: Mapping[str, NodeInfo],
-    state: GroupState,
+    state: GroupStatus,
     policy: RestartPolicySpec,
     n_pods: int,
     now: datetime,
@@ -267,7 +236,7 @@ def find_triggers(
     """
     found: list[Trigger] = []
     for p in sorted(pods, key=lambda p: (p.rank, p.name)):
-        if p.uid not in state.abandoned:
+        if p.uid not in state.abandoned_pods:
             found.extend(_pod_triggers(p, nodes, policy, now))
     found.extend(_group_triggers(pods, state, policy, n_pods, now))
     if (loop := reform_loop_trigger(state, policy, now)) is not None:
@@ -289,7 +258,7 @@ def _pod_triggers(
                 Trigger(
                     TRIGGER_POD_STUCK_TERMINATING,
                     p.name,
-                    f"{who} stuck Terminating since {_iso(p.deletion_timestamp)}",
+                    f"{who} stuck Terminating since {iso_precise(p.deletion_timestamp)}",
                 )
             )
         # A pod being deleted may still show why it failed (KubeRay deletes Failed
@@ -318,7 +287,7 @@ def _pod_triggers(
                     Trigger(
                         TRIGGER_NODE_NOT_READY,
                         p.name,
-                        f"node {p.node_name} of {who} NotReady since {_iso(since)}",
+                        f"node {p.node_name} of {who} NotReady since {iso_precise(since)}",
                     )
                 )
     return found
@@ -326,7 +295,7 @@ def _pod_triggers(
 
 def _group_triggers(
     pods: Sequence[PodInfo],
-    state: GroupState,
+    state: GroupStatus,
     policy: RestartPolicySpec,
     n_pods: int,
     now: datetime,
@@ -347,7 +316,7 @@ def _group_triggers(
             TRIGGER_FORMATION_TIMEOUT,
             "",
             f"group not formed within {policy.formation_timeout_seconds:g}s "
-            f"(forming since {_iso(state.forming_since)})",
+            f"(forming since {iso_precise(state.forming_since)})",
         )
     ]
 
@@ -384,7 +353,7 @@ def pods_by_index(pods: Sequence[PodInfo], n_pods: int) -> tuple[str, ...]:
 def decide(
     pods: Sequence[PodInfo],
     nodes: Mapping[str, NodeInfo],
-    state: GroupState,
+    state: GroupStatus,
     policy: RestartPolicySpec,
     n_pods: int,
     now: datetime,
@@ -422,7 +391,7 @@ def decide(
 
 
 def _to_replace(
-    pods: Sequence[PodInfo], nodes: Mapping[str, NodeInfo], state: GroupState
+    pods: Sequence[PodInfo], nodes: Mapping[str, NodeInfo], state: GroupStatus
 ) -> list[PodInfo]:
     """The pods a restart deletes: every pod of the group but a healthy newcomer.
 
@@ -438,10 +407,10 @@ def _to_replace(
 
 
 def _newcomer(
-    p: PodInfo, pods: Sequence[PodInfo], nodes: Mapping[str, NodeInfo], state: GroupState
+    p: PodInfo, pods: Sequence[PodInfo], nodes: Mapping[str, NodeInfo], state: GroupStatus
 ) -> bool:
     recorded = state.members or state.forming_pods
-    if p.uid in recorded or p.uid in state.abandoned or not _healthy(p, nodes):
+    if p.uid in recorded or p.uid in state.abandoned_pods or not _healthy(p, nodes):
         return False
     if recorded:
         return True
@@ -462,7 +431,7 @@ def _healthy(p: PodInfo, nodes: Mapping[str, NodeInfo]) -> bool:
 
 def _continue(
     pods: Sequence[PodInfo],
-    state: GroupState,
+    state: GroupStatus,
     policy: RestartPolicySpec,
     n_pods: int,
     now: datetime,
@@ -504,12 +473,8 @@ def _dedupe(triggers: list[Trigger]) -> list[Trigger]:
     return sorted(out, key=lambda t: order.get(t.trigger, len(order)))
 
 
-def _iso(t: datetime) -> str:
-    return t.isoformat().replace("+00:00", "Z")
-
-
 def failure_visible(
-    states: Mapping[int, GroupState], pods: Mapping[int, Sequence[PodInfo]]
+    states: Mapping[int, GroupStatus], pods: Mapping[int, Sequence[PodInfo]]
 ) -> bool:
     """Whether a pass would likely find a group to restart: a recorded member gone (deleted,
     or replaced by KubeRay under a new UID), or a pod failed, evicted, restarted or deleting.
@@ -520,10 +485,10 @@ def failure_visible(
     wait behind a hundred steady ones.
     """
     for g, group_pods in pods.items():
-        state = states.get(g, GroupState(index=g))
+        state = states.get(g, GroupStatus(index=g))
         if state.restarting_since is not None:
             continue  # a restart in progress: its old pods are expected to fail or go
-        if any(_pod_broken(p) and p.uid not in state.abandoned for p in group_pods):
+        if any(_pod_broken(p) and p.uid not in state.abandoned_pods for p in group_pods):
             return True
     for g, state in states.items():
         recorded = state.members or state.forming_pods

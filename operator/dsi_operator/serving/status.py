@@ -25,21 +25,22 @@ The controller never writes status when :func:`status_patch` returns ``None``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+from dsi_operator.api.fields import validate_leniently
 from dsi_operator.api.spec import (
     Condition,
     ConditionType,
     DeepSpeedInferenceStatus,
+    GroupStatus,
     Phase,
     RestartPolicySpec,
 )
 from dsi_operator.serving.restart import (
     Decision,
     Fail,
-    GroupState,
     NoAction,
     PodInfo,
     Restart,
@@ -52,104 +53,29 @@ from dsi_operator.serving.restart import (
     recent_restarts,
 )
 from dsi_operator.serving.rollout import TRIGGER_ROLLOUT
+from dsi_operator.util.patch import merge_patch
+from dsi_operator.util.timefmt import iso
 
-# The vocabulary is the status model's (spec.Phase, spec.ConditionType); short names here.
-PHASE_PENDING = Phase.Pending
-PHASE_PROVISIONING = Phase.Provisioning
-PHASE_FORMING = Phase.Forming
-PHASE_READY = Phase.Ready
-PHASE_DEGRADED = Phase.Degraded
-PHASE_RESTARTING = Phase.Restarting
-PHASE_FAILED = Phase.Failed
-
-COND_GPU_OPERATOR = ConditionType.GPUOperatorReady
-COND_GPU_CAPACITY = ConditionType.GPUCapacity
-COND_KUBERAY = ConditionType.KubeRayAvailable
-COND_RAYSERVICE = ConditionType.RayServiceReady
-COND_GROUPS_FORMED = ConditionType.GroupsFormed
+# Condition types in the order they are listed in status.
 CONDITION_ORDER = (
-    COND_KUBERAY,
-    COND_GPU_OPERATOR,
-    COND_GPU_CAPACITY,
-    COND_RAYSERVICE,
-    COND_GROUPS_FORMED,
+    ConditionType.KubeRayAvailable,
+    ConditionType.GPUOperatorReady,
+    ConditionType.GPUCapacity,
+    ConditionType.RayServiceReady,
+    ConditionType.GroupsFormed,
 )
 
 
-# --- time helpers ------------------------------------------------------------------------------
+# --- group bookkeeping from status ----------------------------------------------------------
 
 
-def iso(t: datetime | None) -> str | None:
-    """RFC 3339 with second precision and a Z, as Kubernetes writes times."""
-    if t is None:
-        return None
-    return t.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def iso_precise(t: datetime | None) -> str | None:
-    """RFC 3339 with microseconds: bookkeeping times where a second matters (backoff)."""
-    if t is None:
-        return None
-    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
-def parse_time(value: Any) -> datetime | None:
-    """Parse an RFC 3339 string (or pass a datetime through); ``None`` on anything else."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    try:
-        t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return t if t.tzinfo else t.replace(tzinfo=UTC)
-
-
-# --- group bookkeeping <-> status dicts --------------------------------------------------------
-
-
-def group_state_from_status(index: int, raw: Mapping[str, Any] | None) -> GroupState:
-    """Read one ``status.groups[]`` entry (tolerating missing or malformed fields)."""
-    raw = raw or {}
-
-    def _times(v: Any) -> tuple[datetime, ...]:
-        out = [parse_time(x) for x in (v or [])] if isinstance(v, list) else []
-        return tuple(t for t in out if t is not None)
-
-    def _strs(v: Any) -> tuple[str, ...]:
-        return tuple(str(x) for x in v) if isinstance(v, list) else ()
-
-    restarts = raw.get("restarts", 0)
-    return GroupState(
-        index=index,
-        restarts=restarts if isinstance(restarts, int) else 0,
-        restart_times=_times(raw.get("restartTimes")),
-        last_restart_time=parse_time(raw.get("lastRestartTime")),
-        last_restart_reason=raw.get("lastRestartReason"),
-        restarting_since=parse_time(raw.get("restartingSince")),
-        restart_trigger=raw.get("restartTrigger"),
-        restart_pods=_strs(raw.get("restartPods")),
-        members=_strs(raw.get("members")),
-        forming_pods=_strs(raw.get("formingPods")),
-        formed_at=parse_time(raw.get("formedAt")),
-        forming_since=parse_time(raw.get("formingSince")),
-        abandoned=_strs(raw.get("abandonedPods")),
-        cluster=raw.get("rayCluster") or None,
-        reforms=reforms if isinstance(reforms := raw.get("reforms", 0), int) else 0,
-        reform_times=_times(raw.get("reformTimes")),
-        last_reform_time=parse_time(raw.get("lastReformTime")),
-        last_reform_reason=raw.get("lastReformReason"),
-        reforming_since=parse_time(raw.get("reformingSince")),
-    )
-
-
-def group_states_from_status(status: Mapping[str, Any] | None) -> dict[int, GroupState]:
-    """All groups recorded in a DSI status, by index."""
-    out: dict[int, GroupState] = {}
+def group_states_from_status(status: Mapping[str, Any] | None) -> dict[int, GroupStatus]:
+    """All groups recorded in a DSI status, by index (fields that do not validate read as
+    unset, so one malformed field does not lose the rest of a group's bookkeeping)."""
+    out: dict[int, GroupStatus] = {}
     for raw in (status or {}).get("groups") or []:
         if isinstance(raw, Mapping) and isinstance(raw.get("index"), int):
-            out[raw["index"]] = group_state_from_status(raw["index"], raw)
+            out[raw["index"]] = validate_leniently(GroupStatus, dict(raw))
     return out
 
 
@@ -157,13 +83,13 @@ def group_states_from_status(status: Mapping[str, Any] | None) -> dict[int, Grou
 
 
 def advance_group(
-    state: GroupState,
+    state: GroupStatus,
     decision: Decision,
     pods: Sequence[PodInfo],
     n_pods: int,
     policy: RestartPolicySpec,
     now: datetime,
-) -> GroupState:
+) -> GroupStatus:
     """The group's bookkeeping after ``decision`` (and after observing ``pods``).
 
     * Restart: marked in progress with the UIDs to replace, membership cleared; counted
@@ -173,109 +99,94 @@ def advance_group(
       clock once every pod of the group is Running (scheduled, containers started).
     """
     if isinstance(decision, Restart):
-        replacing = replace(
-            state,
-            restarting_since=now,
-            restart_trigger=decision.trigger,
-            restart_pods=decision.pods,
-            members=(),
-            forming_pods=(),
-            formed_at=None,
-            forming_since=None,
+        replacing = state.model_copy(
+            update={
+                "restarting_since": now,
+                "restart_trigger": decision.trigger,
+                "restart_pods": decision.pods,
+                "members": (),
+                "forming_pods": (),
+                "formed_at": None,
+                "forming_since": None,
+            }
         )
         if not decision.counted:  # a rollout replacing the group: no budget, no history
             return replacing
-        return replace(
-            replacing,
-            restarts=state.restarts + 1,
-            restart_times=tuple(recent_restarts(state, policy, now)) + (now,),
-            last_restart_time=now,
-            last_restart_reason=f"{decision.trigger}: {decision.reason}",
+        return replacing.model_copy(
+            update={
+                "restarts": state.restarts + 1,
+                "restart_times": tuple(recent_restarts(state, policy, now)) + (now,),
+                "last_restart_time": now,
+                "last_restart_reason": f"{decision.trigger}: {decision.reason}",
+            }
         )
     if isinstance(decision, RestartDone):
         present = {p.uid for p in pods}
-        state = replace(
-            state,
-            abandoned=tuple(u for u in state.restart_pods if u in present),
-            restarting_since=None,
-            restart_trigger=None,
-            restart_pods=(),
-            members=(),
-            forming_pods=(),
-            formed_at=None,
-            forming_since=None,
+        state = state.model_copy(
+            update={
+                "abandoned_pods": tuple(u for u in state.restart_pods if u in present),
+                "restarting_since": None,
+                "restart_trigger": None,
+                "restart_pods": (),
+                "members": (),
+                "forming_pods": (),
+                "formed_at": None,
+                "forming_since": None,
+            }
         )
     if state.restarting_since is not None:
         return state
-    if state.abandoned:
+    if state.abandoned_pods:
         present = {p.uid for p in pods}
-        state = replace(state, abandoned=tuple(u for u in state.abandoned if u in present))
+        state = state.model_copy(
+            update={"abandoned_pods": tuple(u for u in state.abandoned_pods if u in present)}
+        )
     # Trim restart times that left the window so the status does not grow without bound; a
     # write happens only if something else changed too (see compute_status / status_patch).
     if not state.members and group_pods_ready(pods, n_pods) and not isinstance(decision, Fail):
         clusters = {p.cluster for p in live_pods(pods)}
-        return replace(
-            state,
-            # group_pods_ready: exactly one live pod per index, so this is every index.
-            members=pods_by_index(pods, n_pods),
-            forming_pods=(),
-            formed_at=now,
-            forming_since=None,
-            cluster=clusters.pop() if len(clusters) == 1 else None,
+        # group_pods_ready: exactly one live pod per index, so members is every index.
+        return state.model_copy(
+            update={
+                "members": pods_by_index(pods, n_pods),
+                "forming_pods": (),
+                "formed_at": now,
+                "forming_since": None,
+                "ray_cluster": clusters.pop() if len(clusters) == 1 else None,
+            }
         )
     if not state.members and not state.forming_pods and (started := pods_by_index(pods, n_pods)):
         # In the same write as a restart's end: a new pod lost before the group forms is seen.
-        state = replace(state, forming_pods=started)
+        state = state.model_copy(update={"forming_pods": started})
     if not state.members and state.forming_since is None and group_pods_started(pods, n_pods):
         # The formation clock starts only once every pod is scheduled and its containers
         # started: image pulls, Kueue admission and a full cluster must not use it up.
-        return replace(state, forming_since=now)
+        return state.model_copy(update={"forming_since": now})
     return state
 
 
-def group_status_dict(
-    state: GroupState,
+def group_status(
+    state: GroupStatus,
     pods: Sequence[PodInfo],
     n_pods: int,
     ready: bool,
     phase: str,
     ranks_per_pod: int = 1,
-) -> dict[str, Any]:
-    """One ``status.groups[]`` entry; optional fields are left out when empty."""
+) -> GroupStatus:
+    """One ``status.groups[]`` entry: the group's bookkeeping with this pass's observations."""
     ready_pods = len(
         {p.rank for p in live_pods(pods) if p.phase == "Running" and p.ready and p.rank < n_pods}
     )
-    d: dict[str, Any] = {
-        "index": state.index,
-        "phase": phase,
-        "ranks": n_pods * ranks_per_pod,
-        "readyRanks": ready_pods * ranks_per_pod,
-        "pods": n_pods,
-        "readyPods": ready_pods,
-        "ready": ready,
-        "restarts": state.restarts,
-        "reforms": state.reforms,
-    }
-    optional: dict[str, Any] = {
-        "lastRestartReason": state.last_restart_reason,
-        "lastRestartTime": iso(state.last_restart_time),
-        "restartTimes": [iso_precise(t) for t in state.restart_times] or None,
-        "restartingSince": iso_precise(state.restarting_since),
-        "restartTrigger": state.restart_trigger,
-        "restartPods": list(state.restart_pods) or None,
-        "members": list(state.members) or None,
-        "formingPods": list(state.forming_pods) or None,
-        "formedAt": iso(state.formed_at),
-        "formingSince": iso_precise(state.forming_since),
-        "abandonedPods": list(state.abandoned) or None,
-        "rayCluster": state.cluster,
-        "lastReformReason": state.last_reform_reason,
-        "lastReformTime": iso(state.last_reform_time),
-        "reformTimes": [iso_precise(t) for t in state.reform_times] or None,
-        "reformingSince": iso_precise(state.reforming_since),
-    }
-    d.update({k: v for k, v in optional.items() if v is not None})
-    return d
+    return state.model_copy(
+        update={
+            "phase": phase,
+            "ranks": n_pods * ranks_per_pod,
+            "ready_ranks": ready_pods * ranks_per_pod,
+            "pods": n_pods,
+            "ready_pods": ready_pods,
+            "ready": ready,
+        }
+    )
 
 
 # --- conditions --------------------------------------------------------------------------------
@@ -341,7 +252,7 @@ class StatusInputs:
     current: Mapping[str, Any]
     now: datetime
     endpoint: str | None = None
-    groups: Mapping[int, GroupState] = field(default_factory=dict)
+    groups: Mapping[int, GroupStatus] = field(default_factory=dict)
     pods: Mapping[int, Sequence[PodInfo]] = field(default_factory=dict)
     decisions: Mapping[int, Decision] = field(default_factory=dict)
     preflight: Sequence[Condition] = ()
@@ -396,7 +307,7 @@ def compute_status(inp: StatusInputs) -> dict[str, Any]:
     }
     if inp.invalid_spec is not None:
         base.update(
-            phase=PHASE_FAILED,
+            phase=Phase.Failed,
             message=f"invalid spec: {inp.invalid_spec}",
             readyReplicas=0,
             ready=f"0/{inp.replicas}",
@@ -424,7 +335,7 @@ def compute_status(inp: StatusInputs) -> dict[str, Any]:
     if inp.failed_reason is not None:
         base["failedReason"] = inp.failed_reason
     phase, message = _phase(inp, gs)
-    if inp.warnings and phase != PHASE_FAILED:
+    if inp.warnings and phase != Phase.Failed:
         message = message + "; " + "; ".join(inp.warnings)
     base.update(phase=phase, message=message)
     return _clean(base)
@@ -444,7 +355,7 @@ class _Groups:
 def _groups(inp: StatusInputs) -> _Groups:
     out = _Groups()
     for g in range(inp.replicas):
-        state = inp.groups.get(g, GroupState(index=g))
+        state = inp.groups.get(g, GroupStatus(index=g))
         pods = inp.pods.get(g, ())
         dec = inp.decisions.get(g, NoAction())
         n_pods, ranks_per_pod = inp.shape(g)
@@ -462,32 +373,33 @@ def _groups(inp: StatusInputs) -> _Groups:
         if gready:
             out.ready.append(g)
         if state.restarting_since is not None:
-            gphase = PHASE_RESTARTING
+            gphase = Phase.Restarting
             out.restarting.append(
                 f"group {g} being replaced by the rollout"
                 if state.restart_trigger == TRIGGER_ROLLOUT
                 else f"group {g} restarting ({state.restart_trigger})"
             )
         elif isinstance(dec, Wait):
-            gphase = PHASE_RESTARTING
+            gphase = Phase.Restarting
             out.restarting.append(
                 f"group {g} waiting for restart backoff until {iso(dec.until)} ({dec.trigger})"
             )
         elif gready:
-            gphase = PHASE_READY
+            gphase = Phase.Ready
         elif pready or running:
-            gphase = PHASE_FORMING
+            gphase = Phase.Forming
         else:
-            gphase = PHASE_PROVISIONING
-        gd = group_status_dict(state, pods, n_pods, gready, gphase, ranks_per_pod)
-        if isinstance(dec, Wait):
-            gd["backoffUntil"] = iso(dec.until)
-        if g in inp.rayservice.serve_groups:
-            gd["serveStatus"] = inp.rayservice.serve_groups[g]
-        # The template hash the group's bookkeeping refers to (kept when not known now).
-        h = inp.group_hashes.get(g) or _recorded_hash(inp.current, g)
-        if h:
-            gd["hash"] = h
+            gphase = Phase.Provisioning
+        entry = group_status(state, pods, n_pods, gready, gphase, ranks_per_pod)
+        entry = entry.model_copy(
+            update={
+                "backoff_until": dec.until if isinstance(dec, Wait) else None,
+                "serve_status": inp.rayservice.serve_groups.get(g),
+                # The template hash the group's bookkeeping refers to (kept when not known now).
+                "hash": inp.group_hashes.get(g) or _recorded_hash(inp.current, g),
+            }
+        )
+        gd: dict[str, Any] = entry.model_dump(mode="json", by_alias=True)
         out.entries.append(gd)
     return out
 
@@ -507,16 +419,16 @@ def _serving_conditions(inp: StatusInputs, gs: _Groups) -> list[Condition]:
     rs, n_ready, n = inp.rayservice, len(gs.ready), inp.replicas
     if rs.ready:
         message = rs.message or "Ray Serve ready"
-        serving = Condition.of(COND_RAYSERVICE, "True", "RayServiceReady", message)
+        serving = Condition.of(ConditionType.RayServiceReady, "True", "RayServiceReady", message)
     else:
         serving = Condition.of(
-            COND_RAYSERVICE,
+            ConditionType.RayServiceReady,
             "False",
             "RayServiceNotReady" if rs.exists else "RayServiceMissing",
             rs.message or ("RayService not ready" if rs.exists else "RayService not created"),
         )
     formed = Condition.of(
-        COND_GROUPS_FORMED,
+        ConditionType.GroupsFormed,
         "True" if n_ready == n else "False",
         "AllGroupsFormed" if n_ready == n else "GroupsNotFormed",
         f"{n_ready}/{n} groups formed; pods ready in {len(gs.pods_ready)}/{n} groups",
@@ -528,28 +440,28 @@ def _phase(inp: StatusInputs, gs: _Groups) -> tuple[str, str]:
     """(phase, message), in the order of precedence the module docstring gives."""
     n_ready, n = len(gs.ready), inp.replicas
     if inp.failed_reason is not None:
-        return PHASE_FAILED, inp.failed_reason
+        return Phase.Failed, inp.failed_reason
     if inp.blocking is not None:
-        return PHASE_PENDING, inp.blocking
+        return Phase.Pending, inp.blocking
     if not inp.children_created:
-        return PHASE_PENDING, "children not created yet"
+        return Phase.Pending, "children not created yet"
     if gs.restarting:
-        return PHASE_RESTARTING, "; ".join(gs.restarting)
+        return Phase.Restarting, "; ".join(gs.restarting)
     if n_ready == n:
-        return PHASE_READY, f"all {n} group(s) ready"
+        return Phase.Ready, f"all {n} group(s) ready"
     if n_ready > 0:
         not_ready = ", ".join(str(g) for g in range(n) if g not in gs.ready)
-        return PHASE_DEGRADED, f"{n_ready}/{n} groups ready; not ready: group(s) {not_ready}"
+        return Phase.Degraded, f"{n_ready}/{n} groups ready; not ready: group(s) {not_ready}"
     if len(gs.pods_ready) == n and n > 0:
         rs = inp.rayservice
         detail = f": {rs.message}" if rs.message else ""
         waiting = f"all pods running; waiting for Ray Serve (RayService not ready{detail})"
-        return PHASE_FORMING, waiting
+        return Phase.Forming, waiting
     if gs.all_running and n > 0:
-        return PHASE_FORMING, "all pods running; waiting for pods to become Ready"
+        return Phase.Forming, "all pods running; waiting for pods to become Ready"
     want = sum(inp.shape(g)[0] for g in range(n))
     have = sum(1 for g in range(n) for p in live_pods(inp.pods.get(g, ())) if p.phase == "Running")
-    return PHASE_PROVISIONING, f"{have}/{want} worker pods running"
+    return Phase.Provisioning, f"{have}/{want} worker pods running"
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
@@ -567,15 +479,6 @@ IGNORED_KEYS = frozenset({"kopf"})
 def status_patch(
     current: Mapping[str, Any] | None, desired: Mapping[str, Any]
 ) -> dict[str, Any] | None:
-    """A JSON merge patch for ``status`` turning ``current`` into ``desired``; None if equal.
-
-    Lists are replaced whole (merge-patch semantics); keys that disappear are set to null.
-    """
-    current = {k: v for k, v in (current or {}).items() if k not in IGNORED_KEYS}
-    if dict(current) == dict(desired):
-        return None
-    patch: dict[str, Any] = {k: v for k, v in desired.items() if current.get(k) != v}
-    for k in current:
-        if k not in desired:
-            patch[k] = None
-    return patch or None
+    """The merge patch for ``status`` turning ``current`` into ``desired``; None if equal
+    (kopf's own keys left alone)."""
+    return merge_patch(current, desired, ignore=IGNORED_KEYS)
