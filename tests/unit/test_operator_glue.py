@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from dsi_operator.__main__ import _exact, parse_args
-from dsi_operator.runtime.execute import RAYSERVICE_ONLY, children_for_pass
+from dsi_operator.runtime.execute import AppliedChildren, ChildrenScope, children_for_pass
 from dsi_operator.runtime.workqueue import Scheduler
 from dsi_operator.serving.observe import (
     HEAD_GROUP,
@@ -197,7 +197,7 @@ def test_every_group_restart_event_is_posted_once_per_incident() -> None:
     # planned again is posted once; a process that finds it posted (409) does not retry;
     # another error is retried on the next pass.
     from dsi_operator.runtime.controller import Controller
-    from dsi_operator.runtime.execute import _post_events, incident_event_name
+    from dsi_operator.runtime.execute import incident_event_name
     from dsi_operator.serving.plan import EVENT_GROUP_RESTART, EventSpec, Plan
     from kubernetes.client.exceptions import ApiException
 
@@ -226,7 +226,7 @@ def test_every_group_restart_event_is_posted_once_per_incident() -> None:
     key = ("ns", "x")
 
     def post(ctrl: Controller, p: Plan) -> None:
-        asyncio.run(_post_events(ctrl, key, body, p))
+        asyncio.run(ctrl.post_events(key, body, p))
 
     ctrl = Controller()
     ctrl.kube = FakeKube()  # type: ignore[assignment]
@@ -258,7 +258,7 @@ def test_a_new_resource_gets_its_rayservice_alone_first() -> None:
     children = [rs, svc, api]
     # First pass of a new resource: the RayService only.
     assert children_for_pass(children, None, "u1", "h1", first=True, kept=False) == [rs]
-    marker = ("u1", RAYSERVICE_ONLY + "h1")
+    marker = AppliedChildren("u1", "h1", ChildrenScope.RAYSERVICE_ONLY)
     # The next pass at the same spec: the rest, not the RayService again.
     assert children_for_pass(children, marker, "u1", "h1", first=False, kept=False) == [svc, api]
     # The spec changed meanwhile, a group keeps an older template, or another object with
@@ -269,5 +269,5 @@ def test_a_new_resource_gets_its_rayservice_alone_first() -> None:
         )
     assert children_for_pass(children, marker, "u2", "h1", first=False, kept=False) == children
     # A full apply recorded: everything (the pass only runs when something changed).
-    full = ("u1", "h1")
+    full = AppliedChildren("u1", "h1")
     assert children_for_pass(children, full, "u1", "h1", first=False, kept=False) == children

@@ -1,4 +1,4 @@
-"""The operator's process-wide state and one reconcile pass: observe, plan, execute.
+"""The operator's process-wide state and one reconcile pass: read, observe, plan, write.
 
 Design:
 
@@ -12,9 +12,14 @@ Design:
   and every DSI every few minutes as a safety net; idle cost does not grow with resources.
 * **Parse once.** A DSI's spec is parsed once per (uid, generation), at the edge; everything
   after that takes the typed spec.
-* **Read before write.** When the planner wants to write (status, children, pod deletions)
-  the pass re-reads the DSI and plans again on the fresh object: status patches that record a
-  restart are conditional on that resourceVersion, so a restart is never recorded twice.
+* **Read before write.** When the plan writes (status, children, pod deletions) the pass
+  re-reads the DSI first: status patches that record a restart are conditional on that
+  resourceVersion, so a restart is never recorded twice.
+* **A straight line of named steps, planned once** (:meth:`Controller.reconcile_one`): read,
+  observe, plan, then (only when something is to be written) re-read, children, status,
+  Events, pod deletions, nudge, and schedule the next pass. A step that must plan again says
+  why (:class:`Replan`). The writing steps live in :mod:`.execute`; they return what they did
+  and the controller alone updates its caches.
 """
 
 from __future__ import annotations
@@ -27,14 +32,28 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from dsi_operator.api import labels as L
 from dsi_operator.api.spec import DeepSpeedInferenceSpec
-from dsi_operator.runtime import metrics
-from dsi_operator.runtime.execute import ensure_children, execute
-from dsi_operator.runtime.kube import Kube
+from dsi_operator.runtime import failpoints, metrics
+from dsi_operator.runtime.execute import (
+    Applied,
+    AppliedChildren,
+    ApplyInterrupted,
+    KubeClient,
+    StatusResult,
+    StatusWrite,
+    already_posted,
+    delete_pods,
+    ensure_children,
+    nudge_kuberay,
+    post_events,
+    report_restarts,
+    write_status,
+)
 from dsi_operator.runtime.workqueue import Key, Scheduler
 from dsi_operator.serving.observe import (
     HEAD_GROUP,
@@ -126,13 +145,73 @@ def rollout_view(annotations: Mapping[str, str] | None, parsed: Parsed) -> Rollo
     )
 
 
+class Outcome(StrEnum):
+    """How a pass ended."""
+
+    #: The DSI is not known (deleted), or went away during the pass.
+    GONE = "gone"
+    #: The plan writes nothing.
+    NOOP = "noop"
+    #: A new resource's RayService was applied alone; queued again for the rest.
+    FIRST_APPLY = "first-apply"
+    #: The status patch met a newer object (409): nothing more done; queued again.
+    CONFLICT = "conflict"
+    #: The plan was carried out.
+    ACTED = "acted"
+
+
+#: The cause of the pass queued at once after a pass that ended so.
+_REQUEUE = {Outcome.FIRST_APPLY: "children", Outcome.CONFLICT: "conflict"}
+
+#: The reason of a pass's one regular plan.
+PLANNED = "planned"
+
+
+class Replan(StrEnum):
+    """Why a pass plans again after its one plan: an explicit step, never a habit."""
+
+    #: The read before writing found a newer DSI than the one planned from (its status or
+    #: spec changed since the watch showed it): a restart is recorded only against the
+    #: object it was decided on.
+    NEWER_OBJECT = "newer-object"
+    #: The pass created the children: restart decisions, the rollout and the status depend
+    #: on whether they exist.
+    CHILDREN_CREATED = "children-created"
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What :meth:`Controller.reconcile_one` did: its outcome, and why it ran each plan."""
+
+    outcome: Outcome
+    plans: tuple[str, ...] = ()
+
+
+@dataclass
+class Pass:
+    """One pass's working state, filled in step by step."""
+
+    key: Key
+    cause: str
+    body: dict[str, Any]
+    parsed: Parsed
+    pre: PreflightResult | None
+    obs: Observed
+    plan: Plan = field(init=False)
+    #: Why each plan of this pass ran: :data:`PLANNED`, then any :class:`Replan`.
+    plans: list[str] = field(default_factory=list)
+    children_current: bool = False
+    #: When the pass began to write (monotonic seconds); None while it only read.
+    started: float | None = None
+
+
 @dataclass
 class Controller:
     """Process-wide state of the operator; kept in kopf's memo (see :mod:`handlers`)."""
 
     kubeconfig: str | None = None
     exact_namespaces: bool = False
-    kube: Kube | None = None
+    kube: KubeClient | None = None
     facts: ClusterFacts[tuple[bool, list[dict[str, Any]] | None]] | None = None
     lease: ClusterFacts[dict[str, Any] | None] | None = None
     scheduler: Scheduler | None = None
@@ -149,10 +228,10 @@ class Controller:
     rayservices: dict[Key, dict[str, Any]] = field(default_factory=dict)
     # Names of the per-group children seen by the watches: master Services and NetworkPolicies.
     services: dict[Key, set[str]] = field(default_factory=dict)
-    # (namespace, name) -> (uid, spec hash) of the children last applied by this process.
-    applied: dict[Key, tuple[str, str]] = field(default_factory=dict)
-    # last Event per (key, reason) to avoid repeating identical Events every pass.
-    last_events: dict[tuple[Key, str], str] = field(default_factory=dict)
+    # What this process last applied of each DSI's children (object, spec hash, scope).
+    applied: dict[Key, AppliedChildren] = field(default_factory=dict)
+    # The last Event message per reason of each DSI, not to repeat identical Events.
+    last_events: dict[Key, dict[str, str]] = field(default_factory=dict)
     # DSIs whose last pass had a clock running (reconcile.waits_on_clock): the ticker's work.
     clock_waiters: set[Key] = field(default_factory=set)
     # The last nudge (reconcile.Plan.nudge) written to each DSI's RayClusters.
@@ -220,7 +299,8 @@ class Controller:
             self.services.get(key, set()),
             wanted,
             parsed.spec_hash,
-            applied_here=self.applied.get(key) == (uid, parsed.spec_hash),
+            applied_here=(a := self.applied.get(key)) is not None
+            and a.complete(uid, parsed.spec_hash),
         )
 
     async def preflight(self, parsed: Parsed) -> PreflightResult | None:
@@ -267,70 +347,215 @@ class Controller:
             kuberay_grace_seconds=KUBERAY_GRACE_SECONDS,
         )
 
-    # --- one pass ------------------------------------------------------------------------------
+    # --- one pass: a straight line of named steps ---------------------------------------------
 
-    async def reconcile_one(self, key: Key, cause: str) -> None:
-        """One pass over one DSI: plan from memory; re-read, act and write only when needed."""
-        body = self.dsis.get(key)
+    async def reconcile_one(self, key: Key, cause: str) -> PassResult:
+        """One pass over one DSI. It plans once, from memory, and stops there when nothing is
+        to be written; otherwise it re-reads the DSI and writes in the order that makes a
+        crash at any point safe (see :mod:`dsi_operator.serving.plan`): children, the status
+        (which records a restart), Events, and only then pod deletions. An API error other
+        than those a step handles raises: the pass is retried (its clock keeps ticking)."""
+        body = self.read(key)
         if body is None:
-            return
+            return PassResult(Outcome.GONE)
+        self.begin(key, cause)
+        ps = await self.observe_pass(key, cause, body)
+        self.plan_pass(ps, PLANNED)
+        if self.nothing_to_write(ps):
+            return self.schedule_next(ps, Outcome.NOOP)
+        if self.first_apply_due(ps):
+            await self.apply_children(ps, first=True)
+            return self.schedule_next(ps, Outcome.FIRST_APPLY)
+        if not await self.reread(ps):
+            return PassResult(Outcome.GONE, tuple(ps.plans))
+        await self.sync_children(ps)
+        status = await self.write_status(ps)
+        if not status.proceed:
+            gone = status.outcome is StatusWrite.GONE
+            return self.schedule_next(ps, Outcome.GONE if gone else Outcome.CONFLICT)
+        await self.post_events(key, ps.body, ps.plan)
+        await self.delete_pods(ps)
+        await self.nudge(ps)
+        return self.schedule_next(ps, Outcome.ACTED)
+
+    def read(self, key: Key) -> dict[str, Any] | None:
+        """Step: the DSI as the watch last showed it (None: not known, or deleted)."""
+        return self.dsis.get(key)
+
+    def begin(self, key: Key, cause: str) -> None:
+        """Step: log the process's first pass; keep the DSI on the ticker until the pass
+        ends cleanly, so that one which raises (an API error) is retried."""
         if not self.first_pass_logged:
             self._first_pass(key, cause)
-        # Ticked until a pass ends cleanly: one that raises (an API error) is retried.
         self._track_clock(key, True)
-        pre = await self.preflight(self.parsed(body))
-        obs = self.observe(key, body, pre)
-        p = plan(obs)
-        _, current = self.children(key, self.parsed(body), _uid(body))
-        if (
+
+    async def observe_pass(self, key: Key, cause: str, body: dict[str, Any]) -> Pass:
+        """Step: everything the pass plans from (preflight facts are cached)."""
+        parsed = self.parsed(body)
+        pre = await self.preflight(parsed)
+        return Pass(key, cause, body, parsed, pre, self.observe(key, body, pre))
+
+    def plan_pass(self, ps: Pass, reason: str) -> None:
+        """Step: the pure plan of ``ps.obs``; ``reason`` says why (once per pass, then only
+        for a :class:`Replan`)."""
+        ps.plan = plan(ps.obs)
+        ps.plans.append(reason)
+
+    def replan(self, ps: Pass, reason: Replan) -> None:
+        """Step: observe and plan again, for a named reason."""
+        log.debug("%s/%s: planning again: %s", *ps.key, reason)
+        ps.obs = self.observe(ps.key, ps.body, ps.pre)
+        self.plan_pass(ps, reason)
+
+    def nothing_to_write(self, ps: Pass) -> bool:
+        """Step: whether the plan writes nothing (no status, pods, children, Events, nudge)."""
+        p, key = ps.plan, ps.key
+        ps.children_current = self.children(key, ps.parsed, _uid(ps.body))[1]
+        return (
             not p.patch
             and not p.acts
-            and (current or p.blocked)
+            and (ps.children_current or p.blocked)
             and not self._new_events(key, p)
             and (p.nudge is None or self.nudged.get(key) == p.nudge)
-        ):
-            self._track_clock(key, waits_on_clock(obs, p))
-            metrics.RECONCILES.labels(cause=cause, outcome="noop").inc()
-            return
+        )
 
-        started = time.monotonic()
-        parsed = self.parsed(body)
-        if key not in self.applied and not current and not p.blocked and parsed.spec is not None:
-            # Children this process never applied: apply the RayService from the watched
-            # object (a newer spec brings its own event) and leave the Services, status and
-            # Events to a later, non-urgent pass, so in a burst of new resources every
-            # RayService comes first.
-            await ensure_children(self, key, body, parsed, rollout_targets(obs, p), first=True)
-            self.kick(key, "children")
-            metrics.RECONCILES.labels(cause=cause, outcome="acted").inc()
-            return
-        assert self.kube is not None
-        fresh = await self.kube.get_dsi(*key)
+    def first_apply_due(self, ps: Pass) -> bool:
+        """Step: whether this is a new resource's first pass here: children this process
+        never applied. Then the pass applies the RayService alone, from the watched object
+        (a newer spec brings its own event), and leaves the Services, status and Events to a
+        later, non-urgent pass, so in a burst of new resources every RayService comes first."""
+        return (
+            ps.key not in self.applied
+            and not ps.children_current
+            and not ps.plan.blocked
+            and ps.parsed.spec is not None
+        )
+
+    async def reread(self, ps: Pass) -> bool:
+        """Step: read the DSI before writing (a restart's status patch is conditional on its
+        resourceVersion). False: it is gone. A newer object than the one planned from is
+        planned again (:attr:`Replan.NEWER_OBJECT`); the same one keeps the plan."""
+        ps.started = time.monotonic()
+        fresh = await self._api.get_dsi(*ps.key)
         if fresh is None:
+            return False
+        self.dsis[ps.key] = copy.deepcopy(fresh)
+        rv = _resource_version(fresh)
+        newer = rv is None or rv != _resource_version(ps.body)
+        ps.body, ps.parsed = fresh, self.parsed(fresh)
+        if newer:
+            self.replan(ps, Replan.NEWER_OBJECT)
+        return True
+
+    async def sync_children(self, ps: Pass) -> None:
+        """Step: apply the children when they differ from the spec, or when the rollout moves
+        groups to it: their templates first (RayService and RayCluster), so the pods deleted
+        next come back from the new ones. Children created by this step are planned with
+        again (:attr:`Replan.CHILDREN_CREATED`)."""
+        p, obs = ps.plan, ps.obs
+        if p.blocked or ps.parsed.spec is None:
             return
-        self.dsis[key] = copy.deepcopy(fresh)
-        obs = self.observe(key, fresh, pre)
-        p = plan(obs)
-        parsed = self.parsed(fresh)
-        if not p.blocked and parsed.spec is not None:
-            if not self.children(key, parsed, _uid(fresh))[1]:
-                existed = obs.children_created
-                await ensure_children(self, key, fresh, parsed, rollout_targets(obs, p))
-                if not existed:
-                    p = plan(self.observe(key, fresh, pre))
-                # Else the plan stands: planned again, the rollout would see the templates it
-                # just moved as carried already and could decide differently (e.g. one group
-                # at a time where the Serve shape changed for all).
-            elif rollout_sync_needed(obs, p) or (
-                p.rollout is not None and (p.rollout.rolls or p.rollout.head_pods)
-            ):
-                # The rollout moves groups to the spec: their templates first (RayService
-                # and RayCluster), so the pods deleted next come back from the new ones.
-                await ensure_children(self, key, fresh, parsed, rollout_targets(obs, p))
-        await execute(self, key, fresh, p)
-        # A write is followed by a watch event and a new pass; until then, keep ticking.
-        metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
-        metrics.RECONCILES.labels(cause=cause, outcome="acted").inc()
+        if not self.children(ps.key, ps.parsed, _uid(ps.body))[1]:
+            await self.apply_children(ps)
+            if not obs.children_created:
+                self.replan(ps, Replan.CHILDREN_CREATED)
+            # Else the plan stands: planned again, the rollout would see the templates it
+            # just moved as carried already and could decide differently (e.g. one group
+            # at a time where the Serve shape changed for all).
+        elif rollout_sync_needed(obs, p) or (
+            p.rollout is not None and (p.rollout.rolls or p.rollout.head_pods)
+        ):
+            await self.apply_children(ps)
+
+    async def apply_children(self, ps: Pass, *, first: bool = False) -> None:
+        """Apply the children (``first``: the RayService alone) and record what was applied,
+        also when an API error cut the step short."""
+        spec, spec_hash = ps.parsed.spec, ps.parsed.spec_hash
+        assert spec is not None and spec_hash is not None
+        known = (self.rayservices.get(ps.key), self.applied.get(ps.key))
+        targets = rollout_targets(ps.obs, ps.plan)
+        try:
+            done = await ensure_children(
+                self._api, ps.key, ps.body, spec, spec_hash, known, targets, first=first
+            )
+        except ApplyInterrupted as e:
+            self.record_applied(ps.key, e.applied)
+            raise
+        self.record_applied(ps.key, done)
+
+    def record_applied(self, key: Key, done: Applied) -> None:
+        """Record our own writes so the next steps and passes need not wait for the watches;
+        their events overwrite this with the real objects."""
+        if done.record is not None:
+            self.applied[key] = done.record
+        if done.rayservice_annotations is not None:
+            prev = self.rayservices.get(key) or {}
+            self.rayservices[key] = {
+                "metadata": {"annotations": dict(done.rayservice_annotations)},
+                "status": copy.deepcopy(prev.get("status") or {}),
+            }
+        if done.added:
+            self.services.setdefault(key, set()).update(done.added)
+        if done.removed and key in self.services:
+            self.services[key] -= done.removed
+
+    async def write_status(self, ps: Pass) -> StatusResult:
+        """Step: the status patch, which records every restart before any pod is deleted.
+        A conflict or a vanished DSI stops the pass (see :class:`StatusResult`)."""
+        res = await write_status(self._api, ps.key, ps.body, ps.plan)
+        if res.body is not None:
+            self.dsis[ps.key] = copy.deepcopy(res.body)
+        if res.proceed:
+            if ps.plan.restarts:
+                failpoints.hit(failpoints.AFTER_RESTART_RECORDED)
+            status = ps.plan.status
+            metrics.set_phase(*ps.key, status.get("phase"), status.get("readyReplicas"))
+        return res
+
+    async def post_events(self, key: Key, body: Mapping[str, Any], p: Plan) -> None:
+        """Step: post the plan's Events this process has not posted yet (incidents once, even
+        across processes: see :func:`~.execute.post_events`)."""
+        seen = (self.last_events.get(key, {}), self.posted_incidents.get(key, set()))
+        posted = await post_events(self._api, key, body, p.events, seen)
+        if posted.last:
+            self.last_events.setdefault(key, {}).update(posted.last)
+        if posted.incidents:
+            self.posted_incidents.setdefault(key, set()).update(posted.incidents)
+
+    async def delete_pods(self, ps: Pass) -> None:
+        """Step: count the restarts the status now records, then delete the pods that are
+        due (an error raises: the next pass continues the recorded restart)."""
+        report_restarts(ps.key, ps.plan)
+        await delete_pods(self._api, ps.key, ps.plan.due())
+
+    async def nudge(self, ps: Pass) -> None:
+        """Step: write the plan's nudge to the RayClusters, once per value."""
+        nudge = ps.plan.nudge
+        if nudge is None or self.nudged.get(ps.key) == nudge:
+            return
+        if await nudge_kuberay(self._api, ps.key, self.rayservices.get(ps.key), nudge):
+            self.nudged[ps.key] = nudge
+
+    def schedule_next(self, ps: Pass, outcome: Outcome) -> PassResult:
+        """Step: when the next pass comes. A pass that wrote nothing stays on the ticker only
+        while a clock runs; one that wrote keeps ticking until its watch events bring the
+        next pass. A first apply and a status conflict are queued again at once."""
+        if outcome is Outcome.NOOP:
+            self._track_clock(ps.key, waits_on_clock(ps.obs, ps.plan))
+            metrics.RECONCILES.labels(cause=ps.cause, outcome="noop").inc()
+            return PassResult(outcome, tuple(ps.plans))
+        again = _REQUEUE.get(outcome)
+        if again is not None:
+            self.kick(ps.key, again)
+        if ps.started is not None:
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - ps.started)
+        metrics.RECONCILES.labels(cause=ps.cause, outcome="acted").inc()
+        return PassResult(outcome, tuple(ps.plans))
+
+    @property
+    def _api(self) -> KubeClient:
+        assert self.kube is not None, "the API client is made at startup"
+        return self.kube
 
     def _first_pass(self, key: Key, cause: str) -> None:
         """Log how long the start took; import the API classes the pass's Events and pod
@@ -371,15 +596,14 @@ class Controller:
         self.applied.pop(key, None)
         self.posted_incidents.pop(key, None)
         self.nudged.pop(key, None)
-        for k in [k for k in self.last_events if k[0] == key]:
-            del self.last_events[k]
+        self.last_events.pop(key, None)
 
     def event_posted(self, key: Key, ev: EventSpec) -> bool:
         """Whether this process already posted ``ev`` (an incident by name, any other Event
         when it repeats the last one of its reason)."""
-        if ev.incident is not None:
-            return ev.incident in self.posted_incidents.get(key, ())
-        return self.last_events.get((key, ev.reason)) == ev.message
+        return already_posted(
+            ev, self.last_events.get(key, {}), self.posted_incidents.get(key, set())
+        )
 
     def _new_events(self, key: Key, p: Plan) -> bool:
         return not all(self.event_posted(key, e) for e in p.events)
@@ -400,3 +624,8 @@ _IMPORTED = time.monotonic()
 
 def _uid(body: Mapping[str, Any]) -> str:
     return str((body.get("metadata") or {}).get("uid", ""))
+
+
+def _resource_version(body: Mapping[str, Any]) -> str | None:
+    rv = (body.get("metadata") or {}).get("resourceVersion")
+    return str(rv) if rv else None

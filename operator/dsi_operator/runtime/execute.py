@@ -1,28 +1,30 @@
-"""Carrying out a :class:`~dsi_operator.serving.plan.Plan`, and nothing else.
+"""Carrying out a :class:`~dsi_operator.serving.plan.Plan`: the writing steps of a pass.
 
 Every decision (which pods, forced or not, not before when) is made by the pure planner; this
-module only writes, in the order that makes a crash at any point safe: children, the status
-patch (it records a restart before any pod is deleted), Events, then pod deletions.
+module only writes. It keeps no state and knows nothing of the controller: each step takes the
+API client and plain data, and returns what it did (:class:`Applied`, :class:`StatusResult`,
+:class:`PostedEvents`, ...) for the controller to record. The controller runs the steps in the
+order that makes a crash at any point safe: children, the status patch (it records a restart
+before any pod is deleted), Events, then pod deletions.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
 
 from kubernetes.client.exceptions import ApiException
 
 from dsi_operator.api import labels as L
-from dsi_operator.runtime import failpoints, metrics
+from dsi_operator.api.spec import DeepSpeedInferenceSpec
+from dsi_operator.runtime import metrics
 from dsi_operator.runtime.workqueue import Key
-from dsi_operator.serving.plan import EventSpec, Plan
+from dsi_operator.serving.plan import EventSpec, Plan, PodDeletion
 from dsi_operator.serving.render import Kept, parse_group_hashes, render_children
 from dsi_operator.serving.scaling import cluster_names, cluster_patch, previous_capacity
-
-if TYPE_CHECKING:
-    from dsi_operator.runtime.controller import Controller, Parsed
 
 log = logging.getLogger("dsi_operator")
 
@@ -30,14 +32,114 @@ log = logging.getLogger("dsi_operator")
 #: and deletes when their group goes away.
 GROUP_CHILD_ROLES = frozenset({L.ROLE_MASTER_SERVICE, L.ROLE_NETWORK_POLICY})
 
-#: Prefix of the spec hash recorded in ``Controller.applied`` when a pass applied a new
-#: resource's RayService alone (``first``); the next pass applies the rest.
-RAYSERVICE_ONLY = "rayservice-only:"
+
+class KubeClient(Protocol):
+    """The part of :class:`~dsi_operator.runtime.kube.Kube` a serving pass uses (a test
+    stands an in-memory fake in for it)."""
+
+    def warm(self, names: tuple[str, ...] = ...) -> None: ...
+
+    async def get_dsi(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    async def patch_dsi_status(
+        self,
+        namespace: str,
+        name: str,
+        status_patch: Mapping[str, Any],
+        resource_version: str | None = None,
+    ) -> dict[str, Any]: ...
+
+    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    async def get_rayservice(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    async def get_raycluster(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    async def patch_raycluster(
+        self, namespace: str, name: str, ops: list[dict[str, Any]]
+    ) -> None: ...
+
+    async def list_master_services(self, namespace: str, name: str) -> list[str]: ...
+
+    async def list_network_policies(self, namespace: str, name: str) -> list[str]: ...
+
+    async def delete_service(self, namespace: str, name: str) -> None: ...
+
+    async def delete_network_policy(self, namespace: str, name: str) -> None: ...
+
+    async def delete_pod(
+        self, namespace: str, name: str, uid: str, *, force: bool = False, grace: int | None = None
+    ) -> bool: ...
+
+    async def post_event(
+        self,
+        involved: Mapping[str, Any],
+        etype: str,
+        reason: str,
+        message: str,
+        name: str | None = None,
+    ) -> None: ...
+
+
+# --- children --------------------------------------------------------------------------------
+
+
+class ChildrenScope(StrEnum):
+    """Which children a pass applied."""
+
+    #: A new resource's first pass: its RayService alone (the next pass applies the rest).
+    RAYSERVICE_ONLY = "rayservice-only"
+    #: The RayService and every per-group child.
+    ALL = "all"
+
+
+@dataclass(frozen=True)
+class AppliedChildren:
+    """What this process last applied for a DSI: the object (uid), the spec (hash), and how
+    much of it (``scope``). Kept per DSI in ``Controller.applied``."""
+
+    uid: str
+    spec_hash: str
+    scope: ChildrenScope = ChildrenScope.ALL
+
+    def complete(self, uid: str, spec_hash: str) -> bool:
+        """Whether every child of this object at this spec was applied."""
+        return (self.uid, self.spec_hash, self.scope) == (uid, spec_hash, ChildrenScope.ALL)
+
+    def rayservice_only(self, uid: str, spec_hash: str | None = None) -> bool:
+        """Whether a first pass applied this object's RayService alone (at this spec, when
+        given): the resource was new then."""
+        same_spec = spec_hash is None or self.spec_hash == spec_hash
+        return self.uid == uid and same_spec and self.scope == ChildrenScope.RAYSERVICE_ONLY
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What :func:`ensure_children` wrote, for the controller to record in its caches.
+
+    ``record`` is None when the step was interrupted (:class:`ApplyInterrupted`) before it
+    finished; the other fields then say what was written before the error."""
+
+    record: AppliedChildren | None
+    #: The annotations of the RayService written by this pass; None: not written.
+    rayservice_annotations: dict[str, str] | None = None
+    #: Names of the per-group children (master Services, NetworkPolicies) written or deleted.
+    added: frozenset[str] = frozenset()
+    removed: frozenset[str] = frozenset()
+
+
+class ApplyInterrupted(Exception):
+    """An API call failed part way through :func:`ensure_children`; ``applied`` says what
+    had been written before it (the controller records that, then the pass fails)."""
+
+    def __init__(self, applied: Applied, cause: BaseException) -> None:
+        super().__init__(f"applying children failed: {cause}")
+        self.applied = applied
 
 
 def children_for_pass(
     children: list[dict[str, Any]],
-    applied: tuple[str, str] | None,
+    applied: AppliedChildren | None,
     uid: str,
     spec_hash: str,
     *,
@@ -53,51 +155,80 @@ def children_for_pass(
     group keeps an older template (``kept``): re-applying it would be a no-op write."""
     if first:
         return children[:1]
-    if applied == (uid, RAYSERVICE_ONLY + spec_hash) and not kept:
+    if applied is not None and applied.rayservice_only(uid, spec_hash) and not kept:
         return children[1:]
     return children
 
 
+@dataclass
+class _Written:
+    """What :func:`ensure_children` has written so far."""
+
+    rayservice: dict[str, str] | None = None
+    added: set[str] = field(default_factory=set)
+    removed: set[str] = field(default_factory=set)
+
+    def result(self, record: AppliedChildren | None) -> Applied:
+        return Applied(record, self.rayservice, frozenset(self.added), frozenset(self.removed))
+
+
 async def ensure_children(
-    ctrl: Controller,
+    kube: KubeClient,
     key: Key,
     body: Mapping[str, Any],
-    parsed: Parsed,
+    spec: DeepSpeedInferenceSpec,
+    spec_hash: str,
+    known: tuple[Mapping[str, Any] | None, AppliedChildren | None],
     targets: tuple[frozenset[int], bool] | None = None,
     *,
     first: bool = False,
-) -> None:
-    """Apply the RayService and Services of a valid spec; delete master Services left over.
+) -> Applied:
+    """Apply the RayService and Services of a valid spec; delete per-group children left over.
 
-    ``targets``: (groups rendered at the spec, head rendered at the spec), from the rollout
-    (:func:`dsi_operator.serving.plan.rollout_targets`); the other groups, and the head when
-    False, keep the templates the current RayService carries. None: all at the spec.
-    ``first``: a new resource's first pass, see :func:`children_for_pass`.
+    ``known``: (the RayService the watch shows, what this process applied last), both None
+    when unknown. ``targets``: (groups rendered at the spec, head rendered at the spec), from
+    the rollout (:func:`dsi_operator.serving.plan.rollout_targets`); the other groups, and the
+    head when False, keep the templates the current RayService carries. None: all at the
+    spec. ``first``: a new resource's first pass, see :func:`children_for_pass`.
+    Raises :class:`ApplyInterrupted` when an API call fails after a write.
     """
-    assert ctrl.kube is not None and parsed.spec is not None and parsed.spec_hash is not None
+    written = _Written()
+    try:
+        record = await _apply_children(
+            kube, key, body, spec, spec_hash, known, targets, first, written
+        )
+    except Exception as e:
+        raise ApplyInterrupted(written.result(None), e) from e
+    return written.result(record)
+
+
+async def _apply_children(
+    kube: KubeClient,
+    key: Key,
+    body: Mapping[str, Any],
+    spec: DeepSpeedInferenceSpec,
+    spec_hash: str,
+    known: tuple[Mapping[str, Any] | None, AppliedChildren | None],
+    targets: tuple[frozenset[int], bool] | None,
+    first: bool,
+    written: _Written,
+) -> AppliedChildren:
+    current, applied = known
     uid = (body.get("metadata") or {}).get("uid", "")
-    exists = key in ctrl.rayservices
-    current = ctrl.rayservices.get(key)
+    exists = current is not None
     capacity = previous_capacity(current, body.get("status") or {})
-    kept = await _kept_templates(ctrl, key, parsed, targets) if exists and targets else None
-    children = render_children(key[1], key[0], uid, parsed.spec, capacity, kept)
-    applied = ctrl.applied.get(key)
-    todo = children_for_pass(
-        children, applied, uid, parsed.spec_hash, first=first, kept=kept is not None
-    )
+    kept = await _kept_templates(kube, key, spec, targets) if exists and targets else None
+    children = render_children(key[1], key[0], uid, spec, capacity, kept)
+    todo = children_for_pass(children, applied, uid, spec_hash, first=first, kept=kept is not None)
     for child in todo:
-        await ctrl.kube.apply(child)
+        await kube.apply(child)
         if child["kind"] == L.RAYSERVICE_KIND:
-            await _sync_cluster(ctrl, key, current, child)
-            # Record our own write so the pass does not wait for the watch to catch up; the
-            # watch event that follows overwrites this with the real object.
-            prev = ctrl.rayservices.get(key) or {}
-            ctrl.rayservices[key] = {
-                "metadata": {"annotations": dict(child["metadata"].get("annotations") or {})},
-                "status": copy.deepcopy(prev.get("status") or {}),
-            }
+            # Recorded at once so the pass does not wait for the watch to catch up; the watch
+            # event that follows overwrites it with the real object.
+            written.rayservice = dict(child["metadata"].get("annotations") or {})
+            await _sync_cluster(kube, key, current, child)
         elif child["metadata"]["labels"].get(L.LABEL_ROLE) in GROUP_CHILD_ROLES:
-            ctrl.services.setdefault(key, set()).add(child["metadata"]["name"])
+            written.added.add(child["metadata"]["name"])
     wanted = {c["metadata"]["name"] for c in children}
     # Leftovers of removed groups, or policies of a spec that turned them off. A resource
     # with no status and no RayService is new (a same-named predecessor's children belong
@@ -105,32 +236,35 @@ async def ensure_children(
     # (No RayService alone is not enough: right after a start, the watch may not have
     # shown it yet.) A first pass of this process's that applied the RayService alone found
     # the resource new too.
-    new = applied is not None and applied[0] == uid and applied[1].startswith(RAYSERVICE_ONLY)
+    new = applied is not None and applied.rayservice_only(uid)
     cleanups = (
-        (ctrl.kube.list_master_services, ctrl.kube.delete_service),
-        (ctrl.kube.list_network_policies, ctrl.kube.delete_network_policy),
+        (kube.list_master_services, kube.delete_service),
+        (kube.list_network_policies, kube.delete_network_policy),
     )
     for list_fn, delete_fn in cleanups if (exists or body.get("status")) and not new else ():
         for child_name in await list_fn(*key):
             if child_name not in wanted:
                 await delete_fn(key[0], child_name)
-                ctrl.services.get(key, set()).discard(child_name)
-    ctrl.applied[key] = (uid, (RAYSERVICE_ONLY if first else "") + parsed.spec_hash)
+                written.removed.add(child_name)
+    scope = ChildrenScope.RAYSERVICE_ONLY if first else ChildrenScope.ALL
     what = "RayService" if first else "children"
-    log.info("%s/%s: %s applied (spec hash %s, existed: %s)", *key, what, parsed.spec_hash, exists)
+    log.info("%s/%s: %s applied (spec hash %s, existed: %s)", *key, what, spec_hash, exists)
+    return AppliedChildren(uid, spec_hash, scope)
 
 
 async def _kept_templates(
-    ctrl: Controller, key: Key, parsed: Parsed, targets: tuple[frozenset[int], bool]
+    kube: KubeClient,
+    key: Key,
+    spec: DeepSpeedInferenceSpec,
+    targets: tuple[frozenset[int], bool],
 ) -> Kept | None:
     """The templates of the groups (and head) the rollout has not moved to the spec yet, read
     from the current RayService (the watch keeps only its annotations and status)."""
-    assert ctrl.kube is not None and parsed.spec is not None
     groups, head_at_target = targets
-    keep = {g for g in range(parsed.spec.replicas) if g not in groups}
+    keep = {g for g in range(spec.replicas) if g not in groups}
     if not keep and head_at_target:
         return None
-    current = await ctrl.kube.get_rayservice(key[0], L.rayservice_name(key[1]))
+    current = await kube.get_rayservice(key[0], L.rayservice_name(key[1]))
     if current is None:
         return None
     config = (current.get("spec") or {}).get("rayClusterConfig") or {}
@@ -147,20 +281,19 @@ async def _kept_templates(
 
 
 async def _sync_cluster(
-    ctrl: Controller, key: Key, current: Mapping[str, Any] | None, rayservice: Mapping[str, Any]
+    kube: KubeClient, key: Key, current: Mapping[str, Any] | None, rayservice: Mapping[str, Any]
 ) -> None:
     """Write the RayService's worker groups and head into the running RayClusters: KubeRay
     carries neither replica counts nor (under upgradeStrategy None) templates over (see
     :mod:`dsi_operator.serving.scaling`)."""
-    assert ctrl.kube is not None
     for cluster in cluster_names(current):
         for _ in range(3):
-            rc = await ctrl.kube.get_raycluster(key[0], cluster)
+            rc = await kube.get_raycluster(key[0], cluster)
             ops = cluster_patch(rc, rayservice) if rc is not None else []
             if not ops:
                 break
             try:
-                await ctrl.kube.patch_raycluster(key[0], cluster, ops)
+                await kube.patch_raycluster(key[0], cluster, ops)
             except ApiException as e:
                 if e.status not in (409, 422):
                     raise
@@ -174,99 +307,170 @@ async def _sync_cluster(
             raise RuntimeError(f"RayCluster {cluster} kept changing while being patched")
 
 
-async def execute(ctrl: Controller, key: Key, body: Mapping[str, Any], p: Plan) -> None:
-    """Write the status patch, post new Events, delete the pods that are due."""
-    ns, name = key
-    if p.patch and not await _patch_status(ctrl, key, body, p):
-        return
-    if p.restarts:
-        failpoints.hit(failpoints.AFTER_RESTART_RECORDED)
-    metrics.set_phase(ns, name, p.status.get("phase"), p.status.get("readyReplicas"))
-    await _post_events(ctrl, key, body, p)
-    assert ctrl.kube is not None
-    for r in p.restarts:
-        metrics.RESTARTS.labels(namespace=ns, name=name, trigger=r.trigger).inc()
-        log.warning("%s/%s: restarting group %d: %s %s", ns, name, r.group, r.trigger, r.reason)
-    for rf in p.reforms:
-        metrics.REFORMS.labels(namespace=ns, name=name).inc()
-        log.warning("%s/%s: group %d re-forming in place: %s", ns, name, rf.group, rf.reason)
-    for d in p.due():
-        await ctrl.kube.delete_pod(ns, d.name, d.uid, force=d.force, grace=d.grace)
-    await nudge_kuberay(ctrl, key, p)
+# --- status ----------------------------------------------------------------------------------
 
 
-async def nudge_kuberay(ctrl: Controller, key: Key, p: Plan) -> None:
-    """Write the plan's nudge to the RayClusters' ``deepspeed.ai/nudge`` annotation, once per
-    value: the change makes KubeRay reconcile them (see ``reconcile.NUDGE_AFTER_SECONDS``)."""
-    if p.nudge is None or ctrl.nudged.get(key) == p.nudge or ctrl.kube is None:
-        return
-    path = "/metadata/annotations/" + L.ANNOTATION_NUDGE.replace("/", "~1")
-    for cluster in cluster_names(ctrl.rayservices.get(key)):
-        try:
-            await ctrl.kube.patch_raycluster(
-                key[0], cluster, [{"op": "add", "path": path, "value": p.nudge}]
-            )
-        except ApiException as err:
-            log.warning("%s/%s: could not nudge RayCluster %s: %s", *key, cluster, err.reason)
-            return
-        log.info("%s/%s: nudged KubeRay on RayCluster %s (%s)", *key, cluster, p.nudge)
-    ctrl.nudged[key] = p.nudge
+class StatusWrite(StrEnum):
+    """How the status step ended."""
+
+    UNCHANGED = "unchanged"  # the plan has no patch: nothing written
+    WRITTEN = "written"
+    #: Someone wrote the DSI since it was read (409): the rest of the plan must not run.
+    CONFLICT = "conflict"
+    #: The DSI is gone (404): nothing more to do.
+    GONE = "gone"
 
 
-async def _patch_status(ctrl: Controller, key: Key, body: Mapping[str, Any], p: Plan) -> bool:
-    """Write the patch; False when the rest of the plan must not run (conflict, gone)."""
-    assert ctrl.kube is not None and p.patch is not None
-    # A patch that records a restart is conditional on the version it was planned from.
+@dataclass(frozen=True)
+class StatusResult:
+    """The status step's outcome, and the DSI as the API server returned it when written."""
+
+    outcome: StatusWrite
+    body: dict[str, Any] | None = None
+
+    @property
+    def proceed(self) -> bool:
+        """Whether the rest of the plan (Events, pod deletions) may run."""
+        return self.outcome in (StatusWrite.UNCHANGED, StatusWrite.WRITTEN)
+
+
+async def write_status(
+    kube: KubeClient, key: Key, body: Mapping[str, Any], p: Plan
+) -> StatusResult:
+    """Write the plan's status patch. A patch that records a restart is conditional on the
+    resourceVersion it was planned from, so a restart is never recorded twice. Other API
+    errors than 409 and 404 are raised (the pass fails and is retried)."""
+    if not p.patch:
+        return StatusResult(StatusWrite.UNCHANGED)
     rv = (body.get("metadata") or {}).get("resourceVersion") if p.restarts else None
     try:
-        updated = await ctrl.kube.patch_dsi_status(*key, p.patch, rv)
+        updated = await kube.patch_dsi_status(*key, p.patch, rv)
     except ApiException as e:
         if e.status == 409:
             # Someone wrote in between: the next pass plans again on the new object.
             log.info("%s/%s: status conflict; replanning", *key)
-            ctrl.kick(key, "conflict")
-            return False
+            return StatusResult(StatusWrite.CONFLICT)
         if e.status == 404:
-            return False
+            return StatusResult(StatusWrite.GONE)
         raise
     metrics.STATUS_WRITES.inc()
-    ctrl.dsis[key] = copy.deepcopy(updated)
-    return True
+    return StatusResult(StatusWrite.WRITTEN, updated)
 
 
-async def _post_events(ctrl: Controller, key: Key, body: Mapping[str, Any], p: Plan) -> None:
-    assert ctrl.kube is not None
-    for ev in p.events:
-        if ctrl.event_posted(key, ev):
+# --- Events ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PostedEvents:
+    """What :func:`post_events` posted: the last message per reason of the plain Events
+    (tried, whether the post succeeded or not: they are best effort), and the incidents now
+    known to be posted (by this call, or found posted: 409)."""
+
+    last: dict[str, str] = field(default_factory=dict)
+    incidents: frozenset[str] = frozenset()
+
+
+def already_posted(ev: EventSpec, last: Mapping[str, str], incidents: Set[str]) -> bool:
+    """Whether ``ev`` was posted already: an incident by name, any other Event when it repeats
+    the last one of its reason."""
+    if ev.incident is not None:
+        return ev.incident in incidents
+    return last.get(ev.reason) == ev.message
+
+
+async def post_events(
+    kube: KubeClient,
+    key: Key,
+    body: Mapping[str, Any],
+    events: Sequence[EventSpec],
+    seen: tuple[Mapping[str, str], Set[str]],
+) -> PostedEvents:
+    """Post the Events not posted yet. ``seen``: (last message per reason, incidents posted)
+    of this DSI, as the controller remembers them."""
+    last, incidents = dict(seen[0]), set(seen[1])
+    out_last: dict[str, str] = {}
+    out_incidents: set[str] = set()
+    for ev in events:
+        if already_posted(ev, last, incidents):
             continue  # the same Event planned again on the next pass
         if ev.incident is not None:
-            await _post_incident(ctrl, key, body, ev)
+            if await _post_incident(kube, key, body, ev):
+                incidents.add(ev.incident)
+                out_incidents.add(ev.incident)
             continue
-        ctrl.last_events[(key, ev.reason)] = ev.message
+        last[ev.reason] = out_last[ev.reason] = ev.message
         try:
-            await ctrl.kube.post_event(body, ev.type, ev.reason, ev.message)
+            await kube.post_event(body, ev.type, ev.reason, ev.message)
         except ApiException as err:  # an Event is best effort
             log.warning("%s/%s: could not post Event %s: %s", *key, ev.reason, err.reason)
+    return PostedEvents(out_last, frozenset(out_incidents))
 
 
 async def _post_incident(
-    ctrl: Controller, key: Key, body: Mapping[str, Any], ev: EventSpec
-) -> None:
+    kube: KubeClient, key: Key, body: Mapping[str, Any], ev: EventSpec
+) -> bool:
     """Post an incident's Event under its own name, once: 409 means some process (this one
-    before a restart, or another) already did."""
-    assert ctrl.kube is not None and ev.incident is not None
+    before a restart, or another) already did. False: not posted (tried again on the next
+    pass while the incident lasts)."""
+    assert ev.incident is not None
     meta = body.get("metadata") or {}
     name = incident_event_name(str(meta.get("name", "")), str(meta.get("uid", "")), ev.incident)
     try:
-        await ctrl.kube.post_event(body, ev.type, ev.reason, ev.message, name=name)
+        await kube.post_event(body, ev.type, ev.reason, ev.message, name=name)
     except ApiException as err:
         if err.status != 409:
             log.warning("%s/%s: could not post Event %s: %s", *key, ev.reason, err.reason)
-            return  # planned again on the next pass while the incident lasts
-    ctrl.posted_incidents.setdefault(key, set()).add(ev.incident)
+            return False
+    return True
 
 
 def incident_event_name(dsi: str, uid: str, incident: str) -> str:
     """The Event name of one incident of one DSI object (the uid part keeps a recreated
     DSI of the same name from colliding with the old one's Events, kept for an hour)."""
     return f"{dsi}.{uid[:8]}.{incident}"
+
+
+# --- pods and KubeRay ------------------------------------------------------------------------
+
+
+def report_restarts(key: Key, p: Plan) -> None:
+    """Count and log the restarts and re-forms the plan records (once: a restart in progress
+    is planned as a ContinueRestart on later passes, not as a Restart)."""
+    ns, name = key
+    for r in p.restarts:
+        metrics.RESTARTS.labels(namespace=ns, name=name, trigger=r.trigger).inc()
+        log.warning("%s/%s: restarting group %d: %s %s", ns, name, r.group, r.trigger, r.reason)
+    for rf in p.reforms:
+        metrics.REFORMS.labels(namespace=ns, name=name).inc()
+        log.warning("%s/%s: group %d re-forming in place: %s", ns, name, rf.group, rf.reason)
+
+
+async def delete_pods(kube: KubeClient, key: Key, due: Sequence[PodDeletion]) -> list[str]:
+    """Delete the pods that are due, each by UID; the UIDs of those deleted (a pod already
+    gone or replaced is not). An API error other than those is raised: the status already
+    records the restart, so the next pass deletes what is left."""
+    deleted = []
+    for d in due:
+        if await kube.delete_pod(key[0], d.name, d.uid, force=d.force, grace=d.grace):
+            deleted.append(d.uid)
+    return deleted
+
+
+async def nudge_kuberay(
+    kube: KubeClient, key: Key, rayservice: Mapping[str, Any] | None, nudge: str
+) -> bool:
+    """Write ``nudge`` to the ``deepspeed.ai/nudge`` annotation of the RayService's
+    RayClusters: the change makes KubeRay reconcile them (see
+    ``plan.NUDGE_AFTER_SECONDS``). True when every cluster has it (the controller then
+    does not write this value again)."""
+    path = "/metadata/annotations/" + L.ANNOTATION_NUDGE.replace("/", "~1")
+    for cluster in cluster_names(rayservice):
+        try:
+            await kube.patch_raycluster(
+                key[0], cluster, [{"op": "add", "path": path, "value": nudge}]
+            )
+        except ApiException as err:
+            log.warning("%s/%s: could not nudge RayCluster %s: %s", *key, cluster, err.reason)
+            return False
+        log.info("%s/%s: nudged KubeRay on RayCluster %s (%s)", *key, cluster, nudge)
+    return True

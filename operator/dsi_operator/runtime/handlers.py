@@ -94,10 +94,10 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -
     asyncio.get_running_loop().set_default_executor(
         concurrent.futures.ThreadPoolExecutor(max_workers=2 * WORKERS, thread_name_prefix="api")
     )
-    ctrl.kube = Kube(ctrl.kubeconfig if ctrl.kubeconfig is not None else default_kubeconfig())
-    memo.batch.kube = ctrl.kube
-    ctrl.facts = ClusterFacts(ctrl.kube.cluster_facts, ttl=FACTS_TTL)
-    ctrl.lease = ClusterFacts(ctrl.kube.kuberay_lease, ttl=LEASE_TTL)
+    kube = Kube(ctrl.kubeconfig if ctrl.kubeconfig is not None else default_kubeconfig())
+    ctrl.kube = memo.batch.kube = kube
+    ctrl.facts = ClusterFacts(kube.cluster_facts, ttl=FACTS_TTL)
+    ctrl.lease = ClusterFacts(kube.kuberay_lease, ttl=LEASE_TTL)
     ctrl.scheduler = Scheduler(ctrl.reconcile_one, WORKERS)
     ctrl.scheduler.start()
     ctrl.ticker = asyncio.create_task(_ticker(ctrl))
@@ -106,7 +106,7 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -
     # say so if nothing has run after a while. CoreV1Api (Events, pod deletions) follows when
     # the first pass starts: imported now, it costs the first pass about a CPU second.
     ctrl.background = [
-        asyncio.create_task(asyncio.to_thread(ctrl.kube.warm, ("custom", "ext", "coordination"))),
+        asyncio.create_task(asyncio.to_thread(kube.warm, ("custom", "ext", "coordination"))),
         asyncio.create_task(_prefetch_facts(ctrl)),
         asyncio.create_task(_startup_watchdog(ctrl)),
     ]

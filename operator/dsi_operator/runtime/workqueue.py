@@ -22,7 +22,7 @@ Key = tuple[str, str]  # (namespace, DSI name)
 class Scheduler:
     """Coalescing work queue: at most one pass per key in flight, kicks merged."""
 
-    def __init__(self, fn: Callable[[Key, str], Awaitable[None]], workers: int) -> None:
+    def __init__(self, fn: Callable[[Key, str], Awaitable[object]], workers: int) -> None:
         self._fn = fn
         self._workers = workers
         self._pending: dict[Key, str] = {}
