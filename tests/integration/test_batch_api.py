@@ -148,7 +148,7 @@ def test_batch_run_renders_a_rayjob_and_reports_progress(
         "groupsAlive": "2",
         "shardsDone": "9",
         "shardsTotal": "20",
-        "updatedAt": "2026-12-05T10:00:00Z",
+        "progressUpdatedAt": "2026-12-05T10:00:00Z",
     }
     driver.patch_namespaced_config_map(f"{name}-progress", namespace, {"data": data})
     with pytest.raises(ApiException) as info:

@@ -13,8 +13,8 @@ from dsi_operator.batch.status import (
     progress_fields,
     progress_text,
     status_changed,
-    status_patch,
 )
+from dsi_operator.util.patch import merge_patch
 
 NOW = datetime(2026, 12, 5, 10, 0, tzinfo=UTC)
 
@@ -72,10 +72,11 @@ def test_progress_fields_parse_and_drop_garbage() -> None:
 def test_worker_progress_round_trips() -> None:
     """What the driver writes (dsi_worker.batch.progress.configmap_data) is what the
     operator reads."""
-    from dsi_worker.batch.progress import Progress, configmap_data
+    from dsi_operator.api.progress import BatchProgress
+    from dsi_worker.batch.progress import configmap_data
 
     data = configmap_data(
-        Progress(
+        BatchProgress(
             rows_done=7,
             rows_total=20,
             rows_per_second=1.25,
@@ -131,4 +132,4 @@ def test_status_changed_ignores_condition_times_only() -> None:
     b = compute_batch_status(BatchInputs(_body(), _rayjob("Running", "RUNNING"), None, later))
     assert not status_changed(a, b)
     assert status_changed(a, {**b, "rowsDone": 1})
-    assert status_patch({"x": 1, "y": 2}, {"y": 3}) == {"y": 3, "x": None}
+    assert merge_patch({"x": 1, "y": 2}, {"y": 3}) == {"y": 3, "x": None}

@@ -12,14 +12,15 @@ from dsi_operator.serving.plan import Observed, declared_shape, plan, safe_parse
 from dsi_operator.serving.preflight import GPUNeeds, evaluate
 from dsi_operator.serving.restart import NodeInfo, PodInfo, Restart
 from dsi_operator.serving.status import (
+    IGNORED_KEYS,
     RayServiceView,
     StatusInputs,
     advance_group,
     compute_status,
     group_states_from_status,
     merge_conditions,
-    status_patch,
 )
+from dsi_operator.util.patch import merge_patch
 from dsi_operator.util.timefmt import iso
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
@@ -221,9 +222,12 @@ def test_condition_transition_time_kept_while_status_same() -> None:
 
 
 def test_status_patch_diff() -> None:
-    assert status_patch({"a": 1, "kopf": {"x": 1}}, {"a": 1}) is None
-    assert status_patch({"a": 1, "b": 2}, {"a": 1}) == {"b": None}
-    assert status_patch({"a": 1}, {"a": 2}) == {"a": 2}
+    assert merge_patch({"a": 1, "kopf": {"x": 1}}, {"a": 1}, ignore=IGNORED_KEYS) is None
+    assert merge_patch({"a": 1, "b": 2}, {"a": 1}, ignore=IGNORED_KEYS) == {"b": None}
+    assert merge_patch({"a": 1}, {"a": 2}, ignore=IGNORED_KEYS) == {"a": 2}
+    # Lists are replaced whole (merge-patch semantics); kopf's own key is never removed.
+    assert merge_patch({"l": [1, 2]}, {"l": [2]}) == {"l": [2]}
+    assert merge_patch({"kopf": {"x": 1}}, {}, ignore=IGNORED_KEYS) is None
 
 
 def test_bookkeeping_roundtrip() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dsi_operator.api.progress import BatchProgress
 from dsi_worker.batch import progress as P
 from dsi_worker.batch.args import BatchArgs, BatchArgsError, load_batch_args, parse_batch_args
 from dsi_worker.batch.job import plan_job
@@ -272,8 +273,20 @@ def test_plan_resumes_from_the_marker_and_refuses_foreign_outputs(tmp_path: Path
 # -- progress ---------------------------------------------------------------------------------
 
 
-def _progress() -> P.Progress:
-    return P.Progress(1200, 5000, 12.54, 2, 3, 5)
+def _counts(done: int, total: int, rate: float, alive: int, shards: int, of: int) -> BatchProgress:
+    return BatchProgress(
+        rows_done=done,
+        rows_total=total,
+        rows_per_second=rate,
+        groups_alive=alive,
+        shards_done=shards,
+        shards_total=of,
+        group_restarts=0,
+    )
+
+
+def _progress() -> BatchProgress:
+    return _counts(1200, 5000, 12.54, 2, 3, 5)
 
 
 def test_configmap_data_is_strings_under_the_contract_keys() -> None:
@@ -286,14 +299,14 @@ def test_configmap_data_is_strings_under_the_contract_keys() -> None:
         "shardsDone": "3",
         "shardsTotal": "5",
         "groupRestarts": "0",
-        "updatedAt": "2026-01-02T03:04:05Z",
+        "progressUpdatedAt": "2026-01-02T03:04:05Z",
     }
 
 
 def test_progress_is_import_light() -> None:
     code = (
         "import sys, dsi_worker.batch.progress as p; "
-        "p.configmap_data(p.Progress(0, 0, 0.0, 0, 0, 0)); "
+        "p.configmap_data(p.BatchProgress(rows_done=0, rows_total=0)); "
         "print(sorted(m for m in ('ray', 'torch', 'kubernetes', 'transformers') "
         "if m in sys.modules))"
     )
@@ -339,7 +352,7 @@ def test_the_configmap_reporter_merge_patches_the_latest_progress() -> None:
     api = _FakeApi()
     rep = P.ConfigMapReporter("job-progress", "ns1", api=api, every_s=0.01)
     rep.report(_progress())
-    rep.report(P.Progress(5000, 5000, 20.0, 0, 5, 5), final=True)
+    rep.report(_counts(5000, 5000, 20.0, 0, 5, 5), final=True)
     rep.close()
     name, ns, body, kw = api.calls[-1]
     assert (name, ns) == ("job-progress", "ns1")

@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from dsi_operator.api.progress import BatchProgress
 from dsi_operator.api.spec import (
     DNS1123_SUBDOMAIN_PATTERN,
     MAX_TOTAL_RANKS,
@@ -222,9 +223,10 @@ class BatchPhase(StrEnum):
     Failed = "Failed"
 
 
-class DeepSpeedBatchInferenceStatus(BaseModel):
+class DeepSpeedBatchInferenceStatus(BatchProgress):
     """Observed state, written by the operator from the RayJob and the job's progress."""
 
+    # The progress fields (rowsDone, progress, ...) are BatchProgress's: the driver reports them.
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
     phase: BatchPhase | None = Field(
@@ -233,27 +235,6 @@ class DeepSpeedBatchInferenceStatus(BaseModel):
     message: str | None = Field(default=None, description="Human-readable summary of the phase.")
     observed_generation: int | None = Field(
         default=None, ge=0, description="metadata.generation the status was computed for."
-    )
-    rows_done: int = Field(default=0, ge=0, description="Input rows whose output is written.")
-    rows_total: int | None = Field(
-        default=None, ge=0, description="Input rows in all (known once the job read the input)."
-    )
-    progress: str | None = Field(
-        default=None, description="Rows done over rows in all, e.g. '900/2000 (45%)'."
-    )
-    rows_per_second: str | None = Field(
-        default=None, description="Rows finished per second over the current run."
-    )
-    groups_alive: int | None = Field(
-        default=None, ge=0, description="TP groups of the job working right now."
-    )
-    shards_done: int | None = Field(default=None, ge=0, description="Output part files written.")
-    shards_total: int | None = Field(default=None, ge=0, description="Output part files in all.")
-    group_restarts: int | None = Field(
-        default=None,
-        ge=0,
-        description="TP groups the job replaced whole after a rank failed (this run; the "
-        "budget is spec.restartPolicy.maxGroupRestarts).",
     )
     job_id: str | None = Field(default=None, description="The Ray job's submission id.")
     job_status: str | None = Field(
@@ -268,9 +249,6 @@ class DeepSpeedBatchInferenceStatus(BaseModel):
     ray_cluster: str | None = Field(default=None, description="The job's RayCluster.")
     start_time: str | None = Field(default=None, description="When the job started (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When the job ended (RFC 3339).")
-    progress_updated_at: str | None = Field(
-        default=None, description="When the job last reported progress (RFC 3339)."
-    )
     conditions: list[Condition] = Field(
         default_factory=list, description="Complete and Failed, as a Kubernetes Job reports."
     )
@@ -283,8 +261,3 @@ def parse_batch_spec(
     if isinstance(spec, DeepSpeedBatchInferenceSpec):
         return spec
     return DeepSpeedBatchInferenceSpec.model_validate(_plain(spec))
-
-
-def parse_batch_status(status: Mapping[str, Any] | None) -> DeepSpeedBatchInferenceStatus:
-    """Validate a batch status dict (empty status when ``None``)."""
-    return DeepSpeedBatchInferenceStatus.model_validate(_plain(status or {}))

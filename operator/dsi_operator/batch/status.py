@@ -2,7 +2,7 @@
 
 KubeRay's RayJob says where the run is (``jobDeploymentStatus``: Initializing, Running,
 Retrying, Complete, Failed; ``jobStatus``: the Ray job's own state); the job's driver says how
-far it got, in the progress ConfigMap (``dsi_worker.batch.progress.configmap_data``). This
+far it got, in the progress ConfigMap (:class:`~dsi_operator.api.progress.BatchProgress`). This
 module folds both into the resource's status and says which Events the change deserves.
 """
 
@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from dsi_operator.api.batch_spec import BatchPhase, DeepSpeedBatchInferenceStatus
+from dsi_operator.api.progress import BatchProgress
 from dsi_operator.api.spec import Condition
 from dsi_operator.serving.status import merge_conditions
 
@@ -46,39 +47,15 @@ class BatchInputs:
     events: list[BatchEvent] = field(default_factory=list)
 
 
-def _int(data: Mapping[str, str], key: str) -> int | None:
-    try:
-        return max(int(data[key]), 0)
-    except (KeyError, ValueError, TypeError):
-        return None
-
-
-def _rate(value: str | None) -> str | None:
-    try:
-        return f"{float(value):.1f}" if value is not None else None
-    except ValueError:
-        return None
-
-
-def progress_fields(data: Mapping[str, str] | None) -> dict[str, Any]:
-    """Status fields from the progress ConfigMap's data; values that do not parse are
-    left out (the driver's report is input, not trusted to be well formed)."""
-    if not data:
-        return {}
-    done, total = _int(data, "rowsDone"), _int(data, "rowsTotal")
-    out: dict[str, Any] = {
-        "rowsDone": done,
-        "rowsTotal": total,
-        "rowsPerSecond": _rate(data.get("rowsPerSecond")),
-        "groupsAlive": _int(data, "groupsAlive"),
-        "shardsDone": _int(data, "shardsDone"),
-        "shardsTotal": _int(data, "shardsTotal"),
-        "groupRestarts": _int(data, "groupRestarts"),
-        "progressUpdatedAt": data.get("updatedAt") or None,
-    }
-    if done is not None:
-        out["progress"] = progress_text(done, total)
-    return {k: v for k, v in out.items() if v is not None}
+def progress_fields(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Status fields from a progress report (the ConfigMap's data, or the progress part of
+    a stored status); values that do not parse are left out (the driver's report is input,
+    not trusted to be well formed). ``progress`` is recomputed when ``rowsDone`` is given."""
+    reported = BatchProgress.from_configmap(data)
+    out = reported.reported()
+    if "rows_done" in reported.model_fields_set:
+        out["progress"] = progress_text(reported.rows_done, reported.rows_total)
+    return out
 
 
 def progress_text(done: int, total: int | None) -> str:
@@ -161,7 +138,7 @@ def compute_batch_status(inp: BatchInputs) -> dict[str, Any]:
     phase, message = phase_of(inp.rayjob)
     new: dict[str, Any] = {
         # Progress survives a RayJob that is gone (a finished run's cluster is deleted).
-        **{k: old[k] for k in _PROGRESS_KEYS if k in old},
+        **BatchProgress.from_configmap(old).reported(),
         **progress_fields(inp.progress),
         "phase": phase.value,
         "message": message,
@@ -189,17 +166,6 @@ def compute_batch_status(inp: BatchInputs) -> dict[str, Any]:
     return new
 
 
-_PROGRESS_KEYS = (
-    "rowsDone",
-    "rowsTotal",
-    "progress",
-    "rowsPerSecond",
-    "groupsAlive",
-    "shardsDone",
-    "shardsTotal",
-    "groupRestarts",
-    "progressUpdatedAt",
-)
 _DONE = {BatchPhase.Succeeded.value, BatchPhase.Failed.value}
 
 
@@ -215,12 +181,3 @@ def status_changed(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> boo
         return d
 
     return strip(old) != strip(new)
-
-
-def status_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
-    """A merge patch from ``old`` to ``new`` (keys that went away set to None)."""
-    patch: dict[str, Any] = {k: v for k, v in new.items() if (old or {}).get(k) != v}
-    for k in old or {}:
-        if k not in new:
-            patch[k] = None
-    return patch

@@ -27,10 +27,10 @@ from dsi_operator.batch.status import (
     BatchInputs,
     compute_batch_status,
     status_changed,
-    status_patch,
 )
 from dsi_operator.runtime.kube import Kube
 from dsi_operator.util.errors import describe_validation_error
+from dsi_operator.util.patch import merge_patch
 
 log = logging.getLogger("dsi_operator.batch")
 
@@ -116,4 +116,4 @@ class BatchController:
     async def _write(self, key: Key, old: dict[str, Any], new: dict[str, Any]) -> None:
         assert self.kube is not None
         if status_changed(old, new):
-            await self.kube.patch_batch_status(*key, status_patch(old, new))
+            await self.kube.patch_batch_status(*key, merge_patch(old, new) or {})

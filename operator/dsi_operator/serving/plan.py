@@ -59,14 +59,15 @@ from dsi_operator.serving.rollout import (
     plan_rollout,
 )
 from dsi_operator.serving.status import (
+    IGNORED_KEYS,
     RayServiceView,
     StatusInputs,
     advance_group,
     compute_status,
     group_states_from_status,
-    status_patch,
 )
 from dsi_operator.util.errors import describe_validation_error
+from dsi_operator.util.patch import merge_patch
 from dsi_operator.util.timefmt import parse_time
 
 #: Seconds a restart waits for KubeRay's replacement pods before the operator nudges KubeRay.
@@ -287,7 +288,7 @@ def plan(obs: Observed) -> Plan:
         deletions += [PodDeletion(HEAD_GROUP, heads[u].name, u, grace=grace) for u in ro.head_pods]
     return Plan(
         status=desired,
-        patch=status_patch(current, desired),
+        patch=merge_patch(current, desired, ignore=IGNORED_KEYS),
         events=events,
         restarts=gp.restarts,
         continues=gp.continues,
@@ -499,7 +500,7 @@ def _plan_invalid(obs: Observed) -> Plan:
             invalid_spec=obs.invalid or "invalid spec",
         )
     )
-    patch = status_patch(current, desired)
+    patch = merge_patch(current, desired, ignore=IGNORED_KEYS)
     bad: list[EventSpec] = []
     if patch is not None and current.get("message") != desired.get("message"):
         bad.append(EventSpec("Warning", EVENT_INVALID, desired["message"]))

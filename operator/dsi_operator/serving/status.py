@@ -19,7 +19,9 @@ progress or backing off), Ready (all groups ready), Degraded (some but not all g
 Forming (all pods running, Ray Serve not ready yet), Provisioning (pods missing, unscheduled
 or starting).
 
-The controller never writes status when :func:`status_patch` returns ``None``.
+The controller never writes status when the merge patch from the current status to
+:func:`compute_status`'s is empty (:func:`dsi_operator.util.patch.merge_patch`, with
+:data:`IGNORED_KEYS` left alone).
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ from dsi_operator.serving.restart import (
     recent_restarts,
 )
 from dsi_operator.serving.rollout import TRIGGER_ROLLOUT
-from dsi_operator.util.patch import merge_patch
 from dsi_operator.util.timefmt import iso
 
 # Condition types in the order they are listed in status.
@@ -142,7 +143,7 @@ def advance_group(
             update={"abandoned_pods": tuple(u for u in state.abandoned_pods if u in present)}
         )
     # Trim restart times that left the window so the status does not grow without bound; a
-    # write happens only if something else changed too (see compute_status / status_patch).
+    # write happens only if something else changed too (see compute_status and the merge patch).
     if not state.members and group_pods_ready(pods, n_pods) and not isinstance(decision, Fail):
         clusters = {p.cluster for p in live_pods(pods)}
         # group_pods_ready: exactly one live pod per index, so members is every index.
@@ -282,7 +283,7 @@ class StatusInputs:
 
 
 def compute_status(inp: StatusInputs) -> dict[str, Any]:
-    """The desired ``status`` of a DSI (a plain dict; compare with :func:`status_patch`)."""
+    """The desired ``status`` of a DSI: a plain dict, which the controller merge-patches in."""
     prev_conditions = inp.current.get("conditions") if inp.current else None
     # The total only grows: it survives groups being scaled away and is never recomputed from
     # the per-group counters alone.
@@ -474,11 +475,3 @@ def _clean(d: dict[str, Any]) -> dict[str, Any]:
 
 #: Status keys owned by other writers (kopf's own progress storage) that the diff ignores.
 IGNORED_KEYS = frozenset({"kopf"})
-
-
-def status_patch(
-    current: Mapping[str, Any] | None, desired: Mapping[str, Any]
-) -> dict[str, Any] | None:
-    """The merge patch for ``status`` turning ``current`` into ``desired``; None if equal
-    (kopf's own keys left alone)."""
-    return merge_patch(current, desired, ignore=IGNORED_KEYS)

@@ -43,9 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsi_operator.api.progress import BatchProgress
+
 from dsi_worker.batch.args import BatchArgs
 from dsi_worker.batch.pool import GroupPool, PoolFailed, Replacement, Work
-from dsi_worker.batch.progress import Progress, Reporters, reporters_from_env
+from dsi_worker.batch.progress import Reporters, reporters_from_env
 from dsi_worker.batch.shards import (
     SUCCESS,
     InputError,
@@ -180,10 +182,10 @@ class _Run:
                 self._finish_batch(work, results)
             reporters.report(self.progress())
 
-    def progress(self) -> Progress:
+    def progress(self) -> BatchProgress:
         """Where the run stands now."""
         elapsed = max(time.monotonic() - self.t0, 1e-9)
-        return Progress(
+        return BatchProgress(
             rows_done=self.rows_done_before + self.rows_run,
             rows_total=self.plan.rows_total,
             rows_per_second=self.rows_run / elapsed,
@@ -309,7 +311,16 @@ def _execute(
 
     if not plan.todo:
         n, rows = len(plan.shards), plan.rows_total
-        reporters.report(Progress(rows, rows, 0.0, 0, n, n), final=True)
+        done = BatchProgress(
+            rows_done=rows,
+            rows_total=rows,
+            rows_per_second=0.0,
+            groups_alive=0,
+            shards_done=n,
+            shards_total=n,
+            group_restarts=0,
+        )
+        reporters.report(done, final=True)
         return JobSummary(str(plan.out), n, shards_skipped=n, rows_total=rows)
     started = _ensure_ray(args, env)
     run: _Run | None = None

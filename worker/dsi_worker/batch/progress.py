@@ -1,8 +1,9 @@
 """Progress of a batch job: a ``DSI_PROGRESS {json}`` log line and, when asked, a ConfigMap.
 
 Import-light on purpose (no Ray, no torch, and the ``kubernetes`` client only when a
-ConfigMap reporter patches): the operator imports :func:`configmap_data` to read what the
-job writes.
+ConfigMap reporter patches). What is reported is a
+:class:`~dsi_operator.api.progress.BatchProgress`, the schema the operator reads the
+ConfigMap with.
 
 Reporters:
 
@@ -21,10 +22,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TextIO
+
+from dsi_operator.api.progress import BatchProgress
 
 log = logging.getLogger(__name__)
 
@@ -39,45 +41,26 @@ MERGE_PATCH = "application/merge-patch+json"
 PATCH_TIMEOUT_S = (3.0, 5.0)
 
 
-@dataclass(frozen=True)
-class Progress:
-    """Where a batch job stands. ``rows_per_second``: rows generated this run per second
-    of this run; ``groups_alive``: groups formed and serving batches now;
-    ``group_restarts``: groups replaced whole after a rank failed, this run."""
-
-    rows_done: int
-    rows_total: int
-    rows_per_second: float
-    groups_alive: int
-    shards_done: int
-    shards_total: int
-    group_restarts: int = 0
-
-    def to_json(self) -> str:
-        """The JSON object of a ``DSI_PROGRESS`` line (snake_case keys)."""
-        return json.dumps({**asdict(self), "rows_per_second": round(self.rows_per_second, 2)})
+def log_json(progress: BatchProgress) -> str:
+    """The JSON object of a ``DSI_PROGRESS`` line: the driver's counts, snake_case keys."""
+    counts = progress.model_dump(exclude_none=True, exclude={"progress", "progress_updated_at"})
+    if progress.rows_per_second is not None:
+        counts["rows_per_second"] = round(progress.rows_per_second, 2)
+    return json.dumps(counts)
 
 
-def configmap_data(progress: Progress, now: datetime | None = None) -> dict[str, str]:
-    """The ConfigMap ``data`` for ``progress``: camelCase keys, every value a string
-    (``rowsPerSecond`` with one decimal, ``updatedAt`` RFC 3339 UTC)."""
-    at = (now or datetime.now(UTC)).astimezone(UTC)
-    return {
-        "rowsDone": str(progress.rows_done),
-        "rowsTotal": str(progress.rows_total),
-        "rowsPerSecond": f"{progress.rows_per_second:.1f}",
-        "groupsAlive": str(progress.groups_alive),
-        "shardsDone": str(progress.shards_done),
-        "shardsTotal": str(progress.shards_total),
-        "groupRestarts": str(progress.group_restarts),
-        "updatedAt": at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+def configmap_data(progress: BatchProgress, now: datetime | None = None) -> dict[str, str]:
+    """The ConfigMap ``data`` for ``progress`` reported at ``now`` (default: the current
+    time): :meth:`BatchProgress.configmap_data`, the schema the operator reads."""
+    at = now or datetime.now(UTC)
+    data: dict[str, str] = progress.model_copy(update={"progress_updated_at": at}).configmap_data()
+    return data
 
 
 class Reporter(Protocol):
     """Something that publishes progress."""
 
-    def report(self, progress: Progress, final: bool = False) -> None:
+    def report(self, progress: BatchProgress, final: bool = False) -> None:
         """Publish ``progress`` (``final``: the last one of the run, never dropped)."""
 
     def close(self) -> None:
@@ -98,13 +81,13 @@ class LogReporter:
         self.clock = clock
         self._last: float | None = None
 
-    def report(self, progress: Progress, final: bool = False) -> None:
+    def report(self, progress: BatchProgress, final: bool = False) -> None:
         """Print ``progress`` unless a line went out less than ``every_s`` ago."""
         now = self.clock()
         if not final and self._last is not None and now - self._last < self.every_s:
             return
         self._last = now
-        print(f"{LOG_PREFIX} {progress.to_json()}", file=self.stream or sys.stdout, flush=True)
+        print(f"{LOG_PREFIX} {log_json(progress)}", file=self.stream or sys.stdout, flush=True)
 
     def close(self) -> None:
         """Nothing pending: every line is printed at once."""
@@ -144,13 +127,13 @@ class ConfigMapReporter:
         self.api = api
         self.patches = 0
         self.failures = 0
-        self._latest: Progress | None = None
+        self._latest: BatchProgress | None = None
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="dsi-progress", daemon=True)
         self._thread.start()
 
-    def report(self, progress: Progress, final: bool = False) -> None:
+    def report(self, progress: BatchProgress, final: bool = False) -> None:
         """Hand ``progress`` to the patching thread (the newest replaces one not yet sent)."""
         with self._cond:
             self._latest = progress
@@ -176,7 +159,7 @@ class ConfigMapReporter:
             with self._cond:  # rate limit; close() cuts the wait short
                 self._cond.wait_for(lambda: self._stop, self.every_s)
 
-    def _patch(self, progress: Progress) -> None:
+    def _patch(self, progress: BatchProgress) -> None:
         try:
             if self.api is None:
                 self.api = _in_cluster_api()
@@ -204,7 +187,7 @@ class Reporters:
     def __init__(self, reporters: list[Reporter]) -> None:
         self.reporters = reporters
 
-    def report(self, progress: Progress, final: bool = False) -> None:
+    def report(self, progress: BatchProgress, final: bool = False) -> None:
         """Pass ``progress`` to each reporter."""
         for r in self.reporters:
             r.report(progress, final)
