@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsi_worker.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
 DEFAULT_PNG = ROOT / "docs" / "load-concurrency.png"
@@ -235,15 +237,6 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def start_local_worker(ns: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``python -m dsi_worker.local`` and wait for ``/healthz``; one more try if it
     exits while starting (Ray gives its raylet 30 s to register, short on a busy machine)."""
@@ -271,7 +264,7 @@ def start_local_worker(ns: argparse.Namespace, log: Path) -> tuple[subprocess.Po
 
 def _spawn_local_worker(ns: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     """``python -m dsi_worker.local`` in its own session, output to ``log``; (process, URL)."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "dsi_worker.local", "--port", str(port), "--tp", str(ns.tp)]
     cmd += ["--max-batch-size", str(ns.max_batch_size), "--served-model-name", ns.served_name]
     cmd += ["--max-new-tokens", str(max(64, ns.max_tokens))]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
-from dsi_localcluster.testing import free_port
+from dsi_worker.ports import free_port
 from report import write_json
 
 SIZES: dict[str, dict[str, int]] = {
@@ -72,7 +72,8 @@ def _rank(layout: str, rank: int, port: int, path: str, args: dict[str, Any], q:
 
 
 def _measure(path: str, args: dict[str, Any]) -> dict[str, Any]:
-    from dsi_worker.engine import GenRequest, RankEngine, SamplingParams, load_tokenizer
+    from dsi_worker.engine import GenRequest, RankEngine, SamplingParams
+    from dsi_worker.model_files import load_tokenizer
 
     eng = RankEngine(path, dtype="float32", device="cpu", torch_threads=1, form_timeout_s=600)
     t0 = time.monotonic()

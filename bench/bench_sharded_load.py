@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
-from dsi_localcluster.testing import free_port
+from dsi_worker.ports import free_port
 
 PROMPT = (1, 20, 300, 400, 50, 600, 70)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 import ray
-from dsi_localcluster.testing import free_port
+from dsi_worker.ports import free_port
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -219,7 +219,8 @@ def _overhead_table(o: dict[str, Any]) -> None:
 def _direct(model: str, max_tokens: int) -> Callable[[], Any]:
     """A direct ``RankEngine.generate`` call (in this process): the floor the HTTP path is
     compared with."""
-    from dsi_worker.engine import DistEnv, GenRequest, RankEngine, SamplingParams, load_tokenizer
+    from dsi_worker.engine import DistEnv, GenRequest, RankEngine, SamplingParams
+    from dsi_worker.model_files import load_tokenizer
 
     tok = load_tokenizer(model)
     prompt = tuple(tok("request 0 says hello")["input_ids"])
@@ -296,8 +297,8 @@ def main() -> None:
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
     ns = ap.parse_args()
 
-    from dsi_worker.engine import resolve_model_path
     from dsi_worker.local import start_ray
+    from dsi_worker.model_files import resolve_model_path
 
     model = resolve_model_path(ns.model)
     base = {

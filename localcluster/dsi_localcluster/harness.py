@@ -16,8 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dsi_worker.ports import free_port
+
 from dsi_localcluster.builders import DSIWrapper
-from dsi_localcluster.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "deepspeedinferences.deepspeed.ai.yaml"

@@ -1,9 +1,8 @@
-"""Small manifest builders for tests against the local cluster."""
+"""Small manifest builders for tests against the local cluster, and running ranks in spawned
+processes (free ports: :func:`dsi_worker.ports.free_port`)."""
 
 from __future__ import annotations
 
-import random
-import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,30 +40,6 @@ def pod_manifest(
         "metadata": {"name": name, "labels": labels or {"app": name}},
         "spec": spec,
     }
-
-
-# Below Linux's ephemeral range (32768-60999) and above the local cluster's ports: a port
-# from the ephemeral range (what binding port 0 returns) can be taken by any outgoing
-# connection between this check and the operator's own bind, which failed CI once.
-_PORT_RANGE = (29000, 32000)
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A TCP port on loopback that is free now and was not handed out before in this run."""
-    rng = random.Random()
-    for _ in range(500):
-        port = rng.randint(*_PORT_RANGE)
-        if port in _handed_out or port == 29500:  # 29500: torch's default MASTER_PORT
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError(f"no free loopback port in {_PORT_RANGE}")
 
 
 def run_spawned(

@@ -124,7 +124,8 @@ def scaled_stack(
 def reference_tokens() -> list[int]:
     """Greedy tokens of the unsharded tiny model for PROMPT, computed in this process."""
     from dsi_worker import tiny_model
-    from dsi_worker.engine import DistEnv, GenRequest, RankEngine, SamplingParams, load_tokenizer
+    from dsi_worker.engine import DistEnv, GenRequest, RankEngine, SamplingParams
+    from dsi_worker.model_files import load_tokenizer
 
     path = str(tiny_model.build())
     tok = load_tokenizer(path)

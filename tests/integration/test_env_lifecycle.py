@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from dsi_localcluster import build, cluster, config, statedir
-from dsi_localcluster.testing import free_port
+from dsi_worker.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -250,7 +250,7 @@ def test_api_relay_pumps_bytes_both_ways() -> None:
     import socketserver
 
     from dsi_localcluster.kubelet import apirelay
-    from dsi_localcluster.testing import free_port
+    from dsi_worker.ports import free_port
 
     class Echo(socketserver.BaseRequestHandler):
         def handle(self) -> None:

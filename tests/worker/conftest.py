@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
-from dsi_localcluster.testing import free_port
 from dsi_localcluster.wait import wait_for
+from dsi_worker.ports import free_port
 
 # How long a tiny group may take to form on 2 busy cores.
 FORM_DEADLINE_S = 420

@@ -166,7 +166,8 @@ def test_greedy_outputs_equal_the_unsharded_models_answers(
     """What serving answers for one prompt alone (the TP group answers with the unsharded
     model's greedy tokens, test_multi_rank_pods): the batch job's rows were generated in
     padded batches of 16 on TP 2 groups and must be the same."""
-    from dsi_worker.engine import DistEnv, GenRequest, RankEngine, SamplingParams, load_tokenizer
+    from dsi_worker.engine import DistEnv, GenRequest, RankEngine, SamplingParams
+    from dsi_worker.model_files import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     eng = RankEngine(str(tiny_model_dir), dtype="float32", device="cpu", dist_env=DistEnv())

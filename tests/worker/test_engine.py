@@ -7,16 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dsi_localcluster.testing import free_port, run_spawned
+from dsi_localcluster.testing import run_spawned
 from dsi_worker.engine import (
     DistEnv,
     GenRequest,
     GenResult,
     RankEngine,
     SamplingParams,
-    load_tokenizer,
     resolve_dtype,
 )
+from dsi_worker.model_files import load_tokenizer
+from dsi_worker.ports import free_port
 
 pytestmark = pytest.mark.worker
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dsi_localcluster.testing import free_port
 from dsi_localcluster.wait import wait_for
 from dsi_worker.formation import (
     FORMED,
@@ -26,6 +25,7 @@ from dsi_worker.formation import (
     find_wedge,
 )
 from dsi_worker.group import Wedged, lockstep
+from dsi_worker.ports import free_port
 
 pytestmark = pytest.mark.worker
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dsi_localcluster.testing import free_port
+from dsi_worker.ports import free_port
 
 torch = pytest.importorskip("torch")
 

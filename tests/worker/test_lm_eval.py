@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
-from dsi_localcluster.testing import free_port
 from dsi_localcluster.wait import wait_for
+from dsi_worker.ports import free_port
 
 pytestmark = pytest.mark.worker
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from dsi_localcluster.testing import free_port
 from dsi_localcluster.wait import wait_for
+from dsi_worker.ports import free_port
 
 pytestmark = pytest.mark.worker
 

@@ -22,7 +22,8 @@ MAX_TOKENS = 12
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir: Path) -> list[int]:
     """Greedy tokens of the unsharded tiny model, in this process."""
-    from dsi_worker.engine import DistEnv, GenRequest, RankEngine, SamplingParams, load_tokenizer
+    from dsi_worker.engine import DistEnv, GenRequest, RankEngine, SamplingParams
+    from dsi_worker.model_files import load_tokenizer
 
     eng = RankEngine(str(tiny_model_dir), dtype="float32", device="cpu", dist_env=DistEnv())
     eng.start()

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch.distributed as tdist
 import torch.multiprocessing as mp
-from dsi_localcluster.testing import free_port
+from dsi_worker.ports import free_port
 from dsi_worker.rendezvous import (
     BACKOFF_CAP_S,
     CONNECT_TIMEOUT_S,

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from dsi_localcluster.testing import free_port
 from dsi_localcluster.wait import wait_for
+from dsi_worker.ports import free_port
 
 pytestmark = pytest.mark.worker
 
@@ -279,7 +279,8 @@ def test_stop_sequence(server: str) -> None:
 
 
 def test_generate_matches_single_process_engine(server: str, tiny_model_dir: Path) -> None:
-    from dsi_worker.engine import DistEnv, GenRequest, RankEngine, SamplingParams, load_tokenizer
+    from dsi_worker.engine import DistEnv, GenRequest, RankEngine, SamplingParams
+    from dsi_worker.model_files import load_tokenizer
 
     r = _post(server, "/generate", {"prompt": "The quick brown fox", "max_tokens": 10})
     assert r.status_code == 200, r.text

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dsi_localcluster.testing import free_port, run_spawned
+from dsi_localcluster.testing import run_spawned
 from dsi_worker import sharded
-from dsi_worker.engine import DistEnv, GenRequest, RankEngine, SamplingParams, load_tokenizer
+from dsi_worker.engine import DistEnv, GenRequest, RankEngine, SamplingParams
+from dsi_worker.model_files import load_tokenizer
+from dsi_worker.ports import free_port
 
 pytestmark = pytest.mark.worker
 
@@ -33,13 +35,16 @@ def sharded_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     return d
 
 
-def _record_safetensors_opens() -> list[str]:
+def _record_opens() -> dict[str, list[str]]:
     """Record every file this process opens through safetensors (what transformers reads
-    weights with); installed before transformers is imported."""
+    weights with) and every shard file ``sharded.read_shard_into`` reads; installed before
+    transformers is imported."""
     import safetensors
     import safetensors.torch
 
     opened: list[str] = []
+    shards: list[str] = []
+    real_read_shard = sharded.read_shard_into
     real_open, real_load = safetensors.safe_open, safetensors.torch.load_file
 
     def safe_open(filename: Any, *a: Any, **kw: Any) -> Any:
@@ -50,13 +55,18 @@ def _record_safetensors_opens() -> list[str]:
         opened.append(str(filename))
         return real_load(filename, *a, **kw)
 
+    def read_shard_into(path: Any, *a: Any, **kw: Any) -> int:
+        shards.append(str(path))
+        return real_read_shard(path, *a, **kw)
+
     safetensors.safe_open = safe_open  # type: ignore[assignment]
     safetensors.torch.load_file = load_file
-    return opened
+    sharded.read_shard_into = read_shard_into  # type: ignore[assignment]
+    return {"safetensors": opened, "shards": shards}
 
 
 def _rank_main(rank: int, port: int, path: str, batch: list[GenRequest], q: Any) -> None:
-    opened = _record_safetensors_opens()
+    opened = _record_opens()
     os.environ.update(
         RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
         LOCAL_RANK="0",
@@ -145,12 +155,14 @@ def test_each_rank_opened_only_its_own_shard(
     full_bytes = (tiny_model_dir / "model.safetensors").stat().st_size
     for rank, _, _, info, opened in groups["sharded"]:
         load = info["load"]
-        assert load["files"] == [str(m.file(rank))]  # every shard this process opened
-        assert opened == []  # no safetensors file opened any other way (original weights)
+        assert load["files"] == [str(m.file(rank))]
+        assert opened["shards"] == [str(m.file(rank))]  # every shard this process read
+        assert opened["safetensors"] == []  # nor any weight file another way (the originals)
         assert load["bytes_read"] == m.files[rank].size < full_bytes
         assert load["verified"] is True and load["manifest"] == str(m.path)
     for rank, _, _, _, opened in groups["full"]:
-        assert opened == [str(tiny_model_dir / "model.safetensors")], rank  # recorder works
+        assert opened["safetensors"] == [str(tiny_model_dir / "model.safetensors")], rank
+        assert opened["shards"] == [], rank  # the recorders work
     rss = {
         k: [(g[3]["load"]["peak_rss_mb"], g[3]["load"].get("rss_before_mb")) for g in v]
         for k, v in groups.items()

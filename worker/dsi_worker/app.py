@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -27,15 +26,11 @@ from starlette.exceptions import HTTPException
 
 from dsi_worker import protocol as P
 from dsi_worker.config import AppArgs, parse_args, parse_ingress_config
-from dsi_worker.engine import (
-    GenRequest,
-    SamplingParams,
-    TokenScore,
-    load_tokenizer,
-    resolve_model_path,
-)
+from dsi_worker.engine import GenRequest, SamplingParams, TokenScore
 from dsi_worker.group import Group
 from dsi_worker.metrics import Metrics
+from dsi_worker.model_files import context_len, load_tokenizer, resolve_model_path
+from dsi_worker.ports import free_port
 from dsi_worker.results import Generated, GroupReply, GroupUnavailable, Scored
 
 log = logging.getLogger("ray.serve")
@@ -190,25 +185,6 @@ async def _await(resp: Any) -> Any:
     return await resp
 
 
-def _context_len(model_path: str, args: AppArgs) -> int:
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(
-        model_path, revision=args.revision, local_files_only=_is_dir(model_path)
-    )
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return 2048
-
-
-def _is_dir(path: str) -> bool:
-    from pathlib import Path
-
-    return Path(path).expanduser().is_dir()
-
-
 @serve.deployment(
     num_replicas=1,
     ray_actor_options={"num_cpus": 0},
@@ -230,7 +206,8 @@ class Ingress:
         self.limits = P.Limits(
             served_model_name=self.args.model_name(),
             max_new_tokens=self.args.max_new_tokens,
-            max_model_len=self.args.max_model_len or _context_len(model_path, self.args),
+            max_model_len=self.args.max_model_len
+            or context_len(model_path, revision=self.args.revision),
         )
         self.created = int(time.time())
         self.metrics = Metrics()
@@ -754,14 +731,6 @@ class Ingress:
         return PlainTextResponse(
             generate_latest(self.metrics.registry).decode(), media_type=CONTENT_TYPE_LATEST
         )
-
-
-def free_port() -> int:
-    """A TCP port that is free right now on this host."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def build_app(args: dict[str, Any]) -> Application:

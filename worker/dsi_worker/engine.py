@@ -14,10 +14,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Literal
 
-from dsi_worker import formation, sharded
+from dsi_worker import allreduce, formation, sharded
+from dsi_worker.model_files import load_model
 from dsi_worker.rendezvous import join_process_group, wait_for_master
 
 log = logging.getLogger(__name__)
@@ -110,18 +110,6 @@ class DistEnv:
         return d
 
 
-def _allreduce_path(world_size: int) -> str:
-    """How the group's all-reduces travel: ``none`` (one rank), ``shm`` (DeepSpeed's CPU
-    shared-memory op: every rank in one pod), else ``process-group`` (gloo or NCCL)."""
-    if world_size == 1:
-        return "none"
-    import sys
-
-    comm = sys.modules.get("deepspeed.comm.comm")
-    cdb = getattr(comm, "cdb", None)
-    return "shm" if getattr(cdb, "shm_comm_op", None) is not None else "process-group"
-
-
 def cuda_index(local_rank: int, visible: int) -> int:
     """The CUDA device a rank uses: the one at its LOCAL_RANK when the process sees all of its
     pod's GPUs (pods of several ranks: the operator turns off Ray's per-actor
@@ -154,20 +142,6 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     if device == "cpu" and dtype == "float16":
         raise ValueError("dtype float16 is not supported on CPU; use float32 or bfloat16")
     return table[dtype]
-
-
-def _disable_cpu_shm_allreduce() -> None:
-    """Make DeepSpeed all-reduce through the process group instead of its CPU shm op.
-
-    The shm op assumes every rank shares one host's /dev/shm; with ranks in different pods
-    it segfaults in generate().  Only when LOCAL_SIZE says all ranks share a host is it safe.
-    """
-    import importlib
-
-    # importlib, not ``import deepspeed.comm.torch as m``: deepspeed.comm has an attribute
-    # ``torch`` (the torch package) that the ``as`` form would bind instead of the module.
-    ds_torch = importlib.import_module("deepspeed.comm.torch")
-    ds_torch.build_shm_op = lambda: None  # type: ignore[attr-defined]
 
 
 #: Model types whose fused-kernel path (``replace_with_kernel_inject``) fails with the pinned
@@ -253,7 +227,7 @@ class RankEngine:
         t0 = time.monotonic()
         if self.dist.world_size > 1 and not tdist.is_initialized():
             if self.device == "cpu" and os.environ.get("LOCAL_SIZE") != str(self.dist.world_size):
-                _disable_cpu_shm_allreduce()
+                allreduce.disable_cpu_shm_op()
             # Ranks may start before their master: wait (bounded, logged) until its name
             # resolves and it listens. The group replica's own deadline bounds the total.
             waited = wait_for_master(
@@ -367,7 +341,7 @@ class RankEngine:
             "master": f"{self.dist.master_addr}:{self.dist.master_port}",
             "device": self.device,
             "backend": self.backend,
-            "allreduce": _allreduce_path(self.dist.world_size),
+            "allreduce": allreduce.route(self.dist.world_size),
             "pid": os.getpid(),
             "timings": dict(self.timings),
             "load": dict(self.load_info),
@@ -563,46 +537,3 @@ class _StepStreamer:
 
     def end(self) -> None:
         pass
-
-
-def resolve_model_path(model: str | None) -> str:
-    """``None`` -> the tiny test model (built on first use); anything else unchanged."""
-    if model is None or model in ("tiny", "dsi-tiny-llama"):
-        from dsi_worker import tiny_model
-
-        return str(tiny_model.build())
-    return model
-
-
-def load_model(model: str, *, revision: str | None, dtype: Any) -> Any:
-    """Load a causal LM with transformers; offline when the files are already present."""
-    from transformers import AutoModelForCausalLM
-
-    if Path(model).expanduser().is_dir():
-        return AutoModelForCausalLM.from_pretrained(
-            str(Path(model).expanduser()), dtype=dtype, local_files_only=True
-        )
-    try:
-        # A hub id whose files are cached: no network needed.
-        return AutoModelForCausalLM.from_pretrained(
-            model, revision=revision, dtype=dtype, local_files_only=True
-        )
-    except OSError:
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise
-        log.info("model %s not cached; downloading", model)
-        return AutoModelForCausalLM.from_pretrained(model, revision=revision, dtype=dtype)
-
-
-def load_tokenizer(model: str, *, revision: str | None = None) -> Any:
-    """Load the tokenizer the same way as the model (offline first)."""
-    from transformers import AutoTokenizer
-
-    if Path(model).expanduser().is_dir():
-        return AutoTokenizer.from_pretrained(str(Path(model).expanduser()), local_files_only=True)
-    try:
-        return AutoTokenizer.from_pretrained(model, revision=revision, local_files_only=True)
-    except OSError:
-        if os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise
-        return AutoTokenizer.from_pretrained(model, revision=revision)

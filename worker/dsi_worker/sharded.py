@@ -56,15 +56,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsi_worker import allreduce
+from dsi_worker.model_files import load_model
+
 SHARDS_DIRNAME = "dsi-shards"
 MANIFEST_NAME = "manifest.json"
 FORMAT = "dsi-tp-shards/1"
 _CHUNK = 64 << 20
 _MAX_HEADER = 100 << 20
-
-#: Every shard file :func:`read_shard_into` opened in this process, in order (instrumentation:
-#: tests and ``RankEngine.info()`` show which files a rank read).
-opened_shards: list[str] = []
 
 
 class ShardError(RuntimeError):
@@ -318,7 +317,6 @@ def read_shard_into(
 
     path = Path(path)
     aliases = aliases or {}
-    opened_shards.append(str(path))
     digest = hashlib.sha256() if sha256 is not None else None
     dtypes = _st_dtypes()
     with open(path, "rb") as f, torch.no_grad():
@@ -407,7 +405,6 @@ def load_sharded(
     module = engine.module
     t1 = time.monotonic()
     targets = module.state_dict()
-    first = len(opened_shards)
     nbytes = read_shard_into(
         path, targets, aliases=entry.aliases, sha256=entry.sha256 if verify else None
     )
@@ -420,7 +417,7 @@ def load_sharded(
     return module, {
         "path": "sharded",
         "manifest": str(manifest.path),
-        "files": opened_shards[first:],
+        "files": [str(path)],  # the rank's one file: nothing else is read
         "bytes_read": nbytes,
         "verified": verify,
         "build_s": t1 - t0,
@@ -491,12 +488,10 @@ def _shard_one_rank(model_dir: str, tp: int, rank: int, out: Path, dtype: str) -
     import torch.testing._internal.distributed.fake_pg  # noqa: F401
     from safetensors.torch import save_file
 
-    from dsi_worker.engine import _disable_cpu_shm_allreduce, load_model
-
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
     store = tdist.HashStore()  # type: ignore[attr-defined]
     tdist.init_process_group("fake", rank=rank, world_size=tp, store=store)
-    _disable_cpu_shm_allreduce()
+    allreduce.disable_cpu_shm_op()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="fake")

@@ -287,8 +287,9 @@ def _ensure_ray(args: BatchArgs, env: Mapping[str, str]) -> bool:
 
 def _start_pool(args: BatchArgs, plan: Plan) -> _Run:
     """Load the tokenizer and create the pool (no group formed yet) for ``plan``."""
-    from dsi_worker.app import _context_len, free_port
-    from dsi_worker.engine import load_tokenizer, resolve_model_path
+    from dsi_worker.model_files import context_len as model_context_len
+    from dsi_worker.model_files import load_tokenizer, resolve_model_path
+    from dsi_worker.ports import free_port
 
     app = args.app_args()
     if app.local_mode and app.local_master_ports is None:
@@ -297,7 +298,7 @@ def _start_pool(args: BatchArgs, plan: Plan) -> _Run:
         app = app.model_copy(update={"local_master_ports": ports})
     model_path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(model_path, revision=args.revision)
-    context_len = args.max_model_len or _context_len(model_path, app)
+    context_len = args.max_model_len or model_context_len(model_path, revision=app.revision)
     pool = GroupPool(app, model_path, max_restarts=args.max_group_restarts)
     return _Run(args, plan, pool, tokenizer, context_len)
 

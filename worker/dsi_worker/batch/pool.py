@@ -128,7 +128,7 @@ def _wait_dead(actors: list[Any], timeout_s: float) -> list[Any]:
 
 
 def _fresh_port() -> int:
-    from dsi_worker.app import free_port
+    from dsi_worker.ports import free_port
 
     return free_port()
 
