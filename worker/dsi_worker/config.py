@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal, TypeVar
 
 import dsi_operator.api.defaults as D
+from dsi_operator.util.errors import describe_validation_error
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -106,13 +107,6 @@ class AppArgs(BaseModel):
         return self.model or "dsi-tiny-llama"
 
 
-def _problems(e: ValidationError, whole: str) -> str:
-    """Each error of ``e`` as ``key: message`` (``whole`` when it is about the whole input)."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or whole}: {err['msg']}" for err in e.errors()
-    )
-
-
 def parse_args(args: dict[str, Any] | AppArgs | None) -> AppArgs:
     """Validate app args, raising ``ValueError`` whose message names each bad field."""
     if isinstance(args, AppArgs):
@@ -120,7 +114,8 @@ def parse_args(args: dict[str, Any] | AppArgs | None) -> AppArgs:
     try:
         return AppArgs.model_validate(args or {})
     except ValidationError as e:
-        raise ValueError(f"invalid dsi_worker app args: {_problems(e, '<args>')}") from None
+        problems = describe_validation_error(e, whole="<args>")
+        raise ValueError(f"invalid dsi_worker app args: {problems}") from None
 
 
 # -- user_config ---------------------------------------------------------------------------
@@ -170,7 +165,8 @@ def parse_user_config(model: type[UserConfig], config: Any, deployment: str) -> 
     try:
         return model.model_validate(config)
     except ValidationError as e:
-        raise ValueError(f"{where}: {_problems(e, '<user_config>')}") from None
+        problems = describe_validation_error(e, whole="<user_config>")
+        raise ValueError(f"{where}: {problems}") from None
 
 
 def parse_ingress_config(config: Any, num_groups: int) -> IngressUserConfig:

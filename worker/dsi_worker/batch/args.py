@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from dsi_operator.util.errors import describe_validation_error
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dsi_worker.config import AppArgs, Dtype
@@ -41,17 +42,6 @@ APP_FIELDS = (
     "local_mode",
     "local_master_ports",
 )
-
-
-def describe(e: ValidationError) -> str:
-    """Each error of ``e`` as ``field: message`` on one line (no field: the whole input)."""
-    parts = []
-    for err in e.errors():
-        # pydantic prefixes a validator's ValueError message with "Value error, ".
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        loc = ".".join(str(p) for p in err["loc"])
-        parts.append(f"{loc}: {msg}" if loc else msg)
-    return "; ".join(parts)
 
 
 def _field_of(model: type[BaseModel], name: str) -> Any:
@@ -136,7 +126,7 @@ class BatchArgs(BaseModel):
         try:
             return AppArgs.model_validate(self.model_dump(include=set(APP_FIELDS)))
         except ValidationError as e:
-            raise ValueError(describe(e)) from None
+            raise ValueError(describe_validation_error(e)) from None
 
 
 class BatchArgsError(ValueError):
@@ -151,7 +141,7 @@ def parse_batch_args(raw: Any) -> BatchArgs:
     try:
         return BatchArgs.model_validate(raw)
     except ValidationError as e:
-        raise BatchArgsError(f"invalid batch args: {describe(e)}") from None
+        raise BatchArgsError(f"invalid batch args: {describe_validation_error(e)}") from None
 
 
 def _decode(text: str, source: str) -> Any:
