@@ -52,15 +52,17 @@ class FakeKube:
     pods: dict[Key, dict[str, tuple[int, PodInfo]]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
-    #: (verb, resource) -> HTTP statuses of the next calls to fail, in order.
-    faults: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    #: (verb, resource) -> what the next calls answer, in order: an HTTP status, or None
+    #: to let the call through.
+    faults: dict[tuple[str, str], list[int | None]] = field(default_factory=dict)
     _rv: Iterator[int] = field(default_factory=lambda: itertools.count(100))
 
     # --- test set-up and inspection ---------------------------------------------------------
 
-    def fail(self, verb: str, resource: str, status: int, times: int = 1) -> None:
-        """Make the next ``times`` calls of ``verb`` on ``resource`` answer ``status``."""
-        self.faults.setdefault((verb, resource), []).extend([status] * times)
+    def fail(self, verb: str, resource: str, status: int, times: int = 1, after: int = 0) -> None:
+        """Make ``times`` calls of ``verb`` on ``resource`` answer ``status``, once ``after``
+        more such calls went through."""
+        self.faults.setdefault((verb, resource), []).extend([None] * after + [status] * times)
 
     def create_dsi(self, body: Mapping[str, Any], namespace: str = "ns") -> Key:
         """Store a DSI as the API server would (uid, generation, resourceVersion)."""
@@ -241,8 +243,9 @@ class FakeKube:
     def _call(self, verb: str, resource: str, name: str, detail: Any = None) -> None:
         self.calls.append(Call(verb, resource, name, detail))
         pending = self.faults.get((verb, resource))
-        if pending:
-            raise ApiException(status=pending.pop(0), reason="injected")
+        status = pending.pop(0) if pending else None
+        if status is not None:
+            raise ApiException(status=status, reason="injected")
 
     def _store_of(self, kind: str) -> tuple[dict[Key, dict[str, Any]], str]:
         return {
