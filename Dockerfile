@@ -17,31 +17,32 @@
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 # A CUDA 12 runtime image with Ray 2.60.0 on Python 3.11, matching ray[serve]==2.60.0 in
-# pyproject.toml. DeepSpeed's fused kernels (spec.kernelInject: true) are JIT-compiled and
-# need nvcc: build with --build-arg RAY_IMAGE=<a CUDA *devel* image with Ray> for that.
+# worker/pyproject.toml. DeepSpeed's fused kernels (spec.kernelInject: true) are JIT-compiled
+# and need nvcc: build with --build-arg RAY_IMAGE=<a CUDA *devel* image with Ray> for that.
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cu128
 
 # ---------------------------------------------------------------------------------------
-# wheel: builds the project wheel once; both images install it.
+# wheel: builds one wheel per image, each from its own pyproject.toml: dsi-operator
+# (operator/) and dsi-worker (worker/, with the few pure dsi_operator modules it imports).
+# Neither holds dsi_localcluster or the dev/test tools; tests/unit/test_packaging.py checks
+# the wheels' files and Requires-Dist.
 # ---------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS wheel
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
 COPY operator/ operator/
 COPY worker/ worker/
-COPY localcluster/ localcluster/
-# The requirement files name the built wheel (its file name carries the version from
+# The requirement files name the built wheels (their file names carry the version from
 # operator/dsi_operator/_version.py), so no version is repeated in this file.
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
-    && whl="$(basename /wheels/*.whl)" \
-    && printf '/wheels/%s\n' "${whl}" > /wheels/operator.txt \
-    && printf '/wheels/%s[worker]\n' "${whl}" > /wheels/worker.txt
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels/operator ./operator \
+    && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels/worker ./worker \
+    && printf '/wheels/%s\n' "$(basename /wheels/operator/*.whl)" > /wheels/operator/operator.txt \
+    && printf '/wheels/%s\n' "$(basename /wheels/worker/*.whl)" > /wheels/worker/worker.txt
 
 # ---------------------------------------------------------------------------------------
-# operator: the kopf controller. `pip install` of the base package pulls kopf, kubernetes,
-# pydantic and prometheus-client only -- no torch, ray or deepspeed (a small image).
+# operator: the kopf controller. The dsi-operator wheel pulls kopf, kubernetes, pydantic,
+# prometheus-client and PyYAML only -- no torch, ray or deepspeed (a small image).
 # ---------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS operator
 LABEL org.opencontainers.image.title="dsi-operator" \
@@ -55,7 +56,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --system --gid 10001 dsi \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin dsi
-COPY --from=wheel /wheels /wheels
+COPY --from=wheel /wheels/operator /wheels
 RUN pip install --no-cache-dir --requirement /wheels/operator.txt \
     && rm -rf /wheels
 USER 10001:10001
@@ -78,8 +79,8 @@ ENV PYTHONUNBUFFERED=1 \
 # The rayproject/ray images already run as the non-root user "ray" (uid 1000); say so
 # explicitly so a changed base cannot silently switch to root.
 USER 1000
-COPY --from=wheel /wheels /wheels
-# The [worker] extra pins ray[serve], torch, deepspeed, transformers and tokenizers.
+COPY --from=wheel /wheels/worker /wheels
+# The dsi-worker wheel pins ray[serve], torch, deepspeed, transformers and tokenizers.
 RUN pip install --no-cache-dir --requirement /wheels/worker.txt \
     && python -c "import dsi_worker, deepspeed, torch, ray; print('worker image ok', torch.__version__)"
 WORKDIR /home/ray

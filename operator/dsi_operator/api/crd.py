@@ -462,10 +462,11 @@ def generated_files() -> dict[Path, str]:
 
 
 def repo_root() -> Path:
-    """The repository root (the directory holding pyproject.toml)."""
+    """The repository root (the directory holding pyproject.toml and operator/; operator/
+    holds its own pyproject.toml, the operator image's)."""
     here = Path(__file__).resolve()
     for parent in here.parents:
-        if (parent / "pyproject.toml").exists():
+        if (parent / "pyproject.toml").exists() and (parent / "operator").is_dir():
             return parent
     return Path.cwd()
 
