@@ -68,7 +68,6 @@ from dsi_operator.serving.status import (
 )
 from dsi_operator.util.errors import describe_validation_error
 from dsi_operator.util.patch import merge_patch
-from dsi_operator.util.timefmt import parse_time
 
 #: Seconds a restart waits for KubeRay's replacement pods before the operator nudges KubeRay.
 #: KubeRay skips a worker group while its scale expectations are unsatisfied and waits for the
@@ -470,12 +469,10 @@ def waits_on_clock(obs: Observed, p: Plan) -> bool:
     # A restart in progress always decides ContinueRestart or RestartDone, so it is here too.
     if p.deletions or any(not isinstance(d, NoAction) for d in p.decisions.values()):
         return True
-    groups = p.status.get("groups") or []
     if p.status.get("phase") == Phase.Failed or p.blocked or not obs.children_created:
         return False  # nothing is decided until the spec, the cluster or the children change
-    if len(groups) < obs.spec.replicas or any(
-        not g.get("members") and g.get("formingSince") for g in groups
-    ):
+    groups = group_states_from_status(p.status).values()
+    if len(groups) < obs.spec.replicas or any(not g.members and g.forming_since for g in groups):
         # The formation deadline runs. It starts once all of a group's pods run: a group
         # whose pods are still Pending (no room, pulling images) waits for pod events.
         return True
@@ -682,9 +679,7 @@ def plan_deletions(
       its scale expectations unsatisfied and stalls the replacement for minutes.
     """
     by_uid = {p.uid: (g, p) for g, pods in obs.pods.items() for p in pods}
-    started = {
-        gd["index"]: parse_time(gd.get("restartingSince")) for gd in desired.get("groups") or []
-    }
+    started = {g: s.restarting_since for g, s in group_states_from_status(desired).items()}
     out: list[PodDeletion] = []
 
     def on_dead_node(pod: PodInfo) -> bool:

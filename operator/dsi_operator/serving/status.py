@@ -355,6 +355,7 @@ class _Groups:
 
 def _groups(inp: StatusInputs) -> _Groups:
     out = _Groups()
+    recorded = group_states_from_status(inp.current)
     for g in range(inp.replicas):
         state = inp.groups.get(g, GroupStatus(index=g))
         pods = inp.pods.get(g, ())
@@ -397,20 +398,12 @@ def _groups(inp: StatusInputs) -> _Groups:
                 "backoff_until": dec.until if isinstance(dec, Wait) else None,
                 "serve_status": inp.rayservice.serve_groups.get(g),
                 # The template hash the group's bookkeeping refers to (kept when not known now).
-                "hash": inp.group_hashes.get(g) or _recorded_hash(inp.current, g),
+                "hash": inp.group_hashes.get(g) or (recorded[g].hash if g in recorded else None),
             }
         )
         gd: dict[str, Any] = entry.model_dump(mode="json", by_alias=True)
         out.entries.append(gd)
     return out
-
-
-def _recorded_hash(status: Mapping[str, Any] | None, g: int) -> str | None:
-    for gd in (status or {}).get("groups") or []:
-        if isinstance(gd, Mapping) and gd.get("index") == g:
-            h = gd.get("hash")
-            return str(h) if h else None
-    return None
 
 
 def _serving_conditions(inp: StatusInputs, gs: _Groups) -> list[Condition]:
