@@ -11,9 +11,11 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 from dsi_localcluster.builders import DSIWrapper
+from dsi_operator.api import labels as L
 from dsi_operator.runtime import controller as controller_module
-from dsi_operator.runtime.controller import PLANNED, Controller, Outcome, PassResult, Replan
+from dsi_operator.runtime.controller import Controller
 from dsi_operator.runtime.execute import AppliedChildren, ApplyInterrupted, ChildrenScope
+from dsi_operator.runtime.passes import PLANNED, Outcome, PassResult, Replan
 from dsi_operator.serving.plan import EVENT_GROUP_RESTART, EVENT_INVALID
 from dsi_operator.serving.restart import PodInfo
 from fakekube import DSI, DSI_STATUS, FakeKube, Key
@@ -274,6 +276,20 @@ def _rollout_moves_templates_before_deleting(w: World) -> None:
     assert w.group(0)["restartTrigger"] == "Rollout"
 
 
+def _cluster_patch_error_moves_nothing(w: World) -> None:
+    assert not w.kube.made("delete") and ("patch", DSI_STATUS) not in w.calls()
+    # The RayService was written, but its RayCluster does not carry the new template: the
+    # controller must not take the template as moved (pods deleted now would come back old).
+    annotations = w.ctrl.rayservices[w.key]["metadata"]["annotations"]
+    new_hash = w.ctrl.parsed(w.kube.dsis[w.key]).spec_hash
+    assert annotations[L.ANNOTATION_SPEC_HASH] != new_hash
+
+
+def _new_image_and_cluster_patch_fails(w: World) -> None:
+    _new_image(w)
+    w.kube.fail("patch", "rayclusters", 500)
+
+
 def _edit_generation(w: World) -> None:
     w.kube.edit_dsi(w.key, replicas=2)
 
@@ -382,6 +398,13 @@ CASES = [
         when=_new_image,
         outcome=Outcome.ACTED,
         check=_rollout_moves_templates_before_deleting,
+    ),
+    Case(
+        "500 on the RayCluster patch of a rollout: no pod deleted, template not taken as moved",
+        ready,
+        when=_new_image_and_cluster_patch_fails,
+        raises=ApplyInterrupted,
+        check=_cluster_patch_error_moves_nothing,
     ),
 ]
 

@@ -4,12 +4,13 @@ Design:
 
 * **Indexes, not reads.** kopf indexes keep the latest DSIs, worker pods, nodes, RayServices and
   master Services in memory, so a pass needs no API reads unless it is about to write.
-* **One pass at a time per resource, bursts coalesced** (:mod:`workqueue`).
+* **One pass at a time per resource, bursts coalesced** (:mod:`.workqueue`).
 * **A ticker instead of kopf timers.** Timers would put a kopf finalizer on every DSI (deletion
   would hang while the operator is down). One loop re-kicks, every few seconds, only the DSIs
   whose last pass had a clock running (grace periods, deadlines, backoff: see
-  :func:`~.reconcile.waits_on_clock`), every DSI when the cluster-wide preflight facts change,
-  and every DSI every few minutes as a safety net; idle cost does not grow with resources.
+  :func:`~dsi_operator.serving.plan.waits_on_clock`), every DSI when the cluster-wide
+  preflight facts change, and every DSI every few minutes as a safety net; idle cost does not
+  grow with resources.
 * **Parse once.** A DSI's spec is parsed once per (uid, generation), at the edge; everything
   after that takes the typed spec.
 * **Read before write.** When the plan writes (status, children, pod deletions) the pass
@@ -32,12 +33,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from dsi_operator.api import labels as L
-from dsi_operator.api.spec import DeepSpeedInferenceSpec
 from dsi_operator.runtime import failpoints, metrics
 from dsi_operator.runtime.execute import (
     Applied,
@@ -54,6 +53,17 @@ from dsi_operator.runtime.execute import (
     report_restarts,
     write_status,
 )
+from dsi_operator.runtime.passes import (
+    PLANNED,
+    REQUEUE,
+    Outcome,
+    Parsed,
+    Pass,
+    PassResult,
+    Replan,
+    parse_body,
+    rollout_view,
+)
 from dsi_operator.runtime.workqueue import Key, Scheduler
 from dsi_operator.serving.observe import (
     HEAD_GROUP,
@@ -66,24 +76,14 @@ from dsi_operator.serving.plan import (
     EventSpec,
     Observed,
     Plan,
-    RolloutState,
-    declared_shape,
     gpu_needs,
     plan,
     rollout_sync_needed,
     rollout_targets,
-    safe_parse,
     waits_on_clock,
 )
 from dsi_operator.serving.preflight import ClusterFacts, PreflightResult, kuberay_condition
 from dsi_operator.serving.preflight import evaluate as evaluate_preflight
-from dsi_operator.serving.render import (
-    head_hash,
-    parse_group_hashes,
-    serve_shape_hash,
-    spec_hash,
-    spec_hash_by_group,
-)
 from dsi_operator.serving.restart import PodInfo, failure_visible
 from dsi_operator.serving.status import group_states_from_status
 
@@ -104,110 +104,9 @@ FACTS_TTL = float(os.environ.get("DSI_OPERATOR_FACTS_TTL", "30"))
 LEASE_TTL = float(os.environ.get("DSI_OPERATOR_LEASE_TTL", "10"))
 
 
-@dataclass(frozen=True)
-class Parsed:
-    """A DSI spec parsed once per (uid, generation), with the hashes derived from it."""
-
-    spec: DeepSpeedInferenceSpec | None
-    error: str | None
-    spec_hash: str | None = None
-    group_hashes: dict[int, str] | None = None
-    declared: tuple[int, int] = (0, 1)  # (replicas, tp) as the raw spec says, when invalid
-    head_hash: str = ""
-    serve_shape: str = ""
-
-
-def parse_body(body: Mapping[str, Any]) -> Parsed:
-    """Parse a DSI body's spec (never raises: a bad spec is an error message)."""
-    raw = body.get("spec") or {}
-    spec, err = safe_parse(raw)
-    if spec is None:
-        return Parsed(None, err, declared=declared_shape(raw))
-    return Parsed(
-        spec,
-        None,
-        spec_hash(spec),
-        spec_hash_by_group(spec),
-        head_hash=head_hash(spec),
-        serve_shape=serve_shape_hash(spec),
-    )
-
-
-def rollout_view(annotations: Mapping[str, str] | None, parsed: Parsed) -> RolloutState:
-    """The hashes the rollout compares: the RayService's annotations against the spec's."""
-    annotations = annotations or {}
-    return RolloutState(
-        carried=parse_group_hashes(annotations.get(L.ANNOTATION_GROUP_HASHES)),
-        carried_head=annotations.get(L.ANNOTATION_RS_HEAD_HASH) or None,
-        head_target=parsed.head_hash,
-        shape_target=parsed.serve_shape,
-        spec_hash=parsed.spec_hash or "",
-    )
-
-
-class Outcome(StrEnum):
-    """How a pass ended."""
-
-    #: The DSI is not known (deleted), or went away during the pass.
-    GONE = "gone"
-    #: The plan writes nothing.
-    NOOP = "noop"
-    #: A new resource's RayService was applied alone; queued again for the rest.
-    FIRST_APPLY = "first-apply"
-    #: The status patch met a newer object (409): nothing more done; queued again.
-    CONFLICT = "conflict"
-    #: The plan was carried out.
-    ACTED = "acted"
-
-
-#: The cause of the pass queued at once after a pass that ended so.
-_REQUEUE = {Outcome.FIRST_APPLY: "children", Outcome.CONFLICT: "conflict"}
-
-#: The reason of a pass's one regular plan.
-PLANNED = "planned"
-
-
-class Replan(StrEnum):
-    """Why a pass plans again after its one plan: an explicit step, never a habit."""
-
-    #: The read before writing found a newer DSI than the one planned from (its status or
-    #: spec changed since the watch showed it): a restart is recorded only against the
-    #: object it was decided on.
-    NEWER_OBJECT = "newer-object"
-    #: The pass created the children: restart decisions, the rollout and the status depend
-    #: on whether they exist.
-    CHILDREN_CREATED = "children-created"
-
-
-@dataclass(frozen=True)
-class PassResult:
-    """What :meth:`Controller.reconcile_one` did: its outcome, and why it ran each plan."""
-
-    outcome: Outcome
-    plans: tuple[str, ...] = ()
-
-
-@dataclass
-class Pass:
-    """One pass's working state, filled in step by step."""
-
-    key: Key
-    cause: str
-    body: dict[str, Any]
-    parsed: Parsed
-    pre: PreflightResult | None
-    obs: Observed
-    plan: Plan = field(init=False)
-    #: Why each plan of this pass ran: :data:`PLANNED`, then any :class:`Replan`.
-    plans: list[str] = field(default_factory=list)
-    children_current: bool = False
-    #: When the pass began to write (monotonic seconds); None while it only read.
-    started: float | None = None
-
-
 @dataclass
 class Controller:
-    """Process-wide state of the operator; kept in kopf's memo (see :mod:`handlers`)."""
+    """Process-wide state of the operator; kept in kopf's memo (see :mod:`.handlers`)."""
 
     kubeconfig: str | None = None
     exact_namespaces: bool = False
@@ -232,9 +131,9 @@ class Controller:
     applied: dict[Key, AppliedChildren] = field(default_factory=dict)
     # The last Event message per reason of each DSI, not to repeat identical Events.
     last_events: dict[Key, dict[str, str]] = field(default_factory=dict)
-    # DSIs whose last pass had a clock running (reconcile.waits_on_clock): the ticker's work.
+    # DSIs whose last pass had a clock running (plan.waits_on_clock): the ticker's work.
     clock_waiters: set[Key] = field(default_factory=set)
-    # The last nudge (reconcile.Plan.nudge) written to each DSI's RayClusters.
+    # The last nudge (plan.Plan.nudge) written to each DSI's RayClusters.
     nudged: dict[Key, str] = field(default_factory=dict)
     # Incidents (EventSpec.incident) whose Event this process posted or found posted.
     posted_incidents: dict[Key, set[str]] = field(default_factory=dict)
@@ -544,7 +443,7 @@ class Controller:
             self._track_clock(ps.key, waits_on_clock(ps.obs, ps.plan))
             metrics.RECONCILES.labels(cause=ps.cause, outcome="noop").inc()
             return PassResult(outcome, tuple(ps.plans))
-        again = _REQUEUE.get(outcome)
+        again = REQUEUE.get(outcome)
         if again is not None:
             self.kick(ps.key, again)
         if ps.started is not None:

@@ -190,7 +190,7 @@ async def ensure_children(
     the rollout (:func:`dsi_operator.serving.plan.rollout_targets`); the other groups, and the
     head when False, keep the templates the current RayService carries. None: all at the
     spec. ``first``: a new resource's first pass, see :func:`children_for_pass`.
-    Raises :class:`ApplyInterrupted` when an API call fails after a write.
+    Raises :class:`ApplyInterrupted` (saying what was written before) when a call fails.
     """
     written = _Written()
     try:
@@ -223,10 +223,10 @@ async def _apply_children(
     for child in todo:
         await kube.apply(child)
         if child["kind"] == L.RAYSERVICE_KIND:
-            # Recorded at once so the pass does not wait for the watch to catch up; the watch
-            # event that follows overwrites it with the real object.
-            written.rayservice = dict(child["metadata"].get("annotations") or {})
             await _sync_cluster(kube, key, current, child)
+            # Recorded (once the RayClusters carry it too) so the pass does not wait for the
+            # watch to catch up; the watch event that follows brings the real object.
+            written.rayservice = dict(child["metadata"].get("annotations") or {})
         elif child["metadata"]["labels"].get(L.LABEL_ROLE) in GROUP_CHILD_ROLES:
             written.added.add(child["metadata"]["name"])
     wanted = {c["metadata"]["name"] for c in children}
