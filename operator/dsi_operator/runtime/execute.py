@@ -192,34 +192,44 @@ async def ensure_children(
     spec. ``first``: a new resource's first pass, see :func:`children_for_pass`.
     Raises :class:`ApplyInterrupted` (saying what was written before) when a call fails.
     """
-    written = _Written()
-    try:
-        record = await _apply_children(
-            kube, key, body, spec, spec_hash, known, targets, first, written
-        )
-    except Exception as e:
-        raise ApplyInterrupted(written.result(None), e) from e
-    return written.result(record)
-
-
-async def _apply_children(
-    kube: KubeClient,
-    key: Key,
-    body: Mapping[str, Any],
-    spec: DeepSpeedInferenceSpec,
-    spec_hash: str,
-    known: tuple[Mapping[str, Any] | None, AppliedChildren | None],
-    targets: tuple[frozenset[int], bool] | None,
-    first: bool,
-    written: _Written,
-) -> AppliedChildren:
     current, applied = known
     uid = (body.get("metadata") or {}).get("uid", "")
     exists = current is not None
-    capacity = previous_capacity(current, body.get("status") or {})
-    kept = await _kept_templates(kube, key, spec, targets) if exists and targets else None
-    children = render_children(key[1], key[0], uid, spec, capacity, kept)
-    todo = children_for_pass(children, applied, uid, spec_hash, first=first, kept=kept is not None)
+    written = _Written()
+    try:
+        capacity = previous_capacity(current, body.get("status") or {})
+        kept = await _kept_templates(kube, key, spec, targets) if exists and targets else None
+        children = render_children(key[1], key[0], uid, spec, capacity, kept)
+        todo = children_for_pass(
+            children, applied, uid, spec_hash, first=first, kept=kept is not None
+        )
+        await _write_children(kube, key, todo, current, written)
+        # Leftovers of removed groups, or policies of a spec that turned them off. A resource
+        # with no status and no RayService is new (a same-named predecessor's children belong
+        # to its uid and go with it): nothing to list, two calls saved per resource in a
+        # burst. (No RayService alone is not enough: right after a start, the watch may not
+        # have shown it yet.) A first pass of this process's that applied the RayService
+        # alone found the resource new too.
+        new = applied is not None and applied.rayservice_only(uid)
+        if (exists or body.get("status")) and not new:
+            wanted = {c["metadata"]["name"] for c in children}
+            await _remove_leftovers(kube, key, wanted, written)
+    except Exception as e:
+        raise ApplyInterrupted(written.result(None), e) from e
+    what = "RayService" if first else "children"
+    log.info("%s/%s: %s applied (spec hash %s, existed: %s)", *key, what, spec_hash, exists)
+    scope = ChildrenScope.RAYSERVICE_ONLY if first else ChildrenScope.ALL
+    return written.result(AppliedChildren(uid, spec_hash, scope))
+
+
+async def _write_children(
+    kube: KubeClient,
+    key: Key,
+    todo: Sequence[Mapping[str, Any]],
+    current: Mapping[str, Any] | None,
+    written: _Written,
+) -> None:
+    """Apply ``todo`` in order, noting each write in ``written``."""
     for child in todo:
         await kube.apply(child)
         if child["kind"] == L.RAYSERVICE_KIND:
@@ -229,27 +239,21 @@ async def _apply_children(
             written.rayservice = dict(child["metadata"].get("annotations") or {})
         elif child["metadata"]["labels"].get(L.LABEL_ROLE) in GROUP_CHILD_ROLES:
             written.added.add(child["metadata"]["name"])
-    wanted = {c["metadata"]["name"] for c in children}
-    # Leftovers of removed groups, or policies of a spec that turned them off. A resource
-    # with no status and no RayService is new (a same-named predecessor's children belong
-    # to its uid and go with it): nothing to list, two calls saved per resource in a burst.
-    # (No RayService alone is not enough: right after a start, the watch may not have
-    # shown it yet.) A first pass of this process's that applied the RayService alone found
-    # the resource new too.
-    new = applied is not None and applied.rayservice_only(uid)
+
+
+async def _remove_leftovers(
+    kube: KubeClient, key: Key, wanted: Set[str], written: _Written
+) -> None:
+    """Delete the DSI's per-group children that are not ``wanted``."""
     cleanups = (
         (kube.list_master_services, kube.delete_service),
         (kube.list_network_policies, kube.delete_network_policy),
     )
-    for list_fn, delete_fn in cleanups if (exists or body.get("status")) and not new else ():
+    for list_fn, delete_fn in cleanups:
         for child_name in await list_fn(*key):
             if child_name not in wanted:
                 await delete_fn(key[0], child_name)
                 written.removed.add(child_name)
-    scope = ChildrenScope.RAYSERVICE_ONLY if first else ChildrenScope.ALL
-    what = "RayService" if first else "children"
-    log.info("%s/%s: %s applied (spec hash %s, existed: %s)", *key, what, spec_hash, exists)
-    return AppliedChildren(uid, spec_hash, scope)
 
 
 async def _kept_templates(
