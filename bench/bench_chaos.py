@@ -44,15 +44,13 @@ from dsi_localcluster import config as lcconfig
 from dsi_localcluster import faults
 from dsi_localcluster.builders import FAST_RESTART_POLICY
 from dsi_localcluster.harness import (
-    GROUP,
-    PLURAL,
-    VERSION,
     OperatorProcess,
     dsi_manifest,
     get_dsi,
     install_crd,
     worker_pods,
 )
+from dsi_operator.api.labels import GROUP, PLURAL, VERSION
 from kubernetes import client, config
 
 TP, GROUPS = 2, 2

@@ -31,6 +31,7 @@ import yaml
 from dsi_localcluster import cluster, config, faults
 from dsi_localcluster import run as localrun
 from dsi_localcluster.wait import wait_for
+from dsi_operator.api.labels import GROUP, PLURAL, VERSION
 from kubernetes import client
 from kubernetes import config as kconfig
 
@@ -141,9 +142,7 @@ class Bench:
         self.endpoint = ""
 
     def status(self) -> dict[str, Any]:
-        obj = self.custom.get_namespaced_custom_object(
-            "deepspeed.ai", "v1alpha1", self.ns, "deepspeedinferences", NAME
-        )
+        obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, NAME)
         st: dict[str, Any] = obj.get("status") or {}
         return st
 
@@ -155,9 +154,7 @@ class Bench:
         body = yaml.safe_load((ROOT / "examples" / "tiny-local.yaml").read_text())
         body["spec"]["restartPolicy"] = FAST_POLICY
         t0 = time.monotonic()
-        self.custom.create_namespaced_custom_object(
-            "deepspeed.ai", "v1alpha1", self.ns, "deepspeedinferences", body
-        )
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURAL, body)
         self.wait(lambda: self.status().get("phase") == "Ready", 900, "Ready")
         ready = time.monotonic() - t0
         self.endpoint = self.status()["endpoint"].rstrip("/")

@@ -55,14 +55,8 @@ from typing import Any
 from dsi_localcluster import cluster as lc
 from dsi_localcluster import config as lcconfig
 from dsi_localcluster import faults, manifests
-from dsi_localcluster.harness import (
-    GROUP,
-    PLURAL,
-    VERSION,
-    OperatorProcess,
-    dsi_manifest,
-    worker_pods,
-)
+from dsi_localcluster.harness import OperatorProcess, dsi_manifest, worker_pods
+from dsi_operator.api.labels import GROUP, PLURAL, VERSION
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 

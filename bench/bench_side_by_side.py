@@ -32,7 +32,8 @@ from typing import Any
 from bench_operator import pct, small_dsi, wait
 from dsi_localcluster import cluster as lc
 from dsi_localcluster import config as lcconfig
-from dsi_localcluster.harness import GROUP, PLURAL, VERSION, OperatorProcess, install_crd
+from dsi_localcluster.harness import OperatorProcess, install_crd
+from dsi_operator.api.labels import GROUP, PLURAL, VERSION
 from dsi_operator.serving.render import render_body
 from kubernetes import client, config, watch
 from report import write_json

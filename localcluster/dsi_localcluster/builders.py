@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-GROUP, VERSION, KIND = "deepspeed.ai", "v1alpha1", "DeepSpeedInference"
+from dsi_operator.api.labels import API_VERSION, KIND
 
 #: Fast restart settings so tests do not wait on production grace periods.
 FAST_RESTART_POLICY: dict[str, Any] = {
@@ -40,7 +40,7 @@ class DSIWrapper:
 
     def __init__(self, name: str = "demo", namespace: str | None = None) -> None:
         self._obj: dict[str, Any] = {
-            "apiVersion": f"{GROUP}/{VERSION}",
+            "apiVersion": API_VERSION,
             "kind": KIND,
             "metadata": {"name": name},
             "spec": {"model": {"name": "tiny/llama"}, "tensorParallelSize": 1, "replicas": 1},

@@ -16,13 +16,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dsi_operator.api.labels import (
+    CRD_NAME,
+    GROUP,
+    LABEL_GROUP,
+    LABEL_RANK,
+    PLURAL,
+    RAY_GROUP,
+    RAY_VERSION_API,
+    VERSION,
+    selector_for,
+)
 from dsi_worker.ports import free_port
 
 from dsi_localcluster.builders import DSIWrapper
 
 ROOT = Path(__file__).resolve().parents[2]
-CRD_FILE = ROOT / "crds" / "deepspeedinferences.deepspeed.ai.yaml"
-GROUP, VERSION, PLURAL = "deepspeed.ai", "v1alpha1", "deepspeedinferences"
+CRD_FILE = ROOT / "crds" / f"{CRD_NAME}.yaml"
 
 
 class OperatorProcess:
@@ -148,23 +158,21 @@ def worker_pods(
     core: Any, namespace: str, name: str, live_only: bool = True
 ) -> dict[tuple[int, int], Any]:
     """{(group, rank): V1Pod} of the DSI's worker pods (not being deleted by default)."""
-    pods = core.list_namespaced_pod(
-        namespace, label_selector=f"deepspeed.ai/inference={name},deepspeed.ai/role=worker"
-    ).items
+    pods = core.list_namespaced_pod(namespace, label_selector=selector_for(name)).items
     out: dict[tuple[int, int], Any] = {}
     for p in pods:
         if live_only and p.metadata.deletion_timestamp is not None:
             continue
         labels = p.metadata.labels or {}
-        out[(int(labels["deepspeed.ai/group"]), int(labels["deepspeed.ai/rank"]))] = p
+        out[(int(labels[LABEL_GROUP]), int(labels[LABEL_RANK]))] = p
     return out
 
 
 def ray_clusters(custom: Any, namespace: str, name: str) -> list[str]:
     """Names of the RayClusters KubeRay made for the DSI's RayService."""
     items = custom.list_namespaced_custom_object(
-        "ray.io",
-        "v1",
+        RAY_GROUP,
+        RAY_VERSION_API,
         namespace,
         "rayclusters",
         label_selector=f"ray.io/originated-from-cr-name={name}",
@@ -174,9 +182,7 @@ def ray_clusters(custom: Any, namespace: str, name: str) -> list[str]:
 
 def worker_pod_count(core: Any, namespace: str, name: str) -> tuple[int, int]:
     """(live, all) worker pods of the DSI: Terminating pods still hold their GPUs."""
-    pods = core.list_namespaced_pod(
-        namespace, label_selector=f"deepspeed.ai/inference={name},deepspeed.ai/role=worker"
-    ).items
+    pods = core.list_namespaced_pod(namespace, label_selector=selector_for(name)).items
     return sum(1 for p in pods if p.metadata.deletion_timestamp is None), len(pods)
 
 

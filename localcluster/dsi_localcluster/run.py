@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dsi_operator.api.labels import CRD_NAME, LABEL_INFERENCE
+
 from . import cluster, config, statedir
 
 ROOT = config.repo_root()
@@ -35,7 +37,6 @@ PROCESS_SAMPLE = ROOT / "examples" / "tiny-local.yaml"
 KWOK_SAMPLE = ROOT / "examples" / "tiny-gpu-sim.yaml"
 CRD_DIR = ROOT / "crds"
 PID_NAME = "dsi-operator"
-PLURAL = "deepspeedinferences.deepspeed.ai"
 PROCESS_NODE_LABEL = "dsi.local/process-node"
 # Phases past which a kwok-only cluster cannot go (no Ray runs in kwok pods).
 KWOK_SETTLED = {"Forming", "Ready", "Degraded", "Failed"}
@@ -92,7 +93,7 @@ def process_nodes(cfg: config.ClusterConfig) -> list[str]:
 
 def resource_state(cfg: config.ClusterConfig, name: str) -> dict[str, Any]:
     """The resource's status (empty before the operator wrote one)."""
-    out = cluster.kubectl(cfg, "get", PLURAL, name, "-o", "json", check=False)
+    out = cluster.kubectl(cfg, "get", CRD_NAME, name, "-o", "json", check=False)
     if out.returncode != 0:
         return {}
     status: dict[str, Any] = json.loads(out.stdout).get("status") or {}
@@ -101,7 +102,7 @@ def resource_state(cfg: config.ClusterConfig, name: str) -> dict[str, Any]:
 
 def _pods_line(cfg: config.ClusterConfig, name: str) -> str:
     out = cluster.kubectl(
-        cfg, "get", "pods", "-l", f"deepspeed.ai/inference={name}", "-o", "json", check=False
+        cfg, "get", "pods", "-l", f"{LABEL_INFERENCE}={name}", "-o", "json", check=False
     )
     if out.returncode != 0:
         return "pods: ?"

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from dsi_operator.api.labels import CRD_NAME
 from hypothesis import strategies as st
 
-CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / "deepspeedinferences.deepspeed.ai.yaml"
+CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / f"{CRD_NAME}.yaml"
 Schema = dict[str, Any]
 # Keys of free-form maps (labels, selectors): short, label-like, sometimes reserved.
 _MAP_KEYS = st.from_regex(r"[a-z][a-z0-9.-]{0,8}(/[a-z0-9]{1,6})?", fullmatch=True)

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import yaml
 from dsi_localcluster.wait import wait_for
+from dsi_operator.api.labels import BATCH_PLURAL, GROUP, VERSION
 from e2e_stack import ROOT, OperatorProcess, install_crd
 
 SAMPLE = ROOT / "examples" / "tiny-batch-local.yaml"
-PLURAL = "deepspeedbatchinferences"
 ROWS = 3000
 PER_SHARD = 100
 TIMEOUT_S = float(os.environ.get("DSI_E2E_READY_TIMEOUT", "900"))
@@ -38,7 +38,7 @@ class Run:
 
     def status(self) -> dict[str, Any]:
         obj = self.kube.custom.get_namespaced_custom_object(
-            "deepspeed.ai", "v1alpha1", self.ns, PLURAL, self.name
+            GROUP, VERSION, self.ns, BATCH_PLURAL, self.name
         )
         return dict(obj.get("status") or {})
 

@@ -15,12 +15,11 @@ from typing import Any
 import pytest
 from dsi_localcluster.builders import DSIWrapper
 from dsi_localcluster.wait import wait_for
+from dsi_operator.api.labels import API_VERSION, BATCH_KIND, BATCH_PLURAL, GROUP, VERSION
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 pytestmark = pytest.mark.integration
-
-GROUP, VERSION, PLURAL = "deepspeed.ai", "v1alpha1", "deepspeedbatchinferences"
 
 
 def batch_manifest(name: str, tp: int = 2, replicas: int = 2, **spec: Any) -> dict[str, Any]:
@@ -29,8 +28,8 @@ def batch_manifest(name: str, tp: int = 2, replicas: int = 2, **spec: Any) -> di
     base = DSIWrapper(name).on_simulated_gpus().tp(tp).replicas(replicas).spec()
     base.pop("restartPolicy", None)
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "DeepSpeedBatchInference",
+        "apiVersion": API_VERSION,
+        "kind": BATCH_KIND,
         "metadata": {"name": name},
         "spec": {
             **base,
@@ -42,12 +41,14 @@ def batch_manifest(name: str, tp: int = 2, replicas: int = 2, **spec: Any) -> di
 
 
 def _get(kube: Any, namespace: str, name: str) -> dict[str, Any]:
-    return dict(kube.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
+    return dict(
+        kube.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, BATCH_PLURAL, name)
+    )
 
 
 def _refusal(kube: Any, namespace: str, body: dict[str, Any]) -> str:
     with pytest.raises(ApiException) as info:
-        kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+        kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, BATCH_PLURAL, body)
     assert info.value.status == 422, info.value.body
     return str(info.value.body)
 
@@ -72,10 +73,10 @@ def test_bad_batch_specs_are_refused_naming_the_field(
 
 def test_spec_is_immutable(kube: Any, namespace: str, dsi_crd: None) -> None:
     body = batch_manifest("frozen")
-    kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, BATCH_PLURAL, body)
     with pytest.raises(ApiException) as info:
         kube.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, "frozen", {"spec": {"batchSize": 3}}
+            GROUP, VERSION, namespace, BATCH_PLURAL, "frozen", {"spec": {"batchSize": 3}}
         )
     assert info.value.status == 422
     assert "spec is immutable" in str(info.value.body)
@@ -110,13 +111,13 @@ def test_batch_run_renders_a_rayjob_and_reports_progress(
 ) -> None:
     name = "sweep"
     body = batch_manifest(name, tp=2, replicas=2)
-    kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, BATCH_PLURAL, body)
     rayjob = wait_for(
         lambda: _children_ready(kube, namespace, name), 60, "RayJob and status", operator.log_tail
     )
     owner = rayjob["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["controller"]) == (
-        "DeepSpeedBatchInference",
+        BATCH_KIND,
         name,
         True,
     )
@@ -173,7 +174,7 @@ def test_batch_run_finishing_is_reported_with_events(
     those status fields itself: the job cannot really run on kwok nodes."""
     name = "done"
     kube.custom.create_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, batch_manifest(name, tp=1, replicas=1)
+        GROUP, VERSION, namespace, BATCH_PLURAL, batch_manifest(name, tp=1, replicas=1)
     )
     wait_for(lambda: _children_ready(kube, namespace, name), 60, "RayJob", operator.log_tail)
     rj = kube.custom.get_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs", name)
@@ -206,4 +207,4 @@ def test_batch_run_finishing_is_reported_with_events(
         return hits or None
 
     hits = wait_for(event, 30, "JobSucceeded Event", operator.log_tail)
-    assert hits[0].involved_object.kind == "DeepSpeedBatchInference"
+    assert hits[0].involved_object.kind == BATCH_KIND

@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from dsi_localcluster.harness import GROUP, PLURAL, VERSION, dsi_manifest
+from dsi_localcluster.harness import dsi_manifest
 from dsi_localcluster.wait import wait_for
+from dsi_operator.api.labels import GROUP, PLURAL, VERSION
 
 pytestmark = pytest.mark.integration
 

@@ -9,16 +9,9 @@ import time
 from typing import Any
 
 import pytest
-from dsi_localcluster.harness import (
-    GROUP,
-    PLURAL,
-    VERSION,
-    all_running,
-    dsi_manifest,
-    get_dsi,
-    worker_pods,
-)
+from dsi_localcluster.harness import all_running, dsi_manifest, get_dsi, worker_pods
 from dsi_localcluster.wait import wait_for
+from dsi_operator.api.labels import GROUP, PLURAL, VERSION
 from kubernetes.client.rest import ApiException
 
 pytestmark = pytest.mark.integration

@@ -12,14 +12,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from dsi_localcluster.harness import (
-    GROUP,
-    PLURAL,
-    VERSION,
-    dsi_manifest,
-    get_dsi,
-)
+from dsi_localcluster.harness import dsi_manifest, get_dsi
 from dsi_localcluster.wait import wait_for
+from dsi_operator.api.labels import GROUP, PLURAL, VERSION
 from kubernetes.client.rest import ApiException
 
 pytestmark = pytest.mark.integration

@@ -12,17 +12,9 @@ from typing import Any
 
 import pytest
 from dsi_localcluster import faults
-from dsi_localcluster.harness import (
-    GROUP,
-    PLURAL,
-    VERSION,
-    all_running,
-    dsi_manifest,
-    formed_pods,
-    get_dsi,
-    worker_pods,
-)
+from dsi_localcluster.harness import all_running, dsi_manifest, formed_pods, get_dsi, worker_pods
 from dsi_localcluster.wait import wait_for
+from dsi_operator.api.labels import GROUP, PLURAL, VERSION
 
 pytestmark = pytest.mark.integration
 

@@ -8,16 +8,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from dsi_localcluster.harness import (
-    GROUP,
-    PLURAL,
-    VERSION,
-    dsi_manifest,
-    formed_pods,
-    get_dsi,
-)
+from dsi_localcluster.harness import dsi_manifest, formed_pods, get_dsi
 from dsi_localcluster.manifests import GPU_NODE_PREFIX
 from dsi_localcluster.wait import wait_for
+from dsi_operator.api.labels import GROUP, PLURAL, VERSION
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from dsi_localcluster.harness import GROUP, PLURAL, VERSION, all_running, dsi_manifest, worker_pods
+from dsi_localcluster.harness import all_running, dsi_manifest, worker_pods
 from dsi_localcluster.wait import wait_for
+from dsi_operator.api.labels import GROUP, PLURAL, VERSION
 
 pytestmark = pytest.mark.integration
 

@@ -44,15 +44,15 @@ from typing import Any
 
 import pytest
 import yaml
-from dsi_localcluster.harness import dsi_manifest, formed_pods, free_port, get_dsi, worker_pods
+from dsi_localcluster.harness import dsi_manifest, formed_pods, get_dsi, worker_pods
 from dsi_localcluster.wait import wait_for
+from dsi_operator.api.labels import BATCH_PLURAL, GROUP, PLURAL, VERSION
+from dsi_worker.ports import free_port
 from test_batch_api import batch_manifest
 from test_helm import CHART, Helm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from test_chart import documented_permissions  # noqa: E402
-
-GROUP, VERSION, PLURAL = "deepspeed.ai", "v1alpha1", "deepspeedinferences"
 
 # --- a recording reverse proxy ------------------------------------------------------------
 
@@ -590,13 +590,11 @@ def run_batch_scenario(kube: Any, namespace: str, name: str, log_tail: Callable[
     RoleBinding, ServiceAccount) appear, and progress written into the ConfigMap reaches the
     status (the operator reads the ConfigMap by name)."""
     body = batch_manifest(name, tp=1, replicas=1)
-    kube.custom.create_namespaced_custom_object(
-        GROUP, VERSION, namespace, "deepspeedbatchinferences", body
-    )
+    kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, BATCH_PLURAL, body)
 
     def status() -> dict[str, Any]:
         obj = kube.custom.get_namespaced_custom_object(
-            GROUP, VERSION, namespace, "deepspeedbatchinferences", name
+            GROUP, VERSION, namespace, BATCH_PLURAL, name
         )
         return dict(obj.get("status") or {})
 

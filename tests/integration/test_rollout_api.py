@@ -13,9 +13,6 @@ from typing import Any
 
 import pytest
 from dsi_localcluster.harness import (
-    GROUP,
-    PLURAL,
-    VERSION,
     dsi_manifest,
     formed_pods,
     get_dsi,
@@ -24,6 +21,7 @@ from dsi_localcluster.harness import (
     worker_pods,
 )
 from dsi_localcluster.wait import sampling, wait_for
+from dsi_operator.api.labels import GROUP, PLURAL, VERSION
 
 pytestmark = pytest.mark.integration
 

@@ -10,17 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from dsi_localcluster.harness import (
-    GROUP,
-    PLURAL,
-    VERSION,
-    dsi_manifest,
-    formed_pods,
-    get_dsi,
-    ray_clusters,
-    worker_pods,
-)
+from dsi_localcluster.harness import dsi_manifest, formed_pods, get_dsi, ray_clusters, worker_pods
 from dsi_localcluster.wait import wait_for
+from dsi_operator.api.labels import GROUP, PLURAL, VERSION
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ import json
 from typing import Any
 
 import pytest
-from dsi_localcluster.harness import GROUP, PLURAL, VERSION
 from dsi_localcluster.specfuzz import field_of, invalid_specs, valid_specs
+from dsi_operator.api.labels import GROUP, PLURAL, VERSION
 from dsi_operator.api.spec import parse_spec
 from dsi_operator.serving.render import render_children
 from hypothesis import HealthCheck, given, settings
