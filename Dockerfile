@@ -9,7 +9,7 @@
 # use; replace the registry with yours and push.
 #
 # The machines this project is developed and tested on have no Docker engine: CI lints this
-# file with hadolint (tests/unit/test_dockerfile.py) but never builds it. hack/kind-e2e.sh
+# file with hadolint (tests/tools/test_chart_images.py) but never builds it. hack/kind-e2e.sh
 # builds both targets on a machine that has Docker.
 #
 # Both base images are pinned by tag; pin them by digest too (FROM image:tag@sha256:...)

@@ -71,18 +71,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["debug", "info", "warning", "error"],
         help="log level (default info)",
     )
-    p.add_argument(
+    # Standalone is the default (the chart passes --standalone explicitly); naming both flags
+    # is an error rather than the last one silently winning.
+    peering = p.add_mutually_exclusive_group()
+    peering.add_argument(
         "--standalone",
-        action="store_true",
-        default=True,
-        help="no kopf peering (the default: run a single replica)",
+        dest="standalone",
+        action="store_const",
+        const=True,
+        help="no kopf peering: run a single replica (the default)",
     )
-    p.add_argument(
+    peering.add_argument(
         "--peering",
         dest="standalone",
-        action="store_false",
+        action="store_const",
+        const=False,
         help="use kopf peering (needs kopf's peering CRDs installed)",
     )
+    p.set_defaults(standalone=True)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p.parse_args(argv)
 

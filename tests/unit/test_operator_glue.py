@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from dsi_operator.__main__ import _exact, parse_args
 from dsi_operator.runtime.execute import AppliedChildren, ChildrenScope, children_for_pass
 from dsi_operator.runtime.workqueue import Scheduler
@@ -188,6 +189,10 @@ def test_cli() -> None:
         ]
     )
     assert a.namespace == ["x", "y"] and a.metrics_port == 9090
+    assert parse_args(["--standalone"]).standalone is True
+    assert parse_args(["--peering"]).standalone is False
+    with pytest.raises(SystemExit):
+        parse_args(["--standalone", "--peering"])  # not "the last one wins"
     assert _exact(["x", "y"]) and not _exact(["team-*"]) and not _exact([])
 
 

@@ -9,8 +9,8 @@ from typing import Any
 from dsi_operator.serving.preflight import (
     ClusterFacts,
     GPUNeeds,
+    capacity_condition,
     evaluate,
-    gpu_capacity,
     kuberay_condition,
     node_fits,
     toleration_matches,
@@ -96,7 +96,8 @@ def test_cluster_policy_not_ready() -> None:
 def test_capacity_counts_per_node() -> None:
     # two nodes with 3 GPUs each hold two 2-GPU ranks in total, not three
     nodes = [node("a", 3), node("b", 3)]
-    assert gpu_capacity(nodes, needs(3, per=2)) == (2, 2, 6)
+    cond = capacity_condition(nodes, needs(3, per=2))
+    assert "6 allocatable nvidia.com/gpu on 2 matching node(s) fit 2 rank pod(s)" in cond.message
     r = evaluate(True, None, nodes, needs(3, per=2))
     c = conds(r)["GPUCapacity"]
     assert c.status == "False" and c.reason == "Insufficient"
@@ -117,8 +118,10 @@ def test_node_filters() -> None:
     custom = GPUNeeds(
         tp=1, resource_name="nvidia.com/mig-1g.10gb", node_selector={}, tolerations=TOL
     )
-    assert gpu_capacity([node("m", 7, resource="nvidia.com/mig-1g.10gb")], custom)[0] == 7
-    assert gpu_capacity([node("m", 7)], custom)[0] == 0
+    mig = capacity_condition([node("m", 7, resource="nvidia.com/mig-1g.10gb")], custom)
+    assert "fit 7 group(s)" in mig.message
+    plain = capacity_condition([node("m", 7)], custom)
+    assert plain.status == "False" and "0 allocatable" in plain.message
 
 
 def test_toleration_rules() -> None:

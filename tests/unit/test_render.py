@@ -26,7 +26,6 @@ from dsi_operator.serving import render
 from dsi_operator.serving.render import (
     NCCL_DEFAULTS,
     expected_pods,
-    expected_ranks,
     head_hash,
     render_body,
     render_children,
@@ -594,12 +593,6 @@ def test_hash_does_not_depend_on_name_or_namespace() -> None:
 
 
 def test_helpers() -> None:
-    assert expected_ranks(parse_spec(_spec(tensorParallelSize=2, replicas=2))) == [
-        (0, 0),
-        (0, 1),
-        (1, 0),
-        (1, 1),
-    ]
     assert L.group_of_pod({L.LABEL_GROUP: "3", L.LABEL_RANK: "1", L.LABEL_ROLE: "worker"}) == (
         3,
         1,

@@ -117,15 +117,6 @@ def _node_gpus(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> list[int]
     return out
 
 
-def gpu_capacity(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> tuple[int, int, int]:
-    """(worker pods that fit, matching nodes, allocatable GPUs on them).
-
-    Counted per node: a node with 3 GPUs holds one 2-GPU pod, not 1.5; a pod of several ranks
-    needs all its GPUs on one node.
-    """
-    return _capacity(_node_gpus(nodes, needs), needs)
-
-
 def _domain_groups(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> dict[str, int]:
     """Whole groups each topology domain holds (domains named by the group-domain label).
 
@@ -170,6 +161,9 @@ def _domain_condition(nodes: Sequence[Mapping[str, Any]], needs: GPUNeeds) -> Co
 
 
 def _capacity(allocs: Sequence[int], needs: GPUNeeds) -> tuple[int, int, int]:
+    """(worker pods that fit, matching nodes, allocatable GPUs on them) from each matching
+    node's GPUs. Counted per node: a node with 3 GPUs holds one 2-GPU pod, not 1.5; a pod of
+    several ranks needs all its GPUs on one node."""
     per = max(needs.gpus_per_pod, 1)
     return sum(a // per for a in allocs), len(allocs), sum(allocs)
 

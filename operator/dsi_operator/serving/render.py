@@ -91,11 +91,6 @@ def owner_reference(name: str, uid: str, kind: str = L.KIND) -> dict[str, Any]:
     }
 
 
-def expected_ranks(s: DeepSpeedInferenceSpec) -> list[tuple[int, int]]:
-    """Every (group, rank) the spec asks for, in order."""
-    return [(g, r) for g in range(s.replicas) for r in range(s.tensor_parallel_size)]
-
-
 def expected_pods(s: DeepSpeedInferenceSpec) -> list[tuple[int, int]]:
     """Every (group, pod index) the spec asks for, in order (pod = rank at one rank per pod)."""
     return [(g, p) for g in range(s.replicas) for p in range(s.pods_per_group)]
