@@ -292,7 +292,8 @@ class Controller:
         """Step: everything the pass plans from (preflight facts are cached)."""
         parsed = self.parsed(body)
         pre = await self.preflight(parsed)
-        return Pass(key, cause, body, parsed, pre, self.observe(key, body, pre))
+        current = self.children(key, parsed, _uid(body))[1]
+        return Pass(key, cause, body, parsed, pre, self.observe(key, body, pre), current)
 
     def plan_pass(self, ps: Pass, reason: str) -> None:
         """Step: the pure plan of ``ps.obs``; ``reason`` says why (once per pass, then only
@@ -309,7 +310,6 @@ class Controller:
     def nothing_to_write(self, ps: Pass) -> bool:
         """Step: whether the plan writes nothing (no status, pods, children, Events, nudge)."""
         p, key = ps.plan, ps.key
-        ps.children_current = self.children(key, ps.parsed, _uid(ps.body))[1]
         return (
             not p.patch
             and not p.acts

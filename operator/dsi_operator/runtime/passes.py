@@ -115,9 +115,10 @@ class Pass:
     parsed: Parsed
     pre: PreflightResult | None
     obs: Observed
+    #: Whether the children are up to date with the spec, as the pass found them.
+    children_current: bool = False
     plan: Plan = field(init=False)
     #: Why each plan of this pass ran: :data:`PLANNED`, then any :class:`Replan`.
     plans: list[str] = field(default_factory=list)
-    children_current: bool = False
     #: When the pass began to write (monotonic seconds); None while it only read.
     started: float | None = None
