@@ -112,12 +112,12 @@ def test_batch_progress_round_trips_through_the_configmap() -> None:
         "rowsPerSecond": "1.3",
         "progressUpdatedAt": "2026-12-05T10:00:01Z",
     }
-    back = BatchProgress.from_configmap(data)
+    back = BatchProgress.read(data)
     assert back.reported() == {
         "rowsDone": 7,
         "rowsTotal": 20,
         "rowsPerSecond": "1.3",
         "progressUpdatedAt": "2026-12-05T10:00:01Z",
     }
-    bad = BatchProgress.from_configmap({"rowsDone": "-4", "shardsDone": "lots"})
+    bad = BatchProgress.read({"rowsDone": "-4", "shardsDone": "lots"})
     assert bad.reported() == {"rowsDone": 0}

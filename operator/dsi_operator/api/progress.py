@@ -2,10 +2,10 @@
 
 The job's driver (``dsi_worker.batch.progress``) fills a :class:`BatchProgress` and writes it
 into the progress ConfigMap (:meth:`BatchProgress.configmap_data`: camelCase keys, string
-values); the operator reads that back (:meth:`BatchProgress.from_configmap`) and copies it
-into the resource's status, whose model (``DeepSpeedBatchInferenceStatus``) extends this one.
-So every progress field, its ConfigMap key, its status key and its CRD description are
-declared here once.
+values); the operator reads that back (:meth:`BatchProgress.read`, as it reads the progress
+part of the status it wrote before) and copies it into the resource's status, whose model
+(``DeepSpeedBatchInferenceStatus``) extends this one. So every progress field, its ConfigMap
+key, its status key and its CRD description are declared here once.
 
 Import-light on purpose: the worker image imports this module (pydantic only).
 """
@@ -81,7 +81,7 @@ class BatchProgress(BaseModel):
         return {k: str(v) for k, v in dumped.items()}
 
     @classmethod
-    def from_configmap(cls, data: Mapping[str, Any] | None) -> BatchProgress:
+    def read(cls, data: Mapping[str, Any] | None) -> BatchProgress:
         """What the driver wrote, or the progress part of a stored status. Values that do
         not parse are left unset: the driver's report is input, not trusted to be well
         formed (``model_fields_set`` says which fields it did report)."""

@@ -51,7 +51,7 @@ def progress_fields(data: Mapping[str, Any] | None) -> dict[str, Any]:
     """Status fields from a progress report (the ConfigMap's data, or the progress part of
     a stored status); values that do not parse are left out (the driver's report is input,
     not trusted to be well formed). ``progress`` is recomputed when ``rowsDone`` is given."""
-    reported = BatchProgress.from_configmap(data)
+    reported = BatchProgress.read(data)
     out = reported.reported()
     if "rows_done" in reported.model_fields_set:
         out["progress"] = progress_text(reported.rows_done, reported.rows_total)
@@ -138,7 +138,7 @@ def compute_batch_status(inp: BatchInputs) -> dict[str, Any]:
     phase, message = phase_of(inp.rayjob)
     new: dict[str, Any] = {
         # Progress survives a RayJob that is gone (a finished run's cluster is deleted).
-        **BatchProgress.from_configmap(old).reported(),
+        **BatchProgress.read(old).reported(),
         **progress_fields(inp.progress),
         "phase": phase.value,
         "message": message,
