@@ -121,3 +121,13 @@ def test_batch_progress_round_trips_through_the_configmap() -> None:
     }
     bad = BatchProgress.read({"rowsDone": "-4", "shardsDone": "lots"})
     assert bad.reported() == {"rowsDone": 0}
+
+
+def test_progress_from_a_driver_of_the_previous_release_keeps_its_time() -> None:
+    # A job started before an operator upgrade writes the time under its old key.
+    old = BatchProgress.read({"rowsDone": "3", "updatedAt": "2026-12-05T10:00:01Z"})
+    assert old.reported() == {"rowsDone": 3, "progressUpdatedAt": "2026-12-05T10:00:01Z"}
+    both = BatchProgress.read(
+        {"updatedAt": "2026-12-05T09:00:00Z", "progressUpdatedAt": "2026-12-05T10:00:01Z"}
+    )
+    assert both.reported()["progressUpdatedAt"] == "2026-12-05T10:00:01Z"

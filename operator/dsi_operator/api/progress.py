@@ -85,7 +85,12 @@ class BatchProgress(BaseModel):
         """What the driver wrote, or the progress part of a stored status. Values that do
         not parse are left unset: the driver's report is input, not trusted to be well
         formed (``model_fields_set`` says which fields it did report)."""
-        return validate_leniently(cls, dict(data or {}))
+        raw = dict(data or {})
+        # Drivers of 0.1.0 wrote the time as "updatedAt"; a job started before
+        # an operator upgrade keeps writing that key until its run ends.
+        if "updatedAt" in raw and "progressUpdatedAt" not in raw:
+            raw["progressUpdatedAt"] = raw.pop("updatedAt")
+        return validate_leniently(cls, raw)
 
     def reported(self) -> dict[str, Any]:
         """The fields that are set, as status values (camelCase, JSON)."""
