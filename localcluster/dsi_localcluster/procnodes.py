@@ -18,6 +18,7 @@ from typing import Any
 
 from . import config
 from .kubelet import dns, runtime
+from .kubelet.agent import LABEL
 from .kubelet.netns import Network, kill_netns_processes, netns_name
 from .statedir import Paths, read_pidfile, write_pidfile
 
@@ -77,7 +78,7 @@ def start_agent(cfg: config.ClusterConfig, index: int) -> int:
 def nodes_ready(core: Any, names: list[str]) -> tuple[bool, str]:
     """Whether every named node reports Ready=True."""
     ready = set()
-    for n in core.list_node(label_selector="dsi.local/process-node=true").items:
+    for n in core.list_node(label_selector=f"{LABEL}=true").items:
         if any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or []):
             ready.add(n.metadata.name)
     missing = sorted(set(names) - ready)

@@ -31,13 +31,13 @@ from typing import Any
 from dsi_operator.api.labels import CRD_NAME, LABEL_INFERENCE
 
 from . import cluster, config, statedir
+from .kubelet.agent import LABEL as PROCESS_NODE_LABEL
 
 ROOT = config.repo_root()
 PROCESS_SAMPLE = ROOT / "examples" / "tiny-local.yaml"
 KWOK_SAMPLE = ROOT / "examples" / "tiny-gpu-sim.yaml"
 CRD_DIR = ROOT / "crds"
 PID_NAME = "dsi-operator"
-PROCESS_NODE_LABEL = "dsi.local/process-node"
 # Phases past which a kwok-only cluster cannot go (no Ray runs in kwok pods).
 KWOK_SETTLED = {"Forming", "Ready", "Degraded", "Failed"}
 PROMPT = "The quick brown fox"

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dsi_worker import tiny_model
+
 log = logging.getLogger(__name__)
 
 #: The context length assumed when the model's config names none.
@@ -23,8 +25,6 @@ _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length"
 def resolve_model_path(model: str | None) -> str:
     """``None`` -> the tiny test model (built on first use); anything else unchanged."""
     if model is None or model in ("tiny", "dsi-tiny-llama"):
-        from dsi_worker import tiny_model
-
         return str(tiny_model.build())
     return model
 
