@@ -158,7 +158,7 @@ def test_kernel_inject_refused_by_name_for_llama() -> None:
 
 
 def test_a_denormal_temperature_decodes_greedily_instead_of_failing(tiny_model_dir: Path) -> None:
-    # Found by tests/worker/test_api_fuzz.py: temperature 5e-324 passed validation (> 0),
+    # Found by tests/worker/contract/test_api_fuzz.py: temperature 5e-324 passed validation (> 0),
     # divided the logits into inf, and the sampling error failed the whole group.
     tok = load_tokenizer(str(tiny_model_dir))
     eng = RankEngine(str(tiny_model_dir), dtype="float32", device="cpu", dist_env=DistEnv())

@@ -8,12 +8,12 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from .conftest import MAX_INFLIGHT
 
 pytestmark = pytest.mark.worker
 
@@ -21,17 +21,14 @@ pytestmark = pytest.mark.worker
 BURST = 1000
 BURST_TIMEOUT_S = 120.0
 BUSY = {429, 503}
-# Admission limit of the served app: a burst of BURST must meet it.
-MAX_INFLIGHT = 200
 OK_BODY = {"model": "tiny", "prompt": "hello", "max_tokens": 1}
 CHAT_MSGS = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def url(tiny_model_dir: Path, tiny_server: Callable[..., Any]) -> Iterator[str]:
-    """One TP 1 group of the tiny model behind Serve, with a low admission limit."""
-    with tiny_server(tiny_model_dir, max_inflight_requests=MAX_INFLIGHT) as base:
-        yield base
+def url(contract_url: str) -> str:
+    """The package's served app (one TP 1 group, admission limit MAX_INFLIGHT)."""
+    return contract_url
 
 
 def openai_error(r: httpx.Response, statuses: set[int], param: str | None = None) -> dict[str, Any]:

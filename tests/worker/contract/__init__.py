@@ -1,0 +1,1 @@
+"""The HTTP contract of the served app: one served tiny model shared by these modules."""
