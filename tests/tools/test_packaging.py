@@ -137,7 +137,9 @@ def test_operator_wheel_is_the_whole_operator_and_nothing_else(wheels: dict[str,
     assert "dsi_operator/__main__.py" in w.files  # the image's ENTRYPOINT: python -m dsi_operator
 
 
-def test_worker_wheel_is_the_worker_and_the_operator_modules_it_imports(wheels: dict[str, Wheel]) -> None:
+def test_worker_wheel_is_the_worker_and_the_operator_modules_it_imports(
+    wheels: dict[str, Wheel],
+) -> None:
     w = wheels["worker"]
     assert w.top_level() == {"dsi_worker", "dsi_operator"}
     assert w.python_files("dsi_worker") == source_files("dsi_worker")
