@@ -65,7 +65,7 @@ class Step:
     def run(self, stream: bool) -> int:
         """Run to the end; stream the output live, or keep it for :meth:`show`."""
         t0 = time.monotonic()
-        with self.log.open("w") as out:
+        with self.log.open("w", buffering=1) as out:  # line-buffered: tail -f works
             proc = subprocess.Popen(
                 self.argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
             )
