@@ -19,8 +19,9 @@ import kopf
 
 from dsi_operator._version import __version__
 from dsi_operator.runtime import (
+    batch_handlers,  # noqa: F401 - imported to register the batch kind's kopf handlers
     handlers,
-    metrics,  # noqa: F401 - batch_handlers registers the batch kind
+    metrics,
 )
 from dsi_operator.runtime.kube import default_kubeconfig
 

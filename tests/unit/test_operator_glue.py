@@ -276,3 +276,15 @@ def test_a_new_resource_gets_its_rayservice_alone_first() -> None:
     # A full apply recorded: everything (the pass only runs when something changed).
     full = AppliedChildren("u1", "h1")
     assert children_for_pass(children, full, "u1", "h1", first=False, kept=False) == children
+
+
+def test_the_operator_process_watches_both_kinds() -> None:
+    # The batch kind's handlers are registered only by importing their module: the entry
+    # point must import it (a lint fix once dropped that "unused" import).
+    import dsi_operator.__main__  # noqa: F401
+    import kopf
+
+    registry = kopf.get_default_registry()
+    selectors = [h.selector for h in registry._watching.get_all_handlers() if h.selector]
+    watched = {s.plural or s.any_name for s in selectors}
+    assert {"deepspeedinferences", "deepspeedbatchinferences", "rayjobs"} <= watched
