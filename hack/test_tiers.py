@@ -21,8 +21,8 @@ Phases run one after another; the steps inside a phase run at the same time:
 
 The worker, integration and e2e tiers are CPU-bound on a 2-core machine, so overlapping them
 does not pay: run side by side on a fresh clone (2026-12-07), worker took 29:40 and
-integration 21:05, against about 10 and 13 minutes when each ran alone, and the Ray tests'
-timing bounds got tight.
+integration 21:05, against an estimated 10 and 13 minutes alone (from the per-test
+durations of the last serial run), and the Ray tests' timing bounds got tight.
 
 The output of steps that overlap is kept in files under ``.ci-logs/`` and printed whole when
 the step ends, so the log reads tier by tier. Every tier's pytest prints ``--durations=25``.
