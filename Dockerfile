@@ -24,7 +24,7 @@ ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cu128
 # ---------------------------------------------------------------------------------------
 # wheel: builds one wheel per image, each from its own pyproject.toml: dsi-operator
 # (operator/) and dsi-worker (worker/, with the few pure dsi_operator modules it imports).
-# Neither holds dsi_localcluster or the dev/test tools; tests/unit/test_packaging.py checks
+# Neither holds dsi_localcluster or the dev/test tools; tests/tools/test_packaging.py checks
 # the wheels' files and Requires-Dist.
 # ---------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS wheel

@@ -66,7 +66,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/*
 RBAC rules for the namespaced resources the operator reads and writes. docs/rbac.md holds
-the same table with the reason for every verb; tests/unit/test_chart.py checks the two are
+the same table with the reason for every verb; tests/tools/test_chart.py checks the two are
 equal, and tests/integration/test_rbac.py checks every verb is used by the operator.
 */}}
 {{- define "dsi-operator.namespacedRules" -}}
