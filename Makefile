@@ -76,7 +76,7 @@ test-integration: binaries
 test-e2e: binaries
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
-# Every tier (lint, unit, tools, worker, integration, e2e), cheapest first, the cluster starting early;
+# Every tier (lint, unit, tools, worker, integration, e2e), cheapest first, overlapped where it pays;
 # a table of each tier's wall time at the end (hack/test_tiers.py). TIERS=unit,tools for a subset.
 test: venv binaries
 	$(PY) hack/test_tiers.py $(if $(TIERS),--only $(TIERS)) $(PYTEST_ARGS)
