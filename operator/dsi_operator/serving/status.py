@@ -83,6 +83,34 @@ def group_states_from_status(status: Mapping[str, Any] | None) -> dict[int, Grou
 # --- applying decisions to bookkeeping ---------------------------------------------------------
 
 
+def _restarting(
+    state: GroupStatus, decision: Restart, policy: RestartPolicySpec, now: datetime
+) -> GroupStatus:
+    """A restart starts: marked in progress with the UIDs to replace, membership cleared;
+    counted (budget and history) unless it is a rollout's."""
+    replacing = state.model_copy(
+        update={
+            "restarting_since": now,
+            "restart_trigger": decision.trigger,
+            "restart_pods": decision.pods,
+            "members": (),
+            "forming_pods": (),
+            "formed_at": None,
+            "forming_since": None,
+        }
+    )
+    if not decision.counted:  # a rollout replacing the group: no budget, no history
+        return replacing
+    return replacing.model_copy(
+        update={
+            "restarts": state.restarts + 1,
+            "restart_times": tuple(recent_restarts(state, policy, now)) + (now,),
+            "last_restart_time": now,
+            "last_restart_reason": f"{decision.trigger}: {decision.reason}",
+        }
+    )
+
+
 def advance_group(
     state: GroupStatus,
     decision: Decision,
@@ -100,27 +128,7 @@ def advance_group(
       clock once every pod of the group is Running (scheduled, containers started).
     """
     if isinstance(decision, Restart):
-        replacing = state.model_copy(
-            update={
-                "restarting_since": now,
-                "restart_trigger": decision.trigger,
-                "restart_pods": decision.pods,
-                "members": (),
-                "forming_pods": (),
-                "formed_at": None,
-                "forming_since": None,
-            }
-        )
-        if not decision.counted:  # a rollout replacing the group: no budget, no history
-            return replacing
-        return replacing.model_copy(
-            update={
-                "restarts": state.restarts + 1,
-                "restart_times": tuple(recent_restarts(state, policy, now)) + (now,),
-                "last_restart_time": now,
-                "last_restart_reason": f"{decision.trigger}: {decision.reason}",
-            }
-        )
+        return _restarting(state, decision, policy, now)
     if isinstance(decision, RestartDone):
         present = {p.uid for p in pods}
         state = state.model_copy(
