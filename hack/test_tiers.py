@@ -21,8 +21,9 @@ Phases run one after another; the steps inside a phase run at the same time:
 3. e2e alone: integration stops kube-apiserver and etcd on purpose, which e2e must not see,
    and e2e's Ray processes need the CPUs.
 
-Measured on two fresh clones a few commits apart (2026-12-07, this 2-core machine): worker took
-26:40 alone and 29:40 beside integration, which took 21:05; side by side saves about 18 min.
+Measured on two fresh clones a few commits apart (2026-12-07, this 2-core machine): alone,
+worker took 26:40 and integration 14:55 (41:35 in a row); side by side 29:40 and 21:05, so
+the phase takes 29:40 and saves about 12 minutes.
 
 The output of steps that overlap is kept in files under ``.ci-logs/`` and printed whole when
 the step ends, so the log reads tier by tier. Every tier's pytest prints ``--durations=25``.
