@@ -34,6 +34,8 @@ from dsi_localcluster import cluster as lc
 from dsi_localcluster import config as lcconfig
 from dsi_localcluster import faults, statedir
 from dsi_localcluster.harness import OperatorProcess, get_dsi, worker_pods
+from dsi_localcluster.kubelet.netns import netns_name
+from dsi_localcluster.leftovers import cmdline, netns_pids, wait_gone
 
 GROUPS = (0, 1)
 PROMPT = "The quick brown fox"
@@ -273,30 +275,9 @@ def _signal(pid: int, sig: signal.Signals) -> None:
         pass
 
 
-def netns_of(uid: str) -> str:
-    """The network namespace of a pod on a process node (dsi_localcluster.kubelet.netns)."""
-    return "dsi-" + uid.replace("-", "")[:12]
-
-
-def netns_pids(netns: str) -> list[int]:
-    """Processes living in a network namespace."""
-    out = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split() if p.isdigit()]
-
-
-def cmdline(pid: int) -> str:
-    """A process's command line ('' once gone)."""
-    try:
-        return (
-            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        )
-    except OSError:
-        return ""
-
-
 def rank_actor_pid(pod: Any) -> int:
     """The ``ray::RankActor`` process of a rank pod, found by the pod's network namespace."""
-    pids = [p for p in netns_pids(netns_of(pod.metadata.uid)) if "ray::RankActor" in cmdline(p)]
+    pids = [p for p in netns_pids(netns_name(pod.metadata.uid)) if "ray::RankActor" in cmdline(p)]
     if not pids:
         raise RuntimeError(f"no ray::RankActor process in pod {pod.metadata.name}")
     return min(pids)
@@ -567,18 +548,6 @@ def table(outcomes: list[Outcome], kinds: tuple[str, ...] = KINDS) -> str:
     return "\n".join(lines)
 
 
-def leaks(cfg: lcconfig.ClusterConfig, uids: set[str]) -> dict[str, list[str]]:
-    """What the torn-down stack left on this host: processes in its pods' network
-    namespaces, those namespaces, and Ray sessions in its pods' directories."""
-    names = {netns_of(u) for u in uids}
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    netns = sorted(n.split()[0] for n in listed.splitlines() if n and n.split()[0] in names)
-    procs = [f"{p} {cmdline(p)[:60]}" for n in netns for p in netns_pids(n)]
-    nodes = cfg.state_dir / "process-nodes" / "nodes"
-    sessions = [str(s) for u in uids for s in nodes.glob(f"*/pods/{u}/tmp/ray/session_2*")]
-    return {"processes": procs, "netns": netns, "ray_sessions": sessions}
-
-
 def sample_manifest() -> dict[str, Any]:
     """The ``make run`` sample with a restart policy a long soak cannot exhaust."""
     import yaml
@@ -646,20 +615,14 @@ def bring_up(
 
 def tear_down(s: Served, timeout: float = 180) -> dict[str, list[str]]:
     """Delete the resource, stop the operator, delete the namespace, wait for its pods to go;
-    then what leaked (see :func:`leaks`)."""
+    then what it left behind (:func:`dsi_localcluster.leftovers.leftovers`)."""
     t = s.target
     s.kubectl(
         "delete", "dsi", t.name, "-n", t.namespace, "--wait=true", "--timeout=120s", check=False
     )
     t.operator.stop()
     s.kubectl("delete", "namespace", t.namespace, "--wait=true", "--timeout=120s", check=False)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = leaks(s.cfg, t.seen_uids)
-        if not any(found.values()):
-            break
-        time.sleep(3)
-    return leaks(s.cfg, t.seen_uids)
+    return wait_gone(s.cfg.state_dir, t.seen_uids, timeout)
 
 
 def make_kubectl(cfg: lcconfig.ClusterConfig) -> Callable[..., Any]:

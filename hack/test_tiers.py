@@ -14,16 +14,18 @@ integration           tests/integration: the control plane       the local clust
 e2e                   tests/e2e: the stack on process nodes      the local cluster, root
 ====================  =========================================  ==========================
 
-Phases run one after another; the steps inside a phase run at the same time:
+Phases run one after another; the lanes inside a phase run at the same time. Worker and e2e
+keep two cores busy (Ray, torch), integration mostly waits on the control plane, so each of the
+two heavy tiers runs beside a part of integration:
 
-1. the local cluster starts (about 30 s of mostly waiting) while lint, unit and tools run,
-2. worker (local Ray, CPU) while integration (the control plane, mostly waiting),
-3. e2e alone: integration stops kube-apiserver and etcd on purpose, which e2e must not see,
-   and e2e's Ray processes need the CPUs.
+1. the local cluster starts (about 30 s of mostly waiting) while lint, unit and tools run;
+2. worker, beside integration's ``cluster-faults`` modules (they stop kube-apiserver, etcd
+   and KubeRay, break nodes, or use the process-backed nodes, which e2e must not see) and
+   then the integration modules of ``INTEGRATION_WITH_WORKER``;
+3. e2e, beside the rest of integration (kwok nodes only, a namespace each).
 
-Measured on two fresh clones a few commits apart (2026-12-07, this 2-core machine): alone,
-worker took 26:40 and integration 14:55 (41:35 in a row); side by side 29:40 and 21:05, so
-the phase takes 29:40 and saves about 12 minutes.
+Measured on this 2-core machine, alone and idle (2026-12-07): worker 12:07, integration
+about 15 minutes, e2e about 20; see ``docs/testing.md`` for the split and its figures.
 
 The output of steps that overlap is kept in files under ``.ci-logs/`` and printed whole when
 the step ends, so the log reads tier by tier. Every tier's pytest prints ``--durations=25``.
@@ -50,6 +52,21 @@ ROOT = Path(__file__).resolve().parent.parent
 LOGS = ROOT / ".ci-logs"
 PY = sys.executable
 TIERS = ("lint", "unit", "tools", "worker", "integration", "e2e")
+#: Integration modules that stop or break parts of the cluster (kube-apiserver, etcd, KubeRay,
+#: nodes) or run pods on the process-backed nodes: never beside e2e, which needs all of them.
+CLUSTER_FAULTS = (
+    "test_control_plane.py",
+    "test_env_faults.py",
+    "test_env_lifecycle.py",
+    "test_process_exec.py",
+    "test_process_nodes.py",
+)
+#: The other integration modules that run beside the worker tier (after CLUSTER_FAULTS); the
+#: rest run beside e2e. Chosen so that both halves end with their heavy tier.
+INTEGRATION_WITH_WORKER = (
+    "test_chaos_short.py",
+    "test_rollout_api.py",
+)
 _PRINT = threading.Lock()
 
 
@@ -106,14 +123,30 @@ def pytest_step(name: str, paths: Sequence[str], extra: Sequence[str]) -> Step:
     return Step(name, [PY, "-m", "pytest", *paths, *extra])
 
 
+def integration_parts(root: Path = ROOT) -> dict[str, list[str]]:
+    """The integration modules in three parts (see :data:`CLUSTER_FAULTS`): every module in
+    exactly one, so that a new module runs beside e2e unless it is listed."""
+    mods = sorted(p.name for p in (root / "tests" / "integration").glob("test_*.py"))
+    first = [m for m in mods if m in CLUSTER_FAULTS]
+    second = [m for m in mods if m in INTEGRATION_WITH_WORKER]
+    rest = [m for m in mods if m not in CLUSTER_FAULTS and m not in INTEGRATION_WITH_WORKER]
+    where = "tests/integration/"
+    return {
+        "cluster-faults": [where + m for m in first],
+        "integration-1": [where + m for m in second],
+        "integration-2": [where + m for m in rest],
+    }
+
+
 def steps(extra: Sequence[str]) -> dict[str, Step]:
-    """Every tier by name."""
+    """Every step by name: one per tier, integration in three (:func:`integration_parts`)."""
+    parts = {name: pytest_step(name, paths, extra) for name, paths in integration_parts().items()}
     return {
         "lint": Step("lint", ["make", "--no-print-directory", "lint"]),
         "unit": pytest_step("unit", ["tests/unit"], extra),
         "tools": pytest_step("tools", ["tests/tools"], extra),
         "worker": pytest_step("worker", ["tests/worker"], extra),
-        "integration": pytest_step("integration", ["tests/integration"], extra),
+        **parts,
         "e2e": pytest_step("e2e", ["tests/e2e"], extra),
     }
 
@@ -167,16 +200,21 @@ class Cluster:
             self.lc.down(self.cfg, quiet=True)
 
 
+#: The tier each step belongs to (``--only`` names tiers).
+TIER_OF = {"cluster-faults": "integration", "integration-1": "integration"}
+TIER_OF["integration-2"] = "integration"
+
+
 def plan(wanted: set[str], all_steps: dict[str, Step]) -> list[list[list[Step]]]:
-    """Phases of lanes of steps, keeping only the wanted tiers."""
+    """Phases of lanes of steps, keeping only the steps of the wanted tiers."""
 
     def keep(names: Sequence[str]) -> list[Step]:
-        return [all_steps[n] for n in names if n in wanted]
+        return [all_steps[n] for n in names if TIER_OF.get(n, n) in wanted]
 
     phases = [
         [keep(["lint", "unit", "tools"])],
-        [keep(["worker"]), keep(["integration"])],
-        [keep(["e2e"])],
+        [keep(["worker"]), keep(["cluster-faults", "integration-1"])],
+        [keep(["e2e"]), keep(["integration-2"])],
     ]
     return [[lane for lane in phase if lane] for phase in phases]
 
@@ -190,7 +228,7 @@ def report(done: Sequence[Step], cluster: Cluster | None, wall: float) -> None:
         print(f"{'cluster-up':12s} {cluster.seconds:8.0f} {'-':>4s}  {state} (overlapped)")
     for s in done:
         print(f"{s.name:12s} {s.seconds:8.0f} {s.rc!s:>4s}  {s.summary}")
-    phases = "lint+unit+tools (cluster starting) | worker || integration | e2e"
+    phases = "lint+unit+tools (cluster starting) | worker || integration 1 | e2e || integration 2"
     print(f"{'all':12s} {wall:8.0f}       phases: {phases}")
     print("=" * 100, flush=True)
 

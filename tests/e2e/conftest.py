@@ -1,7 +1,10 @@
 """The whole stack on process-backed nodes: operator -> KubeRay -> Ray -> DeepSpeed -> HTTP.
 
-One resource is brought up per module (minutes on 2 cores) and shared by its tests, which
-run in file order: each failure test leaves the resource Ready again for the next one.
+Bringing a resource up costs minutes on 2 cores, so one served sample (``stack``) is shared by
+every module that can use it: they run last, in ``SHARED_STACK_ORDER``, and each test leaves it
+Ready again for the next. Modules that need another shape (TP 4 as 2 pods x 2 ranks, a batch
+run) bring up their own first, and tear it down before the shared one starts. The shared
+stack's teardown checks that it left no process, network namespace or Ray session behind.
 """
 
 from __future__ import annotations
@@ -29,11 +32,34 @@ from e2e_stack import (
 _HERE = Path(__file__).resolve().parent
 
 
+#: The modules on the shared ``stack``, in the order they run (after every other e2e
+#: module): the faults first, then scaling and rollouts (they end at TP 1), and the head's
+#: loss last (it restarts every group, and pods of a new Ray cluster may still be settling).
+SHARED_STACK_ORDER = (
+    "test_serving.py",
+    "test_chaos_e2e.py",
+    "test_scaling_e2e.py",
+    "test_head_loss_e2e.py",
+)
+
+
+def _e2e_rank(item: pytest.Item) -> int:
+    """Where a test runs: non-e2e first, then own-stack e2e modules, then the shared stack's."""
+    path = Path(str(item.fspath))
+    if _HERE not in path.parents:
+        return -1
+    if path.name in SHARED_STACK_ORDER:
+        return 1 + SHARED_STACK_ORDER.index(path.name)
+    return 0
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Everything under tests/e2e runs the real stack: mark it so."""
+    """Everything under tests/e2e runs the real stack: mark it so, and run the modules of
+    the shared stack last and in their order (the sort is stable: file order otherwise)."""
     for item in items:
         if _HERE in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.e2e)
+    items.sort(key=_e2e_rank)
 
 
 def _need_process_nodes(kube: Any) -> None:
@@ -49,7 +75,10 @@ def _manifest() -> dict[str, Any]:
     body: dict[str, Any] = yaml.safe_load(SAMPLE.read_text())
     policy = dict(FAST_RESTART_POLICY)
     policy["formationTimeoutSeconds"] = 600
-    policy["maxRestarts"] = 20
+    # Every fault of the session lands on the one shared stack (head loss alone restarts
+    # both groups, sometimes twice): a budget that no sequence of them can spend.
+    policy["maxRestarts"] = 100
+    policy["maxReforms"] = 100
     body["spec"]["restartPolicy"] = policy
     return body
 
@@ -88,13 +117,21 @@ def served(
         kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def stack(
     cluster: Any, kube: Any, kubectl: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    """The sample resource (2 groups x 2 one-rank pods), Ready and answering."""
+    """The sample resource (2 groups x 2 one-rank pods), Ready and answering; shared by the
+    modules in ``SHARED_STACK_ORDER``. Torn down at the end, then checked for leftovers."""
+    from dsi_localcluster import cluster as lc
+    from dsi_localcluster.leftovers import wait_gone
+
     with served(cluster, kube, kubectl, tmp_path_factory.mktemp("e2e"), _manifest()) as st:
         yield st
+        # The pods still there (the head's included) must go too.
+        st.seen_uids |= {p.metadata.uid for p in kube.core.list_namespaced_pod(st.namespace).items}
+    left = wait_gone(lc.running_config(cluster.config).state_dir, st.seen_uids)
+    assert not any(left.values()), f"the shared stack left behind: {left}"
 
 
 @pytest.fixture(scope="module")
@@ -109,18 +146,7 @@ def multi_rank_stack(
         yield st
 
 
-@pytest.fixture(scope="module")
-def scaled_stack(
-    cluster: Any, kube: Any, kubectl: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Stack]:
-    """A 2-group resource of its own for scaling (the other stacks must keep their size)."""
-    body = _manifest()
-    body["metadata"]["name"] = "tiny-scaled"
-    with served(cluster, kube, kubectl, tmp_path_factory.mktemp("e2e-scale"), body) as st:
-        yield st
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference_tokens() -> list[int]:
     """Greedy tokens of the unsharded tiny model for PROMPT, computed in this process."""
     from dsi_worker import tiny_model

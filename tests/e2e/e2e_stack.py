@@ -25,7 +25,15 @@ from dsi_localcluster.wait import events, wait_for
 
 _HERE = Path(__file__).resolve().parent
 
-__all__ = ["Load", "OperatorProcess", "Stack", "background_load", "install_crd", "post"]
+__all__ = [
+    "Load",
+    "OperatorProcess",
+    "Stack",
+    "background_load",
+    "group_restarts",
+    "install_crd",
+    "post",
+]
 
 ROOT = _HERE.parents[1]
 SAMPLE = ROOT / "examples" / "tiny-local.yaml"
@@ -56,14 +64,18 @@ class Stack:
     endpoint: str = ""
     name: str = NAME
     log_dir: Path = field(default_factory=Path)
+    #: Every worker pod UID :meth:`pods` saw: what the teardown checks for leftovers.
+    seen_uids: set[str] = field(default_factory=set)
 
     def dsi(self) -> dict[str, Any]:
         """The resource as a dict."""
         return get_dsi(self.kube.custom, self.namespace, self.name)
 
     def pods(self) -> dict[tuple[int, int], Any]:
-        """{(group, rank): V1Pod} of the live worker pods."""
-        return worker_pods(self.kube.core, self.namespace, self.name)
+        """{(group, rank): V1Pod} of the live worker pods (their UIDs are remembered)."""
+        pods: dict[tuple[int, int], Any] = worker_pods(self.kube.core, self.namespace, self.name)
+        self.seen_uids |= {p.metadata.uid for p in pods.values()}
+        return pods
 
     def uids(self, group: int) -> set[str]:
         """UIDs of the live pods of one group."""
@@ -101,6 +113,12 @@ class Stack:
 
         result: dict[str, Any] = wait_for(answer, timeout, "endpoint answers", dump=self.dump)
         return result
+
+
+def group_restarts(stack: Stack) -> dict[int, int]:
+    """status.groups[].restarts by group index."""
+    groups = (stack.dsi().get("status") or {}).get("groups") or []
+    return {int(g["index"]): int(g.get("restarts", 0)) for g in groups}
 
 
 def _http_failure(e: urllib.error.HTTPError) -> str:

@@ -6,22 +6,22 @@ fault of each of the cheapest kinds (rank pod deleted, the container's main proc
 SIGKILLed, the ``ray::RankActor`` process SIGKILLed) in a seeded order while requests flow
 on /v1/completions and /generate. Every fault must recover; each group's restarts and
 re-forms must move exactly as expected (a pod-level fault: +1 restart of the hit group; a
-rank actor killed in a live pod: +1 re-form, no restart); at least 95% of the requests sent
-during the faults must succeed; and the torn-down stack must leave no process, network
-namespace or Ray session behind. About 3-5 minutes once the stack is up.
+rank actor killed in a live pod: +1 re-form, no restart); and at least 95% of the requests sent
+during the faults must succeed. It runs on the e2e modules' shared stack, whose teardown
+checks that no process, network namespace or Ray session is left behind (``bench_chaos.py
+--real`` checks the same on a stack of its own). About 3-5 minutes.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import pytest
 from dsi_localcluster import cluster as lc
+from e2e_stack import Stack
 from sizes import chaos_faults
 
 SEED = 7
@@ -37,27 +37,15 @@ def _load() -> ModuleType:
     return mod
 
 
-def _need_process_nodes(kube: Any) -> None:
-    if kube.core.list_node(label_selector="dsi.local/process-node=true").items:
-        return
-    if os.geteuid() != 0:
-        pytest.skip("process-backed nodes need root (network namespaces); not root here")
-    pytest.fail("the local cluster has no process-backed nodes (DSI_PROCESS_NODES=0?)")
-
-
-def test_short_chaos_recovers_with_exact_counts(cluster: Any, kube: Any, tmp_path: Path) -> None:
-    _need_process_nodes(kube)
+def test_short_chaos_recovers_with_exact_counts(cluster: Any, stack: Stack) -> None:
     cr = _load()
     cfg = lc.running_config(cluster.config)
-    served = cr.bring_up(cfg, cr.make_kubectl(cfg), tmp_path)
-    outcomes: list[Any] = []
-    try:
-        kinds, n = cr.short_size()
-        n = chaos_faults(n)
-        outcomes = cr.run_chaos(served.target, kinds, SEED, cfg, max_faults=n, timeout=600)
-    finally:
-        log = served.target.operator.log_tail(40)
-        leaked = cr.tear_down(served)
+    target = cr.Target(stack.kube.api, stack.namespace, stack.name, stack.endpoint, stack.operator)
+    kinds, n = cr.short_size()
+    n = chaos_faults(n)
+    outcomes = cr.run_chaos(target, kinds, SEED, cfg, max_faults=n, timeout=600)
+    stack.seen_uids |= target.seen_uids
+    log = target.operator.log_tail(40)
     print("\n" + cr.table(outcomes, kinds))
     assert len(outcomes) == n, f"stopped after {len(outcomes)} faults\n{log}"
     problems = [f"{o.kind} ({o.detail}): {p}" for o in outcomes for p in o.problems]
@@ -65,4 +53,3 @@ def test_short_chaos_recovers_with_exact_counts(cluster: Any, kube: Any, tmp_pat
     ok = sum(o.ok for o in outcomes)
     sent = sum(o.ok + o.failed for o in outcomes)
     assert sent and ok / sent >= 0.95, f"{ok}/{sent} requests ok during the faults"
-    assert not any(leaked.values()), f"left after teardown: {leaked}"

@@ -15,7 +15,7 @@ from typing import Any
 
 from dsi_localcluster.harness import worker_pod_count
 from dsi_localcluster.wait import events, sampling, wait_for
-from e2e_stack import Stack, background_load
+from e2e_stack import Stack, background_load, group_restarts
 
 
 def _health(stack: Stack) -> dict[int, dict[str, Any]]:
@@ -33,11 +33,12 @@ def _scale(stack: Stack, replicas: int) -> None:
     stack.kubectl("scale", "dsi", stack.name, "-n", stack.namespace, f"--replicas={replicas}")
 
 
-def test_scale_down_and_up_leaves_the_staying_group_serving(scaled_stack: Stack) -> None:
-    st = scaled_stack
+def test_scale_down_and_up_leaves_the_staying_group_serving(stack: Stack) -> None:
+    st = stack
     epochs = {g: h["epoch"] for g, h in _health(st).items()}
     assert sorted(epochs) == [0, 1], _health(st)
     g0_pods = st.uids(0)
+    restarts = group_restarts(st)
 
     t0 = time.monotonic()
     with background_load(st) as load:
@@ -73,8 +74,10 @@ def test_scale_down_and_up_leaves_the_staying_group_serving(scaled_stack: Stack)
     assert health[0]["epoch"] == epochs[0], "group 0 re-formed on a scale-up"
     assert st.uids(0) == g0_pods, f"group 0 pods replaced\n{st.dump()}"
     assert load.ok_share() == 1.0, load.summary()
-    groups = (st.dsi().get("status") or {}).get("groups") or []
-    assert [g.get("restarts", 0) for g in groups] == [0, 0], st.dump()
+    # Scaling is not a failure: no group's restart count grew (group 1's record may start
+    # again at 0 when it comes back: it is a new group).
+    after = group_restarts(st)
+    assert after[0] == restarts[0] and after[1] <= restarts[1], st.dump()
 
 
 def _patch_spec(st: Stack, spec: dict[str, Any]) -> None:
@@ -113,10 +116,11 @@ class _PodPeak:
         self.all, self.live = max(self.all, every), max(self.live, live)
 
 
-def test_a_rollout_replaces_one_group_at_a_time_while_requests_flow(scaled_stack: Stack) -> None:
-    st = scaled_stack
+def test_a_rollout_replaces_one_group_at_a_time_while_requests_flow(stack: Stack) -> None:
+    st = stack
     before = {g: st.uids(g) for g in (0, 1)}
     assert all(before.values()), st.dump()
+    restarts = st.dsi()["status"].get("restarts", 0)
     # A change of the worker templates only (the head keeps its pod): /dev/shm's size.
     patch = {"spec": {"gpu": {"sharedMemorySize": "320Mi"}}}
     t0 = time.monotonic()
@@ -141,13 +145,14 @@ def test_a_rollout_replaces_one_group_at_a_time_while_requests_flow(scaled_stack
         f"requests meanwhile: {load.summary()}; peak worker pods {peak.live} live, "
         f"{peak.all} counting Terminating (spec: 4)"
     )
-    assert status["restarts"] == 0, st.dump()
+    assert status.get("restarts", 0) == restarts, st.dump()
     assert peak.live <= 4, f"{peak.live} live worker pods during the rollout"
     assert load.ok_share() == 1.0, load.summary()
 
 
-def test_a_tp_change_rolls_one_group_at_a_time_while_requests_flow(scaled_stack: Stack) -> None:
-    st = scaled_stack
+def test_a_tp_change_rolls_one_group_at_a_time_while_requests_flow(stack: Stack) -> None:
+    st = stack
+    restarts = st.dsi()["status"].get("restarts", 0)
     t0 = time.monotonic()
     with background_load(st) as load:
         _patch_spec(st, {"tensorParallelSize": 1})
@@ -168,5 +173,5 @@ def test_a_tp_change_rolls_one_group_at_a_time_while_requests_flow(scaled_stack:
     print(f"\n[e2e] TP 2 -> 1, one group at a time: {took:.0f}s; requests: {load.summary()}")
     rolls = [e for e in events(st.kube.core, st.namespace) if "GroupRollout" in e]
     assert not any("all groups at once" in e for e in rolls), rolls
-    assert (st.dsi().get("status") or {}).get("restarts") == 0, st.dump()
+    assert (st.dsi().get("status") or {}).get("restarts", 0) == restarts, st.dump()
     assert load.ok_share() == 1.0, load.summary()
