@@ -109,11 +109,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def env_lines(cfg: config.ClusterConfig) -> str:
     """`export` lines for eval: KUBECONFIG, and PATH with the built kubectl and helm first,
-    so the printed hints work on a machine that has neither installed."""
-    bins = cluster.binaries(cfg.cache_dir)
-    dirs = dict.fromkeys(str(p.parent) for p in (bins["kubectl"], build.HELM.binary(cfg.cache_dir)))
-    path = ":".join([*dirs, "$PATH"])
-    return f"export KUBECONFIG={cfg.kubeconfig}\nexport PATH={path}"
+    so the printed hints work on a machine that has neither installed. Only what is built
+    goes on PATH (``make run`` builds kubectl, not helm); a comment says how to build the rest."""
+    tools = {
+        "kubectl": cluster.binaries(cfg.cache_dir)["kubectl"],
+        "helm": build.HELM.binary(cfg.cache_dir),
+    }
+    built = {name: exe for name, exe in tools.items() if exe.exists()}
+    dirs = dict.fromkeys(str(exe.parent) for exe in built.values())
+    lines = [f"export KUBECONFIG={cfg.kubeconfig}", "export PATH=" + ":".join([*dirs, "$PATH"])]
+    component = {"kubectl": build.KUBERNETES.name, "helm": build.HELM.name}
+    lines += [
+        f"# {name} is not built yet: python -m dsi_localcluster build {component[name]}"
+        for name in tools
+        if name not in built
+    ]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

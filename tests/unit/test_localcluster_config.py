@@ -344,3 +344,20 @@ def test_fault_condition_helpers_keep_transition_times() -> None:
     assert statuses[1]["restartCount"] == 4 and statuses[0]["restartCount"] == 0
     with pytest.raises(ValueError, match="no container 'c'"):
         faults._check_container({**pod, "metadata": {"name": "p"}}, "c")
+
+
+def test_env_puts_only_built_tools_on_path_and_says_how_to_build_the_rest(tmp_path: Path) -> None:
+    from dsi_localcluster.__main__ import env_lines
+
+    cfg = config.ClusterConfig(cache_dir=tmp_path)
+    kubectl = cluster.binaries(tmp_path)["kubectl"]
+    kubectl.parent.mkdir(parents=True)
+    kubectl.write_text("")
+    lines = env_lines(cfg).splitlines()
+    assert lines[0] == f"export KUBECONFIG={cfg.kubeconfig}"
+    assert lines[1] == f"export PATH={kubectl.parent}:$PATH"  # helm is not built: not on PATH
+    assert lines[2:] == ["# helm is not built yet: python -m dsi_localcluster build helm"]
+    helm = build.HELM.binary(tmp_path)
+    helm.parent.mkdir(parents=True)
+    helm.write_text("")
+    assert env_lines(cfg).splitlines()[1:] == [f"export PATH={kubectl.parent}:{helm.parent}:$PATH"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,3 +72,19 @@ def test_sigterm_after_load_stops_everything_within_seconds(tmp_path: Path) -> N
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_help_prints_usage_and_starts_no_ray() -> None:
+    """``--help`` used to start a local Ray (and kill it) after printing the usage."""
+    out = subprocess.run(
+        [sys.executable, "-m", "dsi_worker.local", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "usage: python -m dsi_worker.local" in out.stdout
+    # Ray's log lines (timestamped), or local mode's own report of the Ray it stopped.
+    text = out.stdout + out.stderr
+    assert not re.search(r"^\d{4}-\d\d-\d\d \d\d:", text, re.M), text
+    assert "stopped" not in text and "stopping" not in text, text

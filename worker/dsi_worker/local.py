@@ -102,10 +102,8 @@ def parse_cli(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def serve_forever(argv: list[str] | None = None) -> None:
-    """Parse the command line, start Ray and the app, and block."""
-    ns = parse_cli(argv)
-
+def serve_forever(ns: argparse.Namespace) -> None:
+    """Start Ray and the app that the parsed command line ``ns`` asks for, and block."""
     start_ray(ns.groups, ns.tp)
     args = {
         "model": ns.model,
@@ -159,6 +157,8 @@ def shutdown(grace_s: float = SHUTDOWN_GRACE_S) -> list[int]:
         import ray
         from ray import serve
 
+        if not ray.is_initialized():
+            return  # serve.shutdown() would start a Ray only to stop it
         try:
             serve.shutdown()  # type: ignore[no-untyped-call]
         finally:
@@ -179,10 +179,11 @@ def shutdown(grace_s: float = SHUTDOWN_GRACE_S) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     """Command line entry of ``make serve-local``: serve until SIGTERM or Ctrl-C, then stop
     within a bounded time, leaving no Ray process behind."""
+    ns = parse_cli(argv)  # --help and bad arguments exit here, before any Ray starts
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     try:
-        serve_forever(argv)
+        serve_forever(ns)
     except (_Stop, KeyboardInterrupt):
         print("stopping ...", flush=True)
     finally:

@@ -150,8 +150,9 @@ def advance_group(
         state = state.model_copy(
             update={"abandoned_pods": tuple(u for u in state.abandoned_pods if u in present)}
         )
-    # Trim restart times that left the window so the status does not grow without bound; a
-    # write happens only if something else changed too (see compute_status and the merge patch).
+    # The members are recorded once, when the group first has a ready pod per index: a pod
+    # of that set that later fails or vanishes is the group's failure, even if the operator
+    # was down when it happened (restart_times are trimmed to the window in _restarting).
     if not state.members and group_pods_ready(pods, n_pods) and not isinstance(decision, Fail):
         clusters = {p.cluster for p in live_pods(pods)}
         # group_pods_ready: exactly one live pod per index, so members is every index.
