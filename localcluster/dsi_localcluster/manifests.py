@@ -10,9 +10,9 @@ import yaml
 
 from . import config
 
-# A node carrying this annotation is left alone by kwok's node stages (initialize and
-# heartbeat), so a status written by faults.set_node_not_ready stays as written; kwok keeps
-# renewing its Lease, as a kubelet that reports NotReady would.
+# A node carrying this annotation is left alone by kwok's node stages, so a status written by
+# faults.set_node_not_ready stays as written; kwok keeps renewing its Lease, as a kubelet that
+# reports NotReady would.
 NODE_FAULT_ANNOTATION = "localcluster.deepspeed.ai/node-not-ready"
 
 GPU_NODE_PREFIX = "kwok-gpu-"
@@ -81,13 +81,22 @@ def nodes(cfg: config.ClusterConfig) -> list[dict[str, Any]]:
     return out
 
 
+#: kwok stages left out. The status heartbeat fires on a timer of 10-20 minutes set while the
+#: node still matched its selector, and kwok does not check the selector again when it fires:
+#: a node lost (faults.lose_node) in that window came back Ready with every condition
+#: rewritten, took new pods, and was lost again 40 s later (CI, 2026-12-07: two restarts for
+#: one node_lost). The node Lease that kwok renews is what keeps a node Ready (kubelets post
+#: their status every 5 minutes at most too), so nothing needs that heartbeat.
+DROPPED_STAGES = frozenset({"node-heartbeat-with-lease"})
+
+
 def kwok_stages(stage_dir: Path) -> list[dict[str, Any]]:
-    """kwok's own default stages (copied from its module at build time), with node stages
-    taught to skip nodes under an injected NotReady fault."""
+    """kwok's own default stages (copied from its module at build time) but the
+    ``DROPPED_STAGES``, with node stages taught to skip nodes under an injected fault."""
     stages = []
     for path in sorted(stage_dir.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
-            if doc and doc.get("kind") == "Stage":
+            if doc and doc.get("kind") == "Stage" and doc["metadata"]["name"] not in DROPPED_STAGES:
                 stages.append(doc)
     if not stages:
         raise FileNotFoundError(f"no kwok Stage manifests under {stage_dir}")

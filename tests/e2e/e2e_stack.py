@@ -93,8 +93,13 @@ class Stack:
         evs = "\n".join(events(self.kube.core, self.namespace)[-20:])
         return f"status:\n{st}\npods:\n{pods.stdout}\nevents:\n{evs}\n{self.operator.log_tail()}"
 
+    def restarts_total(self) -> int:
+        """status.restarts: every group restart so far (it only grows, also when groups are
+        scaled away, so it can exceed the sum of the groups' own counters)."""
+        return int((self.dsi().get("status") or {}).get("restarts", 0))
+
     def wait_ready(self, timeout: float = READY_TIMEOUT, since_restarts: int = -1) -> None:
-        """Until phase Ready (and, when given, total restarts > since_restarts)."""
+        """Until phase Ready (and, when given, :meth:`restarts_total` > since_restarts)."""
 
         def ready() -> bool:
             st = self.dsi().get("status") or {}

@@ -21,10 +21,13 @@ def restart_events(stack: Stack) -> list[str]:
 
 
 def assert_group_restarted(
-    stack: Stack, hit: int, before: dict[int, set[str]], restarts_before: dict[int, int]
+    stack: Stack,
+    hit: int,
+    before: dict[int, set[str]],
+    restarts_before: dict[int, int],
+    total_before: int,
 ) -> None:
     """Exactly the hit group restarted once, with new pods; the other kept its pods."""
-    total_before = sum(restarts_before.values())
     stack.wait_ready(since_restarts=total_before)
     after = group_restarts(stack)
     for g, n in restarts_before.items():
@@ -75,11 +78,12 @@ def test_ready_and_serves_the_unsharded_models_tokens(
 
 def _fault_cycle(stack: Stack, hit: int, inject: Any, reference: list[int]) -> None:
     before, restarts_before, events_before = snapshot(stack)
+    total_before = stack.restarts_total()
     other = 1 - hit
     with background_load(stack) as load:
         time.sleep(2)
         inject()
-        assert_group_restarted(stack, hit, before, restarts_before)
+        assert_group_restarted(stack, hit, before, restarts_before, total_before)
         # Ready means formed: the hit group answers right away (the ingress polls group
         # state every few seconds), not after re-forming behind a Ready it already claimed.
         ready_at = time.monotonic()
@@ -143,10 +147,11 @@ def test_process_node_lost_restarts_the_groups_it_held(
     node = min(candidates, key=lambda n: len(_groups_on(stack, n)))
     hit = _groups_on(stack, node)
     before, restarts_before, _ = snapshot(stack)
+    total_before = stack.restarts_total()
     try:
         with background_load(stack) as load:
             faults.lose_process_node(node)
-            stack.wait_ready(since_restarts=sum(restarts_before.values()) + len(hit) - 1)
+            stack.wait_ready(since_restarts=total_before + len(hit) - 1)
         after = group_restarts(stack)
         for g in (0, 1):
             assert after[g] == restarts_before[g] + (g in hit), f"group {g}\n{stack.dump()}"

@@ -151,7 +151,16 @@ def test_node_stages_skip_faulted_nodes(tmp_path: Path) -> None:
             }
         )
     )
+    heartbeat = {
+        "apiVersion": "kwok.x-k8s.io/v1alpha1",
+        "kind": "Stage",
+        "metadata": {"name": "node-heartbeat-with-lease"},
+        "spec": {"resourceRef": {"apiGroup": "v1", "kind": "Node"}, "next": {}},
+    }
+    (tmp_path / "node-heartbeat.yaml").write_text(yaml.safe_dump(heartbeat))
     stages = {s["metadata"]["name"]: s for s in manifests.kwok_stages(tmp_path)}
+    # Its delayed timer revived lost nodes: it is left out.
+    assert "node-heartbeat-with-lease" not in stages
     node_exprs = stages["node-initialize"]["spec"]["selector"]["matchExpressions"]
     assert node_exprs[-1] == {
         "key": f'.metadata.annotations["{manifests.NODE_FAULT_ANNOTATION}"]',
