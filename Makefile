@@ -17,6 +17,7 @@ export KUBECONFIG ?= $(CURDIR)/.cluster/kubeconfig
 
 help:
 	@echo "make run            local cluster + CRD + operator + a sample that serves (then asks it)"
+	@echo "make run OPERATOR=helm   the same with the operator installed by the Helm chart, as a pod"
 	@echo "make test           install everything, lint, and run every test (what CI runs)"
 	@echo "make cluster-up     start the local control plane (kubeconfig: .cluster/kubeconfig)"
 	@echo "make cluster-down   stop it and remove its state"
@@ -88,7 +89,7 @@ serve-local: venv
 	$(PY) -m dsi_worker.local $(ARGS)
 
 run: cluster-up
-	$(PY) -m dsi_localcluster.run $(ARGS)
+	$(PY) -m dsi_localcluster.run $(if $(OPERATOR),--operator $(OPERATOR)) $(ARGS)
 
 # Each benchmark writes its figures to bench/results/<name>.json (git-ignored, cleared first so
 # that the page shows this run only); bench/report.py renders docs/performance.md and its plots.

@@ -3,6 +3,8 @@
 Expects ``make cluster-up`` to have run (the Makefile does that first). Installs the CRD,
 starts the operator in the background (pid file next to the cluster's, so ``make
 cluster-down`` stops it too), applies the sample and waits, showing what it waits for.
+``--operator helm`` (``make run OPERATOR=helm``) installs the operator with the Helm chart
+instead, as a pod on a process-backed node in namespace ``dsi-system`` (see ``helmop``).
 
 With process-backed nodes (the default when run as root) the sample is
 ``examples/tiny-local.yaml``: its pods really run (Ray head, Ray workers, DeepSpeed TP=2 over
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,9 +31,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from dsi_operator.api.labels import CRD_NAME, LABEL_INFERENCE
 
-from . import cluster, config, statedir
+from . import cluster, config, helmop, statedir
 from .kubelet.agent import LABEL as PROCESS_NODE_LABEL
 
 ROOT = config.repo_root()
@@ -38,6 +42,8 @@ PROCESS_SAMPLE = ROOT / "examples" / "tiny-local.yaml"
 KWOK_SAMPLE = ROOT / "examples" / "tiny-gpu-sim.yaml"
 CRD_DIR = ROOT / "crds"
 PID_NAME = "dsi-operator"
+#: Where ``--operator helm`` installs the chart.
+HELM_NAMESPACE = "dsi-system"
 # Phases past which a kwok-only cluster cannot go (no Ray runs in kwok pods).
 KWOK_SETTLED = {"Forming", "Ready", "Degraded", "Failed"}
 PROMPT = "The quick brown fox"
@@ -78,6 +84,36 @@ def start_operator(cfg: config.ClusterConfig) -> tuple[int, Path]:
         )
     statedir.write_pidfile(pidfile, proc.pid, Path(sys.executable))
     return proc.pid, log
+
+
+def stop_operator(cfg: config.ClusterConfig) -> bool:
+    """Stop the background operator of an earlier ``make run`` (True if one ran)."""
+    rec = statedir.read_pidfile(statedir.Paths(cfg.state_dir).pidfile(PID_NAME))
+    if rec is None or not statedir.pid_runs(*rec):
+        return False
+    os.killpg(rec[0], signal.SIGTERM)  # its own process group (start_new_session)
+    deadline = time.monotonic() + 20
+    while statedir.pid_runs(*rec) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return True
+
+
+def helm_operator_runs(cfg: config.ClusterConfig) -> bool:
+    """Whether the chart's operator Deployment exists (``--operator helm`` made it)."""
+    out = cluster.kubectl(cfg, "get", "deploy", helmop.RELEASE, "-n", HELM_NAMESPACE, check=False)
+    return out.returncode == 0
+
+
+def start_helm_operator(cfg: config.ClusterConfig, watch: str) -> str:
+    """The chart's operator as a pod on a process node, watching ``watch``; its pod line."""
+    if stop_operator(cfg):
+        print("stopped the operator process of an earlier `make run` (one operator at a time)")
+    t0 = time.monotonic()
+    helmop.install(cfg, HELM_NAMESPACE, [watch])
+    pods = _kubectl(
+        cfg, "get", "pods", "-n", HELM_NAMESPACE, "-l", helmop.pod_selector(), "-o", "wide"
+    )
+    return f"helm release {helmop.RELEASE} ready in {time.monotonic() - t0:.0f}s:\n{pods}"
 
 
 def process_nodes(cfg: config.ClusterConfig) -> list[str]:
@@ -168,7 +204,8 @@ def _hints(cfg: config.ClusterConfig, name: str, endpoint: str | None, model: st
     env_cmd = f'eval "$({sys.executable} -m dsi_localcluster env)"'
     lines = [
         "",
-        "Next steps (kubectl and helm come from the cluster build; `env` puts them on PATH):",
+        "Next steps (kubectl comes from the cluster build, helm too once built; `env` puts them"
+        " on PATH):",
         f"  {env_cmd}",
         "  kubectl get dsi",
         f"  kubectl describe dsi {name}",
@@ -215,6 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dsi_localcluster.run", description=__doc__)
     p.add_argument("-f", "--file", type=Path, help="resource to apply (default: a sample)")
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for Ready")
+    p.add_argument(
+        "--operator",
+        choices=["process", "helm"],
+        default="process",
+        help="process: the operator from the venv on the host (default); helm: the chart's "
+        f"operator as a pod on a process-backed node, in namespace {HELM_NAMESPACE}",
+    )
     args = p.parse_args(argv)
     cfg = cluster.running_config(config.ClusterConfig.from_env(dict(os.environ)))
     if not cluster.is_up(cfg):
@@ -222,8 +266,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     real = bool(process_nodes(cfg))
     sample = args.file or (PROCESS_SAMPLE if real else KWOK_SAMPLE)
     print(install_crd(cfg), end="")
-    pid, log = start_operator(cfg)
-    print(f"operator running (pid {pid}); log: {log}")
+    if args.operator == "helm":
+        if not real:
+            raise SystemExit("--operator helm runs the operator pod on a process-backed node: none")
+        watch = (yaml.safe_load(sample.read_text()).get("metadata") or {}).get("namespace")
+        print(start_helm_operator(cfg, watch or "default"), end="")
+        print(f"operator log: kubectl logs -n {HELM_NAMESPACE} deploy/{helmop.RELEASE}")
+    else:
+        if helm_operator_runs(cfg):
+            raise SystemExit(
+                f"the chart's operator runs in namespace {HELM_NAMESPACE} (make run OPERATOR=helm):"
+                f" helm uninstall {helmop.RELEASE} -n {HELM_NAMESPACE} first, or run with"
+                " OPERATOR=helm again (one operator at a time)"
+            )
+        pid, log = start_operator(cfg)
+        print(f"operator running (pid {pid}); log: {log}")
     applied = _kubectl(cfg, "apply", "-f", str(sample), "-o", "name")
     print(applied, end="")
     name = applied.strip().split("/")[-1]

@@ -98,11 +98,7 @@ def test_rendered_objects_pass_server_side_validation(
         assert "(server dry run)" in out
 
 
-def test_install_upgrade_uninstall(helm: Helm, kube: Any, kubectl: Any, namespace: str) -> None:
-    rel = release_name()
-    fullname = f"{rel}-dsi-operator"
-    helm("install", rel, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s")
-
+def _assert_installed(helm: Helm, kube: Any, rel: str, fullname: str, namespace: str) -> None:
     dep = kube.apps.read_namespaced_deployment(fullname, namespace)
     assert dep.status.available_replicas == 1
     assert "--all-namespaces" in dep.spec.template.spec.containers[0].args
@@ -115,22 +111,16 @@ def test_install_upgrade_uninstall(helm: Helm, kube: Any, kubectl: Any, namespac
     assert status["info"]["status"] == "deployed"
     assert "kubectl get dsi" in status["info"]["notes"]
 
-    # Upgrade: confine the operator to this namespace and turn on debug logging.
+
+def _upgrade_to_one_namespace(
+    helm: Helm, kube: Any, rel: str, fullname: str, namespace: str
+) -> None:
+    """Confine the operator to ``namespace`` and turn on debug logging."""
     helm(
-        "upgrade",
-        rel,
-        str(CHART),
-        "--namespace",
-        namespace,
-        "--reuse-values",
-        "--set",
-        f"watchNamespaces={{{namespace}}}",
-        "--set",
-        "logLevel=debug",
-        "--wait",
-        "--timeout",
-        "120s",
-    )
+        "upgrade", rel, str(CHART), "--namespace", namespace, "--reuse-values",
+        "--set", f"watchNamespaces={{{namespace}}}", "--set", "logLevel=debug",
+        "--wait", "--timeout", "120s",
+    )  # fmt: skip
     dep = kube.apps.read_namespaced_deployment(fullname, namespace)
     args = dep.spec.template.spec.containers[0].args
     assert f"--namespace={namespace}" in args and "--log-level=debug" in args
@@ -142,47 +132,39 @@ def test_install_upgrade_uninstall(helm: Helm, kube: Any, kubectl: Any, namespac
     history = json.loads(helm("history", rel, "-n", namespace, "-o", "json").stdout)
     assert [h["revision"] for h in history] == [1, 2]
 
-    # The operator's permissions in the namespace, as the API server sees them.
+
+def _assert_namespace_permissions(kubectl: Any, fullname: str, namespace: str) -> None:
+    """The operator's permissions in the namespace, as the API server sees them."""
     sa = f"system:serviceaccount:{namespace}:{fullname}"
     can = kubectl(
-        "auth",
-        "can-i",
-        "patch",
-        "deepspeedinferences.deepspeed.ai",
-        "--subresource=status",
-        "-n",
-        namespace,
-        "--as",
-        sa,
-        check=False,
-    )
+        "auth", "can-i", "patch", "deepspeedinferences.deepspeed.ai", "--subresource=status",
+        "-n", namespace, "--as", sa, check=False,
+    )  # fmt: skip
     assert can.stdout.strip() == "yes"
     cannot = kubectl("auth", "can-i", "get", "secrets", "-n", namespace, "--as", sa, check=False)
     assert cannot.stdout.strip() == "no"
 
-    helm("uninstall", rel, "--namespace", namespace, "--wait", "--timeout", "120s")
-    leftovers = kubectl(
-        "get",
-        "deploy,svc,sa,role,rolebinding",
-        "-n",
-        namespace,
-        "-l",
-        f"app.kubernetes.io/instance={rel}",
-        "-o",
-        "name",
-    ).stdout
+
+def _assert_uninstalled(kubectl: Any, kube: Any, rel: str, namespace: str) -> None:
+    selector = f"app.kubernetes.io/instance={rel}"
+    kinds = "deploy,svc,sa,role,rolebinding"
+    leftovers = kubectl("get", kinds, "-n", namespace, "-l", selector, "-o", "name").stdout
     assert leftovers.strip() == ""
-    cluster_left = kubectl(
-        "get",
-        "clusterrole,clusterrolebinding",
-        "-l",
-        f"app.kubernetes.io/instance={rel}",
-        "-o",
-        "name",
-    ).stdout
-    assert cluster_left.strip() == ""
+    kinds = "clusterrole,clusterrolebinding"
+    assert kubectl("get", kinds, "-l", selector, "-o", "name").stdout.strip() == ""
     # Helm never deletes CRDs from crds/: the users' DeepSpeedInference objects survive.
     kube.apiext.read_custom_resource_definition("deepspeedinferences.deepspeed.ai")
+
+
+def test_install_upgrade_uninstall(helm: Helm, kube: Any, kubectl: Any, namespace: str) -> None:
+    rel = release_name()
+    fullname = f"{rel}-dsi-operator"
+    helm("install", rel, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s")
+    _assert_installed(helm, kube, rel, fullname, namespace)
+    _upgrade_to_one_namespace(helm, kube, rel, fullname, namespace)
+    _assert_namespace_permissions(kubectl, fullname, namespace)
+    helm("uninstall", rel, "--namespace", namespace, "--wait", "--timeout", "120s")
+    _assert_uninstalled(kubectl, kube, rel, namespace)
 
 
 def test_kind_script_resource_is_valid(kubectl: Any, namespace: str) -> None:

@@ -8,7 +8,7 @@ kind and status subresource); it is cluster-scoped, so the test removes it after
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -81,24 +81,8 @@ def phase(kube: Any, namespace: str, name: str) -> tuple[str | None, str]:
     return st.get("phase"), st.get("message", "")
 
 
-def test_gpu_operator_conditions_and_requirement(
-    kube: Any, kubectl: Any, namespace: str, no_gpu_operator: None, operator: Any
-) -> None:
-    def d() -> str:
-        st = get_dsi(kube.custom, namespace, "req").get("status")
-        return f"{json.dumps(st, indent=1)[:3000]}\n{operator.log_tail(40)}"
-
-    # 1. No GPU Operator, not required: reported, not blocking.
-    kube.custom.create_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, dsi_manifest("opt", tp=1, replicas=1)
-    )
-    c = wait_for(lambda: cond(kube, namespace, "opt", "GPUOperatorReady"), 60, "condition")
-    assert c["status"] == "False" and c["reason"] == "NotInstalled"
-    wait_for(
-        lambda: phase(kube, namespace, "opt")[0] in ("Provisioning", "Forming"), 60, "not blocked"
-    )
-
-    # 2. Required and absent: Pending with a message, nothing created.
+def _required_and_absent_blocks(kube: Any, namespace: str, d: Callable[[], str]) -> None:
+    """Required and absent: Pending with a message, nothing created, a Preflight Event."""
     kube.custom.create_namespaced_custom_object(
         GROUP,
         VERSION,
@@ -124,7 +108,11 @@ def test_gpu_operator_conditions_and_requirement(
 
     assert wait_for(preflight_event, 30, "Preflight Event naming GPUOperatorReady=False", d)
 
-    # 3. ClusterPolicy present but not ready: still blocked, reason says so.
+
+def _cluster_policy_not_ready_still_blocks(
+    kube: Any, kubectl: Any, namespace: str, d: Callable[[], str]
+) -> None:
+    """A ClusterPolicy present but not ready: still blocked, the reason says so."""
     kube.apiext.create_custom_resource_definition(CP_CRD)
     kubectl(
         "wait", "--for=condition=Established", "crd/clusterpolicies.nvidia.com", "--timeout=60s"
@@ -153,6 +141,27 @@ def test_gpu_operator_conditions_and_requirement(
     )
     assert "notReady" in c["message"]
     assert phase(kube, namespace, "req")[0] == "Pending"
+
+
+def test_gpu_operator_conditions_and_requirement(
+    kube: Any, kubectl: Any, namespace: str, no_gpu_operator: None, operator: Any
+) -> None:
+    def d() -> str:
+        st = get_dsi(kube.custom, namespace, "req").get("status")
+        return f"{json.dumps(st, indent=1)[:3000]}\n{operator.log_tail(40)}"
+
+    # 1. No GPU Operator, not required: reported, not blocking.
+    kube.custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, dsi_manifest("opt", tp=1, replicas=1)
+    )
+    c = wait_for(lambda: cond(kube, namespace, "opt", "GPUOperatorReady"), 60, "condition")
+    assert c["status"] == "False" and c["reason"] == "NotInstalled"
+    wait_for(
+        lambda: phase(kube, namespace, "opt")[0] in ("Provisioning", "Forming"), 60, "not blocked"
+    )
+    # 2. Required and absent; 3. a ClusterPolicy present but not ready.
+    _required_and_absent_blocks(kube, namespace, d)
+    _cluster_policy_not_ready_still_blocks(kube, kubectl, namespace, d)
 
     # 4. Ready: the condition turns True and the resource provisions.
     kube.custom.patch_cluster_custom_object_status(

@@ -457,12 +457,10 @@ def test_all_namespaces_mode_uses_its_extra_rows(
             )
 
 
-def run_scenario(kube: Any, namespace: str, name: str, log_tail: Callable[[], str]) -> None:
-    """Apply (with per-group NetworkPolicies), wait for children and status, restart a
-    group, roll out a change, scale down."""
-    body = dsi_manifest(name, tp=2, replicas=2, networkPolicy={"enabled": True})
-    kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
-
+def _children_and_formed_pods(
+    kube: Any, namespace: str, name: str, log_tail: Callable[[], str]
+) -> dict[tuple[int, int], Any]:
+    """The RayService, the master Services and a status; then both groups' formed pods."""
     wait_for(
         lambda: kube.custom.get_namespaced_custom_object(
             "ray.io", "v1", namespace, "rayservices", name
@@ -484,13 +482,21 @@ def run_scenario(kube: Any, namespace: str, name: str, log_tail: Callable[[], st
         "a status phase",
         dump=log_tail,
     )
-    pods = wait_for(
+    return wait_for(
         lambda: formed_pods(kube.custom, kube.core, namespace, name, 2, 2),
         180,
         "both groups formed (members recorded)",
         dump=log_tail,
     )
 
+
+def _restart_a_group(
+    kube: Any,
+    namespace: str,
+    name: str,
+    log_tail: Callable[[], str],
+    pods: dict[tuple[int, int], Any],
+) -> None:
     # A rank dies: the operator must delete the rest of its group and say so.
     victim = pods[(0, 1)]
     kube.core.delete_namespaced_pod(victim.metadata.name, namespace)
@@ -511,6 +517,9 @@ def run_scenario(kube: Any, namespace: str, name: str, log_tail: Callable[[], st
 
     wait_for(rank0_replaced, 120, "group 0's other rank replaced too", dump=log_tail)
 
+
+def _roll_out(kube: Any, namespace: str, name: str, log_tail: Callable[[], str]) -> None:
+    """A worker-only change replaces both groups' pods."""
     # A rollout (a worker-only change): a stale group's templates are read from the
     # RayService, the new ones written into the RayCluster, the groups' pods replaced one by one.
     before = {p.metadata.uid for p in worker_pods(kube.core, namespace, name).values()}
@@ -529,6 +538,9 @@ def run_scenario(kube: Any, namespace: str, name: str, log_tail: Callable[[], st
 
     wait_for(rolled_out, 120, "both groups replaced by the rollout", dump=log_tail)
 
+
+def _scale_down(kube: Any, namespace: str, name: str, log_tail: Callable[[], str]) -> None:
+    """Scale down: group 1's master Service and NetworkPolicy go."""
     # Scale down: group 1's master Service must go.
     kube.custom.patch_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, name, {"spec": {"replicas": 1}}
@@ -548,6 +560,16 @@ def run_scenario(kube: Any, namespace: str, name: str, log_tail: Callable[[], st
 
     wait_for(g1_policy_gone, 120, "group 1's NetworkPolicy deleted", dump=log_tail)
 
+
+def run_scenario(kube: Any, namespace: str, name: str, log_tail: Callable[[], str]) -> None:
+    """Apply (with per-group NetworkPolicies), wait for children and status, restart a
+    group, roll out a change, scale down."""
+    body = dsi_manifest(name, tp=2, replicas=2, networkPolicy={"enabled": True})
+    kube.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    pods = _children_and_formed_pods(kube, namespace, name, log_tail)
+    _restart_a_group(kube, namespace, name, log_tail, pods)
+    _roll_out(kube, namespace, name, log_tail)
+    _scale_down(kube, namespace, name, log_tail)
     # Let a few reconcile ticks pass so the periodic reads (preflight facts) are recorded.
     time.sleep(3)
 

@@ -288,3 +288,15 @@ def test_the_operator_process_watches_both_kinds() -> None:
     selectors = [h.selector for h in registry._watching.get_all_handlers() if h.selector]
     watched = {s.plural or s.any_name for s in selectors}
     assert {"deepspeedinferences", "deepspeedbatchinferences", "rayjobs"} <= watched
+
+
+def test_in_cluster_server_follows_the_env_as_client_go_does() -> None:
+    from dsi_operator.runtime.kube import in_cluster_server
+
+    env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    assert in_cluster_server(env) == "https://10.96.0.1:443"
+    env = {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "6443"}
+    assert in_cluster_server(env) == "https://[fd00::1]:6443"
+    # Outside a pod's env (or half of it): kopf's DNS name, which needs cluster DNS.
+    assert in_cluster_server({}) == "https://kubernetes.default.svc"
+    assert in_cluster_server({"KUBERNETES_SERVICE_HOST": "10.96.0.1"}).endswith(".svc")

@@ -16,11 +16,13 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .. import config
 from ..timestamps import rfc3339
-from . import dns, podspec, runtime, streaming
+from . import dns, images, podspec, runtime, streaming
 from .netns import NETNS_ETC, Network, PodNet, kill_netns_processes, netns_name
 from .pods import PodWorker
 
@@ -130,6 +132,8 @@ class NodeAgent:
         self.lock = threading.Lock()
         self.dns_table: dns.Table = {}
         self.stop = threading.Event()
+        # The project's images' entrypoints, for containers that name no command.
+        self.images: Mapping[str, images.Entrypoint] = images.project_images(config.repo_root())
 
     # -- what pod workers call --------------------------------------------------------------
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from . import dns, podspec, probes, runtime
+from .images import Entrypoint
 from .netns import Network, PodNet, kill_netns_processes, netns_dir
 from .state import ContainerRecord, pod_status, stamp_transitions, terminated
 
@@ -25,6 +28,8 @@ class PodHost(Protocol):
     core: Any
     network: Network
     dns_table: dns.Table
+    #: The project's images' entrypoints, by repository (:mod:`.images`).
+    images: Mapping[str, Entrypoint]
 
     def env_for(self, pod: dict[str, Any], c: dict[str, Any], net: PodNet) -> dict[str, str]:
         """The container's environment."""
@@ -186,7 +191,7 @@ class PodWorker(threading.Thread):
         c = rec.spec
         try:
             env = self.agent.env_for(self.pod, c, self.net)
-            argv = podspec.argv(c, env)
+            argv = podspec.argv(c, env, self.agent.images)
             mounts = podspec.mounts(self.pod, c, self.dir, self.agent.lookup)
         except podspec.PodSpecError as e:
             rec.waiting_reason, rec.waiting_message = "CreateContainerConfigError", str(e)
@@ -232,6 +237,13 @@ class PodWorker(threading.Thread):
             runtime.kill_recorded(self.dir, self.net.netns)
             kill_netns_processes(self.net.netns)
             self.agent.network.delete(self.uid)
+        if keep := os.environ.get(runtime.KEEP_LOGS_ENV):
+            meta = self.pod["metadata"]
+            dest = Path(keep) / f"{meta['namespace']}_{meta['name']}_{self.uid[:8]}"
+            try:
+                runtime.keep_logs(self.dir, dest)
+            except OSError as e:
+                log.warning("could not keep the logs of %s: %s", meta["name"], e)
         runtime.unmount_all(self.dir)
         if self.deleting.is_set() and not self.gone.is_set():
             self.agent.confirm_deleted(self.pod)

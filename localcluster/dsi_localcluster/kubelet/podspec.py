@@ -10,10 +10,12 @@ from __future__ import annotations
 import base64
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dsi_localcluster.kubelet.images import Entrypoint, repository
 
 #: (kind, namespace, name) -> the object's data (Secrets already decoded), or None.
 Lookup = Callable[[str, str, str], dict[str, str] | None]
@@ -161,15 +163,22 @@ def container_env(
     return env
 
 
-def argv(c: dict[str, Any], env: dict[str, str]) -> list[str]:
-    """command + args with ``$(VAR)`` expansion (no image entrypoint: command is required)."""
+def argv(
+    c: dict[str, Any], env: dict[str, str], images: Mapping[str, Entrypoint] | None = None
+) -> list[str]:
+    """command + args with ``$(VAR)`` expansion, as a kubelet runs them: with no command, the
+    image's ENTRYPOINT (from ``images``, by repository) with ``args``, or else its CMD. An
+    image not in ``images`` has no entrypoint: then ``args`` alone are the command."""
     cmd = [expand(a, env) for a in c.get("command") or []]
     args = [expand(a, env) for a in c.get("args") or []]
-    if not cmd:
-        if not args:
-            raise PodSpecError(f"container {c['name']!r} has no command (no image entrypoint)")
-        return args
-    return cmd + args
+    if cmd:
+        return cmd + args
+    image = (images or {}).get(repository(str(c.get("image", ""))))
+    if image is not None:
+        return [*image.entrypoint, *(args if "args" in c else image.cmd)]
+    if not args:
+        raise PodSpecError(f"container {c['name']!r} has no command (no image entrypoint)")
+    return args
 
 
 @dataclass(frozen=True)

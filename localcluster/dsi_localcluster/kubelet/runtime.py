@@ -236,6 +236,24 @@ def kill_recorded(pod_dir: Path, netns: str) -> list[int]:
     return killed
 
 
+#: A directory to copy each torn-down pod's logs into (its containers' logs and the Ray
+#: session logs under its /tmp), for post-mortems of pods that are gone, e.g. a chaos run's.
+KEEP_LOGS_ENV = "DSI_KEEP_POD_LOGS"
+
+
+def keep_logs(pod_dir: Path, dest: Path) -> None:
+    """Copy a pod's container logs and its Ray sessions' logs to ``dest`` (best effort:
+    a post-mortem aid must never fail a teardown)."""
+    import shutil
+
+    sessions = sorted((pod_dir / "tmp" / "ray").glob("session_2*/logs"))
+    pairs = [(pod_dir / "logs", dest / "containers")]
+    pairs += [(s, dest / s.parent.name) for s in sessions]
+    for src, target in pairs:
+        if src.is_dir():
+            shutil.copytree(src, target, dirs_exist_ok=True, ignore_dangling_symlinks=True)
+
+
 def unmount_all(pod_dir: Path) -> None:
     """Nothing is mounted on the host (mounts live in the pods' namespaces); remove files."""
     subprocess.run(["rm", "-rf", "--one-file-system", str(pod_dir)], check=False)

@@ -12,7 +12,9 @@ import asyncio
 import concurrent.futures
 import contextlib
 import copy
+import dataclasses
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,7 +33,7 @@ from dsi_operator.runtime.controller import (
     Controller,
     process_age,
 )
-from dsi_operator.runtime.kube import Kube, default_kubeconfig
+from dsi_operator.runtime.kube import Kube, default_kubeconfig, in_cluster_server
 from dsi_operator.runtime.workqueue import Key, Scheduler
 from dsi_operator.serving.observe import node_summary, pod_info
 from dsi_operator.serving.preflight import ClusterFacts
@@ -139,7 +141,12 @@ def _login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     # kubeconfig path is fixed at import time (before --kubeconfig could set $KUBECONFIG).
     if _ctrl(memo).kubeconfig:
         return kopf.login_with_kubeconfig(**kwargs)
-    return kopf.login_with_service_account(**kwargs)
+    # In a pod: the service account's token and CA, and the server the environment names
+    # (as client-go and the kubernetes client do) rather than kopf's fixed DNS name.
+    info = kopf.login_with_service_account(**kwargs)
+    if info is None:
+        return None
+    return dataclasses.replace(info, server=in_cluster_server(os.environ))
 
 
 @kopf.on.cleanup()

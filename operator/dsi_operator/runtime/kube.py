@@ -41,6 +41,17 @@ def default_kubeconfig() -> str | None:
     return None
 
 
+def in_cluster_server(env: Mapping[str, str]) -> str:
+    """The API server's URL from inside a pod, as client-go's ``InClusterConfig`` finds it:
+    ``KUBERNETES_SERVICE_HOST``/``_PORT`` (which the kubelet sets in every container), else
+    the ``kubernetes.default.svc`` name that kopf's own service-account login always uses,
+    which needs cluster DNS."""
+    host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        return "https://kubernetes.default.svc"
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
 #: Seconds (connect, read) any one API call may take.
 REQUEST_TIMEOUT = (5.0, 30.0)
 
