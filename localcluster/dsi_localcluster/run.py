@@ -207,8 +207,11 @@ def _hints(cfg: config.ClusterConfig, name: str, endpoint: str | None, model: st
         "Next steps (kubectl comes from the cluster build, helm too once built; `env` puts them"
         " on PATH):",
         f"  {env_cmd}",
-        "  kubectl get dsi",
-        f"  kubectl describe dsi {name}",
+        "  kubectl get dsi -o wide -w          # phase, groups, restarts and re-forms, live",
+        f"  kubectl describe dsi {name}        # conditions and Events",
+        f"  kubectl get pods -l deepspeed.ai/inference={name} -o wide",
+        "  kubectl exec POD -- pgrep -af 'ray::RankActor'   # then py-spy dump --pid PID: a stuck"
+        " rank (docs/troubleshooting.md)",
     ]
     if endpoint:
         body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 16})
@@ -221,6 +224,7 @@ def _hints(cfg: config.ClusterConfig, name: str, endpoint: str | None, model: st
             " max_tokens=16).choices[0].text)",
             "  EOF",
         ]
+    lines.append("  # dashboards and metrics: docs/observability.md")
     lines.append("  make cluster-down   # stops the operator and the cluster")
     return "\n".join(lines)
 
