@@ -33,14 +33,12 @@ _HERE = Path(__file__).resolve().parent
 
 
 #: The modules on the shared ``stack``, in the order they run (after every other e2e
-#: module): the faults first, then scaling and rollouts (they end at TP 1), the operator as
-#: the Helm chart runs it (it hands back to the operator process), and the head's loss last
+#: module): the faults first, then scaling and rollouts (they end at TP 1), and the head's loss last
 #: (it restarts every group, and pods of a new Ray cluster may still be settling).
 SHARED_STACK_ORDER = (
     "test_serving.py",
     "test_chaos_e2e.py",
     "test_scaling_e2e.py",
-    "test_chart_operator_e2e.py",
     "test_head_loss_e2e.py",
 )
 
