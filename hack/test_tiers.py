@@ -201,8 +201,7 @@ class Cluster:
 
 
 #: The tier each step belongs to (``--only`` names tiers).
-TIER_OF = {"cluster-faults": "integration", "integration-1": "integration"}
-TIER_OF["integration-2"] = "integration"
+TIER_OF = {step: "integration" for step in ("cluster-faults", "integration-1", "integration-2")}
 
 
 def plan(wanted: set[str], all_steps: dict[str, Step]) -> list[list[list[Step]]]:
